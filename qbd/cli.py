@@ -1,0 +1,241 @@
+"""Command line: `qbd train`, `qbd run`, `qbd quant`, `qbd store`, `qbd list`.
+
+Imports stay light at module level so `qbd --help` answers at once; each command imports torch
+when it runs. Exit codes: 0 success, 1 a run that failed (gate, corrupt store, ...), 2 a usage
+error (unknown name, bad value, missing data), printed as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qbd import __version__
+from qbd.config import CORNERS, TIERS, TRIGGER_PATTERNS, AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
+from qbd.errors import ConfigError, QbdUserError
+from qbd.registry import UnknownNameError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(QbdUserError):
+    """A user mistake; printed as one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _unit_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
+
+
+def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--dataset", default="synthetic", help="data set (default: synthetic; `qbd list` shows all)")
+    g.add_argument("--model", default=None, help="architecture (default: tiny-cnn, resnet18-cifar for --tier paper)")
+    if tier:
+        g.add_argument("--tier", choices=TIERS, default="smoke", help="default settings tier (default: smoke)")
+    g.add_argument("--seed", type=_positive_int, default=0, help="training seed (default: 0)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    g.add_argument("--data-root", default=None, help="where CIFAR-10 / GTSRB live (else $QBD_DATA_ROOT)")
+    g.add_argument("--cache-dir", default=None, help="model store (else $QBD_CACHE_DIR, else the user cache)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.add_argument_group("attack (BadNet)")
+    a.add_argument("--target", type=_positive_int, default=0, help="target class (default: 0)")
+    a.add_argument("--trigger-pattern", choices=TRIGGER_PATTERNS, default="white")
+    a.add_argument("--trigger-size", type=_positive_int, default=3, help="side in pixels (default: 3)")
+    a.add_argument("--trigger-position", default="bottom-right", help=f"{', '.join(CORNERS)} or x,y (default: bottom-right)")
+    a.add_argument("--poison-rate", type=float, default=0.10, help="share of training samples poisoned, in (0, 1] (default: 0.1)")
+    a.add_argument("--attack-seed", type=_positive_int, default=0, help="which samples are poisoned; the random pattern")
+    a.add_argument("--clean", action="store_true", help="train without poisoning (the negative control)")
+    gg = p.add_argument_group("phase-1 gate")
+    gg.add_argument("--min-clean-acc", type=_unit_float, default=Gates.min_clean_acc)
+    gg.add_argument("--min-asr", type=_unit_float, default=Gates.min_asr)
+
+
+def job_from_args(args: argparse.Namespace) -> ModelJob:
+    from qbd.data import DATASETS
+    from qbd.presets import DEFAULT_MODEL, default_train
+
+    DATASETS.get(args.dataset)  # unknown names fail here, listing the valid ones
+    from qbd.models import MODELS
+
+    model = args.model or DEFAULT_MODEL[getattr(args, "tier", "smoke")]
+    MODELS.get(model)
+    if args.epochs == 0:
+        raise ConfigError("--epochs must be >= 1")
+    attack = None
+    if not args.clean:
+        attack = AttackSpec(
+            target=args.target,
+            trigger_pattern=args.trigger_pattern,
+            trigger_size=args.trigger_size,
+            trigger_position=args.trigger_position,
+            poison_rate=args.poison_rate,
+            seed=args.attack_seed,
+        )
+    precision = "bf16" if _device_type(args.device) == "cuda" else "fp32"
+    return ModelJob(
+        dataset=DatasetSpec(args.dataset),
+        model=ModelSpec(model),
+        attack=attack,
+        train=default_train(args.dataset, model, seed=args.seed, precision=precision, epochs=args.epochs),
+    )
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return device.split(":")[0]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qbd.data import load_dataset
+    from qbd.store import Store
+    from qbd.train import check_gates
+    from qbd.zoo import get_trained
+
+    t0 = time.perf_counter()
+    job = job_from_args(args)
+    data = load_dataset(job.dataset, args.data_root)
+    if job.attack is not None:
+        job.attack.check_fits(*data.image_size, data.num_classes)
+    store = Store(args.cache_dir)
+    tm = get_trained(job, data, store, device=args.device, progress=not args.no_progress)
+    m = tm.metrics
+    out = {
+        "key": job.key(),
+        "slug": job.slug(),
+        "cache": tm.cache,
+        "clean_acc": m["clean_acc"],
+        "asr": m["asr"],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "train_seconds": m.get("train_seconds"),
+        "path": str(tm.entry.path),
+        "job": job.to_dict(),
+        "metrics": m,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        asr = "n/a (clean model)" if m["asr"] is None else f"{m['asr']:.4f}"
+        print(f"{job.slug()}  cache {tm.cache}  clean acc {m['clean_acc']:.4f}  ASR {asr}")
+        print(f"  trained in {m.get('train_seconds')} s on {m.get('device')}; this command {out['seconds']} s")
+        print(f"  stored at {tm.entry.path}")
+    check_gates(m, Gates(args.min_clean_acc, args.min_asr), attacked=job.attack is not None)
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qbd.data import DATASETS
+    from qbd.models import MODELS
+
+    print("datasets:", ", ".join(DATASETS.names()))
+    print("models:  ", ", ".join(MODELS.names()))
+    for label, modname in (("schemes:  ", "qbd.quant"), ("defenses: ", "qbd.defenses")):
+        try:
+            mod = __import__(modname, fromlist=["*"])
+        except ImportError:
+            continue
+        reg = getattr(mod, "SCHEMES", None) or getattr(mod, "DEFENSES", None)
+        if reg is not None:
+            print(label, ", ".join(reg.names()))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    print("qbd run: the defense matrix is not implemented yet (see the issue tracker); use `qbd train`.", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qbd",
+        description="Does a backdoor defense still work on the model as it is deployed, i.e. quantized?",
+    )
+    p.add_argument("--version", action="version", version=f"qbd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train (or fetch from the store) a backdoored or clean model")
+    add_model_options(t)
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("run", help="run the (dataset, quantization, defense) matrix")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="list data sets, models, schemes and defenses")
+    ls.set_defaults(func=cmd_list)
+
+    _add_optional_parsers(sub)
+    return p
+
+
+def _add_optional_parsers(sub: Any) -> None:
+    """Sub-commands that live beside their package (e.g. qbd.quant.cli)."""
+    import importlib
+
+    for modname in ("qbd.quant.cli",):
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        mod.add_parser(sub)
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (QbdUserError, UnknownNameError, UsageError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return int(func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"qbd: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qbd: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from qbd.store import StoreError
+        from qbd.train import GateError
+
+        if isinstance(e, (GateError, StoreError)):
+            print(f"qbd: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Frozen, hashable specifications. Everything that determines a trained model is in a spec,
+and a model's store key is the sha256 of their canonical JSON (plus the qbd version).
+
+Torch-free on purpose: the CLI and the pytest plugin build specs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from qbd import __version__
+from qbd.errors import ConfigError
+
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+TRIGGER_PATTERNS = ("white", "checkerboard", "random")
+PROTOCOLS = ("canonical", "paper")
+TIERS = ("smoke", "paper")
+_XY = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$")
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, non-finite floats refused."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def to_dict(spec: Any) -> Any:
+    if spec is None:
+        return None
+    return dataclasses.asdict(spec)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str = "synthetic"
+    seed: int = 0  # generation and split seed; loaders of fixed data sets ignore it
+
+    def __post_init__(self) -> None:
+        _check_int("dataset seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "tiny-cnn"
+
+
+def parse_position(position: str) -> tuple[str, int, int] | tuple[str, None, None]:
+    """'bottom-right' -> ('bottom-right', None, None); '4,7' -> ('xy', 4, 7) (x = column)."""
+    if position in CORNERS:
+        return position, None, None
+    m = _XY.match(position)
+    if m:
+        return "xy", int(m.group(1)), int(m.group(2))
+    raise ConfigError(
+        f"trigger position {position!r}: use one of {', '.join(CORNERS)} or 'x,y' (column,row of the"
+        " trigger's top-left pixel)"
+    )
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """BadNet: a square patch written in pixel space, poisoned samples relabelled to `target`."""
+
+    name: str = "badnet"
+    target: int = 0
+    trigger_pattern: str = "white"
+    trigger_size: int = 3
+    trigger_position: str = "bottom-right"
+    poison_rate: float = 0.10
+    seed: int = 0  # which samples are poisoned, and the `random` pattern
+
+    def __post_init__(self) -> None:
+        if self.name != "badnet":
+            raise ConfigError(f"unknown attack {self.name!r}; valid: badnet")
+        if self.trigger_pattern not in TRIGGER_PATTERNS:
+            raise ConfigError(
+                f"unknown trigger pattern {self.trigger_pattern!r}; valid: {', '.join(TRIGGER_PATTERNS)}"
+            )
+        _check_int("trigger size", self.trigger_size, 1)
+        _check_int("target class", self.target, 0)
+        _check_int("attack seed", self.seed, 0)
+        parse_position(self.trigger_position)
+        rate = self.poison_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+            raise ConfigError(f"poison rate must be a number in (0, 1], got {rate!r}")
+        if not 0.0 < rate <= 1.0:
+            raise ConfigError(f"poison rate must be in (0, 1], got {rate}")
+
+    def check_fits(self, height: int, width: int, num_classes: int | None = None) -> None:
+        """Raise ConfigError when the trigger or the target does not fit the data set."""
+        if num_classes is not None and self.target >= num_classes:
+            raise ConfigError(
+                f"target class {self.target} out of range: the data set has {num_classes} classes"
+                f" (0..{num_classes - 1})"
+            )
+        if self.trigger_size > min(height, width):
+            raise ConfigError(
+                f"trigger size {self.trigger_size} is larger than the {height}x{width} image"
+            )
+        kind, x, y = parse_position(self.trigger_position)
+        if kind == "xy" and (x + self.trigger_size > width or y + self.trigger_size > height):
+            raise ConfigError(
+                f"trigger at x,y = {x},{y} with size {self.trigger_size} leaves the"
+                f" {height}x{width} image"
+            )
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation settings. The paper's: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | constant
+    augment: str = "crop"  # none | crop (pad 2, random shift) | crop-flip
+    seed: int = 0  # initialisation, shuffling, augmentation
+    precision: str = "fp32"  # fp32 | bf16 (autocast; GPU)
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch size", self.batch_size, 1)
+        _check_int("training seed", self.seed, 0)
+        for label, v in (("lr", self.lr), ("momentum", self.momentum), ("weight decay", self.weight_decay)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{label} must be a finite number >= 0, got {v!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; valid: constant, cosine")
+        if self.augment not in ("none", "crop", "crop-flip"):
+            raise ConfigError(f"unknown augmentation {self.augment!r}; valid: crop, crop-flip, none")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}; valid: bf16, fp32")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Phase-1 gate of the paper's Algorithm 1: refuse a model whose attack did not take."""
+
+    min_clean_acc: float = 0.85
+    min_asr: float = 0.95
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """Everything that determines one trained model's weights."""
+
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    attack: AttackSpec | None = field(default_factory=AttackSpec)  # None: clean model
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": to_dict(self.dataset),
+            "model": to_dict(self.model),
+            "attack": to_dict(self.attack),
+            "train": to_dict(self.train),
+        }
+
+    def key(self) -> str:
+        return sha256_text(canonical_json({"job": self.to_dict(), "qbd": __version__}))
+
+    def slug(self) -> str:
+        a = self.attack
+        attack = "clean" if a is None else f"badnet-t{a.target}-{a.trigger_pattern}{a.trigger_size}-{a.trigger_position.replace(',', 'x')}-p{a.poison_rate:g}"
+        return f"{self.dataset.name}/{self.model.name}/{attack}/s{self.train.seed}"
+
+
+def cell_id(dataset: str, scheme: str, defense: str, protocol: str) -> str:
+    """Test id of one matrix cell, e.g. synthetic/int8-dynamic/neural-cleanse[canonical]."""
+    return f"{dataset}/{scheme}/{defense}[{protocol}]"
+
+
+def _check_int(label: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{label} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{label} must be >= {minimum}, got {value}")

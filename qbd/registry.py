@@ -1,0 +1,93 @@
+"""One small name -> object registry, shared by datasets, models, schemes and defenses.
+
+An entry may be the object itself or a lazy reference "package.module:attr", imported on first
+`get`. Lazy entries let the CLI and the pytest plugin list names without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError, ValueError):
+    """A name that is not registered; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Generic[T]):
+    """Maps CLI names to objects. Names are listed sorted so that every xdist worker
+    parametrizes from the same order."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            self.add(name, obj)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T) -> None:
+        if not name or name != name.strip():
+            raise ValueError(f"invalid {self.kind} name {name!r}")
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = obj
+
+    def add_lazy(self, name: str, ref: str) -> None:
+        """Register "package.module:attr", imported on first use."""
+        if ":" not in ref:
+            raise ValueError(f"lazy reference {ref!r} must look like 'package.module:attr'")
+        self.add(name, _Lazy(ref))  # type: ignore[arg-type]
+
+    def get(self, name: str) -> T:
+        try:
+            obj = self._items[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "(none)"
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+        if isinstance(obj, _Lazy):
+            obj = obj.resolve()
+            self._items[name] = obj
+        return obj
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _Lazy:
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def resolve(self) -> object:
+        return load_ref(self.ref)
+
+
+def load_ref(ref: str) -> object:
+    """Import "package.module:attr" (attr may be dotted)."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{ref!r} is not of the form 'package.module:attr'")
+    obj: object = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,253 @@
+"""Content-addressed model store.
+
+Layout under the root ($QBD_CACHE_DIR, else the platform's user cache dir):
+
+    models/<key>/weights.safetensors   the weights (never pickle)
+    models/<key>/meta.json             job, metrics, sha256 of the weights, versions
+    locks/<key>.lock                   one lock per key (flock: released when its holder dies)
+    tmp/                               entries being written; renamed into models/ when complete
+    quarantine/                        corrupted entries moved aside, kept for inspection
+
+A new entry is written in tmp/ and renamed into place with one atomic rename, so a reader sees
+either no entry or a complete one. Whoever holds the key's lock creates a missing entry; the
+others wait on the lock and then load what it wrote: exactly one process trains a config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+CACHE_ENV = "QBD_CACHE_DIR"
+LOCK_TIMEOUT_ENV = "QBD_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 4 * 3600.0  # a paper-tier training on CPU can take hours
+FORMAT = 1
+WEIGHTS = "weights.safetensors"
+META = "meta.json"
+
+
+class StoreError(RuntimeError):
+    """The store cannot provide an entry (corrupt, locked too long, unreadable)."""
+
+
+class CorruptEntryError(StoreError):
+    pass
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path
+    state_dict: dict[str, Any]
+    meta: dict[str, Any]
+    hit: bool
+
+
+def default_root() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("qbd", appauthor=False))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike[str] | None = None, lock_timeout: float | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        if lock_timeout is None:
+            lock_timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT))
+        self.lock_timeout = lock_timeout
+
+    # -- paths -------------------------------------------------------------------------------
+    def entry_dir(self, key: str) -> Path:
+        _check_key(key)
+        return self.root / "models" / key
+
+    def _lock(self, key: str) -> FileLock:
+        d = self.root / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(d / f"{key}.lock"))
+
+    def keys(self) -> list[str]:
+        d = self.root / "models"
+        return sorted(p.name for p in d.iterdir() if (p / META).is_file()) if d.is_dir() else []
+
+    def has(self, key: str) -> bool:
+        d = self.entry_dir(key)
+        return (d / META).is_file() and (d / WEIGHTS).is_file()
+
+    # -- read --------------------------------------------------------------------------------
+    def read_meta(self, key: str) -> dict[str, Any]:
+        try:
+            meta = json.loads((self.entry_dir(key) / META).read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptEntryError(f"store entry {key}: unreadable {META}: {e}") from e
+        if not isinstance(meta, dict) or meta.get("key") != key or "weights_sha256" not in meta:
+            raise CorruptEntryError(f"store entry {key}: {META} does not describe this entry")
+        return meta
+
+    def load(self, key: str) -> Entry:
+        """Load an entry, verifying the weights' sha256 against the metadata."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = self.entry_dir(key)
+        meta = self.read_meta(key)
+        try:
+            digest = sha256_file(d / WEIGHTS)
+        except OSError as e:
+            raise CorruptEntryError(f"store entry {key}: cannot read weights: {e}") from e
+        if digest != meta["weights_sha256"]:
+            raise CorruptEntryError(
+                f"store entry {key}: weights sha256 {digest[:12]}... does not match the recorded"
+                f" {str(meta['weights_sha256'])[:12]}..."
+            )
+        try:
+            state = load_file(str(d / WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptEntryError(f"store entry {key}: cannot parse weights: {e}") from e
+        return Entry(key=key, path=d, state_dict=state, meta=meta, hit=True)
+
+    # -- write -------------------------------------------------------------------------------
+    def save(self, key: str, state_dict: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write an entry atomically; the caller should hold the key's lock."""
+        from safetensors.torch import save_file
+
+        final = self.entry_dir(key)
+        tmp_root = self.root / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_root / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+            save_file(tensors, str(tmp / WEIGHTS))
+            full_meta = {
+                **meta,
+                "key": key,
+                "format": FORMAT,
+                "weights_sha256": sha256_file(tmp / WEIGHTS),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": versions(),
+            }
+            (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+            _fsync_dir_files(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # only a corrupt leftover can be here: we hold the lock
+                self.quarantine(key, "replaced")
+            os.rename(tmp, final)
+            _fsync_path(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def quarantine(self, key: str, why: str) -> Path | None:
+        d = self.entry_dir(key)
+        if not d.exists():
+            return None
+        q = self.root / "quarantine"
+        q.mkdir(parents=True, exist_ok=True)
+        dest = q / f"{key}.{int(time.time())}.{uuid.uuid4().hex[:6]}"
+        os.rename(d, dest)
+        (dest / "QUARANTINED").write_text(why + "\n")
+        return dest
+
+    def get_or_create(
+        self,
+        key: str,
+        create: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+        describe: str = "",
+        log: Callable[[str], None] | None = None,
+    ) -> Entry:
+        """Return the entry for `key`, creating it with `create() -> (state_dict, meta)` if it
+        is missing. Concurrent callers: one creates, the others wait and load."""
+        log = log or _stderr
+        if self.has(key):
+            try:
+                return self.load(key)
+            except CorruptEntryError:
+                pass  # handled under the lock below, so only one process quarantines it
+        lock = self._lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log(f"qbd: waiting for another process to finish {describe or key} (lock {lock.lock_file})")
+            try:
+                lock.acquire(timeout=self.lock_timeout)
+            except Timeout:
+                raise StoreError(
+                    f"timed out after {self.lock_timeout:.0f} s waiting for the lock on {describe or key}"
+                    f" ({lock.lock_file}); another process is still creating it. Raise"
+                    f" ${LOCK_TIMEOUT_ENV} or stop that process."
+                ) from None
+        try:
+            if self.has(key):
+                try:
+                    return self.load(key)
+                except CorruptEntryError as e:
+                    dest = self.quarantine(key, str(e))
+                    log(f"qbd: {e}; moved to {dest}, recreating it")
+            state, meta = create()
+            path = self.save(key, state, meta)
+            entry = self.load(key)
+            entry.hit = False
+            entry.path = path
+            return entry
+        finally:
+            lock.release()
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    from qbd import __version__
+
+    out = {"qbd": __version__, "python": platform.python_version()}
+    for mod in ("torch", "torchvision"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def _check_key(key: str) -> None:
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise StoreError(f"invalid store key {key!r}: expected 64 lowercase hex digits")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_files(d: Path) -> None:
+    for p in d.iterdir():
+        _fsync_path(p)
+    _fsync_path(d)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

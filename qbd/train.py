@@ -1,0 +1,184 @@
+"""The only place models are trained (Phase 1 of the paper's Algorithm 1).
+
+One loop for CPU and GPU: the whole (uint8) training set lives on the device, augmentation and
+normalisation run there too, so a step never waits on host data loading. On CUDA the step runs
+under bf16 autocast when the spec asks for it, with channels_last tensors and a fused optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qbd.attacks import poison, triggered_test
+from qbd.config import Gates, ModelJob, TrainSpec
+from qbd.data.base import DataSplit
+from qbd.metrics import accuracy, attack_success_rate, to_unit
+from qbd.models import Classifier, build_model
+
+
+class GateError(RuntimeError):
+    """The trained model failed the Phase-1 gate (clean accuracy or ASR below the floor)."""
+
+
+@dataclass
+class TrainResult:
+    model: Classifier
+    metrics: dict[str, Any]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return d
+
+
+def augment(x: torch.Tensor, mode: str, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random shift by up to `pad` pixels (zero padding) and, for crop-flip, horizontal flips.
+    x: float N x C x H x W on any device; `generator` lives on the same device."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # N 1 H 1
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # N 1 1 W
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    if mode == "crop-flip":
+        flip = torch.rand(n, device=dev, generator=generator) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def _lr_at(spec: TrainSpec, step: int, total: int) -> float:
+    if spec.schedule == "constant":
+        return spec.lr
+    return 0.5 * spec.lr * (1.0 + math.cos(math.pi * step / total))
+
+
+def training_set(job: ModelJob, data: DataSplit) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images, labels, number poisoned) that the job trains on."""
+    if job.attack is None:
+        return data.x_train, data.y_train, 0
+    p = poison(data.x_train, data.y_train, job.attack, data.num_classes)
+    return p.x, p.y, len(p.poison_idx)
+
+
+def evaluate(model: Classifier, job: ModelJob, data: DataSplit, device: torch.device) -> dict[str, float | None]:
+    """Clean accuracy on the test split and, for a backdoored job, ASR on triggered test images
+    whose true label is not the target."""
+    model.eval()
+    out: dict[str, float | None] = {"clean_acc": accuracy(model, data.x_test, data.y_test, device=device), "asr": None}
+    if job.attack is not None:
+        xt, _ = triggered_test(data.x_test, data.y_test, job.attack, data.num_classes)
+        out["asr"] = attack_success_rate(model, xt, job.attack.target, device=device)
+    return out
+
+
+def train(job: ModelJob, data: DataSplit, device: str | torch.device | None = "cpu", progress: bool = True) -> TrainResult:
+    """Train `job` on `data`; deterministic on CPU for a given seed."""
+    spec = job.train
+    dev = resolve_device(device)
+    if spec.precision == "bf16" and dev.type != "cuda":
+        raise ValueError("bf16 training is for CUDA devices; use precision fp32 on CPU")
+    t0 = time.perf_counter()
+    x_all, y_all, n_poisoned = training_set(job, data)
+    x_all = x_all.to(dev)
+    y_all = y_all.to(dev)
+    model = build_model(job.model.name, data.num_classes, data.mean, data.std, seed=spec.seed)
+    model = model.to(dev).to(memory_format=torch.channels_last)
+    opt_kw: dict[str, Any] = {"fused": True} if dev.type == "cuda" else {}
+    opt = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, **opt_kw
+    )
+    shuffle_gen = torch.Generator().manual_seed(spec.seed)
+    aug_gen = torch.Generator(device=dev).manual_seed(spec.seed + 1)
+    n = len(y_all)
+    steps_per_epoch = math.ceil(n / spec.batch_size)
+    total = steps_per_epoch * spec.epochs
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+    bar = _progress(total, f"train {job.slug()}", progress)
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.int64)
+    seen = 0
+    step = 0
+    model.train()
+    for epoch in range(spec.epochs):
+        order = torch.randperm(n, generator=shuffle_gen).to(dev)
+        for i in range(0, n, spec.batch_size):
+            idx = order[i : i + spec.batch_size]
+            xb = augment(to_unit(x_all[idx]), spec.augment, aug_gen).contiguous(memory_format=torch.channels_last)
+            yb = y_all[idx]
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(spec, step, total)
+            with autocast:
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # accumulate on the device; read back only when the bar refreshes (no per-step sync)
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(yb)
+            step += 1
+            if bar is not None and (step % 20 == 0 or step == total):
+                bar.set_postfix(epoch=f"{epoch + 1}/{spec.epochs}", loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+                bar.update(step - bar.n)
+        if not math.isfinite(loss_sum.item()):
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1}: loss is not finite (lr {spec.lr})")
+        last_loss, last_acc = loss_sum.item() / seen, correct.item() / seen
+        loss_sum.zero_()
+        correct.zero_()
+        seen = 0
+    if bar is not None:
+        bar.close()
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    train_seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = evaluate(model, job, data, dev)
+    metrics.update(
+        seconds=round(time.perf_counter() - t0, 3),
+        train_seconds=round(train_seconds, 3),
+        images_per_s=round(n * spec.epochs / train_seconds, 1),
+        final_train_loss=round(last_loss, 5),
+        final_train_acc=round(last_acc, 5),
+        poisoned=n_poisoned,
+        train_size=n,
+        device=str(dev),
+    )
+    return TrainResult(model=model.cpu(), metrics=metrics)
+
+
+def check_gates(metrics: dict[str, Any], gates: Gates, attacked: bool) -> None:
+    """Phase-1 gate: refuse to evaluate defenses on a model whose attack did not take."""
+    problems = []
+    if metrics["clean_acc"] < gates.min_clean_acc:
+        problems.append(f"clean accuracy {metrics['clean_acc']:.4f} < {gates.min_clean_acc}")
+    if attacked and (metrics["asr"] is None or metrics["asr"] < gates.min_asr):
+        problems.append(f"attack success rate {metrics['asr']:.4f} < {gates.min_asr}")
+    if problems:
+        raise GateError(
+            "Phase-1 gate failed: " + "; ".join(problems)
+            + ". Train longer (--epochs), change the attack, or lower the floor (--min-clean-acc / --min-asr)."
+        )
+
+
+def _progress(total: int, desc: str, enabled: bool):  # -> tqdm | None
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True)

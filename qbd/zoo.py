@@ -1,0 +1,53 @@
+"""Get a trained model for a job: from the store, or train it once and store it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qbd.config import ModelJob
+from qbd.data.base import DataSplit
+from qbd.models import Classifier, build_model
+from qbd.store import Entry, Store
+
+
+@dataclass
+class TrainedModel:
+    job: ModelJob
+    model: Classifier
+    metrics: dict[str, Any]
+    entry: Entry
+
+    @property
+    def cache(self) -> str:
+        return "hit" if self.entry.hit else "miss"
+
+
+def load_weights(job: ModelJob, data: DataSplit, state_dict: dict[str, torch.Tensor]) -> Classifier:
+    """Rebuild the job's architecture and load `state_dict` strictly (every tensor must match)."""
+    model = build_model(job.model.name, data.num_classes, data.mean, data.std)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def get_trained(
+    job: ModelJob,
+    data: DataSplit,
+    store: Store,
+    device: str | torch.device | None = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainedModel:
+    def create() -> tuple[dict[str, Any], dict[str, Any]]:
+        from qbd.train import train
+
+        result = train(job, data, device=device, progress=progress)
+        meta = {"job": job.to_dict(), "slug": job.slug(), "metrics": result.metrics}
+        return result.model.state_dict(), meta
+
+    entry = store.get_or_create(job.key(), create, describe=job.slug(), log=log)
+    model = load_weights(job, data, entry.state_dict)
+    return TrainedModel(job=job, model=model, metrics=dict(entry.meta["metrics"]), entry=entry)

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from qbd.attacks import apply_trigger, poison, trigger_origin, trigger_patch
+from qbd.config import AttackSpec, ConfigError
+
+
+def test_patterns():
+    assert torch.all(trigger_patch(AttackSpec(trigger_pattern="white")) == 255)
+    board = trigger_patch(AttackSpec(trigger_pattern="checkerboard", trigger_size=4))
+    assert board[0].tolist() == [[255, 0, 255, 0], [0, 255, 0, 255], [255, 0, 255, 0], [0, 255, 0, 255]]
+    r1 = trigger_patch(AttackSpec(trigger_pattern="random", seed=1))
+    assert torch.equal(r1, trigger_patch(AttackSpec(trigger_pattern="random", seed=1)))
+    assert not torch.equal(r1, trigger_patch(AttackSpec(trigger_pattern="random", seed=2)))
+
+
+@pytest.mark.parametrize(
+    ("position", "origin"),
+    [("top-left", (0, 0)), ("top-right", (0, 29)), ("bottom-left", (29, 0)), ("bottom-right", (29, 29)), ("5,7", (7, 5))],
+)
+def test_positions(position, origin):
+    assert trigger_origin(AttackSpec(trigger_position=position), 32, 32) == origin
+
+
+def test_bottom_right_white_square_pixels():
+    x = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    xt = apply_trigger(x, AttackSpec())
+    assert int(xt.sum()) == 255 * 27
+    assert torch.all(xt[0, :, 29:, 29:] == 255)
+    assert torch.equal(x, torch.zeros_like(x)), "apply_trigger must not modify its input"
+
+
+def test_poison_rejects_what_does_not_fit():
+    x = torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
+    y = torch.zeros(10, dtype=torch.int64)
+    with pytest.raises(ConfigError, match="larger than the 8x8 image"):
+        poison(x, y, AttackSpec(trigger_size=9), 10)
+    with pytest.raises(ConfigError, match="target class 12 out of range"):
+        poison(x, y, AttackSpec(target=12), 10)
+
+
+def test_int_images_of_other_dtypes_are_refused():
+    with pytest.raises(TypeError):
+        apply_trigger(torch.zeros(1, 3, 8, 8, dtype=torch.int32), AttackSpec())

@@ -1,0 +1,127 @@
+import dataclasses
+import json
+
+import pytest
+
+from qbd.config import (
+    AttackSpec,
+    ConfigError,
+    DatasetSpec,
+    ModelJob,
+    ModelSpec,
+    TrainSpec,
+    canonical_json,
+    cell_id,
+    parse_position,
+)
+
+
+def _variants(spec):
+    """One changed copy of `spec` per field."""
+    bumps = {
+        int: lambda v: v + 1,
+        float: lambda v: v / 2 if v else 0.5,
+        str: None,
+    }
+    alternatives = {
+        "name": {"synthetic": "digits", "tiny-cnn": "resnet18-cifar"},
+        "trigger_pattern": {"white": "checkerboard"},
+        "trigger_position": {"bottom-right": "top-left"},
+        "schedule": {"cosine": "constant"},
+        "augment": {"crop": "none"},
+        "precision": {"fp32": "bf16"},
+    }
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if isinstance(v, str):
+            if f.name == "name" and isinstance(spec, AttackSpec):
+                continue  # only badnet exists
+            new = alternatives[f.name][v]
+        else:
+            new = bumps[type(v)](v)
+        yield f.name, dataclasses.replace(spec, **{f.name: new})
+
+
+def test_key_is_stable_and_canonical():
+    job = ModelJob()
+    assert job.key() == ModelJob().key()
+    assert len(job.key()) == 64
+    # the key hashes canonical JSON: key order and spacing cannot change it
+    assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
+    assert json.loads(canonical_json(job.to_dict())) == job.to_dict()
+
+
+@pytest.mark.parametrize("part", ["dataset", "model", "attack", "train"])
+def test_key_changes_when_any_field_changes(part):
+    job = ModelJob()
+    base = job.key()
+    seen = {base}
+    for field, spec in _variants(getattr(job, part)):
+        k = dataclasses.replace(job, **{part: spec}).key()
+        assert k not in seen, f"changing {part}.{field} did not change the key"
+        seen.add(k)
+
+
+def test_clean_job_has_its_own_key():
+    assert ModelJob(attack=None).key() != ModelJob().key()
+    assert ModelJob(attack=None).slug().endswith("/clean/s0")
+
+
+def test_key_depends_on_qbd_version(monkeypatch):
+    import qbd.config
+
+    base = ModelJob().key()
+    monkeypatch.setattr(qbd.config, "__version__", "999.0")
+    assert ModelJob().key() != base
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"poison_rate": 0.0}, r"poison rate must be in \(0, 1\]"),
+        ({"poison_rate": 1.5}, r"poison rate must be in \(0, 1\]"),
+        ({"poison_rate": float("nan")}, "poison rate"),
+        ({"trigger_size": 0}, "trigger size must be >= 1"),
+        ({"target": -1}, "target class must be >= 0"),
+        ({"trigger_pattern": "plaid"}, "valid: white, checkerboard, random"),
+        ({"trigger_position": "middle"}, "use one of top-left"),
+        ({"name": "wanet"}, "valid: badnet"),
+    ],
+)
+def test_attack_spec_rejects_bad_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        AttackSpec(**kwargs)
+
+
+def test_attack_fits_the_data_set():
+    with pytest.raises(ConfigError, match="out of range: the data set has 10 classes"):
+        AttackSpec(target=10).check_fits(32, 32, 10)
+    with pytest.raises(ConfigError, match="larger than the 32x32 image"):
+        AttackSpec(trigger_size=33).check_fits(32, 32, 10)
+    with pytest.raises(ConfigError, match="leaves the 32x32 image"):
+        AttackSpec(trigger_position="30,0", trigger_size=3).check_fits(32, 32, 10)
+    AttackSpec(trigger_position="29,29", trigger_size=3).check_fits(32, 32, 10)
+
+
+def test_parse_position():
+    assert parse_position("top-left") == ("top-left", None, None)
+    assert parse_position(" 4 , 7 ") == ("xy", 4, 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"epochs": 0}, {"lr": -1.0}, {"lr": float("inf")}, {"schedule": "step"}, {"augment": "mixup"}, {"precision": "fp16"}, {"batch_size": 1.5}],
+)
+def test_train_spec_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        TrainSpec(**kwargs)
+
+
+def test_dataset_and_model_specs():
+    with pytest.raises(ConfigError):
+        DatasetSpec(seed=-1)
+    assert ModelSpec().name == "tiny-cnn"
+
+
+def test_cell_id():
+    assert cell_id("synthetic", "int8-dynamic", "neural-cleanse", "canonical") == "synthetic/int8-dynamic/neural-cleanse[canonical]"
