@@ -38,6 +38,17 @@ class DataSplit:
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
                 raise ValueError(f"{self.name} {label} labels fall outside 0..{len(self.classes) - 1}")
 
+    def fingerprint(self) -> str:
+        """sha256 of every image, label and class name (about 0.1 s for 15k 32x32 images)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        h.update("\x00".join(self.classes).encode())
+        return h.hexdigest()
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

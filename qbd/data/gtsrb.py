@@ -1,0 +1,180 @@
+"""GTSRB (German Traffic Sign Recognition Benchmark) from the user's data root.
+
+Read with torchvision's `GTSRB` class, so the on-disk layout is torchvision's (DIR is --data-root
+or $QBD_DATA_ROOT; qbd never downloads):
+
+    DIR/gtsrb/GTSRB/Training/00000/*.ppm ... DIR/gtsrb/GTSRB/Training/00042/*.ppm
+    DIR/gtsrb/GTSRB/Final_Test/Images/*.ppm
+    DIR/gtsrb/GT-final_test.csv            (semicolon-separated; columns Filename and ClassId)
+
+The images vary in size (15x15 to 250x250); every one is resized to 32x32 (bilinear, the whole
+image rather than its region of interest), as the paper does. There are no pickles here: PPM
+images and a CSV, decoded by Pillow and the csv module.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from qbd.config import DatasetSpec
+from qbd.data.base import DataSplit, DataUnavailableError
+
+SIZE = 32
+BASE_FOLDER = "gtsrb"
+TRAIN_FOLDER = Path(BASE_FOLDER) / "GTSRB" / "Training"
+TEST_FOLDER = Path(BASE_FOLDER) / "GTSRB" / "Final_Test" / "Images"
+TEST_CSV = Path(BASE_FOLDER) / "GT-final_test.csv"
+URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
+ARCHIVES = ("GTSRB-Training_fixed.zip", "GTSRB_Final_Test_Images.zip", "GTSRB_Final_Test_GT.zip")
+
+# Sign names of ClassId 0..42 (the benchmark's signnames).
+CLASSES: tuple[str, ...] = (
+    "Speed limit (20km/h)",
+    "Speed limit (30km/h)",
+    "Speed limit (50km/h)",
+    "Speed limit (60km/h)",
+    "Speed limit (70km/h)",
+    "Speed limit (80km/h)",
+    "End of speed limit (80km/h)",
+    "Speed limit (100km/h)",
+    "Speed limit (120km/h)",
+    "No passing",
+    "No passing for vehicles over 3.5 metric tons",
+    "Right-of-way at the next intersection",
+    "Priority road",
+    "Yield",
+    "Stop",
+    "No vehicles",
+    "Vehicles over 3.5 metric tons prohibited",
+    "No entry",
+    "General caution",
+    "Dangerous curve to the left",
+    "Dangerous curve to the right",
+    "Double curve",
+    "Bumpy road",
+    "Slippery road",
+    "Road narrows on the right",
+    "Road work",
+    "Traffic signals",
+    "Pedestrians",
+    "Children crossing",
+    "Bicycles crossing",
+    "Beware of ice/snow",
+    "Wild animals crossing",
+    "End of all speed and passing limits",
+    "Turn right ahead",
+    "Turn left ahead",
+    "Ahead only",
+    "Go straight or right",
+    "Go straight or left",
+    "Keep right",
+    "Keep left",
+    "Roundabout mandatory",
+    "End of no passing",
+    "End of no passing by vehicles over 3.5 metric tons",
+)
+# Torchvision's ImageFolder logic numbers the class folders in sorted order; these names make
+# that order equal to the ClassId.
+CLASS_FOLDERS = tuple(f"{i:05d}" for i in range(len(CLASSES)))
+
+# Per-channel mean/std of the GTSRB training images, the values commonly used for this data set
+# in PyTorch code. Fixed constants (see DataSplit); they were not recomputed here because no
+# copy of GTSRB was at hand -- recompute on the resized training set if exactness matters.
+MEAN = (0.3403, 0.3121, 0.3214)
+STD = (0.2724, 0.2608, 0.2669)
+
+
+def load(spec: DatasetSpec, root: Path | None) -> DataSplit:
+    """Load GTSRB from `root`. `spec.seed` is unused: the benchmark's train/test split is fixed."""
+    from torchvision.datasets import GTSRB  # lazy: torchvision is a heavy import
+
+    root = check_layout(root)
+    x_train, y_train = _read(GTSRB, root, "train")
+    x_test, y_test = _read(GTSRB, root, "test")
+    return DataSplit(
+        name="gtsrb",
+        x_train=torch.from_numpy(x_train),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy(x_test),
+        y_test=torch.from_numpy(y_test),
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+    )
+
+
+def check_layout(root: Path | None) -> Path:
+    """Return `root` if torchvision's layout is there, else DataUnavailableError saying where."""
+    if root is None:
+        raise DataUnavailableError(
+            "GTSRB needs a data root: pass --data-root DIR or set QBD_DATA_ROOT=DIR, where"
+            f" DIR/{TRAIN_FOLDER}/00000 exists. " + _how_to_get(Path("DIR"))
+        )
+    root = Path(root)
+    problems = []
+    train = root / TRAIN_FOLDER
+    if not train.is_dir():
+        problems.append(f"{train}/ is missing")
+    else:
+        present = sorted(p.name for p in train.iterdir() if p.is_dir())
+        if present != list(CLASS_FOLDERS):
+            missing = sorted(set(CLASS_FOLDERS) - set(present))
+            extra = sorted(set(present) - set(CLASS_FOLDERS))
+            detail = "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                    f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
+                )
+                if part
+            )
+            problems.append(f"{train}/ must hold exactly the class folders 00000..00042 ({detail})")
+    if not (root / TEST_FOLDER).is_dir():
+        problems.append(f"{root / TEST_FOLDER}/ is missing")
+    if not (root / TEST_CSV).is_file():
+        problems.append(f"{root / TEST_CSV} is missing")
+    if problems:
+        raise DataUnavailableError(f"GTSRB not found under {root}: {'; '.join(problems)}. " + _how_to_get(root))
+    return root
+
+
+def _how_to_get(root: Path) -> str:
+    return (
+        f"Download {', '.join(ARCHIVES)} from {URL} and unzip all three into {root / BASE_FOLDER}/"
+        " (torchvision.datasets.GTSRB's layout); qbd never downloads data."
+    )
+
+
+def _resize(image: Image.Image) -> np.ndarray:
+    """PIL RGB image -> uint8 3 x 32 x 32."""
+    small = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _read(gtsrb_cls: type, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    where = root / (TRAIN_FOLDER if split == "train" else TEST_CSV)
+    try:
+        ds = gtsrb_cls(str(root), split=split, transform=_resize, download=False)
+        n = len(ds)
+        x = np.empty((n, 3, SIZE, SIZE), dtype=np.uint8)
+        y = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            x[i], y[i] = ds[i]
+    except (OSError, UnidentifiedImageError, csv.Error, KeyError, ValueError) as exc:
+        # OSError: a missing or truncated image, or a class folder without .ppm files
+        # (FileNotFoundError; UnidentifiedImageError is a subclass too); csv.Error, KeyError,
+        # ValueError: a malformed CSV (missing column, non-integer ClassId).
+        raise DataUnavailableError(
+            f"GTSRB {split} split under {where} is incomplete or malformed ({type(exc).__name__}: {exc}). "
+            + _how_to_get(root)
+        ) from exc
+    if n == 0:
+        raise DataUnavailableError(f"GTSRB {split} split under {where} has no images. " + _how_to_get(root))
+    if int(y.min()) < 0 or int(y.max()) >= len(CLASSES):
+        raise DataUnavailableError(f"GTSRB {split} labels under {where} fall outside 0..{len(CLASSES) - 1}")
+    return x, y
