@@ -1,0 +1,123 @@
+"""int8-dynamic: the paper's INT8, `torch.ao.quantization.quantize_dynamic(model, {nn.Linear},
+dtype=torch.qint8)`.
+
+Only nn.Linear is in the dynamic mapping, so on a CNN this quantizes the classifier alone
+(0.046 % of a CIFAR ResNet-18). Weights: qint8, per-tensor symmetric (MinMaxObserver,
+scale = max|w| / 127.5). Activations: quint8 per-tensor affine, range taken from each input
+tensor at run time (the whole batch), reduce_range on x86/fbgemm (levels 0..127), full range on
+qnnpack. quantized::linear_dynamic has no autograd kernel: no input gradient reaches the
+pixels, which is what made the paper's INT8 Neural Cleanse collapse. The surrogate is the float
+twin (DynamicLinearSTE) with identical dequantized weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from qbd.models import Classifier
+from qbd.quant.audit import build_audit, max_levels_of_codes, max_rel_error, op_counts
+from qbd.quant.base import QuantizedClassifier, QuantizedModel
+from qbd.quant.common import (
+    calib_batches,
+    check_engine,
+    eval_copy,
+    input_shape,
+    model_device,
+    require_cpu,
+    weight_layers,
+)
+from qbd.quant.engine import EngineBound, quantized_engine
+from qbd.quant.surrogate import DynamicLinearSTE
+from qbd.quant.warnings import ignoring_known_warnings
+
+# Engines whose dynamic linear honours reduce_range=True (the module always passes True);
+# qnnpack ignores it and uses the full 0..255 range.
+_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False}
+
+# Surrogate logits match the deployed model within this fraction of max |deployed logit|:
+# both compute sum((q_x - zp) * s_x * q_w * s_w); they differ only by float vs int32
+# accumulation (measured ~1e-7 relative), plus a rare one-level flip of an input element
+# whose x / scale lands on a rounding tie.
+SURROGATE_REL_TOLERANCE = 1e-3
+
+
+class Int8Dynamic:
+    name = "int8-dynamic"
+    differentiable = False
+    engines: tuple[str, ...] = ("x86", "qnnpack", "fbgemm")  # default first; the paper used qnnpack
+
+    def apply(
+        self,
+        model: Classifier,
+        calib: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        engine: str | None = None,
+    ) -> QuantizedModel:
+        engine = check_engine(self.name, engine, self.engines)
+        assert engine is not None
+        batches = calib_batches(calib)  # dynamic quantization needs no calibration
+        require_cpu(self.name, model, batches)
+        fp = eval_copy(model)
+        # The engine decides how the int8 weights are packed; packed weights then run with
+        # their own kernels whatever the global engine is later.
+        with quantized_engine(engine), ignoring_known_warnings():
+            q = torch.ao.quantization.quantize_dynamic(fp, {nn.Linear}, dtype=torch.qint8, inplace=False)
+        dynamic_cls = torch.ao.nn.quantized.dynamic.Linear
+        names, kernels, quantized, levels, rel_err = [], [], 0, 0, 0.0
+        float_modules = dict(weight_layers(fp))
+        for name, module in list(q.named_modules()):
+            if not isinstance(module, dynamic_cls):
+                continue
+            w_int8, _ = module._weight_bias()
+            w_float = float_modules[name].weight.detach()
+            names.append(name)
+            kernels.append(f"{type(module).__module__}.{type(module).__qualname__}")
+            quantized += w_int8.numel()
+            levels = max(levels, max_levels_of_codes(w_int8.int_repr(), -128, 127))
+            rel_err = max(rel_err, max_rel_error(w_float, w_int8.dequantize(), torch.tensor(w_int8.q_scale())))
+            q.set_submodule(name, EngineBound(module, engine))  # copies keep the packing engine
+        deployed = QuantizedClassifier.from_parts(fp, q.features, q.head, normalize=q.normalize)
+
+        reduce_range = _REDUCE_RANGE[engine]
+
+        def surrogate() -> QuantizedClassifier:
+            return _float_twin(deployed, reduce_range)
+
+        audit = build_audit(
+            scheme=self.name,
+            differentiable=self.differentiable,
+            fp32_model=model,
+            deployed=deployed,
+            input_shape=input_shape(batches),
+            engine=engine,
+            backend="torch.ao.quantization.quantize_dynamic({nn.Linear}, qint8)",
+            bits=8,
+            quantized_modules=names,
+            quantized_params=quantized,
+            max_levels=levels or None,
+            max_rel_err=rel_err if names else None,
+            surrogate_rel_tolerance=SURROGATE_REL_TOLERANCE,
+            kernel_ops=op_counts(kernels),
+            device=model_device(deployed),
+        )
+        return QuantizedModel(
+            scheme=self.name, model=deployed, audit=audit, differentiable=False, surrogate_factory=surrogate
+        )
+
+
+def _float_twin(deployed: QuantizedClassifier, reduce_range: bool) -> QuantizedClassifier:
+    """Deep copy of the deployed model in which every dynamic int8 linear is replaced by its
+    straight-through twin (pre-seeding deepcopy's memo substitutes them wherever they occur)."""
+    dynamic_cls = torch.ao.nn.quantized.dynamic.Linear
+    memo: dict[int, object] = {}
+    for module in deployed.modules():
+        if isinstance(module, EngineBound) and isinstance(module.module, dynamic_cls):
+            w, b = module.module._weight_bias()
+            memo[id(module)] = DynamicLinearSTE(w.dequantize(), b, reduce_range)
+    return copy.deepcopy(deployed, memo)
+
+
+SCHEME = Int8Dynamic()
