@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qbd.config import AttackSpec, parse_position
+from qbd.config import AttackSpec, derive_seed, parse_position
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def trigger_mask(spec: AttackSpec, height: int, width: int) -> torch.Tensor:
 
 def apply_trigger(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
     """Return a copy of uint8 images N x C x H x W (or float in [0, 1]) with the patch written."""
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     spec.check_fits(h, w)
     patch = trigger_patch(spec, c).to(x.device)
     if x.is_floating_point():
@@ -79,7 +79,7 @@ def apply_trigger(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
 
 
 def n_poison(spec: AttackSpec, n: int) -> int:
-    return int(round(spec.poison_rate * n))
+    return round(spec.poison_rate * n)
 
 
 def poison(x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, num_classes: int) -> PoisonedSet:
@@ -88,7 +88,7 @@ def poison(x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, num_classes: int)
     h, w = int(x.shape[2]), int(x.shape[3])
     spec.check_fits(h, w, num_classes)
     k = n_poison(spec, len(y))
-    g = torch.Generator().manual_seed(spec.seed)
+    g = torch.Generator().manual_seed(derive_seed("poison", spec.seed))
     order = torch.randperm(len(y), generator=g)
     not_target = order[y[order] != spec.target]
     is_target = order[y[order] == spec.target]

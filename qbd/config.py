@@ -21,6 +21,9 @@ CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 TRIGGER_PATTERNS = ("white", "checkerboard", "random")
 PROTOCOLS = ("canonical", "paper")
 TIERS = ("smoke", "paper")
+# Bump when qbd.train, qbd.attacks or a model definition changes the weights a spec produces:
+# the revision is part of every store key, so stale models are never reused.
+TRAINING_REVISION = 2
 _XY = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$")
 
 
@@ -31,6 +34,13 @@ def canonical_json(obj: Any) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def derive_seed(purpose: str, seed: int) -> int:
+    """An independent 63-bit seed per purpose: two generators seeded with the same user seed
+    must not draw the same stream (a shuffle equal to the poisoning order puts every poisoned
+    sample in the first batches)."""
+    return int(hashlib.sha256(f"qbd:{purpose}:{seed}".encode()).hexdigest()[:15], 16)
 
 
 def to_dict(spec: Any) -> Any:
@@ -168,8 +178,13 @@ class ModelJob:
             "train": to_dict(self.train),
         }
 
-    def key(self) -> str:
-        return sha256_text(canonical_json({"job": self.to_dict(), "qbd": __version__}))
+    def key(self, data_fingerprint: str | None = None) -> str:
+        """Store key. With the data's fingerprint (DataSplit.fingerprint), a changed data set
+        (another copy of CIFAR-10, a new synthetic generator) can never reuse stale weights."""
+        doc: dict[str, Any] = {"job": self.to_dict(), "qbd": __version__, "revision": TRAINING_REVISION}
+        if data_fingerprint is not None:
+            doc["data"] = data_fingerprint
+        return sha256_text(canonical_json(doc))
 
     def slug(self) -> str:
         a = self.attack

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qbd.attacks import poison, triggered_test
-from qbd.config import Gates, ModelJob, TrainSpec
+from qbd.config import Gates, ModelJob, TrainSpec, derive_seed
 from qbd.data.base import DataSplit
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
@@ -88,8 +88,11 @@ def evaluate(model: Classifier, job: ModelJob, data: DataSplit, device: torch.de
     return out
 
 
-def train(job: ModelJob, data: DataSplit, device: str | torch.device | None = "cpu", progress: bool = True) -> TrainResult:
-    """Train `job` on `data`; deterministic on CPU for a given seed."""
+def train(job: ModelJob, data: DataSplit, device: str | torch.device | None = "cpu", progress: bool = True,
+          compile_model: bool = False) -> TrainResult:
+    """Train `job` on `data`; deterministic on CPU for a given seed. `compile_model` runs the
+    step through torch.compile (worth it only when the run is long enough to repay compiling:
+    benchmarks/paper_tier.py measures both)."""
     spec = job.train
     dev = resolve_device(device)
     if spec.precision == "bf16" and dev.type != "cuda":
@@ -100,12 +103,13 @@ def train(job: ModelJob, data: DataSplit, device: str | torch.device | None = "c
     y_all = y_all.to(dev)
     model = build_model(job.model.name, data.num_classes, data.mean, data.std, seed=spec.seed)
     model = model.to(dev).to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile_model else model
     opt_kw: dict[str, Any] = {"fused": True} if dev.type == "cuda" else {}
     opt = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, **opt_kw
     )
-    shuffle_gen = torch.Generator().manual_seed(spec.seed)
-    aug_gen = torch.Generator(device=dev).manual_seed(spec.seed + 1)
+    shuffle_gen = torch.Generator().manual_seed(derive_seed("shuffle", spec.seed))
+    aug_gen = torch.Generator(device=dev).manual_seed(derive_seed("augment", spec.seed))
     n = len(y_all)
     steps_per_epoch = math.ceil(n / spec.batch_size)
     total = steps_per_epoch * spec.epochs
@@ -125,7 +129,7 @@ def train(job: ModelJob, data: DataSplit, device: str | torch.device | None = "c
             for group in opt.param_groups:
                 group["lr"] = _lr_at(spec, step, total)
             with autocast:
-                logits = model(xb)
+                logits = forward(xb)
                 loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

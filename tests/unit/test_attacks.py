@@ -42,3 +42,17 @@ def test_poison_rejects_what_does_not_fit():
 def test_int_images_of_other_dtypes_are_refused():
     with pytest.raises(TypeError):
         apply_trigger(torch.zeros(1, 3, 8, 8, dtype=torch.int32), AttackSpec())
+
+
+def test_poisoning_order_is_independent_of_the_training_shuffle():
+    """Same seed for attack and training must not line the poisoned samples up in epoch 0."""
+    from qbd.config import derive_seed
+
+    n = 1000
+    y = torch.arange(n) % 10
+    x = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
+    p = poison(x, y, AttackSpec(seed=0), 10)
+    first_batch = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("shuffle", 0)))[:128]
+    share = p.is_poisoned[first_batch].float().mean().item()
+    assert share < 0.3, f"{share:.2f} of the first batch is poisoned"
+    assert derive_seed("poison", 0) != derive_seed("shuffle", 0)

@@ -125,3 +125,8 @@ def test_dataset_and_model_specs():
 
 def test_cell_id():
     assert cell_id("synthetic", "int8-dynamic", "neural-cleanse", "canonical") == "synthetic/int8-dynamic/neural-cleanse[canonical]"
+
+
+def test_key_depends_on_the_data_fingerprint():
+    job = ModelJob()
+    assert job.key("a" * 64) != job.key("b" * 64) != job.key()

@@ -16,7 +16,10 @@ def _sha(model):
     return h.hexdigest()
 
 
-def _job(seed=0, attack=AttackSpec(), epochs=2):
+_ATTACK = AttackSpec()
+
+
+def _job(seed=0, attack=_ATTACK, epochs=2):
     return ModelJob(DatasetSpec("toy"), ModelSpec("tiny-cnn"), attack, TrainSpec(epochs=epochs, lr=0.05, batch_size=64, seed=seed))
 
 
