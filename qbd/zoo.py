@@ -45,9 +45,10 @@ def get_trained(
         from qbd.train import train
 
         result = train(job, data, device=device, progress=progress)
-        meta = {"job": job.to_dict(), "slug": job.slug(), "metrics": result.metrics}
+        meta = {"job": job.to_dict(), "slug": job.slug(), "metrics": result.metrics, "data_sha256": fingerprint}
         return result.model.state_dict(), meta
 
-    entry = store.get_or_create(job.key(), create, describe=job.slug(), log=log)
+    fingerprint = data.fingerprint()
+    entry = store.get_or_create(job.key(fingerprint), create, describe=job.slug(), log=log)
     model = load_weights(job, data, entry.state_dict)
     return TrainedModel(job=job, model=model, metrics=dict(entry.meta["metrics"]), entry=entry)

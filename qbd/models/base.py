@@ -43,6 +43,10 @@ class Classifier(nn.Module):
         """Penultimate representation of pixel-space inputs."""
         return self.features(self.normalize(x))
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from penultimate features (Fine-Pruning masks features in between)."""
+        return self.head(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
 

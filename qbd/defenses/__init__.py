@@ -1,0 +1,21 @@
+"""Defense registry. Built-ins are lazy entries (names listed without importing torch);
+third-party defenses join through the `qbd.defenses` entry-point group or a "module:Class"
+reference (`--qbd-defense`, `qbd run --defense module:Class`).
+
+A defense class is instantiated as `cls(protocol=..., tier=...)`; see qbd.defenses.base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qbd.registry import Registry
+
+DEFENSES: Registry[Any] = Registry("defense")
+DEFENSES.add_lazy("neural-cleanse", "qbd.defenses.neural_cleanse:NeuralCleanse")
+DEFENSES.add_lazy("activation-clustering", "qbd.defenses.activation_clustering:ActivationClustering")
+DEFENSES.add_lazy("strip", "qbd.defenses.strip:Strip")
+DEFENSES.add_lazy("spectral-signatures", "qbd.defenses.spectral_signatures:SpectralSignatures")
+DEFENSES.add_lazy("fine-pruning", "qbd.defenses.fine_pruning:FinePruning")
+
+BUILTIN = tuple(DEFENSES.names())

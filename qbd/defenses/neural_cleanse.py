@@ -1,0 +1,369 @@
+"""Neural Cleanse (Wang et al., S&P 2019): reverse-engineer, for every class, the smallest
+mask-and-pattern trigger that sends clean images to it; a class whose trigger is an anomalously
+small outlier (MAD rule) is the backdoor's target.
+
+All K class problems are independent, and Adam is elementwise, so they are solved together:
+one forward/backward over K x batch images per step, with every per-class quantity (cost,
+counters, best mask) held in a length-K tensor. The cost schedule and early stop therefore run
+on the device, without host synchronisation; the loop reads back one flag every `check_every`
+steps. `mode="sequential"` solves one class at a time with the same code, as every public
+implementation does, for comparison and for tight memory.
+
+Protocols (every value recorded in the Result):
+- canonical: the authors' reference visualizer: tanh reparametrisation, random init, Adam
+  lr 0.1 betas (0.5, 0.9), batch 32, rounds of mini-batches; cost 0 until the reversed trigger
+  succeeds (>= 0.99) for `patience` rounds, then 1e-3, x2 after `patience` successful rounds,
+  / 2**1.5 after `patience` failing ones; keep the smallest mask that succeeds; early stop after
+  `early_stop_patience` rounds without improvement once the cost went both up and down.
+- paper: the paper's text and published code: sigmoid of logits initialised at 0, Adam lr 0.1,
+  fixed lambda 0.01, the final mask after `steps` steps.
+Decision (both): L1 norms n_k; numpy median; MAD = 1.4826 median|n - med|; flag classes with
+n_k < med and |n_k - med| / MAD > 2; the flagged class with the largest index is the target.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
+from qbd.metrics import anomaly_index, to_unit
+
+_GRAD_NEEDS = frozenset({"clean_holdout", "input_gradients"})
+
+
+class NeuralCleanse(ConfiguredDefense):
+    name = "neural-cleanse"
+    needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": _GRAD_NEEDS, "paper": _GRAD_NEEDS}
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "canonical": {
+            "activation": "tanh", "init": "random", "lr": 0.1, "betas": (0.5, 0.9),
+            "batch_size": 32, "mini_batches": 32, "steps": 1000,
+            "schedule": "adaptive", "init_cost": 1e-3, "patience": 5, "cost_multiplier": 2.0,
+            "attack_succ_threshold": 0.99, "early_stop": True, "early_stop_threshold": 1.0,
+            "early_stop_patience": 25, "select": "best",
+            "mad_threshold": 2.0, "mode": "batched", "class_chunk": 0, "check_every": 8, "precision": "fp32", "compile": False,
+        },
+        "paper": {
+            "activation": "sigmoid", "init": "zeros", "lr": 0.1, "betas": (0.9, 0.999),
+            "batch_size": 128, "mini_batches": 1, "steps": 1000,
+            "schedule": "fixed", "init_cost": 0.01, "patience": 5, "cost_multiplier": 2.0,
+            "attack_succ_threshold": 0.99, "early_stop": False, "early_stop_threshold": 1.0,
+            "early_stop_patience": 25, "select": "last",
+            "mad_threshold": 2.0, "mode": "batched", "class_chunk": 0, "check_every": 8, "precision": "fp32", "compile": False,
+        },
+    }
+    # the smoke tier runs on 2 CPU cores: fewer, smaller steps (recorded in every Result)
+    budgets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        "smoke": {
+            "canonical": {"batch_size": 32, "mini_batches": 2, "steps": 150, "early_stop_patience": 10},
+            "paper": {"steps": 100, "batch_size": 32},
+        }
+    }
+
+    def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
+        p = self.params
+        x_hold = inputs.clean_holdout[0]
+        if len(x_hold) == 0:
+            return Verdict.invalid("neural-cleanse needs clean holdout images; got none")
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        k = subject.num_classes
+        with _frozen(subject.model):
+            if p["mode"] == "sequential":
+                parts = [reverse_engineer(subject, x_hold, [c], p, seed) for c in range(k)]
+            else:
+                chunk = p["class_chunk"] or k
+                parts = [reverse_engineer(subject, x_hold, list(range(s, min(s + chunk, k))), p, seed) for s in range(0, k, chunk)]
+        res = _merge(parts)
+        return decide(res, p["mad_threshold"])
+
+
+def decide(res: dict[str, Any], mad_threshold: float) -> Verdict:
+    """MAD outlier rule on the per-class L1 norms (lower side only)."""
+    norms = np.asarray(res["norms"], dtype=np.float64)
+    grad = res["gradient"]
+    controls = {
+        "input_gradient": Control(grad["ok"], grad["pattern_grad_abs_max"], grad["note"]),
+        "trigger_found": Control(bool(all(res["reached"])), float(np.mean(res["reached"])),
+                                 "share of classes whose reversed trigger reached the success threshold"),
+    }
+    med, mad, idx = anomaly_index(norms)
+    evidence = {
+        "norms": norms.round(4).tolist(), "median": med, "mad": mad,
+        "anomaly_index": [None if not math.isfinite(v) else round(float(v), 4) for v in idx],
+        "reached_success": res["reached"], "final_cost": res["cost"], "rounds_run": res["rounds"],
+        "iterations": res["iterations"], "mask_centroid_rc": res["centroids"],
+    }
+    if not grad["ok"]:
+        return Verdict.invalid(
+            "no gradient signal: the cross-entropy term delivers no gradient to the trigger through the"
+            f" model ({grad['note']}); only the L1 penalty moved the masks"
+            + (f", so every class ended at L1 = {norms[0]:.3f} (MAD = 0)" if np.ptp(norms) == 0 else ""),
+            evidence=evidence, controls=controls,
+        )
+    if not np.all(np.isfinite(norms)):
+        return Verdict.invalid("non-finite trigger norms (the optimisation diverged)", evidence=evidence, controls=controls)
+    if mad == 0.0:
+        return Verdict.invalid("MAD of the trigger norms is 0: no class can be scored as an outlier", evidence=evidence, controls=controls)
+    flagged = [c for c in range(len(norms)) if norms[c] < med and idx[c] > mad_threshold]
+    lower = [float(idx[c]) for c in range(len(norms)) if norms[c] < med]
+    score = max(lower) if lower else 0.0
+    evidence["flagged"] = flagged
+    if flagged:
+        target = max(flagged, key=lambda c: idx[c])
+        return Verdict("detected", score=score, threshold=mad_threshold, target_class=int(target), evidence=evidence, controls=controls)
+    return Verdict("clean", score=score, threshold=mad_threshold, evidence=evidence, controls=controls)
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module):
+    """Eval mode and no weight gradients while the trigger is optimised; restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for prm, _ in flags:
+        prm.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for prm, flag in flags:
+            prm.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _squash(raw: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "tanh":
+        return torch.tanh(raw) / (2 - 1e-7) + 0.5  # the authors' epsilon keeps arctanh finite
+    return torch.sigmoid(raw)
+
+
+def _unsquash(v: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "tanh":
+        return torch.atanh((v - 0.5) * (2 - 1e-7))
+    return torch.logit(v)
+
+
+def batch_plan(n: int, batch_size: int, iterations: int, seed: int) -> torch.Tensor:
+    """Holdout indices for every iteration, drawn up front (seeded, reshuffled each pass), so
+    the loop never copies indices to the device one step at a time."""
+    bs = min(batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    per_pass = n // bs
+    passes = -(-iterations // per_pass)
+    rows = [torch.randperm(n, generator=gen)[: per_pass * bs].view(per_pass, bs) for _ in range(passes)]
+    return torch.cat(rows)[:iterations]
+
+
+def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int], p: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Optimise masks and patterns for `classes` together. Returns per-class results."""
+    dev = subject.device
+    k = len(classes)
+    _, c, h, w = x_hold.shape
+    # per-class init drawn in class order so batched and sequential runs start identically
+    if p["init"] == "random":
+        inits = [(torch.rand(1, 1, h, w, generator=_class_gen(seed, cls)), torch.rand(1, c, h, w, generator=_class_gen(seed, cls))) for cls in classes]
+        mask0 = torch.cat([m for m, _ in inits]).clamp(0, 1)
+        pat0 = torch.cat([q for _, q in inits]).clamp(0, 1)
+        mask_raw = _unsquash(mask0, p["activation"])
+        pat_raw = _unsquash(pat0, p["activation"])
+    else:
+        mask_raw = torch.zeros(k, 1, h, w)
+        pat_raw = torch.zeros(k, c, h, w)
+    mask_raw = mask_raw.to(dev).requires_grad_(True)
+    pat_raw = pat_raw.to(dev).requires_grad_(True)
+    fused = {"fused": True} if dev.type == "cuda" else {}
+    opt = torch.optim.Adam([mask_raw, pat_raw], lr=p["lr"], betas=tuple(p["betas"]), **fused)
+    targets = torch.tensor(classes, device=dev)
+    plan = batch_plan(len(x_hold), p["batch_size"], p["steps"] * p["mini_batches"], seed).to(dev)
+    x_dev = x_hold.to(dev)
+    channels_last = dev.type == "cuda"
+    forward = torch.compile(subject.model, dynamic=False) if p["compile"] else subject.model
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
+
+    fixed = p["schedule"] == "fixed"
+    zeros = torch.zeros(k, device=dev)
+    cost = torch.full((k,), p["init_cost"] if fixed else 0.0, device=dev)
+    reg_best = torch.full((k,), math.inf, device=dev)
+    es_best = reg_best.clone()
+    best_mask = _squash(mask_raw.detach(), p["activation"]).clone()
+    best_pat = _squash(pat_raw.detach(), p["activation"]).clone()
+    reached = torch.zeros(k, dtype=torch.bool, device=dev)
+    active = torch.ones(k, dtype=torch.bool, device=dev)
+    rounds_run = torch.zeros(k, device=dev)
+    set_ctr, up_ctr, down_ctr, es_ctr = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+    up_flag = torch.zeros(k, dtype=torch.bool, device=dev)
+    down_flag = up_flag.clone()
+    thr = p["attack_succ_threshold"]
+    gradient = {"ok": True, "pattern_grad_abs_max": None, "note": "input gradients reach the trigger"}
+    iterations = 0
+
+    live: torch.Tensor | None = None  # classes still optimised (None: all); refreshed at checks
+    k_live = k
+    for step in range(p["steps"]):
+        acc_sum = zeros.clone()
+        reg_sum = zeros.clone()
+        for _ in range(p["mini_batches"]):
+            xb = to_unit(x_dev[plan[iterations]])  # B C H W
+            m_raw = mask_raw if live is None else mask_raw[live]
+            p_raw = pat_raw if live is None else pat_raw[live]
+            mask = _squash(m_raw, p["activation"])  # K 1 H W
+            pat = _squash(p_raw, p["activation"])  # K C H W
+            x_adv = (1 - mask[:, None]) * xb[None] + (mask * pat)[:, None]  # K B C H W
+            bsz = xb.shape[0]
+            x_in = x_adv.reshape(k_live * bsz, c, h, w)
+            if channels_last:
+                x_in = x_in.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = forward(x_in)
+            tgt = (targets if live is None else targets[live]).repeat_interleave(bsz)
+            ce = F.cross_entropy(logits.float(), tgt, reduction="none").view(k_live, bsz).mean(1)
+            reg = mask.abs().sum(dim=(1, 2, 3))
+            loss = (ce + (cost if live is None else cost[live]) * reg).sum()
+            opt.zero_grad(set_to_none=True)
+            if iterations == 0:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    loss.backward()
+                gradient = _gradient_check(pat_raw.grad, ce, caught)
+            else:
+                loss.backward()
+            # classes outside `live` get zero gradients; Adam's momentum may still move their
+            # raw parameters, but their schedule, best mask and counters are frozen by `active`
+            opt.step()
+            iterations += 1
+            with torch.no_grad():
+                acc = (logits.argmax(1) == tgt).float().view(k_live, bsz).mean(1)
+                if live is None:
+                    acc_sum += acc
+                    reg_sum += reg.detach()
+                else:
+                    acc_sum.index_add_(0, live, acc)
+                    reg_sum.index_add_(0, live, reg.detach())
+        with torch.no_grad():
+            acc = acc_sum / p["mini_batches"]
+            reg_r = reg_sum / p["mini_batches"]
+            rounds_run += active.float()
+            succ = acc >= thr
+            reached |= succ & active
+            if p["select"] == "best":
+                better = active & succ & (reg_r < reg_best)
+                cur_mask = _squash(mask_raw, p["activation"])
+                cur_pat = _squash(pat_raw, p["activation"])
+                best_mask = torch.where(better[:, None, None, None], cur_mask, best_mask)
+                best_pat = torch.where(better[:, None, None, None], cur_pat, best_pat)
+                reg_best = torch.where(better, reg_r, reg_best)
+            if p["early_stop"]:
+                has_best = torch.isfinite(reg_best)
+                stale = reg_best >= p["early_stop_threshold"] * es_best
+                es_ctr = torch.where(active & has_best, torch.where(stale, es_ctr + 1, zeros), es_ctr)
+                es_best = torch.where(active, torch.minimum(reg_best, es_best), es_best)
+                active = active & ~(up_flag & down_flag & (es_ctr >= p["early_stop_patience"]))
+            if not fixed:
+                cost, set_ctr, up_ctr, down_ctr, up_flag, down_flag = _schedule(
+                    cost, succ, active, set_ctr, up_ctr, down_ctr, up_flag, down_flag, p
+                )
+        if p["early_stop"] and (step + 1) % p["check_every"] == 0:
+            # the loop's only host synchronisation: drop the classes that stopped
+            idx = active.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            live, k_live = (None, k) if len(idx) == k else (idx, len(idx))
+
+    with torch.no_grad():
+        final_mask = _squash(mask_raw, p["activation"])
+        if p["select"] == "best":
+            # the authors keep the last mask for a class that never reached the threshold
+            use_best = torch.isfinite(reg_best)[:, None, None, None]
+            final_mask = torch.where(use_best, best_mask, final_mask)
+        norms = final_mask.abs().sum(dim=(1, 2, 3))
+    return {
+        "classes": classes,
+        "norms": norms.double().cpu().tolist(),
+        "reached": reached.cpu().tolist(),
+        "cost": cost.cpu().tolist(),
+        "rounds": rounds_run.cpu().int().tolist(),
+        "iterations": iterations,
+        "centroids": _centroids(final_mask.detach().cpu()),
+        "gradient": gradient,
+    }
+
+
+def _class_gen(seed: int, cls: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1009 + cls)
+
+
+def _schedule(cost, succ, active, set_ctr, up_ctr, down_ctr, up_flag, down_flag, p):
+    """The authors' cost schedule, for all classes at once (inactive classes are frozen)."""
+    zeros = torch.zeros_like(cost)
+    pat = p["patience"]
+    init_phase = (cost == 0) & succ
+    set_ctr_n = torch.where(init_phase, set_ctr + 1, zeros)
+    do_set = set_ctr_n >= pat
+    cost_n = torch.where(do_set, torch.full_like(cost, p["init_cost"]), cost)
+    up_n = torch.where(do_set, zeros, up_ctr)
+    down_n = torch.where(do_set, zeros, down_ctr)
+    upf = up_flag & ~do_set
+    downf = down_flag & ~do_set
+    up_n = torch.where(succ, up_n + 1, zeros)
+    down_n = torch.where(succ, zeros, down_n + 1)
+    do_up = up_n >= pat
+    do_down = ~do_up & (down_n >= pat)
+    up_n = torch.where(do_up, zeros, up_n)
+    down_n = torch.where(do_down, zeros, down_n)
+    cost_n = torch.where(do_up, cost_n * p["cost_multiplier"], cost_n)
+    cost_n = torch.where(do_down, cost_n / p["cost_multiplier"] ** 1.5, cost_n)
+    upf = upf | do_up
+    downf = downf | do_down
+
+    def keep(new, old):
+        return torch.where(active, new, old)
+
+    return keep(cost_n, cost), keep(set_ctr_n, set_ctr), keep(up_n, up_ctr), keep(down_n, down_ctr), keep(upf, up_flag), keep(downf, down_flag)
+
+
+def _gradient_check(grad: torch.Tensor | None, ce: torch.Tensor, caught: list) -> dict[str, Any]:
+    """The pattern enters the loss only through the cross-entropy term, so its gradient is
+    exactly the signal the model gives back: absent, zero or non-finite means no signal."""
+    notes = sorted({str(w.message).split("\n")[0][:200] for w in caught})
+    if not ce.requires_grad:
+        return {"ok": False, "pattern_grad_abs_max": 0.0, "note": "the model's output has no autograd graph"}
+    if grad is None:
+        return {"ok": False, "pattern_grad_abs_max": 0.0, "note": "; ".join(notes) or "no gradient reached the input"}
+    gmax = float(grad.abs().max())
+    if not math.isfinite(gmax):
+        return {"ok": False, "pattern_grad_abs_max": None, "note": "non-finite input gradient"}
+    if gmax == 0.0:
+        note = "input gradient is identically zero"
+        if notes:
+            note += ": " + "; ".join(notes)
+        return {"ok": False, "pattern_grad_abs_max": 0.0, "note": note}
+    return {"ok": True, "pattern_grad_abs_max": gmax, "note": "input gradients reach the trigger"}
+
+
+def _centroids(mask: torch.Tensor) -> list[list[float]]:
+    """(row, column) centre of mass of each class's mask: where the reversed trigger sits."""
+    _, _, h, w = mask.shape
+    m = mask[:, 0].double()
+    tot = m.sum(dim=(1, 2)).clamp_min(1e-12)
+    rows = (m.sum(2) * torch.arange(h, dtype=torch.float64)).sum(1) / tot
+    cols = (m.sum(1) * torch.arange(w, dtype=torch.float64)).sum(1) / tot
+    return [[round(float(r), 2), round(float(cc), 2)] for r, cc in zip(rows, cols, strict=True)]
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"norms": [], "reached": [], "cost": [], "rounds": [], "centroids": [], "iterations": 0}
+    grads = []
+    for part in parts:
+        for key in ("norms", "reached", "cost", "rounds", "centroids"):
+            out[key] += part[key]
+        out["iterations"] += part["iterations"]
+        grads.append(part["gradient"])
+    bad = [g for g in grads if not g["ok"]]
+    out["gradient"] = bad[0] if bad else grads[0]
+    return out

@@ -1,0 +1,227 @@
+"""Run cells end to end: quantize a trained model, measure CA/ASR, feed a defense the data its
+protocol gives it, and record a Result (the contract in DESIGN.md).
+
+A `Bench` holds one trained model with its data and caches what its cells share (quantized
+models, their metrics, the poisoned training set): one per (dataset, model, attack, seed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from qbd.attacks import apply_trigger, poison, triggered_test
+from qbd.config import AttackSpec, ConfigError, cell_id, to_dict
+from qbd.data.base import DataSplit
+from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of, run_defense
+from qbd.metrics import accuracy, attack_success_rate, to_unit
+from qbd.models.base import Classifier
+
+# Each protocol's data diet. `paper`: what the paper fed every defense (a clean holdout only).
+# `canonical`: what each method was designed for (see DEFENSES.md).
+PAPER_FEED = frozenset({"clean_holdout", "input_gradients"})
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """How the test split is shared out, and how much of the training set AC/SS inspect."""
+
+    holdout: int = 500  # clean images the defender holds (NC, FP, STRIP's overlays, calibration)
+    stream: int = 400  # incoming inputs for STRIP, half of them triggered
+    calib_batches: int = 4  # int8-static calibration batches of 64 holdout images
+    seed: int = 0
+
+
+class Bench:
+    def __init__(
+        self,
+        data: DataSplit,
+        model: Classifier,
+        attack: AttackSpec | None,
+        *,
+        probe_attack: AttackSpec | None = None,
+        spec: BenchSpec = BenchSpec(),
+        model_name: str = "",
+        train_metrics: dict[str, Any] | None = None,
+        tier: str = "smoke",
+    ) -> None:
+        """`attack` is what the model was trained with (None: a clean model). `probe_attack`
+        is the trigger used to probe a clean model (its natural ASR, STRIP's stream)."""
+        self.data = data
+        self.model = model.eval()
+        self.attack = attack
+        self.probe = attack or probe_attack or AttackSpec()
+        self.probe.check_fits(*data.image_size, data.num_classes)
+        self.spec = spec
+        self.model_name = model_name
+        self.train_metrics = train_metrics or {}
+        self.tier = tier
+        self._quantized: dict[tuple[str, str | None], Any] = {}
+        self._surrogates: dict[tuple[str, str | None], Any] = {}
+        self._metrics: dict[tuple[str, str | None], dict[str, float]] = {}
+        n_test = len(data.y_test)
+        if n_test < 20:
+            raise ConfigError(f"{data.name}: {n_test} test images are too few to split into holdout and evaluation sets")
+        g = torch.Generator().manual_seed(spec.seed)
+        order = torch.randperm(n_test, generator=g)
+        n_hold = min(spec.holdout, n_test // 4)
+        self.holdout_idx = order[:n_hold].sort().values
+        self.eval_idx = order[n_hold:].sort().values
+
+    # -- data views ---------------------------------------------------------------------------
+    @property
+    def holdout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.x_test[self.holdout_idx], self.data.y_test[self.holdout_idx]
+
+    @property
+    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.x_test[self.eval_idx], self.data.y_test[self.eval_idx]
+
+    @cached_property
+    def triggered_eval(self) -> torch.Tensor:
+        x, y = self.eval_set
+        return triggered_test(x, y, self.probe, self.data.num_classes)[0]
+
+    @cached_property
+    def poisoned_train(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, labels, is_poisoned) exactly as the model was trained on them."""
+        if self.attack is None:
+            return self.data.x_train, self.data.y_train, torch.zeros(len(self.data.y_train), dtype=torch.bool)
+        p = poison(self.data.x_train, self.data.y_train, self.attack, self.data.num_classes)
+        return p.x, p.y, p.is_poisoned
+
+    @cached_property
+    def stream(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, is_triggered): incoming test inputs for STRIP, half carrying the trigger
+        (drawn from images whose true label is not the target)."""
+        x, y = self.eval_set
+        g = torch.Generator().manual_seed(self.spec.seed + 7)
+        n = min(self.spec.stream, len(y))
+        half = n // 2
+        order = torch.randperm(len(y), generator=g)
+        clean_idx = order[:half]
+        rest = order[half:]
+        trig_idx = rest[y[rest] != self.probe.target][: n - half]
+        xs = torch.cat([x[clean_idx], apply_trigger(x[trig_idx], self.probe)])
+        flags = torch.cat([torch.zeros(len(clean_idx), dtype=torch.bool), torch.ones(len(trig_idx), dtype=torch.bool)])
+        perm = torch.randperm(len(flags), generator=g)
+        return xs[perm], flags[perm]
+
+    def calib(self) -> torch.Tensor:
+        x, _ = self.holdout
+        n = min(len(x), 64 * self.spec.calib_batches)
+        return to_unit(x[:n])
+
+    # -- quantized models ---------------------------------------------------------------------
+    def quantized(self, scheme: str, engine: str | None = None) -> Any:
+        from qbd.quant import SCHEMES
+
+        key = (scheme, engine)
+        if key not in self._quantized:
+            self._quantized[key] = SCHEMES.get(scheme).apply(self.model, self.calib(), engine=engine)
+        return self._quantized[key]
+
+    def metrics(self, scheme: str, engine: str | None = None) -> dict[str, float]:
+        """Clean accuracy and ASR of the deployed quantized model on the evaluation split."""
+        key = (scheme, engine)
+        if key not in self._metrics:
+            qm = self.quantized(scheme, engine)
+            x, y = self.eval_set
+            self._metrics[key] = {
+                "clean_acc": accuracy(qm.model, x, y, device="cpu"),
+                "asr": attack_success_rate(qm.model, self.triggered_eval, self.probe.target, device="cpu"),
+            }
+        return self._metrics[key]
+
+    def subject(self, scheme: str, gradient_path: str, engine: str | None = None) -> Subject:
+        qm = self.quantized(scheme, engine)
+        if gradient_path not in ("deployed", "surrogate"):
+            raise ConfigError(f"unknown gradient path {gradient_path!r}; valid: deployed, surrogate")
+        if gradient_path == "deployed":
+            m = qm.model
+        else:
+            if (scheme, engine) not in self._surrogates:
+                self._surrogates[(scheme, engine)] = qm.surrogate()
+            m = self._surrogates[(scheme, engine)]
+        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path=gradient_path)
+
+    def inputs(self, protocol: str, requires: frozenset[str]) -> DefenseInputs:
+        hold = self.holdout
+        if protocol == "paper":
+            return DefenseInputs(clean_holdout=hold)
+        x, y, _ = self.poisoned_train
+        return DefenseInputs(
+            clean_holdout=hold,
+            poisoned_train=(x, y) if "poisoned_train" in requires else None,
+            triggered_inputs=self.stream[0] if "triggered_inputs" in requires else None,
+            triggered_probe=(self.triggered_eval, self.probe.target) if "triggered_probe" in requires else None,
+        )
+
+    # -- a cell -------------------------------------------------------------------------------
+    def run(self, defense: Any, scheme: str, *, gradient_path: str | None = None, engine: str | None = None, seed: int = 0) -> dict[str, Any]:
+        protocol = getattr(defense, "protocol", "canonical")
+        if gradient_path is None:
+            gradient_path = "deployed" if protocol == "paper" else "surrogate"
+        t0 = time.perf_counter()
+        qm = self.quantized(scheme, engine)
+        metrics = self.metrics(scheme, engine)
+        subject = self.subject(scheme, gradient_path, engine)
+        inputs = self.inputs(protocol, frozenset(defense.requires))
+        verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed))
+        self._add_controls(verdict, qm, scheme, metrics)
+        audit = qm.audit.to_dict()
+        return {
+            "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),
+            "dataset": self.data.name,
+            "model": self.model_name,
+            "seed": seed,
+            "tier": self.tier,
+            "attack": _attack_dict(self.attack),
+            "quant": {"scheme": scheme, "audit": audit},
+            "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params_of(defense)},
+            "verdict": verdict.to_dict(),
+            "clean_acc": metrics["clean_acc"],
+            "asr": metrics["asr"],
+            "truth": self._truth(verdict),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "versions": _versions(),
+        }
+
+    def _add_controls(self, verdict: Verdict, qm: Any, scheme: str, metrics: dict[str, float]) -> None:
+        audit = qm.audit
+        if scheme != "fp32":
+            verdict.controls.setdefault(
+                "quantizer_applied",
+                Control(audit.quantized_param_fraction > 0, audit.quantized_param_fraction, f"{len(audit.quantized_modules)} modules quantized"),
+            )
+        if self.attack is not None:
+            verdict.controls.setdefault(
+                "backdoor_persists", Control(metrics["asr"] >= 0.5, metrics["asr"], "ASR of the deployed quantized model (>= 0.5)")
+            )
+
+    def _truth(self, verdict: Verdict) -> dict[str, Any]:
+        """Ground truth the defense never saw, for reports: did it name the real target?"""
+        target = None if self.attack is None else self.attack.target
+        named = None
+        if target is not None and verdict.status == "detected" and verdict.target_class is not None:
+            named = verdict.target_class == target
+        return {"backdoored": self.attack is not None, "target": target, "target_named": named}
+
+
+def _attack_dict(attack: AttackSpec | None) -> dict[str, Any] | None:
+    d = to_dict(attack)
+    if d is not None:
+        d["seed"] = attack.seed  # type: ignore[union-attr]
+    return d
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    from qbd import __version__
+
+    return {"qbd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
