@@ -8,3 +8,6 @@ settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# pytester drives qbd's own plugin in tests/plugin (qbd itself is loaded once, by its entry point)
+pytest_plugins = ["pytester"]

@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tm = get_trained(job, data, store, device=args.device, progress=not args.no_progress)
     m = tm.metrics
     out = {
-        "key": job.key(),
+        "key": tm.entry.key,
         "slug": job.slug(),
         "cache": tm.cache,
         "clean_acc": m["clean_acc"],
@@ -165,9 +165,65 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _csv(text: str | None, valid: list[str] | None, label: str) -> tuple[str, ...]:
+    """"a,b" -> ("a", "b"); "all" -> every valid name; names are checked when `valid` is given."""
+    if text is None:
+        return ()
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if items == ["all"] and valid is not None:
+        return tuple(valid)
+    if not items:
+        raise ConfigError(f"--{label}: empty list")
+    for it in items:
+        if valid is not None and it not in valid and ":" not in it:
+            raise UnknownNameError(f"unknown {label} {it!r}; valid: {', '.join(valid)}")
+    return tuple(dict.fromkeys(items))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    print("qbd run: the defense matrix is not implemented yet (see the issue tracker); use `qbd train`.", file=sys.stderr)
-    return EXIT_USAGE
+    from qbd.config import PROTOCOLS
+    from qbd.data import DATASETS
+    from qbd.defenses import DEFENSES
+    from qbd.quant import SCHEMES
+    from qbd.runner import RunPlan, run
+    from qbd.store import Store
+    from qbd.tiers import TIERS
+
+    tier = TIERS[args.tier]
+    datasets = _csv(args.dataset, DATASETS.names(), "dataset") if args.dataset else ("synthetic",) if args.tier == "smoke" else tier.datasets
+    schemes = _csv(args.quant, SCHEMES.names(), "quant") if args.quant else tier.schemes
+    defenses = _csv(args.defense, DEFENSES.names(), "defense") if args.defense else tuple(DEFENSES.names())
+    protocols = _csv(args.protocol, list(PROTOCOLS), "protocol") if args.protocol else tuple(PROTOCOLS)
+    jobs = []
+    for ds in datasets:
+        args_ds = argparse.Namespace(**{**vars(args), "dataset": ds, "model": args.model or tier.model})
+        jobs.append(job_from_args(args_ds))
+    plan = RunPlan(
+        jobs=tuple(jobs), tier=tier, schemes=schemes, defenses=defenses, protocols=protocols,
+        controls=not args.no_controls, gradient_path=args.gradient_path, engine=args.engine,
+        device=args.device, seed=args.seed, probe=jobs[0].attack or _probe_from_args(args),
+    )
+    gates = Gates(args.min_clean_acc, args.min_asr)
+    results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates)
+    if args.json:
+        from qbd import results as results_io
+
+        print(results_io.dump(results))
+    else:
+        from qbd.report import terminal
+
+        print(terminal(results))
+    if args.report:
+        from qbd.report import write_report
+
+        paths = write_report(results, args.report, title=f"qbd {args.tier} matrix")
+        print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return EXIT_OK
+
+
+def _probe_from_args(args: argparse.Namespace) -> AttackSpec:
+    return AttackSpec(target=args.target, trigger_pattern=args.trigger_pattern, trigger_size=args.trigger_size,
+                      trigger_position=args.trigger_position, poison_rate=args.poison_rate, seed=args.attack_seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,8 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=cmd_train)
 
-    r = sub.add_parser("run", help="run the (dataset, quantization, defense) matrix")
-    r.add_argument("--json", action="store_true")
+    r = sub.add_parser(
+        "run", help="run the (dataset, quantization, defense) matrix (default: the smoke matrix on the embedded data set)"
+    )
+    add_model_options(r)
+    r.set_defaults(dataset=None)
+    sel = r.add_argument_group("selection")
+    sel.add_argument("--quant", default=None, help="schemes, comma-separated, or all (default: the tier's four)")
+    sel.add_argument("--defense", default=None, help="defenses (names or module:Class), comma-separated (default: all five)")
+    sel.add_argument("--protocol", default=None, help="canonical, paper, or both comma-separated (default: both)")
+    sel.add_argument("--gradient-path", choices=("deployed", "surrogate"), default=None,
+                     help="what gradient-based defenses backpropagate through (default: deployed under paper, surrogate under canonical)")
+    sel.add_argument("--engine", default=None, help="quantized engine for int8 schemes (x86, qnnpack, ...)")
+    sel.add_argument("--no-controls", action="store_true", help="skip the negative-control cells on a clean model")
+    r.add_argument("--json", action="store_true", help='print {"results": [Result, ...]}')
+    r.add_argument("--report", metavar="DIR", default=None, help="write results.json, report.md and heatmap.png to DIR")
     r.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="list data sets, models, schemes and defenses")

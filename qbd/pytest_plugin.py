@@ -1,11 +1,25 @@
-"""qbd's pytest plugin (registered once, through the `pytest11` entry point).
+"""qbd's pytest plugin, registered once through the `pytest11` entry point.
 
-Importing this module must stay cheap: no torch until a qbd fixture is used.
+It only talks to pytest: options, markers, parametrization of the matrix, session fixtures,
+collection of Results from every worker, the end-of-session tables and report files. The work
+lives in qbd.evaluate / qbd.runner / qbd.report. Importing this module stays cheap: torch is
+imported when a qbd fixture is first used, never at collection.
+
+Tests opt in by requesting arguments: `qbd_cell` (one matrix cell), `qbd_attack_case`
+(dataset, scheme) and `qbd_audit_case` (dataset, scheme); qbd.suite holds ready test functions.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+from qbd.config import PROTOCOLS, TIERS
 
 MARKERS = {
     "smoke": "the smoke matrix on the embedded data sets (CPU, tiny model)",
@@ -13,8 +27,338 @@ MARKERS = {
     "gpu": "needs a CUDA device",
     "bench": "pytest-benchmark timings (run with -p no:xdist)",
 }
+RESULT_PROPERTY = "qbd_result"
+ATTACK_PROPERTY = "qbd_attack"
+AUDIT_PROPERTY = "qbd_audit"
+_STATE = pytest.StashKey["QbdState"]()
+
+
+@dataclass
+class QbdState:
+    """Per-session state, kept in config.stash (never in module globals)."""
+
+    tier: str
+    protocols: tuple[str, ...]
+    defenses: list[str]  # registry names and module:Class references, sorted by cell name
+    defense_names: dict[str, str]  # reference -> the defense's `name`
+    seeds: int
+    cache_dir: str | None
+    data_root: str | None
+    report_dir: str | None
+    accept: bool
+    expectations_path: Path | None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    attack: dict[str, dict[str, Any]] = field(default_factory=dict)
+    audit: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# -- options ------------------------------------------------------------------------------------
+_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("tier", {"choices": ("smoke", "paper")}, "matrix tier: smoke (CPU, embedded data) or paper (default: smoke)"),
+    ("cache-dir", {}, "model store directory (default: $QBD_CACHE_DIR, else the user cache)"),
+    ("data-root", {}, "where CIFAR-10 / GTSRB live for the paper tier (default: $QBD_DATA_ROOT)"),
+    ("defense", {"action": "append"}, "add a third-party defense 'module:Class' to the matrix (repeatable)"),
+    ("protocol", {"choices": ("canonical", "paper", "both")}, "protocol(s) to run (default: both)"),
+    ("report", {}, "write results.json, report.md and heatmap.png to this directory"),
+    ("accept", {"action": "store_true"}, "rewrite the expectations file from this run's measurements"),
+    ("seeds", {"type": int}, "run every cell with this many seeds and report the detection rate (default: 1)"),
+    ("expectations", {}, "expectations TOML (default: fixtures/expectations/<tier>.toml under the rootdir)"),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qbd", "qbd: backdoor defenses under quantization")
+    for name, kw, help_text in _OPTIONS:
+        group.addoption(f"--qbd-{name}", dest=f"qbd_{name.replace('-', '_')}", default=None, help=help_text, **kw)
+        ini_type = "linelist" if kw.get("action") == "append" else "bool" if kw.get("action") == "store_true" else "string"
+        parser.addini(f"qbd_{name.replace('-', '_')}", help_text, type=ini_type, default=None)
+
+
+def _opt(config: pytest.Config, name: str, default: Any = None) -> Any:
+    key = f"qbd_{name.replace('-', '_')}"
+    v = config.getoption(key)
+    if v is None or v == []:
+        v = config.getini(key)
+    return default if v is None or v == [] else v
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    tier = _opt(config, "tier", "smoke")
+    if tier not in TIERS:
+        raise pytest.UsageError(f"--qbd-tier {tier!r}: valid: {', '.join(TIERS)}")
+    proto = _opt(config, "protocol", "both")
+    if proto not in (*PROTOCOLS, "both"):
+        raise pytest.UsageError(f"--qbd-protocol {proto!r}: valid: canonical, paper, both")
+    seeds = int(_opt(config, "seeds", 1))
+    if seeds < 1:
+        raise pytest.UsageError(f"--qbd-seeds must be >= 1, got {seeds}")
+    refs = list(_opt(config, "defense", []) or [])
+    defense_names = _resolve_defenses(refs)
+    exp = _opt(config, "expectations")
+    exp_path = Path(exp) if exp else Path(config.rootpath) / "fixtures" / "expectations" / f"{tier}.toml"
+    state = QbdState(
+        tier=tier,
+        protocols=PROTOCOLS if proto == "both" else (proto,),
+        defenses=sorted(defense_names, key=lambda r: defense_names[r]),
+        defense_names=defense_names,
+        seeds=seeds,
+        cache_dir=_opt(config, "cache-dir"),
+        data_root=_opt(config, "data-root"),
+        report_dir=_opt(config, "report"),
+        accept=bool(_opt(config, "accept", False)),
+        expectations_path=exp_path,
+    )
+    config.stash[_STATE] = state
+    config.pluginmanager.register(Collector(state, config), "qbd-collector")
+
+
+def _resolve_defenses(refs: list[str]) -> dict[str, str]:
+    """Built-ins, the `qbd.defenses` entry points and --qbd-defense references -> names.
+    A broken third-party reference is a usage error naming it, not a crash."""
+    from importlib.metadata import entry_points
+
+    from qbd.defenses import BUILTIN
+    from qbd.registry import load_ref
+
+    names = {n: n for n in BUILTIN}
+    for ep in sorted(entry_points(group="qbd.defenses"), key=lambda e: e.name):
+        if ep.name not in names:
+            refs.append(ep.value)
+    for ref in refs:
+        if ":" not in ref:
+            raise pytest.UsageError(f"--qbd-defense {ref!r}: expected 'package.module:Class'")
+        try:
+            obj = load_ref(ref)
+        except (ImportError, AttributeError) as e:
+            raise pytest.UsageError(f"--qbd-defense {ref!r}: cannot import it: {type(e).__name__}: {e}") from None
+        name = getattr(obj, "name", None)
+        if not isinstance(name, str) or not name or not callable(getattr(obj, "detect", None)):
+            raise pytest.UsageError(
+                f"--qbd-defense {ref!r}: {obj!r} is not a qbd defense (it needs a str `name`, a `requires` set and a"
+                " `detect(subject, inputs, generator) -> Verdict` method)"
+            )
+        if name in names.values():
+            raise pytest.UsageError(f"--qbd-defense {ref!r}: a defense named {name!r} is already in the matrix")
+        names[ref] = name
+    return names
+
+
+# -- parametrization ----------------------------------------------------------------------------
+def _data_missing(dataset: str, root: str | None) -> str | None:
+    """Why a paper-tier data set cannot run (checked on the file system, without torch)."""
+    from qbd.data import DATA_ROOT_ENV
+
+    base = root or os.environ.get(DATA_ROOT_ENV)
+    if not base:
+        return f"{dataset}: no data root (pass --qbd-data-root or set ${DATA_ROOT_ENV})"
+    marker = {"cifar10": "cifar-10-batches-py", "gtsrb": "gtsrb"}.get(dataset)
+    if marker and not (Path(base) / marker).exists():
+        return f"{dataset}: {Path(base) / marker} not found"
+    return None
+
+
+def _marks(state: QbdState, dataset: str) -> list[Any]:
+    marks: list[Any] = [getattr(pytest.mark, state.tier)]
+    if state.tier == "paper":
+        marks.append(pytest.mark.gpu)
+        why = _data_missing(dataset, state.data_root)
+        if why:
+            marks.append(pytest.mark.skip(reason=why))
+    return marks
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    state: QbdState | None = metafunc.config.stash.get(_STATE, None)
+    if state is None:
+        return
+    from qbd.tiers import TIERS as TIER_TABLE
+    from qbd.tiers import Cell
+
+    tier = TIER_TABLE[state.tier]
+    if "qbd_cell" in metafunc.fixturenames:
+        cells = []
+        for ds in tier.datasets:
+            for ref in state.defenses:
+                name = state.defense_names[ref]
+                for proto in state.protocols:
+                    cells += [Cell(ds, s, name, proto) for s in tier.schemes]
+                    cells.append(Cell(ds, "fp32", name, proto, "clean"))  # the negative control
+        cells.sort(key=lambda c: c.id)
+        metafunc.parametrize("qbd_cell", [pytest.param(c, id=c.id, marks=_marks(state, c.dataset)) for c in cells])
+    for argname in ("qbd_attack_case", "qbd_audit_case"):
+        if argname in metafunc.fixturenames:
+            cases = sorted((ds, s) for ds in tier.datasets for s in tier.schemes)
+            metafunc.parametrize(argname, [pytest.param(c, id=f"{c[0]}/{c[1]}", marks=_marks(state, c[0])) for c in cases])
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+class Session:
+    """Gets benches (trained model + data + quantized copies) lazily, one per data set and kind,
+    from the store: a model is trained at most once per machine, whatever the worker count."""
+
+    def __init__(self, state: QbdState) -> None:
+        self.state = state
+        self._benches: dict[tuple[str, str, int], Any] = {}
+        self._data: dict[str, Any] = {}
+        self._expectations: Any = None
+
+    @property
+    def expectations(self) -> Any:
+        if self._expectations is None:
+            from qbd import expectations
+
+            p = self.state.expectations_path
+            self._expectations = expectations.load(p) if p and p.exists() else expectations.Expectations(path=p, tier=self.state.tier)
+        return self._expectations
+
+    def bench(self, dataset: str, kind: str = "backdoored", seed: int = 0) -> Any:
+        key = (dataset, kind, seed)
+        if key not in self._benches:
+            self._benches[key] = self._make_bench(dataset, kind, seed)
+        return self._benches[key]
+
+    def _make_bench(self, dataset: str, kind: str, seed: int) -> Any:
+        import torch
+
+        _share_cores(torch)
+        from qbd.config import AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
+        from qbd.data import load_dataset
+        from qbd.evaluate import Bench, BenchSpec
+        from qbd.presets import default_train
+        from qbd.store import Store
+        from qbd.tiers import TIERS as TIER_TABLE
+        from qbd.train import check_gates
+        from qbd.zoo import get_trained
+
+        tier = TIER_TABLE[self.state.tier]
+        device = "cpu"
+        if self.state.tier == "paper":
+            if not torch.cuda.is_available():
+                pytest.skip("the paper tier trains ResNet-18 at the paper's scale: no CUDA device here")
+            device = "cuda"
+        if dataset not in self._data:
+            self._data[dataset] = load_dataset(DatasetSpec(dataset), self.state.data_root)
+        data = self._data[dataset]
+        attack = AttackSpec() if kind == "backdoored" else None
+        job = ModelJob(DatasetSpec(dataset), ModelSpec(tier.model), attack,
+                       default_train(dataset, tier.model, seed=seed, precision="bf16" if device == "cuda" else "fp32"))
+        tm = get_trained(job, data, Store(self.state.cache_dir), device=device, progress=False)
+        check_gates(tm.metrics, Gates(), attacked=attack is not None)
+        return Bench(data, tm.model, attack, probe_attack=AttackSpec(), model_name=tier.model,
+                     spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed),
+                     train_metrics=tm.metrics, tier=self.state.tier)
+
+    def defense(self, name: str, protocol: str) -> Any:
+        from qbd.runner import load_defense
+
+        ref = next(r for r, n in self.state.defense_names.items() if n == name)
+        return load_defense(ref, protocol, self.state.tier)
+
+
+def _share_cores(torch: Any) -> None:
+    """Under xdist, give each worker its share of the cores: N workers x all-cores threads
+    oversubscribe the CPU, and OpenMP's spinning threads then run several times slower."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and workers.isdigit() and int(workers) > 0:
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        if torch.get_num_threads() > share:
+            torch.set_num_threads(share)
+
+
+@pytest.fixture(scope="session")
+def qbd_session(request: pytest.FixtureRequest) -> Session:
+    state = request.config.stash.get(_STATE, None)
+    if state is None:
+        pytest.skip("the qbd plugin is not configured")
+    return Session(state)
+
+
+@pytest.fixture
+def qbd_record(request: pytest.FixtureRequest):
+    """Attach a JSON payload to this test's report; the controller collects it (xdist-safe)."""
+
+    def record(kind: str, payload: dict[str, Any]) -> None:
+        request.node.user_properties.append((kind, json.dumps(payload, allow_nan=False)))
+
+    return record
+
+
+# -- collection of results (controller side; also runs without xdist) -------------------------------
+class Collector:
+    """Registered in pytest_configure: gathers the payloads tests attach to their reports (xdist
+    ships user_properties from the workers), then writes tables, reports and expectations."""
+
+    def __init__(self, state: QbdState, config: pytest.Config) -> None:
+        self.state = state
+        self.config = config
+
+    @property
+    def is_worker(self) -> bool:
+        return hasattr(self.config, "workerinput")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" or self.is_worker:
+            return
+        for key, value in report.user_properties:
+            if key not in (RESULT_PROPERTY, ATTACK_PROPERTY, AUDIT_PROPERTY):
+                continue
+            payload = json.loads(value)
+            if key == RESULT_PROPERTY:
+                self.state.results.append(payload)
+            elif key == ATTACK_PROPERTY:
+                self.state.attack[payload["key"]] = payload["metrics"]
+            else:
+                self.state.audit[payload["key"]] = payload["audit"]
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        state = self.state
+        if self.is_worker:
+            return
+        if state.report_dir and state.results:
+            from qbd.report import write_report
+
+            write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix")
+        if state.accept and (state.results or state.attack or state.audit):
+            self.accept()
+
+    def accept(self) -> None:
+        from qbd import expectations
+
+        state = self.state
+        path = state.expectations_path
+        if path is None:
+            return
+        old = expectations.load(path) if path.exists() else expectations.Expectations(path=path, tier=state.tier)
+        seed0 = [r for r in state.results if r.get("seed", 0) == 0]
+        new = expectations.accept(old, seed0, state.attack, state.audit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = (f"qbd expectations, {state.tier} tier: what qbd measures on this tier.\n"
+                  "Regenerate with: pytest --qbd-accept (review the diff before committing).\n"
+                  "xfail = a known, explained failure of the cell's test (strict: an unexpected pass fails).")
+        path.write_text(expectations.dumps(new, header))
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        state = self.state
+        if self.is_worker or not state.results:
+            return
+        from qbd.report import budgets, seed_summary, terminal
+
+        tr = terminalreporter
+        tr.section(f"qbd {state.tier} matrix")
+        seed0 = sorted((r for r in state.results if r.get("seed", 0) == 0), key=lambda r: r["cell"])
+        for line in terminal(seed0).splitlines():
+            tr.write_line(line)
+        if state.seeds > 1:
+            tr.write_line("")
+            for line in seed_summary(state.results):
+                tr.write_line(line)
+        tr.write_line("")
+        tr.write_line("budgets used:")
+        for line in budgets(state.results):
+            tr.write_line(f"  {line}")
+        if state.report_dir:
+            tr.write_line(f"report written to {state.report_dir}")
+        if state.accept:
+            tr.write_line(f"expectations rewritten: {state.expectations_path}")

@@ -1,0 +1,179 @@
+"""Reports of a set of Results: the paper's Table 1 layout (rows dataset x scheme, columns
+defenses, per protocol), Table 2 (clean accuracy / ASR per scheme), as terminal text,
+Markdown and a heatmap PNG; appended to $GITHUB_STEP_SUMMARY when that is set. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from qbd import results as results_io
+
+SYMBOL = {"detected": "DETECTED", "clean": "clean", "invalid": "INVALID"}
+SCHEME_ORDER = ("fp32", "int8-dynamic", "int8-static", "int8-sim", "int4-sim", "int2-sim", "int3-sim", "int5-sim", "int6-sim", "int7-sim")
+
+
+def _scheme_key(s: str) -> tuple[int, str]:
+    return (SCHEME_ORDER.index(s) if s in SCHEME_ORDER else len(SCHEME_ORDER), s)
+
+
+def _row_label(r: dict[str, Any]) -> str:
+    return r["dataset"] if r.get("attack") is not None else f"{r['dataset']} (clean model)"
+
+
+def table1(results: list[dict[str, Any]], protocol: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: dataset | scheme | one column per defense, cells status words."""
+    rs = [r for r in results if r["defense"]["protocol"] == protocol]
+    defenses = sorted({r["defense"]["name"] for r in rs})
+    cells: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for r in rs:
+        v = r["verdict"]
+        word = SYMBOL[v["status"]]
+        if v["status"] == "detected" and v.get("target_class") is not None:
+            word += f" (t={v['target_class']})"
+        cells[(_row_label(r), r["quant"]["scheme"])][r["defense"]["name"]] = word
+    rows = [
+        [ds, sc, *[cells[(ds, sc)].get(d, "-") for d in defenses]]
+        for ds, sc in sorted(cells, key=lambda k: (k[0], _scheme_key(k[1])))
+    ]
+    return ["dataset", "scheme", *defenses], rows
+
+
+def table2(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in results:
+        seen.setdefault((_row_label(r), r["quant"]["scheme"]), r)
+    rows = []
+    for (ds, sc), r in sorted(seen.items(), key=lambda kv: (kv[0][0], _scheme_key(kv[0][1]))):
+        audit = r["quant"]["audit"]
+        asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}"
+        rows.append([ds, sc, f"{100 * r['clean_acc']:.1f}", asr, f"{100 * audit['quantized_param_fraction']:.2f}",
+                     "yes" if audit["input_gradient"] else "NO"])
+    return ["dataset", "scheme", "clean acc %", "ASR %", "quantized params %", "input gradient"], rows
+
+
+def budgets(results: list[dict[str, Any]]) -> list[str]:
+    """One line per (defense, protocol, tier): the hyperparameters actually used."""
+    seen: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in results:
+        seen.setdefault((r["defense"]["name"], r["defense"]["protocol"], r.get("tier", "?")), r["defense"]["params"])
+    return [f"{d} [{p}, {t} tier]: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())) for (d, p, t), params in sorted(seen.items())]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)] if rows else [len(h) for h in header]
+    def fmt(row: list[str]) -> str:
+        return "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip()
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]])
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _protocols(results: list[dict[str, Any]]) -> list[str]:
+    return sorted({r["defense"]["protocol"] for r in results})
+
+
+def invalid_reasons(results: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['cell']}{'' if r.get('attack') else ' (clean model)'}: {r['verdict']['reason']}" for r in results if r["verdict"]["status"] == "invalid"]
+
+
+def terminal(results: list[dict[str, Any]]) -> str:
+    parts = []
+    for p in _protocols(results):
+        parts.append(f"Table 1 ({p} protocol): detection per cell")
+        parts.append(text_table(*table1(results, p)))
+        parts.append("")
+    parts.append("Table 2: clean accuracy and attack success rate of the deployed model")
+    parts.append(text_table(*table2(results)))
+    reasons = invalid_reasons(results)
+    if reasons:
+        parts += ["", "invalid cells (never counted as 'not detected'):", *[f"  {x}" for x in reasons]]
+    return "\n".join(parts)
+
+
+def markdown(results: list[dict[str, Any]], title: str = "qbd report") -> str:
+    parts = [f"# {title}", ""]
+    n = len(results)
+    counts = {s: sum(r["verdict"]["status"] == s for r in results) for s in ("detected", "clean", "invalid")}
+    parts.append(f"{n} cells: {counts['detected']} detected, {counts['clean']} clean, {counts['invalid']} invalid.")
+    parts.append("")
+    for p in _protocols(results):
+        parts += [f"## Table 1 ({p} protocol)", "", md_table(*table1(results, p)), ""]
+    parts += ["## Table 2: clean accuracy / ASR of the deployed model", "", md_table(*table2(results)), ""]
+    reasons = invalid_reasons(results)
+    if reasons:
+        parts += ["## Invalid cells", "", *[f"- {x}" for x in reasons], ""]
+    parts += ["## Budgets and hyperparameters used", "", *[f"- {b}" for b in budgets(results)], ""]
+    return "\n".join(parts)
+
+
+def heatmap(results: list[dict[str, Any]], path: Path) -> Path:
+    """Cells coloured by status, one panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    code = {"clean": 0, "detected": 1, "invalid": 2}
+    protocols = _protocols(results) or ["canonical"]
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 1.0 + 0.45 * max(1, len(results) // 10)), squeeze=False)
+    cmap = ListedColormap(["#d9d9d9", "#1b9e77", "#d95f02"])
+    for ax, p in zip(axes[0], protocols, strict=True):
+        header, rows = table1(results, p)
+        defenses = header[2:]
+        labels = [f"{r[0]} / {r[1]}" for r in rows]
+        grid = [[code.get(c.split(" ")[0].lower(), 0) if c != "-" else 0 for c in r[2:]] for r in rows]
+        ax.imshow(grid or [[0]], cmap=cmap, vmin=0, vmax=2, aspect="auto")
+        ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(f"{p} protocol (green detected, grey clean, orange invalid)", fontsize=9)
+        for i, r in enumerate(rows):
+            for j, c in enumerate(r[2:]):
+                ax.text(j, i, c.split(" ")[0][:3].lower(), ha="center", va="center", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: str = "qbd report") -> dict[str, Path]:
+    rs = list(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "results.json": results_io.write(out / "results.json", rs),
+        "report.md": out / "report.md",
+        "heatmap.png": heatmap(rs, out / "heatmap.png"),
+    }
+    md = markdown(rs, title)
+    paths["report.md"].write_text(md)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as f:
+            f.write(md + "\n")
+    return paths
+
+
+def seed_summary(results: list[dict[str, Any]]) -> list[str]:
+    """Per cell over seeds: detection rate, the per-seed outcomes, and UNSTABLE when they flip."""
+    by_cell: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for r in results:
+        by_cell[r["cell"]].append((r.get("seed", 0), r["verdict"]["status"]))
+    lines = ["detection rate over seeds:"]
+    for cell in sorted(by_cell):
+        runs = sorted(by_cell[cell])
+        statuses = [s for _, s in runs]
+        rate = statuses.count("detected") / len(statuses)
+        flag = "  UNSTABLE" if len(set(statuses)) > 1 else ""
+        lines.append(f"  {cell}: {rate:.2f} ({', '.join(f's{seed}={s}' for seed, s in runs)}){flag}")
+    return lines

@@ -1,0 +1,105 @@
+"""Run a selection of cells for one or more data sets: the engine behind `qbd run`.
+
+For each data set: get the backdoored model (and, with controls, the clean one) from the
+store, gate it (Phase 1), then run every (scheme, defense, protocol) cell with progress.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from qbd.config import ModelJob
+from qbd.tiers import Cell, Tier
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    jobs: tuple[ModelJob, ...]  # one per data set: the backdoored (or, alone, clean) model
+    tier: Tier
+    schemes: tuple[str, ...]
+    defenses: tuple[str, ...]  # registry names or module:Class references
+    protocols: tuple[str, ...]
+    controls: bool = True  # also run the cells on a clean model (negative control)
+    gradient_path: str | None = None  # None: per protocol (deployed for paper, surrogate for canonical)
+    engine: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    probe: Any = None  # the trigger probing a clean-only run (AttackSpec); default BadNet
+
+
+def load_defense(ref: str, protocol: str, tier: str) -> Any:
+    """A registry name or a "module:Class" reference, instantiated for the protocol."""
+    from qbd.defenses import DEFENSES
+    from qbd.defenses.base import check_defense
+    from qbd.registry import load_ref
+
+    cls = load_ref(ref) if ":" in ref else DEFENSES.get(ref)
+    try:
+        obj = cls(protocol=protocol, tier=tier) if isinstance(cls, type) else cls
+    except TypeError:
+        obj = cls()  # a third-party class that takes no protocol
+    check_defense(obj)
+    return obj
+
+
+def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = True,
+        log: Callable[[str], None] | None = None, gates: Any = None) -> list[dict[str, Any]]:
+    from qbd.data import load_dataset
+    from qbd.evaluate import Bench, BenchSpec
+    from qbd.train import check_gates
+    from qbd.zoo import get_trained
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    results: list[dict[str, Any]] = []
+    for job in plan.jobs:
+        ds = job.dataset.name
+        data = load_dataset(job.dataset, data_root)
+        if job.attack is not None:
+            job.attack.check_fits(*data.image_size, data.num_classes)
+        # the asked-for model over every scheme; its negative control (same job, no poisoning)
+        # on fp32, where a false alarm cannot be blamed on quantization
+        kinds = [("backdoored" if job.attack is not None else "clean", job, plan.schemes)]
+        if plan.controls and job.attack is not None:
+            kinds.append(("clean", replace(job, attack=None), ("fp32",)))
+        for kind, j, schemes in kinds:
+            tm = get_trained(j, data, store, device=plan.device, progress=progress, log=log)
+            log(f"qbd: {j.slug()}: model {tm.cache} (clean acc {tm.metrics['clean_acc']:.3f}"
+                + ("" if tm.metrics["asr"] is None else f", ASR {tm.metrics['asr']:.3f}") + ")")
+            if gates is not None:
+                check_gates(tm.metrics, gates, attacked=j.attack is not None)
+            bench = Bench(data, tm.model, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
+                          spec=BenchSpec(holdout=plan.tier.holdout, stream=plan.tier.stream, seed=plan.seed),
+                          train_metrics=tm.metrics, tier=plan.tier.name)
+            todo = [Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols]
+            results += _run_cells(bench, todo, plan, progress, log)
+    return results
+
+
+def _run_cells(bench: Any, todo: list[Cell], plan: RunPlan, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"cells {todo[0].dataset}/{todo[0].control}" if todo else "cells", unit="cell",
+                   file=sys.stderr, leave=False, dynamic_ncols=True)
+    for cell in todo:
+        defense = load_defense(cell.defense, cell.protocol, plan.tier.name)
+        r = bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=plan.seed)
+        out.append(r)
+        v = r["verdict"]
+        msg = f"{r['cell']}: {v['status']}" + (f" (target {v['target_class']})" if v["target_class"] is not None else "")
+        msg += f" [{r['seconds']:.1f} s]"
+        if v["status"] == "invalid":
+            msg += f" - {v['reason']}"
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+            bar.update(1)
+        else:
+            log(msg)
+    if bar is not None:
+        bar.close()
+    return out

@@ -1,0 +1,156 @@
+"""The pytest plugin, driven through pytester: options, parametrization, third-party defenses,
+expectations and --qbd-accept."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "qbd-example-defense"
+SUITE = "from qbd.suite import test_attack, test_audit, test_cell  # noqa: F401\n"
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(test_qbd=SUITE)
+    return pytester
+
+
+def test_registered_once_through_the_entry_point(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--help")
+    result.stdout.fnmatch_lines(["*--qbd-tier*", "*--qbd-defense*", "*--qbd-accept*", "*--qbd-seeds*"])
+    assert "already registered" not in result.stdout.str() + result.stderr.str()
+    res = suite.runpytest("--markers")
+    res.stdout.fnmatch_lines(["@pytest.mark.smoke:*", "@pytest.mark.paper:*", "@pytest.mark.gpu:*", "@pytest.mark.bench:*"])
+
+
+def test_smoke_matrix_ids_sorted_and_counted(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--collect-only", "-q")
+    ids = [line for line in result.stdout.lines if "::test_cell[" in line]
+    assert len(ids) == 2 * 5 * 2 * (4 + 1)  # datasets x defenses x protocols x (schemes + clean control)
+    assert ids == sorted(ids)
+    assert "test_qbd.py::test_cell[synthetic/int8-dynamic/neural-cleanse[canonical]]" in ids
+    assert "test_qbd.py::test_cell[digits:clean/fp32/strip[paper]]" in ids
+    assert len([x for x in result.stdout.lines if "::test_attack[" in x]) == 8
+
+
+def test_collection_does_not_import_torch(suite: pytest.Pytester) -> None:
+    suite.makeconftest(
+        "import sys\n"
+        "def pytest_collection_finish(session):\n"
+        "    assert 'torch' not in sys.modules, 'torch imported during collection'\n"
+    )
+    result = suite.runpytest_subprocess("--collect-only", "-q")
+    assert result.ret == 0, result.stdout.str()
+
+
+def test_protocol_option_and_ini_keys(suite: pytest.Pytester) -> None:
+    suite.makeini("[pytest]\nqbd_protocol = paper\n")
+    result = suite.runpytest("--collect-only", "-q")
+    cells = [line for line in result.stdout.lines if "::test_cell[" in line]
+    assert cells and all("[paper]]" in c for c in cells)
+    # the command line wins over the ini file
+    result = suite.runpytest("--collect-only", "-q", "--qbd-protocol", "canonical")
+    cells = [line for line in result.stdout.lines if "::test_cell[" in line]
+    assert cells and all("[canonical]]" in c for c in cells)
+
+
+def test_paper_tier_skips_visibly_without_data(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QBD_DATA_ROOT", raising=False)
+    result = suite.runpytest("--qbd-tier", "paper", "-rs", "-k", "neural-cleanse and fp32 and canonical")
+    result.assert_outcomes(skipped=4)  # 2 data sets x (backdoored, clean model)
+    result.stdout.fnmatch_lines(["*cifar10: no data root*", "*gtsrb: no data root*"])
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("no_such_module_xyz:Thing", "*--qbd-defense 'no_such_module_xyz:Thing': cannot import it*"),
+        ("os.path:join", "*is not a qbd defense*"),
+        ("nocolon", "*expected 'package.module:Class'*"),
+    ],
+)
+def test_bad_third_party_defense_is_a_usage_error(suite: pytest.Pytester, ref: str, message: str) -> None:
+    result = suite.runpytest("--qbd-defense", ref, "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_bad_options_are_usage_errors(suite: pytest.Pytester) -> None:
+    assert suite.runpytest("--qbd-seeds", "0", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
+    assert suite.runpytest("--qbd-tier", "huge", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_entry_point_adds_cells(suite: pytest.Pytester) -> None:
+    dist = suite.path / "site" / "qbd_ep_demo-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-ep-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[qbd.defenses]\ncorner-patch-probe = qbd_example_defense:CornerPatchProbe\n")
+    suite.syspathinsert(suite.path / "site")
+    suite.syspathinsert(EXAMPLE)
+    result = suite.runpytest("--collect-only", "-q", "-k", "corner-patch-probe")
+    cells = [line for line in result.stdout.lines if "::test_cell[" in line]
+    assert len(cells) == 2 * 2 * 5
+
+
+@pytest.fixture(scope="session")
+def outer_store() -> str:
+    """The store this session uses, resolved before pytester points HOME elsewhere, so the inner
+    runs share the trained models instead of training their own."""
+    from qbd.store import default_root
+
+    return str(default_root())
+
+
+def _shared_cache(monkeypatch: pytest.MonkeyPatch, root: str) -> None:
+    monkeypatch.setenv("QBD_CACHE_DIR", root)
+
+
+def test_example_defense_runs_end_to_end(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    suite.syspathinsert(EXAMPLE)
+    result = suite.runpytest(
+        "--qbd-defense", "qbd_example_defense:CornerPatchProbe", "-k", "digits and corner-patch-probe and fp32 and canonical",
+        "--qbd-report", str(suite.path / "out"),
+    )
+    # positive control on the backdoored model, negative control on the clean one
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*qbd smoke matrix*", "*corner-patch-probe*"])
+    assert {p.name for p in (suite.path / "out").iterdir()} == {"results.json", "report.md", "heatmap.png"}
+
+
+def test_changed_expectation_fails_exactly_that_cell_and_accept_restores(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    exp_dir = suite.path / "fixtures" / "expectations"
+    exp_dir.mkdir(parents=True)
+    smoke = exp_dir / "smoke.toml"
+    shutil.copy(ROOT / "fixtures" / "expectations" / "smoke.toml", smoke)
+    select = ["-k", "digits and fp32 and spectral-signatures"]
+    first = suite.runpytest(*select)
+    first.assert_outcomes(passed=4)  # 2 protocols x (backdoored, clean)
+    cell = "digits/fp32/spectral-signatures[paper]"
+    text = smoke.read_text()
+    block_start = text.index(f'[cells."{cell}"]')
+    status_at = text.index("status = ", block_start)
+    old_line = text[status_at : text.index("\n", status_at)]
+    new_status = '"detected"' if '"detected"' not in old_line else '"clean"'
+    smoke.write_text(text[:status_at] + f"status = {new_status}" + text[status_at + len(old_line) :])
+    second = suite.runpytest(*select)
+    second.assert_outcomes(passed=3, failed=1)
+    second.stdout.fnmatch_lines([f"*FAILED*{cell}*"])
+    accepted = suite.runpytest(*select, "--qbd-accept")
+    accepted.assert_outcomes(passed=4)
+    assert smoke.read_text() == text
+    suite.runpytest(*select).assert_outcomes(passed=4)
+
+
+def test_seeds_report_detection_rate(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    suite.syspathinsert(EXAMPLE)
+    result = suite.runpytest("--qbd-defense", "qbd_example_defense:CornerPatchProbe", "--qbd-seeds", "2",
+                             "-k", "digits/fp32/corner-patch-probe[canonical]")
+    result.stdout.fnmatch_lines(["*detection rate over seeds:*", "*digits/fp32/corner-patch-probe[canonical]: *s0=*s1=*"])
+
