@@ -126,7 +126,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes (CPU)")
-    ap.add_argument("--compile", action="store_true", help="also time training with torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time Neural Cleanse with a torch.compile'd step")
+    ap.add_argument("--compile-train", action="store_true", help="also time training with torch.compile")
     ap.add_argument("--model", default="resnet18-cifar", help="resnet18-cifar (the paper's) or tiny-cnn")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -140,7 +141,7 @@ def main() -> None:
         n_train, n_test, epochs, batch, steps, nc_batch = 50_000, 10_000, 20, 512, 1000, 128
     data = synthetic_cifar_shaped(n_train, n_test)
     model = bench_training(data, device, epochs, batch, compile_model=False, model_name=args.model)
-    if args.compile:
+    if args.compile_train:
         bench_training(data, device, epochs, batch, compile_model=True, model_name=args.model)
     runs = []
     precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
