@@ -165,7 +165,10 @@ class Bench:
     def run(self, defense: Any, scheme: str, *, gradient_path: str | None = None, engine: str | None = None, seed: int = 0) -> dict[str, Any]:
         protocol = getattr(defense, "protocol", "canonical")
         if gradient_path is None:
-            gradient_path = "deployed" if protocol == "paper" else "surrogate"
+            # only gradient-based defenses ever need the surrogate; the others inspect the
+            # model as deployed (its quantized features and logits)
+            needs_grad = "input_gradients" in defense.requires
+            gradient_path = "surrogate" if protocol == "canonical" and needs_grad else "deployed"
         t0 = time.perf_counter()
         qm = self.quantized(scheme, engine)
         metrics = self.metrics(scheme, engine)

@@ -1,0 +1,88 @@
+"""Batched, gradient-free passes of a Subject over uint8 images: penultimate features, logits.
+
+The subject may be a quantized CPU model, so every pass runs in eval mode under no_grad, in
+fixed-size batches, and the model's train/eval mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from qbd.defenses.base import Subject
+from qbd.metrics import to_unit
+
+BATCH = 512
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _map(subject: Subject, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = []
+    with eval_mode(subject.model):
+        for i in range(0, len(x), batch_size):
+            xb = to_unit(x[i : i + batch_size].to(subject.device))
+            out.append(fn(xb).float().cpu())
+    if not out:
+        raise ValueError("no images to pass through the model")
+    return torch.cat(out)
+
+
+def embed(subject: Subject, x: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
+    """Penultimate features (N x D float32, CPU) of uint8 or [0, 1] images."""
+    return _map(subject, subject.embed, x, batch_size).flatten(1)
+
+
+def logits(subject: Subject, x: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
+    """Logits (N x K float32, CPU) of uint8 or [0, 1] images."""
+    return _map(subject, subject.model, x, batch_size)
+
+
+@torch.no_grad()
+def classify(subject: Subject, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits from penultimate features (the head alone), batched."""
+    out = []
+    with eval_mode(subject.model):
+        for i in range(0, len(features), batch_size):
+            out.append(subject.classify(features[i : i + batch_size].to(subject.device)).float().cpu())
+    return torch.cat(out)
+
+
+def nonfinite(t: torch.Tensor | np.ndarray, what: str) -> str | None:
+    """A reason string when `t` holds NaN or inf (the verdict must then be invalid), else None."""
+    arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    bad = int(arr.size - np.isfinite(arr).sum())
+    if bad:
+        return f"{what} contain {bad} non-finite value(s) (NaN or inf): no statistic can be computed"
+    return None
+
+
+def single_threaded():
+    """Scope numpy/scikit-learn (OpenBLAS, OpenMP) to one thread. Their thread pools spin-wait,
+    and on a shared 2-core machine a 64 x 64 SVD or a 2-means fit then takes a second instead
+    of milliseconds; the per-class problems here are far too small to gain from threads."""
+    return threadpool_limits(limits=1)
+
+
+def seed_from(generator: torch.Generator) -> int:
+    """A seed for numpy / scikit-learn drawn from the run's torch generator."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def per_class(y: torch.Tensor, num_classes: int) -> list[np.ndarray]:
+    """Indices of each (assigned) label, as numpy arrays."""
+    yn = y.cpu().numpy()
+    return [np.flatnonzero(yn == c) for c in range(num_classes)]

@@ -1,0 +1,177 @@
+"""Activation Clustering (Chen et al., SafeAI 2019): split each class's penultimate activations
+into two clusters; a class whose activations fall into two well-separated groups holds samples
+the model treats differently from the rest -- the poison, which carries the trigger.
+
+Protocols (every value recorded in the Result):
+- canonical: the training set as the model was trained on it, split by ASSIGNED label; each
+  class reduced to `nb_dims` = 10 dimensions by PCA (IBM ART's default; the AC paper used ICA),
+  2-means (`n_init` restarts), silhouette on at most `silhouette_sample` points per class.
+  Model-level rule (rule = "silhouette"): a class is flagged when its 2-means silhouette exceeds
+  `silhouette_threshold` = 0.50: the highest silhouette of any class of the clean calibration
+  models was 0.41, of any non-target class of a backdoored one 0.38 (docs/defenses.md). The
+  authors' relative-size rule (smaller cluster < 0.35) is reported as evidence only: with a 10 %
+  poison rate in a 10-class set the target class holds about as many poisoned samples as clean
+  ones, so its poison cluster has a relative size near 0.5 and the size rule cannot flag it.
+- paper: the paper fed AC the clean holdout only: 2-means on the raw activations per holdout
+  label, no reduction; rule = "size-and-silhouette": a class is flagged when its smaller cluster
+  has relative size < 0.35 and the silhouette exceeds 0.15 (paper 4.2 / A.2).
+Both: the model is flagged when any class is; the target is the flagged class with the highest
+silhouette.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA, FastICA
+from sklearn.metrics import silhouette_score
+
+from qbd.defenses import _features as feat
+from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
+
+_MIN_POINTS = 4  # 2-means and a silhouette need a few points in a class
+
+
+class ActivationClustering(ConfiguredDefense):
+    name = "activation-clustering"
+    needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"poisoned_train"}), "paper": frozenset({"clean_holdout"})}
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "canonical": {
+            "data": "poisoned_train", "nb_dims": 10, "reduce": "pca", "n_init": 10,
+            "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.50,
+            "rule": "silhouette", "batch_size": 512,
+        },
+        "paper": {
+            "data": "clean_holdout", "nb_dims": 0, "reduce": "none", "n_init": 10,
+            "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.15,
+            "rule": "size-and-silhouette", "batch_size": 512,
+        },
+    }
+
+    def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
+        p = self.params
+        x, y = getattr(inputs, p["data"])
+        seed = feat.seed_from(generator)
+        feats = feat.embed(subject, x, p["batch_size"])
+        controls = {"sees_poisoned_data": _sees_poison_control(p["data"])}
+        bad = feat.nonfinite(feats, "penultimate activations")
+        if bad:
+            return Verdict.invalid(bad, controls=controls)
+        with feat.single_threaded():
+            stats = [cluster_class(feats[idx].double().numpy(), p, seed + c)
+                     for c, idx in enumerate(feat.per_class(y, subject.num_classes))]
+        v = decide(stats, p)
+        v.controls.update(controls)
+        return v
+
+
+def _sees_poison_control(data: str) -> Control:
+    if data == "poisoned_train":
+        return Control(True, None, "AC inspects the training set as the model was trained on it")
+    return Control(False, None, "the paper fed AC the clean holdout only")
+
+
+def cluster_class(a: np.ndarray, p: dict[str, Any], seed: int) -> dict[str, Any]:
+    """2-means on one class's activations: cluster sizes (larger first), relative size of the
+    smaller cluster, silhouette. A class too small or without spread has no split (None)."""
+    n = len(a)
+    out: dict[str, Any] = {"n": n, "sizes": None, "relative_size": None, "silhouette": None}
+    if n < _MIN_POINTS or float(np.ptp(a, axis=0).max(initial=0.0)) == 0.0:
+        return out
+    rng = np.random.RandomState(seed)
+    a = _REDUCERS[p["reduce"]](a, p["nb_dims"], rng)
+    labels = KMeans(n_clusters=2, n_init=p["n_init"], random_state=rng.randint(2**31 - 1)).fit_predict(a)
+    sizes = np.bincount(labels, minlength=2)
+    if sizes.min() == 0:
+        return out
+    out["sizes"] = sorted((int(s) for s in sizes), reverse=True)
+    out["relative_size"] = float(sizes.min() / n)
+    sample = p["silhouette_sample"]
+    if n > sample:
+        # seeded subsample for speed; keep both clusters represented
+        pick = rng.choice(n, size=sample, replace=False)
+        if len(np.unique(labels[pick])) < 2:
+            pick = np.arange(n)
+        a, labels = a[pick], labels[pick]
+    out["silhouette"] = float(silhouette_score(a, labels))
+    return out
+
+
+def _pca(a: np.ndarray, dims: int, rng: np.random.RandomState) -> np.ndarray:
+    k = min(dims, a.shape[1], a.shape[0] - 1)
+    if k >= a.shape[1]:
+        return a
+    return PCA(n_components=k, random_state=rng.randint(2**31 - 1)).fit_transform(a)
+
+
+def _ica(a: np.ndarray, dims: int, rng: np.random.RandomState) -> np.ndarray:
+    """FastICA to `dims` unit-variance components: the AC paper's own reduction."""
+    k = min(dims, a.shape[1], a.shape[0] - 1)
+    return FastICA(n_components=k, whiten="unit-variance", max_iter=1000, random_state=rng.randint(2**31 - 1)).fit_transform(a)
+
+
+def _identity(a: np.ndarray, dims: int, rng: np.random.RandomState) -> np.ndarray:
+    return a
+
+
+_REDUCERS: dict[str, Callable[[np.ndarray, int, np.random.RandomState], np.ndarray]] = {
+    "pca": _pca, "ica": _ica, "none": _identity,
+}
+
+
+def _by_silhouette(s: dict[str, Any], p: dict[str, Any]) -> bool:
+    return s["silhouette"] is not None and s["silhouette"] > p["silhouette_threshold"]
+
+
+def _by_size_and_silhouette(s: dict[str, Any], p: dict[str, Any]) -> bool:
+    return _size_rule(s, p) and _by_silhouette(s, p)
+
+
+def _size_rule(s: dict[str, Any], p: dict[str, Any]) -> bool:
+    return s["relative_size"] is not None and s["relative_size"] < p["size_threshold"]
+
+
+# rule name -> per-class flag; the score is the highest silhouette among the classes the rule
+# compares with the silhouette threshold (all clustered classes, or those passing the size rule)
+RULES: dict[str, tuple[Callable[[dict[str, Any], dict[str, Any]], bool], Callable[[dict[str, Any], dict[str, Any]], bool]]] = {
+    "silhouette": (_by_silhouette, lambda s, p: s["silhouette"] is not None),
+    "size-and-silhouette": (_by_size_and_silhouette, lambda s, p: s["silhouette"] is not None and _size_rule(s, p)),
+}
+
+
+def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
+    """Model-level verdict from per-class cluster statistics (see the module docstring)."""
+    flag, scored = RULES[p["rule"]]
+    sil = [s["silhouette"] for s in stats]
+    evidence: dict[str, Any] = {
+        "rule": p["rule"],
+        "n_per_class": [s["n"] for s in stats],
+        "silhouette": [None if v is None else round(v, 4) for v in sil],
+        "relative_size": [None if s["relative_size"] is None else round(s["relative_size"], 4) for s in stats],
+        "cluster_sizes": [s["sizes"] for s in stats],
+    }
+    clustered = [c for c, v in enumerate(sil) if v is not None]
+    controls = {"classes_clustered": Control(bool(clustered), len(clustered) / max(len(stats), 1),
+                                             "share of classes with enough distinct points for 2-means")}
+    if not clustered:
+        return Verdict.invalid("no class had enough distinct activations to cluster", evidence=evidence, controls=controls)
+    if any(not math.isfinite(sil[c]) for c in clustered):
+        return Verdict.invalid("a silhouette score is non-finite", evidence=evidence, controls=controls)
+    flagged = [c for c, s in enumerate(stats) if flag(s, p)]
+    size_rule = [c for c, s in enumerate(stats) if _size_rule(s, p)]
+    evidence["flagged"] = flagged
+    evidence["size_rule_classes"] = size_rule  # smaller cluster < size_threshold, any silhouette
+    evidence["size_rule_would_flag"] = bool(size_rule)
+    evidence["max_silhouette_class"] = max(clustered, key=lambda c: sil[c])
+    compared = [sil[c] for c, s in enumerate(stats) if scored(s, p)]
+    score = max(compared) if compared else 0.0
+    if flagged:
+        target = max(flagged, key=lambda c: sil[c])
+        return Verdict("detected", score=score, threshold=p["silhouette_threshold"], target_class=int(target),
+                       evidence=evidence, controls=controls)
+    return Verdict("clean", score=score, threshold=p["silhouette_threshold"], evidence=evidence, controls=controls)

@@ -1,0 +1,251 @@
+"""Fine-Pruning (Liu et al., RAID 2018): prune the last convolution's channels that stay dormant
+on clean data -- where a backdoor can hide -- then fine-tune on clean data. A repair method:
+it is judged by how much attack success it removes at what cost in clean accuracy.
+
+Channels are the penultimate features (the last convolution's channels after global average
+pooling, which is linear, so masking a pooled feature is pruning its channel); a mask sits
+between `subject.embed` and `subject.classify`.
+
+Protocols (every value recorded in the Result):
+- canonical: the clean holdout is split (seeded) into a prune/fine-tune part and a validation
+  part. Channels are ranked by mean activation on the prune part, ascending, and pruned in
+  steps (one at a time up to 64 channels, else 1/32 of them) while validation accuracy stays
+  within `max_acc_drop` (4 %, Liu et al.) of the unpruned model; the first step beyond stops
+  it. The masked model is then fine-tuned on the prune part (a deep copy; SGD momentum 0.9,
+  BatchNorm in train mode as in ordinary fine-tuning, lr 0.001: at lr 0.01 the clean synthetic
+  model lost 6.4 points of accuracy, more than the 5-point budget, see docs/defenses.md), when the model
+  has float trainable parameters and an autograd graph; `fine_tuned` records whether it
+  happened and why not.
+  Model-level outcome: `detected` (the backdoor was neutralised) when the attack success rate
+  on the triggered probe falls by >= `asr_drop_threshold` (0.5) with a validation clean-accuracy
+  drop <= `max_ca_drop` (0.05); else `clean`. Score = ASR drop. On a clean model the probe's
+  ASR is its natural rate, which cannot fall by 50 points: the negative control.
+- paper: the paper's code prunes and fine-tunes nothing: it counts channels whose mean
+  |activation| on the clean holdout is below `dormant_threshold` (0.01) and flags the model
+  when their share exceeds `dormant_share` (0.1 %, the paper's text).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+
+from qbd.defenses import _features as feat
+from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
+from qbd.metrics import to_unit
+
+_MAX_CURVE = 33
+
+
+class FinePruning(ConfiguredDefense):
+    name = "fine-pruning"
+    needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"clean_holdout", "triggered_probe"}), "paper": frozenset({"clean_holdout"})}
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "canonical": {
+            "val_fraction": 0.5, "rank_by": "mean_activation", "prune_step": 0, "max_acc_drop": 0.04,
+            "finetune": True, "finetune_epochs": 5, "finetune_lr": 0.001, "finetune_momentum": 0.9,
+            "finetune_batch": 32, "finetune_weight_decay": 0.0, "finetune_bn": "train",
+            "asr_drop_threshold": 0.5, "max_ca_drop": 0.05, "batch_size": 512,
+        },
+        "paper": {"dormant_threshold": 0.01, "dormant_share": 0.001, "batch_size": 512},
+    }
+    budgets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"smoke": {"canonical": {"finetune_epochs": 3}}}
+
+    def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
+        if self.protocol == "paper":
+            return self._detect_paper(subject, inputs)
+        p = self.params
+        x_hold, y_hold = inputs.clean_holdout
+        x_probe, target = inputs.triggered_probe  # type: ignore[misc]  # run_defense checked `requires`
+        order = torch.randperm(len(y_hold), generator=generator)
+        n_val = round(p["val_fraction"] * len(y_hold))
+        val, tune = order[:n_val], order[n_val:]
+        if len(val) == 0 or len(tune) == 0 or len(x_probe) == 0:
+            return Verdict.invalid(f"fine-pruning needs a holdout split into two non-empty parts and a probe; got holdout {len(y_hold)},"
+                                   f" probe {len(x_probe)}")
+        f_tune = feat.embed(subject, x_hold[tune], p["batch_size"])
+        f_val = feat.embed(subject, x_hold[val], p["batch_size"])
+        f_probe = feat.embed(subject, x_probe, p["batch_size"])
+        for name, f in (("prune-part", f_tune), ("validation", f_val), ("probe", f_probe)):
+            bad = feat.nonfinite(f, f"{name} features")
+            if bad:
+                return Verdict.invalid(bad)
+        rank = RANKINGS[p["rank_by"]](f_tune)
+        curve, kept = prune_curve(subject, rank, f_val, y_hold[val], f_probe, target, p)
+        mask = torch.ones(f_val.shape[1])
+        mask[rank[:kept]] = 0.0
+        res: dict[str, Any] = {"curve": curve, "pruned": kept, "channels": int(f_val.shape[1])}
+        res["before"] = curve[0][1:]
+        res["pruned_only"] = _point(subject, mask, f_val, y_hold[val], f_probe, target)
+        res["fine_tuned"], res["fine_tune_note"] = False, "disabled (finetune = False)"
+        res["after"] = res["pruned_only"]
+        if p["finetune"]:
+            tuned, note = fine_tune(subject, mask, x_hold[tune], y_hold[tune], p, generator)
+            res["fine_tuned"], res["fine_tune_note"] = tuned is not None, note
+            if tuned is not None:
+                res["after"] = _point(tuned, mask, feat.embed(tuned, x_hold[val], p["batch_size"]), y_hold[val],
+                                      feat.embed(tuned, x_probe, p["batch_size"]), target)
+        return decide(res, p)
+
+    def _detect_paper(self, subject: Subject, inputs: DefenseInputs) -> Verdict:
+        p = self.params
+        f = feat.embed(subject, inputs.clean_holdout[0], p["batch_size"])
+        bad = feat.nonfinite(f, "holdout features")
+        if bad:
+            return Verdict.invalid(bad, controls=_paper_controls())
+        return decide_paper(f.abs().mean(0).double().numpy(), p)
+
+
+def _paper_controls() -> dict[str, Control]:
+    return {"prunes_or_finetunes": Control(False, None, "the paper's FP counts dormant channels; it neither prunes nor fine-tunes")}
+
+
+def _rank_mean_activation(f: torch.Tensor) -> torch.Tensor:
+    """Channel indices, least active (mean activation on clean data) first; stable for ties."""
+    return torch.argsort(f.double().mean(0), stable=True)
+
+
+RANKINGS = {"mean_activation": _rank_mean_activation}
+
+
+def _step(d: int, step: int) -> int:
+    if step:
+        return step
+    return 1 if d <= 64 else math.ceil(d / 32)
+
+
+def _point(subject: Subject, mask: torch.Tensor, f_val: torch.Tensor, y_val: torch.Tensor, f_probe: torch.Tensor,
+           target: int) -> list[float]:
+    """[clean accuracy on validation, ASR on the probe] with `mask` applied to the features."""
+    acc = float((feat.classify(subject, f_val * mask).argmax(1) == y_val.cpu()).float().mean())
+    asr = float((feat.classify(subject, f_probe * mask).argmax(1) == target).float().mean())
+    return [acc, asr]
+
+
+def prune_curve(subject: Subject, rank: torch.Tensor, f_val: torch.Tensor, y_val: torch.Tensor, f_probe: torch.Tensor,
+                target: int, p: dict[str, Any]) -> tuple[list[list[float]], int]:
+    """Prune progressively in `rank` order. Returns the curve [(pruned count, val acc, ASR)],
+    down to all channels pruned, and the count kept: the last step before validation accuracy
+    first fell more than `max_acc_drop` below the unpruned accuracy."""
+    d = len(rank)
+    step = _step(d, p["prune_step"])
+    curve = []
+    kept: int | None = None
+    base = None
+    for k in [*range(0, d, step), d]:
+        mask = torch.ones(d)
+        mask[rank[:k]] = 0.0
+        acc, asr = _point(subject, mask, f_val, y_val, f_probe, target)
+        if base is None:
+            base = acc
+        if kept is None and base - acc > p["max_acc_drop"]:
+            kept = curve[-1][0]
+        curve.append([k, acc, asr])
+    return curve, d if kept is None else int(kept)
+
+
+def _trainable(subject: Subject) -> str | None:
+    """Why the model cannot be fine-tuned, or None."""
+    model = subject.model
+    if not any(prm.is_floating_point() for prm in model.parameters()):
+        return "the model has no float trainable parameters (a quantized graph)"
+    if getattr(subject.embed, "__self__", None) is not model or getattr(subject.classify, "__self__", None) is not model:
+        return "the subject's embed/classify are not methods of its model, so a copy cannot be split"
+    return None
+
+
+def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor, p: dict[str, Any],
+              generator: torch.Generator) -> tuple[Subject | None, str]:
+    """Fine-tune a deep copy of the masked model on clean images. Returns (the tuned subject or
+    None, a note saying what happened)."""
+    why = _trainable(subject)
+    if why:
+        return None, why
+    model = copy.deepcopy(subject.model)
+    embed_fn, classify_fn = getattr(model, subject.embed.__name__), getattr(model, subject.classify.__name__)
+    tuned = Subject(model, embed_fn, classify_fn, subject.num_classes, scheme=subject.scheme,
+                    gradient_path=subject.gradient_path, device=subject.device)
+    params = [prm for prm in model.parameters() if prm.is_floating_point()]
+    for prm in params:
+        prm.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=p["finetune_lr"], momentum=p["finetune_momentum"], weight_decay=p["finetune_weight_decay"])
+    m = mask.to(subject.device)
+    # "train": ordinary fine-tuning (batch statistics). "frozen" (eval-mode BatchNorm) is kept
+    # for comparison: without the batch normalisation a channel with a tiny running variance
+    # amplifies its weight updates, and at lr 0.01 the loss diverged on the calibration models
+    model.train(p["finetune_bn"] != "frozen")
+    steps = 0
+    try:
+        for _ in range(p["finetune_epochs"]):
+            order = torch.randperm(len(y), generator=generator)
+            for i in range(0, len(y), p["finetune_batch"]):
+                idx = order[i : i + p["finetune_batch"]]
+                xb = to_unit(x[idx]).to(subject.device)
+                loss = TF.cross_entropy(classify_fn(embed_fn(xb) * m).float(), y[idx].to(subject.device))
+                if not loss.requires_grad:
+                    return None, "the model's output has no autograd graph"
+                if not math.isfinite(float(loss.detach())):
+                    return None, "the fine-tuning loss became non-finite"
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+    finally:
+        model.eval()
+    return tuned, f"{steps} SGD steps over {p['finetune_epochs']} epochs on {len(y)} clean images"
+
+
+def _compact(curve: list[list[float]], d: int, kept: int) -> list[list[float]]:
+    """At most ~33 points of the curve as [fraction pruned, val acc, ASR], the chosen point kept."""
+    stride = max(1, math.ceil(len(curve) / _MAX_CURVE))
+    pts = [c for i, c in enumerate(curve) if i % stride == 0 or c[0] in (kept, d)]
+    return [[round(k / d, 4), round(a, 4), round(s, 4)] for k, a, s in pts]
+
+
+def decide(res: dict[str, Any], p: dict[str, Any]) -> Verdict:
+    """Repair outcome: backdoor neutralised when ASR falls by >= asr_drop_threshold while the
+    validation clean accuracy falls by <= max_ca_drop."""
+    ca0, asr0 = res["before"]
+    ca1, asr1 = res["after"]
+    vals = [ca0, asr0, ca1, asr1, *res["pruned_only"]]
+    if not all(math.isfinite(v) for v in vals):
+        return Verdict.invalid("non-finite accuracy or attack success rate")
+    d, kept = res["channels"], res["pruned"]
+    asr_drop, ca_drop = asr0 - asr1, ca0 - ca1
+    evidence = {
+        "channels": d, "pruned": kept, "pruned_fraction": round(kept / d, 4),
+        "curve": _compact(res["curve"], d, kept), "curve_columns": ["fraction_pruned", "val_clean_acc", "probe_asr"],
+        "before": {"clean_acc": ca0, "asr": asr0},
+        "after_pruning": {"clean_acc": res["pruned_only"][0], "asr": res["pruned_only"][1]},
+        "after_fine_tuning": {"clean_acc": ca1, "asr": asr1} if res["fine_tuned"] else None,
+        "fine_tuned": res["fine_tuned"], "fine_tune_note": res["fine_tune_note"],
+        "asr_drop": round(asr_drop, 4), "clean_acc_drop": round(ca_drop, 4),
+    }
+    controls = {
+        "fine_tuned": Control(res["fine_tuned"], None, res["fine_tune_note"]),
+        "probe_asr_before": Control(asr0 >= p["asr_drop_threshold"], asr0,
+                                    "probe ASR before pruning: a drop of asr_drop_threshold needs at least that much"),
+    }
+    neutralised = asr_drop >= p["asr_drop_threshold"] and ca_drop <= p["max_ca_drop"]
+    status = "detected" if neutralised else "clean"
+    return Verdict(status, score=asr_drop, threshold=p["asr_drop_threshold"], evidence=evidence, controls=controls)
+
+
+def decide_paper(channel_means: np.ndarray, p: dict[str, Any]) -> Verdict:
+    """The paper's dormant-channel count."""
+    d = len(channel_means)
+    dormant = np.flatnonzero(channel_means < p["dormant_threshold"])
+    share = len(dormant) / d
+    q = np.quantile(channel_means, [0.0, 0.1, 0.5, 0.9, 1.0])
+    evidence = {
+        "channels": d, "dormant": len(dormant), "dormant_share": share,
+        "dormant_channels": dormant[:50].tolist(),
+        "mean_abs_activation_quantiles": {k: round(float(v), 5) for k, v in zip(("min", "q10", "median", "q90", "max"), q, strict=True)},
+    }
+    status = "detected" if share > p["dormant_share"] else "clean"
+    return Verdict(status, score=share, threshold=p["dormant_share"], evidence=evidence, controls=_paper_controls())

@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qbd.defenses.base import DefenseInputs, run_defense
+from qbd.defenses.spectral_signatures import SpectralSignatures, decide, spectrum
+from qbd.errors import ConfigError
+from tests.unit.defenses import NaNFeatures, PixelFeatures, class_data, subject
+
+
+def _run(defense, x, y, model=None):
+    model = model or PixelFeatures(48, 4)
+    inputs = DefenseInputs(clean_holdout=(x, y), poisoned_train=(x, y))
+    v, _ = run_defense(defense, subject(model, 4), inputs, torch.Generator().manual_seed(0))
+    return v
+
+
+def test_canonical_flags_the_class_with_a_dominant_direction():
+    x, y = class_data(per_class=150, poison=150, target=3)
+    v = _run(SpectralSignatures("canonical"), x, y)
+    assert v.status == "detected" and v.target_class == 3
+    assert v.evidence["flagged"] == [3]
+    # a 50/50 split along v: the projections are bimodal (kurtosis near 1, not 3)
+    assert v.evidence["kurtosis_top_direction"][3] < 1.5
+    # the authors' per-sample removal set: 1.5 * eps of every class
+    assert v.evidence["removal_counts"][3] == round(1.5 * 0.1 * 300)
+    json.dumps(v.to_dict(), allow_nan=False)
+
+
+def test_canonical_single_blobs_are_clean():
+    x, y = class_data(per_class=150)
+    v = _run(SpectralSignatures("canonical"), x, y)
+    assert v.status == "clean" and v.score < v.threshold and v.target_class is None
+
+
+def test_paper_pools_all_classes_and_names_no_target():
+    x, y = class_data(per_class=100)
+    v = _run(SpectralSignatures("paper"), x, y)
+    assert v.evidence["n_per_group"] == [400] and v.target_class is None
+    assert v.threshold == 1.0 and not v.controls["sees_poisoned_data"].passed
+    # one direction carrying almost all the variance: the ratio exceeds 1
+    r = np.zeros((200, 5))
+    r[:, 0] = np.linspace(-10, 10, 200)
+    r[:, 1:] = np.random.default_rng(0).normal(0, 0.1, (200, 4))
+    st = spectrum(r, SpectralSignatures("paper").params)
+    assert st["stat"] > 100
+    assert decide([st], SpectralSignatures("paper").params).status == "detected"
+
+
+def test_degenerate_and_non_finite_inputs_are_invalid():
+    p = SpectralSignatures("canonical").params
+    line = np.outer(np.arange(10.0), np.ones(3))  # rank 1: sigma_2 = 0, ratio infinite
+    v = decide([spectrum(line, p)], p)
+    assert v.status == "invalid" and "non-finite" in v.reason
+    v = decide([spectrum(np.ones((10, 3)), p)], p)
+    assert v.status == "invalid"
+    x, y = class_data(per_class=30)
+    v = _run(SpectralSignatures("canonical"), x, y, model=NaNFeatures(48, 4))
+    assert v.status == "invalid" and "non-finite" in v.reason
+
+
+def test_params_overrides_and_needs():
+    d = SpectralSignatures("canonical", eps=0.05)
+    assert set(d.params) == set(SpectralSignatures.defaults["canonical"]) and d.params["eps"] == 0.05
+    assert d.requires == frozenset({"poisoned_train"})
+    assert SpectralSignatures("paper").requires == frozenset({"clean_holdout"})
+    with pytest.raises(ConfigError):
+        SpectralSignatures("paper", threshold=2)
