@@ -38,6 +38,7 @@ import torch.nn.functional as TF
 from qbd.defenses import _features as feat
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
 from qbd.metrics import to_unit
+from qbd.quant.warnings import recording_no_autograd_kernel
 
 _MAX_CURVE = 33
 
@@ -192,7 +193,12 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
                 if not math.isfinite(float(loss.detach())):
                     return None, "the fine-tuning loss became non-finite"
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with recording_no_autograd_kernel() as torch_notes:
+                    loss.backward()
+                if torch_notes:
+                    # e.g. int8-dynamic's quantized head: backward runs but nothing reaches the
+                    # features, so fine-tuning would silently train nothing
+                    return None, "no gradient through the deployed model (torch: " + "; ".join(torch_notes) + ")"
                 opt.step()
                 steps += 1
     finally:

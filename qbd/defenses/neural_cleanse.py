@@ -24,7 +24,6 @@ n_k < med and |n_k - med| / MAD > 2; the flagged class with the largest index is
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
 from qbd.metrics import anomaly_index, to_unit
+from qbd.quant.warnings import recording_no_autograd_kernel
 
 _GRAD_NEEDS = frozenset({"clean_holdout", "input_gradients"})
 
@@ -74,13 +74,15 @@ class NeuralCleanse(ConfiguredDefense):
             return Verdict.invalid("neural-cleanse needs clean holdout images; got none")
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         k = subject.num_classes
-        with _frozen(subject.model):
+        with _frozen(subject.model), recording_no_autograd_kernel() as torch_notes:
             if p["mode"] == "sequential":
                 parts = [reverse_engineer(subject, x_hold, [c], p, seed) for c in range(k)]
             else:
                 chunk = p["class_chunk"] or k
                 parts = [reverse_engineer(subject, x_hold, list(range(s, min(s + chunk, k))), p, seed) for s in range(0, k, chunk)]
         res = _merge(parts)
+        if torch_notes and not res["gradient"]["ok"]:
+            res["gradient"]["note"] += " (torch: " + "; ".join(torch_notes) + ")"
         return decide(res, p["mad_threshold"])
 
 
@@ -226,13 +228,9 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
             reg = mask.abs().sum(dim=(1, 2, 3))
             loss = (ce + (cost if live is None else cost[live]) * reg).sum()
             opt.zero_grad(set_to_none=True)
+            loss.backward()
             if iterations == 0:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    loss.backward()
-                gradient = _gradient_check(pat_raw.grad, ce, caught)
-            else:
-                loss.backward()
+                gradient = _gradient_check(pat_raw.grad, ce)
             # classes outside `live` get zero gradients; Adam's momentum may still move their
             # raw parameters, but their schedule, best mask and counters are frozen by `active`
             opt.step()
@@ -327,22 +325,18 @@ def _schedule(cost, succ, active, set_ctr, up_ctr, down_ctr, up_flag, down_flag,
     return keep(cost_n, cost), keep(set_ctr_n, set_ctr), keep(up_n, up_ctr), keep(down_n, down_ctr), keep(upf, up_flag), keep(downf, down_flag)
 
 
-def _gradient_check(grad: torch.Tensor | None, ce: torch.Tensor, caught: list) -> dict[str, Any]:
+def _gradient_check(grad: torch.Tensor | None, ce: torch.Tensor) -> dict[str, Any]:
     """The pattern enters the loss only through the cross-entropy term, so its gradient is
     exactly the signal the model gives back: absent, zero or non-finite means no signal."""
-    notes = sorted({str(w.message).split("\n")[0][:200] for w in caught})
     if not ce.requires_grad:
         return {"ok": False, "pattern_grad_abs_max": 0.0, "note": "the model's output has no autograd graph"}
     if grad is None:
-        return {"ok": False, "pattern_grad_abs_max": 0.0, "note": "; ".join(notes) or "no gradient reached the input"}
+        return {"ok": False, "pattern_grad_abs_max": 0.0, "note": "no gradient reached the input"}
     gmax = float(grad.abs().max())
     if not math.isfinite(gmax):
         return {"ok": False, "pattern_grad_abs_max": None, "note": "non-finite input gradient"}
     if gmax == 0.0:
-        note = "input gradient is identically zero"
-        if notes:
-            note += ": " + "; ".join(notes)
-        return {"ok": False, "pattern_grad_abs_max": 0.0, "note": note}
+        return {"ok": False, "pattern_grad_abs_max": 0.0, "note": "input gradient is identically zero"}
     return {"ok": True, "pattern_grad_abs_max": gmax, "note": "input gradients reach the trigger"}
 
 

@@ -128,10 +128,10 @@ def test_changed_expectation_fails_exactly_that_cell_and_accept_restores(suite: 
     exp_dir.mkdir(parents=True)
     smoke = exp_dir / "smoke.toml"
     shutil.copy(ROOT / "fixtures" / "expectations" / "smoke.toml", smoke)
-    select = ["-k", "digits and fp32 and spectral-signatures"]
+    select = ["-k", "digits and fp32 and strip"]
     first = suite.runpytest(*select)
     first.assert_outcomes(passed=4)  # 2 protocols x (backdoored, clean)
-    cell = "digits/fp32/spectral-signatures[paper]"
+    cell = "digits/fp32/strip[canonical]"
     text = smoke.read_text()
     block_start = text.index(f'[cells."{cell}"]')
     status_at = text.index("status = ", block_start)

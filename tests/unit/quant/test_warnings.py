@@ -98,3 +98,21 @@ def test_known_log_record_dropped_others_pass(caplog) -> None:
         logger.warning("%s", TORCHAO_ENUM_CONSTANT.text + " (different)")
     assert [r.getMessage() for r in caplog.records] == [TORCHAO_ENUM_CONSTANT.text + " (different)"]
     assert not logger.filters
+
+
+def test_recording_no_autograd_kernel_records_it_and_passes_others_through():
+    import warnings as w
+
+    import pytest
+
+    from qbd.quant.warnings import recording_no_autograd_kernel
+
+    msg = ("quantized::linear_dynamic: an autograd kernel was not registered to the Autograd key(s) but we are"
+           " trying to backprop through it. This may lead to silently incorrect behavior.")
+    with pytest.warns(UserWarning, match="unrelated") as record:
+        with recording_no_autograd_kernel() as notes:
+            w.warn(msg, UserWarning, stacklevel=1)
+            w.warn(msg, UserWarning, stacklevel=1)
+            w.warn("unrelated", UserWarning, stacklevel=1)
+    assert notes == [msg.split(". ")[0]]
+    assert [str(r.message) for r in record] == ["unrelated"]

@@ -1,0 +1,139 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qbd.defenses.base import DefenseInputs, Subject, run_defense
+from qbd.defenses.neural_cleanse import NeuralCleanse, batch_plan, decide
+from qbd.errors import ConfigError
+from qbd.models import build_model
+from qbd.quant import SCHEMES
+
+# the published paper settings (SEED-AUDIT.md section 2)
+PUBLISHED = {"steps": 50, "batch_size": 16}
+
+
+def _res(norms, ok=True, note="input gradients reach the trigger"):
+    k = len(norms)
+    return {"norms": list(norms), "reached": [True] * k, "cost": [0.0] * k, "rounds": [1] * k, "iterations": 1,
+            "centroids": [[0.0, 0.0]] * k, "gradient": {"ok": ok, "pattern_grad_abs_max": 1.0 if ok else 0.0, "note": note}}
+
+
+def test_planted_low_outlier_is_detected_with_its_class():
+    norms = [50, 52, 49, 51, 48, 50, 53, 5, 47, 51]
+    v = decide(_res(norms), 2.0)
+    assert v.status == "detected" and v.target_class == 7
+    assert v.evidence["flagged"] == [7] and v.score > 2.0
+
+
+def test_only_lower_side_outliers_count():
+    v = decide(_res([50, 52, 49, 51, 48, 50, 53, 500, 47, 51]), 2.0)
+    assert v.status == "clean" and v.target_class is None
+
+
+def test_numpy_median_convention_for_even_counts():
+    norms = [10.0, 20.0, 30.0, 40.0]
+    v = decide(_res(norms), 2.0)
+    assert v.evidence["median"] == 25.0  # torch.median would give 20
+    assert v.evidence["mad"] == pytest.approx(1.4826 * 10.0)
+
+
+def test_mad_zero_is_invalid_never_clean():
+    v = decide(_res([27.904] * 10), 2.0)
+    assert v.status == "invalid" and "MAD" in v.reason
+
+
+def test_nan_norms_are_invalid():
+    v = decide(_res([1.0, float("nan"), 3.0]), 2.0)
+    assert v.status == "invalid" and "non-finite" in v.reason
+
+
+def test_missing_gradient_is_invalid_with_the_reason():
+    v = decide(_res([27.904] * 10, ok=False, note="the model's output has no autograd graph"), 2.0)
+    assert v.status == "invalid"
+    assert "no gradient signal" in v.reason and "27.904" in v.reason and "no autograd graph" in v.reason
+    assert v.controls["input_gradient"].passed is False
+
+
+def test_unknown_parameters_and_protocols_are_refused():
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        NeuralCleanse("canonical", steps_per_class=3)
+    with pytest.raises(ConfigError, match="unknown protocol"):
+        NeuralCleanse("ieee")
+    nc = NeuralCleanse("paper", tier="smoke", steps=7)
+    assert nc.params["steps"] == 7 and nc.params["init_cost"] == 0.01 and nc.params["activation"] == "sigmoid"
+
+
+def test_batch_plan_is_seeded_and_covers_each_pass():
+    a = batch_plan(100, 32, 10, seed=3)
+    assert a.shape == (10, 32) and torch.equal(a, batch_plan(100, 32, 10, seed=3))
+    assert len(set(a[:3].flatten().tolist())) == 96  # one pass: no repeats
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build_model("tiny-cnn", 10, (0.5,) * 3, (0.25,) * 3, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.int64).to(torch.uint8)
+    return model, x
+
+
+def _subject(m):
+    return Subject(m, m.embed, m.classify, 10)
+
+
+def test_paper_protocol_through_int8_dynamic_reproduces_27_904(tiny):
+    """SEED-AUDIT.md section 2: with no gradient through quantized::linear_dynamic, only the L1
+    penalty moves the masks: every class ends at 1024 * sigmoid(-3.575...) = 27.904."""
+    model, x = tiny
+    qm = SCHEMES.get("int8-dynamic").apply(model, x[:32].float() / 255)
+    nc = NeuralCleanse("paper", tier="paper", **PUBLISHED)
+    v, _ = run_defense(nc, _subject(qm.model), DefenseInputs((x, torch.zeros(64, dtype=torch.int64))), torch.Generator().manual_seed(0))
+    assert v.evidence["norms"] == [pytest.approx(27.904, abs=1e-3)] * 10
+    assert v.status == "invalid"
+    assert "no gradient signal" in v.reason and "linear_dynamic" in v.reason
+
+
+def test_surrogate_path_restores_the_gradient(tiny):
+    model, x = tiny
+    qm = SCHEMES.get("int8-dynamic").apply(model, x[:32].float() / 255)
+    nc = NeuralCleanse("paper", tier="paper", **PUBLISHED)
+    v, _ = run_defense(nc, _subject(qm.surrogate()), DefenseInputs((x, torch.zeros(64, dtype=torch.int64))), torch.Generator().manual_seed(0))
+    assert v.status in ("detected", "clean")
+    assert v.controls["input_gradient"].passed
+    assert len(set(v.evidence["norms"])) > 1
+
+
+@pytest.mark.parametrize("protocol", ["canonical", "paper"])
+def test_class_batched_equals_sequential(tiny, protocol):
+    model, x = tiny
+    inputs = DefenseInputs((x, torch.zeros(64, dtype=torch.int64)))
+    budget = {"steps": 12, "batch_size": 8, "mini_batches": 1, "check_every": 4} if protocol == "canonical" else {"steps": 6, "batch_size": 8}
+    out = {}
+    for mode in ("batched", "sequential"):
+        v, _ = run_defense(NeuralCleanse(protocol, mode=mode, **budget), _subject(model), inputs, torch.Generator().manual_seed(1))
+        out[mode] = v
+    b, s = out["batched"], out["sequential"]
+    assert b.status == s.status and b.target_class == s.target_class
+    np.testing.assert_allclose(b.evidence["norms"], s.evidence["norms"], rtol=1e-4)
+    assert b.evidence["rounds_run"] == s.evidence["rounds_run"]
+
+
+def test_class_chunks_match_one_batch(tiny):
+    model, x = tiny
+    inputs = DefenseInputs((x, torch.zeros(64, dtype=torch.int64)))
+    kw = {"steps": 5, "batch_size": 8}
+    whole, _ = run_defense(NeuralCleanse("paper", **kw), _subject(model), inputs, torch.Generator().manual_seed(2))
+    chunked, _ = run_defense(NeuralCleanse("paper", class_chunk=3, **kw), _subject(model), inputs, torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(whole.evidence["norms"], chunked.evidence["norms"], rtol=1e-4)
+    assert not math.isnan(whole.evidence["norms"][0])
+
+
+def test_model_is_left_as_it_was(tiny):
+    model, x = tiny
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    run_defense(NeuralCleanse("paper", steps=2, batch_size=8), _subject(model), DefenseInputs((x, torch.zeros(64, dtype=torch.int64))), torch.Generator())
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    model.eval()
