@@ -100,7 +100,7 @@ def decide(res: dict[str, Any], mad_threshold: float) -> Verdict:
         "norms": norms.round(4).tolist(), "median": med, "mad": mad,
         "anomaly_index": [None if not math.isfinite(v) else round(float(v), 4) for v in idx],
         "reached_success": res["reached"], "final_cost": res["cost"], "rounds_run": res["rounds"],
-        "iterations": res["iterations"], "mask_centroid_rc": res["centroids"],
+        "iterations": res["iterations"], "mask_peak_rc": res["centroids"],
     }
     if not grad["ok"]:
         return Verdict.invalid(
@@ -340,14 +340,16 @@ def _gradient_check(grad: torch.Tensor | None, ce: torch.Tensor) -> dict[str, An
     return {"ok": True, "pattern_grad_abs_max": gmax, "note": "input gradients reach the trigger"}
 
 
-def _centroids(mask: torch.Tensor) -> list[list[float]]:
-    """(row, column) centre of mass of each class's mask: where the reversed trigger sits."""
-    _, _, h, w = mask.shape
-    m = mask[:, 0].double()
-    tot = m.sum(dim=(1, 2)).clamp_min(1e-12)
-    rows = (m.sum(2) * torch.arange(h, dtype=torch.float64)).sum(1) / tot
-    cols = (m.sum(1) * torch.arange(w, dtype=torch.float64)).sum(1) / tot
-    return [[round(float(r), 2), round(float(cc), 2)] for r, cc in zip(rows, cols, strict=True)]
+def _centroids(mask: torch.Tensor, top: int = 16) -> list[list[float]]:
+    """(row, column) centre of each class's `top` strongest mask pixels: where the reversed
+    trigger sits (a plain centre of mass drifts towards the image centre with faint mass)."""
+    k, _, h, w = mask.shape
+    flat = mask[:, 0].reshape(k, -1).double()
+    vals, idx = flat.topk(min(top, h * w), dim=1)
+    weight = vals.clamp_min(1e-12)
+    rows = ((idx // w).double() * weight).sum(1) / weight.sum(1)
+    cols = ((idx % w).double() * weight).sum(1) / weight.sum(1)
+    return [[round(float(r), 2), round(float(c), 2)] for r, c in zip(rows, cols, strict=True)]
 
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,7 @@
+"""`python -m qbd` is the `qbd` command."""
+
+import sys
+
+from qbd.cli import main
+
+sys.exit(main())
