@@ -178,12 +178,15 @@ class ModelJob:
             "train": to_dict(self.train),
         }
 
-    def key(self, data_fingerprint: str | None = None) -> str:
+    def key(self, data_fingerprint: str | None = None, cpu_threads: int | None = None) -> str:
         """Store key. With the data's fingerprint (DataSplit.fingerprint), a changed data set
-        (another copy of CIFAR-10, a new synthetic generator) can never reuse stale weights."""
+        (another copy of CIFAR-10, a new synthetic generator) can never reuse stale weights;
+        CPU training is bitwise reproducible only for a given thread count, so that is in too."""
         doc: dict[str, Any] = {"job": self.to_dict(), "qbd": __version__, "revision": TRAINING_REVISION}
         if data_fingerprint is not None:
             doc["data"] = data_fingerprint
+        if cpu_threads is not None:
+            doc["cpu_threads"] = cpu_threads
         return sha256_text(canonical_json(doc))
 
     def slug(self) -> str:

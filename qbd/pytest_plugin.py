@@ -222,7 +222,7 @@ class Session:
     def _make_bench(self, dataset: str, kind: str, seed: int) -> Any:
         import torch
 
-        _share_cores(torch)
+        _single_thread(torch)
         from qbd.config import AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
         from qbd.data import load_dataset
         from qbd.evaluate import Bench, BenchSpec
@@ -265,6 +265,13 @@ def _share_cores(torch: Any) -> None:
         share = max(1, (os.cpu_count() or 1) // int(workers))
         if torch.get_num_threads() > share:
             torch.set_num_threads(share)
+
+
+def _single_thread(torch: Any) -> None:
+    """Matrix cells run on one thread whatever the worker count: Fine-Pruning's fine-tuning
+    reduces gradients differently per thread count, and `pytest -n 0` must give the same
+    verdicts as `pytest -n 2` (use -n auto for the cores)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,10 @@ under bf16 autocast when the spec asks for it, with channels_last tensors and a 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,30 @@ from qbd.config import Gates, ModelJob, TrainSpec, derive_seed
 from qbd.data.base import DataSplit
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
+
+TRAIN_THREADS_ENV = "QBD_TRAIN_THREADS"
+
+
+def cpu_train_threads() -> int:
+    """Threads for CPU training: 1 unless $QBD_TRAIN_THREADS says otherwise. Weight gradients
+    are reduced differently for each thread count, so a fixed count is what makes "same seed,
+    same weights" hold on every machine and under any number of xdist workers."""
+    raw = os.environ.get(TRAIN_THREADS_ENV, "1")
+    if not raw.isdigit() or int(raw) < 1:
+        from qbd.errors import ConfigError
+
+        raise ConfigError(f"${TRAIN_THREADS_ENV} must be an integer >= 1, got {raw!r}")
+    return int(raw)
+
+
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class GateError(RuntimeError):
@@ -90,11 +116,19 @@ def evaluate(model: Classifier, job: ModelJob, data: DataSplit, device: torch.de
 
 def train(job: ModelJob, data: DataSplit, device: str | torch.device | None = "cpu", progress: bool = True,
           compile_model: bool = False) -> TrainResult:
+    dev = resolve_device(device)
+    threads = cpu_train_threads() if dev.type == "cpu" else None
+    with torch_threads(threads) if threads else nullcontext():
+        result = _train(job, data, dev, progress, compile_model)
+    result.metrics["cpu_threads"] = threads
+    return result
+
+
+def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, compile_model: bool) -> TrainResult:
     """Train `job` on `data`; deterministic on CPU for a given seed. `compile_model` runs the
     step through torch.compile (worth it only when the run is long enough to repay compiling:
     benchmarks/paper_tier.py measures both)."""
     spec = job.train
-    dev = resolve_device(device)
     if spec.precision == "bf16" and dev.type != "cuda":
         raise ValueError("bf16 training is for CUDA devices; use precision fp32 on CPU")
     t0 = time.perf_counter()

@@ -48,7 +48,10 @@ def get_trained(
         meta = {"job": job.to_dict(), "slug": job.slug(), "metrics": result.metrics, "data_sha256": fingerprint}
         return result.model.state_dict(), meta
 
+    from qbd.train import cpu_train_threads, resolve_device
+
     fingerprint = data.fingerprint()
-    entry = store.get_or_create(job.key(fingerprint), create, describe=job.slug(), log=log)
+    threads = cpu_train_threads() if resolve_device(device).type == "cpu" else None
+    entry = store.get_or_create(job.key(fingerprint, threads), create, describe=job.slug(), log=log)
     model = load_weights(job, data, entry.state_dict)
     return TrainedModel(job=job, model=model, metrics=dict(entry.meta["metrics"]), entry=entry)

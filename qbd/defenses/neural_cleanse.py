@@ -184,7 +184,8 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
     targets = torch.tensor(classes, device=dev)
     plan = batch_plan(len(x_hold), p["batch_size"], p["steps"] * p["mini_batches"], seed).to(dev)
     x_dev = x_hold.to(dev)
-    channels_last = dev.type == "cuda"
+    # channels_last input: ~1.35x faster convolutions on CPU (oneDNN) and tensor cores on GPU
+    channels_last = True
     forward = torch.compile(subject.model, dynamic=False) if p["compile"] else subject.model
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
 

@@ -81,3 +81,26 @@ def test_bf16_refused_on_cpu():
     job = ModelJob(DatasetSpec("toy"), ModelSpec("tiny-cnn"), None, TrainSpec(epochs=1, precision="bf16"))
     with pytest.raises(ValueError, match="bf16"):
         train(job, toy_split(), device="cpu", progress=False)
+
+
+def test_weights_do_not_depend_on_the_callers_thread_count():
+    data = toy_split()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = train(_job(epochs=1), data, progress=False)
+        assert torch.get_num_threads() == 2, "training must restore the thread count"
+        torch.set_num_threads(1)
+        b = train(_job(epochs=1), data, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert _sha(a.model) == _sha(b.model)
+    assert a.metrics["cpu_threads"] == 1
+
+
+def test_bad_thread_setting_is_a_config_error(monkeypatch):
+    from qbd.errors import ConfigError
+
+    monkeypatch.setenv("QBD_TRAIN_THREADS", "zero")
+    with pytest.raises(ConfigError, match="QBD_TRAIN_THREADS"):
+        train(_job(epochs=1), toy_split(), progress=False)
