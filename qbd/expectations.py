@@ -11,6 +11,8 @@ mismatch into a readable failure. Torch-free.
     reason = "no gradient signal"       # optional: a substring of an invalid verdict's reason
     xfail = "why this known deviation"  # optional: the cell is known to fail its test (recorded
                                         # status or control requirement) for this reason; strict
+    paper = "clean"                     # optional: what the paper's Table 1 reported (detected |
+                                        # clean), kept by --qbd-accept and quoted on a mismatch
 
     [attack."synthetic/int4-sim"]       # CA and ASR of the deployed model
     clean_acc = 0.93
@@ -39,7 +41,7 @@ from typing import Any
 from qbd.errors import ConfigError
 
 STATUSES = ("detected", "clean", "invalid")
-_CELL_KEYS = {"status", "target", "reason", "xfail", "note"}
+_CELL_KEYS = {"status", "target", "reason", "xfail", "note", "paper"}
 _ATTACK_KEYS = {"clean_acc", "asr", "tolerance", "xfail", "note"}
 _AUDIT_KEYS = {"input_gradient", "surrogate_gradient", "min_quantized_fraction", "max_quantized_fraction", "xfail", "note"}
 
@@ -72,7 +74,8 @@ class Expectations:
             elif v["status"] == "invalid":
                 out.append(f"verdict: expected a valid 'clean' verdict, measured invalid ({v['reason']})")
         elif want is not None and v["status"] != want:
-            out.append(f"verdict: expected {want}, measured {v['status']}" + (f" ({v['reason']})" if v["reason"] else ""))
+            out.append(f"verdict: expected {want}, measured {v['status']}" + (f" ({v['reason']})" if v["reason"] else "")
+                       + (f"; the paper reported {exp['paper']}" if "paper" in exp else ""))
         if "target" in exp and v["status"] == "detected" and v["target_class"] != exp["target"]:
             out.append(f"target class: expected {exp['target']}, measured {v['target_class']}")
         if "reason" in exp and exp["reason"] not in (v["reason"] or ""):
@@ -144,6 +147,8 @@ def _check_entry(p: Path, table: str, key: str, entry: dict[str, Any]) -> None:
     if table == "cells":
         if entry.get("status") not in STATUSES:
             raise ConfigError(f"{where}: status must be one of {STATUSES}, got {entry.get('status')!r}")
+        if "paper" in entry and entry["paper"] not in ("detected", "clean"):
+            raise ConfigError(f"{where}: paper must be 'detected' or 'clean' (the paper's Table 1 mark), got {entry['paper']!r}")
         if "target" in entry and (not isinstance(entry["target"], int) or isinstance(entry["target"], bool) or entry["target"] < 0):
             raise ConfigError(f"{where}: target must be a class index >= 0")
     if table == "attack":
@@ -194,12 +199,11 @@ def accept(e: Expectations, results: list[dict[str, Any]], attack: dict[str, dic
         if v["status"] == "detected" and v["target_class"] is not None:
             entry["target"] = int(v["target_class"])
         old = e.cells.get(r["cell"], {})
-        entry.update({k: old[k] for k in ("xfail", "note") if k in old})  # explanations stay
+        entry.update({k: old[k] for k in ("xfail", "note", "paper") if k in old})  # explanations stay
         new.cells[r["cell"]] = entry
     for key, m in attack.items():
         entry = {k: round(float(val), 4) for k, val in m.items() if val is not None}
-        if "tolerance" in e.attack.get(key, {}):
-            entry["tolerance"] = e.attack[key]["tolerance"]
+        entry.update({k: e.attack[key][k] for k in ("tolerance", "xfail", "note") if k in e.attack.get(key, {})})
         new.attack[key] = entry
     for key, a in audit.items():
         new.audit[key] = {**e.audit.get(key, {}), **a}

@@ -208,6 +208,11 @@ class ConfiguredDefense:
         self.tier = tier
         self.params: dict[str, Any] = params
         self.requires: frozenset[str] = self.needs[protocol]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for parameter values that cannot work, at construction rather than
+        as an `invalid` verdict in every cell."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(protocol={self.protocol!r}, tier={self.tier!r})"

@@ -33,6 +33,7 @@ import torch
 from scipy.stats import binom, binomtest
 
 from qbd.defenses import _features as feat
+from qbd.defenses._memory import bytes_per_image, images_within
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
 from qbd.metrics import to_unit
 
@@ -42,8 +43,8 @@ class Strip(ConfiguredDefense):
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"clean_holdout", "triggered_inputs"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "canonical": {"n_overlays": 100, "frr": 0.01, "alpha": 1e-3, "overlay_fraction": 0.5,
-                      "max_stream": 0, "chunk": 4096},
-        "paper": {"n_overlays": 100, "percentile": 5.0, "flag_fraction": 0.05, "chunk": 4096},
+                      "max_stream": 0, "chunk": 4096, "memory_mib": 0},
+        "paper": {"n_overlays": 100, "percentile": 5.0, "flag_fraction": 0.05, "chunk": 4096, "memory_mib": 0},
     }
     # 2-core smoke tier: 16 blends per input and a 200-input stream sample, about 7,000 forward
     # passes (~5 s for tiny-cnn on 2 cores)
@@ -52,8 +53,18 @@ class Strip(ConfiguredDefense):
     }
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
-        if self.protocol == "paper":
-            return self._detect_paper(subject, inputs, generator)
+        p = self.params
+        chunk = p["chunk"]
+        if p["memory_mib"]:  # a forward pass without autograd: about 2x the per-image outputs at peak
+            per_image = bytes_per_image(subject.model, tuple(inputs.clean_holdout[0].shape[1:]), subject.device)
+            chunk = min(chunk, images_within(p["memory_mib"], per_image, 2.0))
+        verdict = self._detect_paper(subject, inputs, generator, chunk) if self.protocol == "paper" else \
+            self._detect_canonical(subject, inputs, generator, chunk)
+        if p["memory_mib"]:
+            verdict.evidence["images_per_pass"] = chunk
+        return verdict
+
+    def _detect_canonical(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator, chunk: int) -> Verdict:
         p = self.params
         x_hold = inputs.clean_holdout[0]
         stream = inputs.triggered_inputs
@@ -65,15 +76,15 @@ class Strip(ConfiguredDefense):
             return Verdict.invalid(f"holdout of {len(x_hold)} images is too small to split into overlay pool and calibration part")
         if p["max_stream"] and len(stream) > p["max_stream"]:
             stream = stream[torch.randperm(len(stream), generator=generator)[: p["max_stream"]]]
-        h_cal = strip_entropy(subject, calib, pool, p["n_overlays"], generator, p["chunk"])
-        h_str = strip_entropy(subject, stream, pool, p["n_overlays"], generator, p["chunk"])
+        h_cal = strip_entropy(subject, calib, pool, p["n_overlays"], generator, chunk)
+        h_str = strip_entropy(subject, stream, pool, p["n_overlays"], generator, chunk)
         preds = feat.logits(subject, stream).argmax(1).numpy()
         return decide(h_cal, h_str, preds, p)
 
-    def _detect_paper(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
+    def _detect_paper(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator, chunk: int) -> Verdict:
         p = self.params
         x_hold = inputs.clean_holdout[0]
-        h = strip_entropy(subject, x_hold, x_hold, p["n_overlays"], generator, p["chunk"])
+        h = strip_entropy(subject, x_hold, x_hold, p["n_overlays"], generator, chunk)
         return decide_paper(h, p)
 
 
@@ -92,7 +103,7 @@ def strip_entropy(subject: Subject, x: torch.Tensor, pool: torch.Tensor, n_overl
     """Mean Shannon entropy (bits) of the softmax over `n_overlays` blends of each input with
     overlays drawn uniformly (with replacement, as the authors' code) from `pool`."""
     picks = torch.randint(0, len(pool), (len(x), n_overlays), generator=generator)
-    per = max(1, chunk // n_overlays)  # inputs per forward pass
+    per = max(1, chunk // n_overlays)  # inputs per forward pass (chunk counts blended images)
     out = []
     with feat.eval_mode(subject.model):
         for i in range(0, len(x), per):

@@ -3,6 +3,7 @@ expectations and --qbd-accept."""
 
 from __future__ import annotations
 
+import glob
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,29 @@ EXAMPLE = ROOT / "examples" / "qbd-example-defense"
 SUITE = "from qbd.suite import test_attack, test_audit, test_cell  # noqa: F401\n"
 
 
+@pytest.fixture(scope="session")
+def _preloaded() -> None:
+    """Import qbd's whole stack once, before any in-process inner run. pytester drops the modules
+    an inner run imported when it ends, and C extensions (numpy.fft among them) refuse to load
+    twice in one process, so a second inner run would fail on import otherwise."""
+    import importlib
+    import pkgutil
+
+    import qbd
+
+    for mod in pkgutil.walk_packages(qbd.__path__, "qbd."):
+        if not mod.name.endswith("__main__"):  # importing it would run the CLI
+            importlib.import_module(mod.name)
+    for name in ("numpy.fft", "scipy.stats", "sklearn.datasets", "sklearn.model_selection", "sklearn.cluster",
+                 "sklearn.decomposition", "torchvision.datasets", "matplotlib.pyplot"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # optional in some environments; the inner run reports it if needed
+            pass
+
+
 @pytest.fixture
-def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+def suite(pytester: pytest.Pytester, _preloaded: None) -> pytest.Pytester:
     pytester.makepyfile(test_qbd=SUITE)
     return pytester
 
@@ -140,7 +162,8 @@ def test_changed_expectation_fails_exactly_that_cell_and_accept_restores(suite: 
     smoke.write_text(text[:status_at] + f"status = {new_status}" + text[status_at + len(old_line) :])
     second = suite.runpytest(*select)
     second.assert_outcomes(passed=3, failed=1)
-    second.stdout.fnmatch_lines([f"*FAILED*{cell}*"])
+    # fnmatch reads "[...]" as a character class; escape the brackets of the cell id.
+    second.stdout.fnmatch_lines([f"*FAILED*{glob.escape(cell)}*"])
     accepted = suite.runpytest(*select, "--qbd-accept")
     accepted.assert_outcomes(passed=4)
     assert smoke.read_text() == text
@@ -152,5 +175,35 @@ def test_seeds_report_detection_rate(suite: pytest.Pytester, monkeypatch: pytest
     suite.syspathinsert(EXAMPLE)
     result = suite.runpytest("--qbd-defense", "qbd_example_defense:CornerPatchProbe", "--qbd-seeds", "2",
                              "-k", "digits/fp32/corner-patch-probe[canonical]")
-    result.stdout.fnmatch_lines(["*detection rate over seeds:*", "*digits/fp32/corner-patch-probe[canonical]: *s0=*s1=*"])
+    result.stdout.fnmatch_lines(["*detection rate over seeds:*", "*" + glob.escape("digits/fp32/corner-patch-probe[canonical]") + ": *s0=*s1=*"])
 
+
+
+FLIPPING = '''
+from qbd.defenses.base import Verdict
+
+
+class Flipping:
+    """Detects on every other call: a verdict that depends on luck, not on the model."""
+
+    name = "flipping"
+    requires = frozenset({"clean_holdout"})
+    calls = 0
+
+    def detect(self, subject, inputs, generator):
+        type(self).calls += 1
+        if type(self).calls % 2:
+            return Verdict("detected", score=1.0, threshold=0.5, target_class=0)
+        return Verdict("clean", score=0.0, threshold=0.5)
+'''
+
+
+def test_verdict_flipping_across_seeds_fails_as_unstable(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    suite.makepyfile(flipping_defense=FLIPPING)
+    suite.syspathinsert()
+    cell = "digits/fp32/flipping[canonical]"
+    result = suite.runpytest("--qbd-defense", "flipping_defense:Flipping", "--qbd-seeds", "2", "-k", cell)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['detected', 'clean'] (detection rate 0.50)"),
+                                 "*" + glob.escape(cell) + ": 0.50 (s0=detected, s1=clean)  UNSTABLE*"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qbd.defenses.base import DefenseInputs, Subject, run_defense
-from qbd.defenses.neural_cleanse import NeuralCleanse, batch_plan, decide
+from qbd.defenses.neural_cleanse import NeuralCleanse, batch_plan, decide, resolve_mode
 from qbd.errors import ConfigError
 from qbd.models import build_model
 from qbd.quant import SCHEMES
@@ -123,11 +123,33 @@ def test_class_batched_equals_sequential(tiny, protocol):
 def test_class_chunks_match_one_batch(tiny):
     model, x = tiny
     inputs = DefenseInputs((x, torch.zeros(64, dtype=torch.int64)))
-    kw = {"steps": 5, "batch_size": 8}
+    kw = {"steps": 5, "batch_size": 8, "mode": "batched"}  # chunks exist only in batched mode
     whole, _ = run_defense(NeuralCleanse("paper", **kw), _subject(model), inputs, torch.Generator().manual_seed(2))
     chunked, _ = run_defense(NeuralCleanse("paper", class_chunk=3, **kw), _subject(model), inputs, torch.Generator().manual_seed(2))
     np.testing.assert_allclose(whole.evidence["norms"], chunked.evidence["norms"], rtol=1e-4)
     assert not math.isnan(whole.evidence["norms"][0])
+    assert whole.evidence["mode"] == chunked.evidence["mode"] == "batched"
+
+
+@pytest.mark.parametrize(("mode", "device", "resolved"), [
+    ("auto", "cpu", "sequential"), ("auto", "cuda", "batched"),
+    ("batched", "cpu", "batched"), ("sequential", "cuda", "sequential"),
+])
+def test_auto_mode_batches_on_cuda_only(mode, device, resolved):
+    assert resolve_mode(mode, torch.device(device)) == resolved
+
+
+def test_unknown_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="valid: auto, batched, sequential"):
+        resolve_mode("parallel", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="valid: auto, batched, sequential"):
+        NeuralCleanse("paper", mode="parallel")
+
+
+def test_default_mode_is_recorded_in_the_verdict(tiny):
+    model, x = tiny
+    v, _ = run_defense(NeuralCleanse("paper", steps=2, batch_size=8), _subject(model), DefenseInputs((x, torch.zeros(64, dtype=torch.int64))), torch.Generator())
+    assert v.evidence["mode"] == "sequential"  # auto on CPU
 
 
 def test_model_is_left_as_it_was(tiny):
