@@ -1,4 +1,4 @@
-"""Command line: `qbd train`, `qbd run`, `qbd quant`, `qbd store`, `qbd list`.
+"""Command line: `qbd train`, `qbd run`, `qbd quant`, `qbd store` (qbd.fetch), `qbd list`.
 
 Imports stay light at module level so `qbd --help` answers at once; each command imports torch
 when it runs. Exit codes: 0 success, 1 a run that failed (gate, corrupt store, ...), 2 a usage
@@ -198,10 +198,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for ds in datasets:
         args_ds = argparse.Namespace(**{**vars(args), "dataset": ds, "model": args.model or tier.model})
         jobs.append(job_from_args(args_ds))
+    model_file = _model_file_from_args(args, datasets)
     plan = RunPlan(
         jobs=tuple(jobs), tier=tier, schemes=schemes, defenses=defenses, protocols=protocols,
         controls=not args.no_controls, gradient_path=args.gradient_path, engine=args.engine,
-        device=args.device, seed=args.seed, probe=jobs[0].attack or _probe_from_args(args),
+        device=args.device, seed=args.seed, probe=jobs[0].attack or _probe_from_args(args), model_file=model_file,
     )
     gates = Gates(args.min_clean_acc, args.min_asr)
     results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates)
@@ -219,6 +220,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         paths = write_report(results, args.report, title=f"qbd {args.tier} matrix")
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return EXIT_OK
+
+
+def _model_file_from_args(args: argparse.Namespace, datasets: tuple[str, ...]) -> Any:
+    """--model-file PATH --sha256 HEX -> qbd.fetch.Source (None without --model-file)."""
+    if args.model_file is None:
+        if args.sha256 is not None:
+            raise UsageError("--sha256 pins a --model-file; give both")
+        return None
+    if args.sha256 is None:
+        raise UsageError("--model-file needs --sha256 HEX (the file's sha256): untrusted weights are only used pinned")
+    if len(datasets) != 1:
+        raise UsageError(f"--model-file is a model for one data set; got --dataset {','.join(datasets)}")
+    from qbd.fetch import Source
+
+    return Source(args.model_file, args.sha256)
 
 
 def _probe_from_args(args: argparse.Namespace) -> AttackSpec:
@@ -253,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what gradient-based defenses backpropagate through (default: deployed under paper, surrogate under canonical)")
     sel.add_argument("--engine", default=None, help="quantized engine for int8 schemes (x86, qnnpack, ...)")
     sel.add_argument("--no-controls", action="store_true", help="skip the negative-control cells on a clean model")
+    mf = r.add_argument_group("untrusted model (instead of training the backdoored model)")
+    mf.add_argument("--model-file", metavar="PATH", default=None,
+                    help="weights for --model on --dataset: .safetensors, or a plain state dict in .pt/.pth (loaded weights_only)")
+    mf.add_argument("--sha256", metavar="HEX", default=None, help="the model file's sha256 (required with --model-file)")
     r.add_argument("--json", action="store_true", help='print {"results": [Result, ...]}')
     r.add_argument("--report", metavar="DIR", default=None, help="write results.json, report.md and heatmap.png to DIR")
     r.set_defaults(func=cmd_run)
@@ -268,7 +288,7 @@ def _add_optional_parsers(sub: Any) -> None:
     """Sub-commands that live beside their package (e.g. qbd.quant.cli)."""
     import importlib
 
-    for modname in ("qbd.quant.cli",):
+    for modname in ("qbd.quant.cli", "qbd.fetch"):
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:

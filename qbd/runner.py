@@ -28,6 +28,7 @@ class RunPlan:
     device: str = "cpu"
     seed: int = 0
     probe: Any = None  # the trigger probing a clean-only run (AttackSpec); default BadNet
+    model_file: Any = None  # qbd.fetch.Source: untrusted weights used as the asked-for model, not trained
 
 
 def load_defense(ref: str, protocol: str, tier: str) -> Any:
@@ -65,8 +66,13 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
         if plan.controls and job.attack is not None:
             kinds.append(("clean", replace(job, attack=None), ("fp32",)))
         for kind, j, schemes in kinds:
-            tm = get_trained(j, data, store, device=plan.device, progress=progress, log=log)
-            log(f"qbd: {j.slug()}: model {tm.cache} (clean acc {tm.metrics['clean_acc']:.3f}"
+            if plan.model_file is not None and j is job:  # the asked-for model, not its clean control
+                from qbd.fetch import get_fetched
+
+                tm = get_fetched(plan.model_file, j, data, store, device=plan.device, log=log)
+            else:
+                tm = get_trained(j, data, store, device=plan.device, progress=progress, log=log)
+            log(f"qbd: {j.slug()}{' (fetched)' if 'fetched' in tm.entry.meta else ''}: model {tm.cache} (clean acc {tm.metrics['clean_acc']:.3f}"
                 + ("" if tm.metrics["asr"] is None else f", ASR {tm.metrics['asr']:.3f}") + ")")
             if gates is not None:
                 check_gates(tm.metrics, gates, attacked=j.attack is not None)

@@ -11,6 +11,9 @@ Layout under the root ($QBD_CACHE_DIR, else the platform's user cache dir):
 A new entry is written in tmp/ and renamed into place with one atomic rename, so a reader sees
 either no entry or a complete one. Whoever holds the key's lock creates a missing entry; the
 others wait on the lock and then load what it wrote: exactly one process trains a config.
+A writer killed mid-write leaves only its tmp/<key>.* directory, removed by the next holder of
+that key's lock. A corrupt entry is quarantined and recreated, except where the caller says it
+cannot be recreated (fetched weights, qbd.fetch): then it is quarantined and refused.
 """
 
 from __future__ import annotations
@@ -165,12 +168,65 @@ class Store:
         d = self.entry_dir(key)
         if not d.exists():
             return None
+        return self._move_aside(d, key, why)
+
+    def _move_aside(self, d: Path, name: str, why: str) -> Path:
         q = self.root / "quarantine"
         q.mkdir(parents=True, exist_ok=True)
-        dest = q / f"{key}.{int(time.time())}.{uuid.uuid4().hex[:6]}"
+        dest = q / f"{name}.{int(time.time())}.{uuid.uuid4().hex[:6]}"
         os.rename(d, dest)
         (dest / "QUARANTINED").write_text(why + "\n")
         return dest
+
+    def _remove_stale_tmp(self, key: str) -> None:
+        # writers hold the key's lock, and we hold it now: any tmp/<key>.* is from a dead writer
+        d = self.root / "tmp"
+        if d.is_dir():
+            for p in d.glob(f"{key}.*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- maintenance -------------------------------------------------------------------------
+    def entry_names(self) -> list[str]:
+        """Every directory under models/, valid entry or not (a key's dir without meta.json is
+        damage: entries only appear by atomic rename)."""
+        d = self.root / "models"
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def verify(self, quarantine: bool = False) -> dict[str, str | None]:
+        """Re-hash and parse every entry: {name: problem, or None when intact}. With
+        `quarantine`, corrupt entries are moved aside (under their lock, re-checked first)."""
+        out: dict[str, str | None] = {}
+        for name in self.entry_names():
+            out[name] = self._problem(name)
+            if out[name] is None or not quarantine:
+                continue
+            if not _is_key(name):  # nothing of ours; no lock to take
+                self._move_aside(self.root / "models" / name, name, out[name] or "")
+                continue
+            lock = self._lock(name)
+            try:
+                lock.acquire(timeout=self.lock_timeout)
+            except Timeout:
+                out[name] = f"{out[name]} (left in place: its lock stayed busy)"
+                continue
+            try:
+                out[name] = self._problem(name)  # it may have been recreated meanwhile
+                if out[name] is not None:
+                    self.quarantine(name, out[name] or "")
+            finally:
+                lock.release()
+        return out
+
+    def _problem(self, name: str) -> str | None:
+        if not _is_key(name):
+            return "not a store key (64 lowercase hex digits)"
+        if not (self.entry_dir(name) / META).is_file():
+            return f"no {META}"
+        try:
+            self.load(name)
+        except CorruptEntryError as e:
+            return str(e)
+        return None
 
     def get_or_create(
         self,
@@ -178,9 +234,13 @@ class Store:
         create: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
         describe: str = "",
         log: Callable[[str], None] | None = None,
+        refuse_corrupt: str | None = None,
     ) -> Entry:
         """Return the entry for `key`, creating it with `create() -> (state_dict, meta)` if it
-        is missing. Concurrent callers: one creates, the others wait and load."""
+        is missing. Concurrent callers: one creates, the others wait and load.
+
+        A corrupt entry is quarantined and recreated; with `refuse_corrupt` (the reason, shown to
+        the user) it is quarantined and CorruptEntryError is raised instead."""
         log = log or _stderr
         if self.has(key):
             try:
@@ -206,7 +266,10 @@ class Store:
                     return self.load(key)
                 except CorruptEntryError as e:
                     dest = self.quarantine(key, str(e))
+                    if refuse_corrupt is not None:
+                        raise CorruptEntryError(f"{e}; moved to {dest}; {refuse_corrupt}") from None
                     log(f"qbd: {e}; moved to {dest}, recreating it")
+            self._remove_stale_tmp(key)
             state, meta = create()
             path = self.save(key, state, meta)
             entry = self.load(key)
@@ -230,8 +293,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _is_key(key: str) -> bool:
+    return len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+
+
 def _check_key(key: str) -> None:
-    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+    if not _is_key(key):
         raise StoreError(f"invalid store key {key!r}: expected 64 lowercase hex digits")
 
 

@@ -11,7 +11,7 @@ import torch
 from qbd.config import ModelJob
 from qbd.data.base import DataSplit
 from qbd.models import Classifier, build_model
-from qbd.store import Entry, Store
+from qbd.store import CorruptEntryError, Entry, Store
 
 
 @dataclass
@@ -53,5 +53,7 @@ def get_trained(
     fingerprint = data.fingerprint()
     threads = cpu_train_threads() if resolve_device(device).type == "cpu" else None
     entry = store.get_or_create(job.key(fingerprint, threads), create, describe=job.slug(), log=log)
+    if "fetched" in entry.meta:  # fetched weights live under their own keys (qbd.fetch); never pass as trained
+        raise CorruptEntryError(f"store entry {entry.key} holds fetched weights under a trained job's key; remove it")
     model = load_weights(job, data, entry.state_dict)
     return TrainedModel(job=job, model=model, metrics=dict(entry.meta["metrics"]), entry=entry)

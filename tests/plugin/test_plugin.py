@@ -3,6 +3,7 @@ expectations and --qbd-accept."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import shutil
 from pathlib import Path
@@ -29,10 +30,8 @@ def _preloaded() -> None:
             importlib.import_module(mod.name)
     for name in ("numpy.fft", "scipy.stats", "sklearn.datasets", "sklearn.model_selection", "sklearn.cluster",
                  "sklearn.decomposition", "torchvision.datasets", "matplotlib.pyplot"):
-        try:
+        with contextlib.suppress(ImportError):  # optional ones: the inner run reports it if needed
             importlib.import_module(name)
-        except ImportError:  # optional in some environments; the inner run reports it if needed
-            pass
 
 
 @pytest.fixture

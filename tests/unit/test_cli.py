@@ -26,7 +26,7 @@ FAST = ("--dataset", "digits", "--epochs", "1", "--min-clean-acc", "0", "--min-a
 
 def test_help_lists_every_command():
     out = qbd("--help").stdout
-    for cmd in ("train", "run", "quant", "list"):
+    for cmd in ("train", "run", "quant", "store", "list"):
         assert cmd in out
 
 

@@ -128,3 +128,107 @@ def test_lock_timeout_gives_clear_error(tmp_path):
         holder.wait()
     # a killed holder releases its flock: no stale lock
     assert not store.get_or_create(KEY, lambda: (_state(), {})).hit
+
+
+KILLED = textwrap.dedent(
+    """
+    import sys, time, torch
+    import qbd.store
+    from qbd.store import Store
+    root, key, stage = sys.argv[1], sys.argv[2], sys.argv[3]
+    def create():
+        if stage == "create":  # holding the key's lock, "training"
+            print("creating", flush=True)
+            time.sleep(600)
+        return {"w": torch.arange(6.0)}, {}
+    def hang(d):  # the entry is written in tmp/ but not yet renamed into models/
+        print("writing", flush=True)
+        time.sleep(600)
+    if stage == "write":
+        qbd.store._fsync_dir_files = hang
+    Store(root).get_or_create(key, create, log=lambda m: None)
+    """
+)
+
+
+def _start_then_kill(root, stage: str, check_alive=None) -> None:
+    """Run KILLED until it reports `stage`, call `check_alive()` meanwhile, then SIGKILL it."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(root), KEY, stage], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == {"write": "writing", "create": "creating"}[stage]
+        if check_alive is not None:
+            check_alive()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and flock are POSIX")
+
+
+@posix_only
+def test_writer_killed_mid_write_leaves_no_visible_entry(tmp_path):
+    root = tmp_path / "store"
+
+    def partial_write_exists():
+        (partial,) = (root / "tmp").iterdir()
+        assert (partial / "weights.safetensors").is_file()
+
+    _start_then_kill(root, "write", partial_write_exists)
+    store = Store(root, lock_timeout=5)
+    assert not store.has(KEY) and store.keys() == [] and not store.entry_dir(KEY).exists()
+    calls = []
+    e = store.get_or_create(KEY, lambda: (calls.append(1), ({"w": torch.arange(6.0)}, {}))[1], log=lambda m: None)
+    assert calls == [1] and not e.hit and torch.equal(e.state_dict["w"], torch.arange(6.0))
+    assert list((root / "tmp").iterdir()) == [], "the dead writer's partial entry was not cleaned up"
+    assert store.get_or_create(KEY, lambda: pytest.fail("must not recreate")).hit
+
+
+@posix_only
+def test_lock_of_a_killed_holder_is_released_but_a_live_one_times_out(tmp_path):
+    root = tmp_path / "store"
+
+    def live_holder_blocks():
+        with pytest.raises(StoreError, match=r"timed out after 0 s waiting for the lock.*another process is still creating it"):
+            Store(root, lock_timeout=0.3).get_or_create(KEY, lambda: pytest.fail("lock is held"), log=lambda m: None)
+
+    _start_then_kill(root, "create", live_holder_blocks)
+    lock_file = root / "locks" / f"{KEY}.lock"
+    assert lock_file.exists()  # the file stays; the flock on it died with its holder
+    from filelock import FileLock
+
+    free = FileLock(str(lock_file))
+    free.acquire(timeout=0)  # would raise Timeout if the dead holder's flock had survived
+    free.release()
+    e = Store(root, lock_timeout=2).get_or_create(KEY, lambda: (_state(), {}), log=lambda m: None)
+    assert not e.hit and Store(root).has(KEY)
+
+
+def test_corrupt_entry_refused_when_it_cannot_be_recreated(tmp_path):
+    store = Store(tmp_path)
+    store.save(KEY, _state(), {})
+    (store.entry_dir(KEY) / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CorruptEntryError, match=r"does not match.*moved to .*quarantine.*; fetch it again"):
+        store.get_or_create(KEY, lambda: pytest.fail("must not recreate"), refuse_corrupt="fetch it again")
+    assert not store.has(KEY)
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
+
+
+def test_verify_reports_and_quarantines(tmp_path):
+    store = Store(tmp_path)
+    good, bad = "b" * 64, "c" * 64
+    store.save(good, _state(), {})
+    store.save(bad, _state(), {})
+    (store.entry_dir(bad) / "meta.json").write_text("[]")
+    (tmp_path / "models" / "stray").mkdir()
+    report = store.verify()
+    assert report[good] is None
+    assert "does not describe this entry" in report[bad]
+    assert "not a store key" in report["stray"]
+    assert store.entry_dir(bad).exists()  # reporting moves nothing
+    store.verify(quarantine=True)
+    assert store.entry_names() == [good]
+    assert len(list((tmp_path / "quarantine").iterdir())) == 2

@@ -109,10 +109,9 @@ def test_recording_no_autograd_kernel_records_it_and_passes_others_through():
 
     msg = ("quantized::linear_dynamic: an autograd kernel was not registered to the Autograd key(s) but we are"
            " trying to backprop through it. This may lead to silently incorrect behavior.")
-    with pytest.warns(UserWarning, match="unrelated") as record:
-        with recording_no_autograd_kernel() as notes:
-            w.warn(msg, UserWarning, stacklevel=1)
-            w.warn(msg, UserWarning, stacklevel=1)
-            w.warn("unrelated", UserWarning, stacklevel=1)
+    with pytest.warns(UserWarning, match="unrelated") as record, recording_no_autograd_kernel() as notes:
+        w.warn(msg, UserWarning, stacklevel=1)
+        w.warn(msg, UserWarning, stacklevel=1)
+        w.warn("unrelated", UserWarning, stacklevel=1)
     assert notes == [msg.split(". ")[0]]
     assert [str(r.message) for r in record] == ["unrelated"]

@@ -1,0 +1,301 @@
+"""Untrusted weights (qbd.fetch): `qbd store fetch` and `qbd run --model-file` accept only
+sha256-pinned safetensors or weights_only state dicts that fit the architecture, and every
+refusal is one line, exit status 2, with nothing left in the store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qbd.cli import main
+from qbd.config import AttackSpec, DatasetSpec, ModelJob
+from qbd.fetch import fetched_key
+from qbd.models import build_model
+from qbd.store import Store
+
+DIGITS = ("--dataset", "digits", "--min-clean-acc", "0", "--min-asr", "0", "--no-progress")
+
+
+class Evil:
+    """A pickle that runs a shell command when unpickled: what a hostile .pt file can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def _state(num_classes: int = 10) -> dict[str, torch.Tensor]:
+    # untrained tiny-cnn weights (seeded): the shapes are what matters here, not the accuracy
+    return build_model("tiny-cnn", num_classes, (0.5,) * 3, (0.25,) * 3, seed=0).state_dict()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("QBD_CACHE_DIR", str(root))
+    return root
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def _entry_points(path: Path | str, sha: str) -> dict[str, list[str]]:
+    return {
+        "store fetch": ["store", "fetch", str(path), "--sha256", sha, *DIGITS],
+        "run --model-file": ["run", "--model-file", str(path), "--sha256", sha, "--quant", "fp32", "--defense", "strip",
+                             "--protocol", "canonical", "--no-controls", *DIGITS],
+    }
+
+
+def _refused(argv: list[str], capsys, cache: Path, message: str) -> str:
+    """Run the CLI in-process: exit 2, one line naming `message`, the store untouched."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert _files(cache) == [], "a refused model left files in the store"
+    return err
+
+
+# -- hostile pickles ------------------------------------------------------------------------------
+def _hostile_files(tmp_path: Path, marker: Path) -> list[Path]:
+    d = tmp_path / "hostile"
+    d.mkdir()
+    torch_zip = d / "zip.pt"
+    torch.save({"head.weight": Evil(marker)}, torch_zip)  # torch's zip format, payload inside
+    legacy = d / "legacy.pth"
+    torch.save(Evil(marker), legacy, _use_new_zipfile_serialization=False)
+    plain = d / "plain.pt"
+    plain.write_bytes(pickle.dumps(Evil(marker)))  # a bare pickle named like a checkpoint
+    disguised = d / "disguised.safetensors"
+    disguised.write_bytes(pickle.dumps(Evil(marker)))
+    return [torch_zip, legacy, plain, disguised]
+
+
+def test_hostile_payload_runs_when_unpickled_unrestricted(tmp_path):
+    """Positive control: each planted file does run its payload under an unrestricted load, so
+    the marker's absence below means the loader refused it, not that the payload was inert."""
+    marker = tmp_path / "control-marker"
+    for path in _hostile_files(tmp_path, marker):
+        marker.unlink(missing_ok=True)
+        if path.suffix == ".safetensors" or path.name == "plain.pt":
+            pickle.loads(path.read_bytes())
+        else:
+            torch.load(path, weights_only=False)
+        assert marker.exists(), path.name
+
+
+@pytest.mark.parametrize("entry", ["store fetch", "run --model-file"])
+def test_hostile_pickle_never_executes(entry, tmp_path, cache, capsys):
+    marker = tmp_path / "PWNED"
+    for path in _hostile_files(tmp_path, marker):
+        message = "not a readable safetensors" if path.suffix == ".safetensors" else "refused: not a plain state dict"
+        _refused(_entry_points(path, _sha(path))[entry], capsys, cache, message)
+        assert not marker.exists(), f"{path.name}: unpickling ran the payload"
+
+
+def test_hostile_pickle_with_other_suffix_is_not_even_parsed(tmp_path, cache, capsys):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(Evil(marker)))
+    _refused(_entry_points(path, _sha(path))["store fetch"], capsys, cache, "only .safetensors, or a plain state dict")
+    # --format pt forces the parse: still the restricted unpickler
+    _refused(["store", "fetch", str(path), "--sha256", _sha(path), "--format", "pt", *DIGITS], capsys, cache,
+             "torch.load(weights_only=True) rejects it")
+    assert not marker.exists()
+
+
+def test_hostile_pickle_through_the_real_command(tmp_path):
+    """The same, as a user meets it: a fresh `qbd` process, whatever torch.load's default is."""
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "model.pt"
+    torch.save({"head.weight": Evil(marker)}, path)
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-m", "qbd", *_entry_points(path, _sha(path))["store fetch"]],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "QBD_CACHE_DIR": str(cache)})
+    assert r.returncode == 2 and "refused: not a plain state dict" in r.stderr
+    assert "weights_only set to `False`" not in r.stderr  # never advise the unsafe load
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert not marker.exists() and _files(cache) == []
+
+
+# -- malformed or mismatched files -------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["store fetch", "run --model-file"])
+def test_sha256_mismatch_refused(entry, tmp_path, cache, capsys):
+    path = _save(tmp_path / "m.safetensors", _state())
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    _refused(_entry_points(path, wrong)[entry], capsys, cache, f"expected {wrong}; refusing it")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_truncated_file_refused(suffix, tmp_path, cache, capsys):
+    path = _save(tmp_path / f"m{suffix}", _state())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    label = "safetensors" if suffix == ".safetensors" else "torch .pt"
+    _refused(_entry_points(path, _sha(path))["store fetch"], capsys, cache, f"not a readable {label} weights file")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: _state(num_classes=5), "wrong shape or type: head.bias [5] float32 (expected [10] float32)"),
+        (lambda s: {**s, "extra.weight": torch.zeros(3)}, "unexpected keys: extra.weight"),
+        (lambda s: {k: v for k, v in s.items() if k != "head.bias"}, "missing keys: head.bias"),
+        (lambda s: {**s, "head.bias": torch.full((10,), float("nan"))}, "non-finite values: head.bias"),
+        (lambda s: {**s, "head.bias": torch.zeros(10, dtype=torch.int64)}, "wrong shape or type: head.bias"),
+    ],
+    ids=["wrong-shape", "extra-key", "missing-key", "nan", "int-for-float"],
+)
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_state_dict_must_fit_the_architecture(edit, message, suffix, tmp_path, cache, capsys):
+    path = _save(tmp_path / f"m{suffix}", edit(_state()))
+    err = _refused(_entry_points(path, _sha(path))["store fetch"], capsys, cache, message)
+    assert "does not fit tiny-cnn on digits (10 classes)" in err
+
+
+def test_not_a_state_dict_refused(tmp_path, cache, capsys):
+    path = tmp_path / "m.pt"
+    torch.save({"model": _state()}, path)  # a checkpoint wrapper, not a flat state dict
+    _refused(_entry_points(path, _sha(path))["store fetch"], capsys, cache, "expected a flat state dict")
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("{tmp}/missing.safetensors", "no such file"),
+        ("file://{tmp}/missing.safetensors", "no such file"),
+        ("file://elsewhere/m.safetensors", "file:// URLs must name a local file"),
+        ("ftp://example.invalid/m.safetensors", "unsupported URL scheme 'ftp'"),
+        ("http://127.0.0.1:9/m.safetensors", "cannot fetch http://127.0.0.1:9/m.safetensors"),  # nothing listens on 9
+        ("{tmp}/dir.safetensors", "cannot read"),  # a directory
+    ],
+)
+@pytest.mark.parametrize("entry", ["store fetch", "run --model-file"])
+def test_unreachable_source_refused(location, message, entry, tmp_path, cache, capsys):
+    (tmp_path / "dir.safetensors").mkdir()
+    _refused(_entry_points(location.format(tmp=tmp_path), "0" * 64)[entry], capsys, cache, message)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["store", "fetch", "m.pt", "--sha256", "abc"], "--sha256 must be 64 hex digits"),
+        (["run", "--model-file", "m.pt", *DIGITS], "--model-file needs --sha256"),
+        (["run", "--sha256", "0" * 64, *DIGITS], "--sha256 pins a --model-file"),
+        (["run", "--model-file", "m.pt", "--sha256", "0" * 64, "--dataset", "digits,synthetic"], "one data set"),
+    ],
+)
+def test_usage_errors(argv, message, cache, capsys):
+    _refused(argv, capsys, cache, message)
+
+
+# -- the happy path -----------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_fetch_stores_a_marked_entry_then_hits(suffix, tmp_path, cache, capsys):
+    state = _state()
+    path = _save(tmp_path / f"m{suffix}", state)
+    sha = _sha(path)
+    argv = ["store", "fetch", path.as_uri() if suffix == ".pt" else str(path), "--sha256", sha.upper(), "--json", *DIGITS]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["cache"] == "miss" and 0 <= first["clean_acc"] <= 1 and 0 <= first["asr"] <= 1
+    assert first["fetched"] == {"source": path.as_uri() if suffix == ".pt" else str(path.resolve()), "sha256": sha,
+                                "format": "safetensors" if suffix == ".safetensors" else "pt",
+                                "bytes": path.stat().st_size}
+    store = Store(cache)
+    assert store.keys() == [first["key"]]
+    entry = store.load(first["key"])
+    assert entry.meta["job"]["train"] is None and entry.meta["fetched"]["sha256"] == sha
+    assert all(torch.equal(entry.state_dict[k], v) for k, v in state.items())
+    # its own key: never the key a trained job would use
+    job = ModelJob(dataset=DatasetSpec("digits"), attack=AttackSpec())
+    from qbd.data import load_dataset
+
+    fp = load_dataset(job.dataset, None).fingerprint()
+    assert first["key"] == fetched_key(job, sha, fp) != job.key(fp)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == "hit"
+
+    assert main(["store", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["key"], r["kind"]) for r in rows] == [(first["key"], "fetched")]
+    assert main(["store", "verify"]) == 0
+    assert "1 intact, 0 corrupt" in capsys.readouterr().out
+
+
+def test_corrupt_fetched_entry_is_refused_not_recreated(tmp_path, cache, capsys):
+    path = _save(tmp_path / "m.safetensors", _state())
+    argv = ["store", "fetch", str(path), "--sha256", _sha(path), "--json", *DIGITS]
+    assert main(argv) == 0
+    key = json.loads(capsys.readouterr().out)["key"]
+    weights = Store(cache).entry_dir(key) / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    assert main(["store", "verify"]) == 1
+    assert f"{key}: store entry {key}: weights sha256" in capsys.readouterr().out
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and "fetched weights are never recreated automatically" in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert Store(cache).keys() == []  # quarantined, and nothing put in its place
+    assert len(list((cache / "quarantine").iterdir())) == 1
+    # fetching it again (the pinned file is still there) restores it
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["key"] == key
+
+
+def test_verify_quarantines_corrupt_entries(tmp_path, cache, capsys):
+    path = _save(tmp_path / "m.safetensors", _state())
+    assert main(["store", "fetch", str(path), "--sha256", _sha(path), "--json", *DIGITS]) == 0
+    key = json.loads(capsys.readouterr().out)["key"]
+    (Store(cache).entry_dir(key) / "meta.json").write_text("{not json")
+    assert main(["store", "verify", "--quarantine"]) == 1
+    assert "quarantined" in capsys.readouterr().out
+    assert Store(cache).keys() == []
+    assert main(["store", "verify"]) == 0
+
+
+def test_run_with_model_file_end_to_end(tmp_path):
+    """`qbd run --model-file`: the fetched weights are the model under test (no training)."""
+    path = _save(tmp_path / "m.safetensors", _state())
+    cache = tmp_path / "cache"
+    r = subprocess.run(
+        [sys.executable, "-m", "qbd", *_entry_points(path, _sha(path))["run --model-file"], "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "QBD_CACHE_DIR": str(cache)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "(fetched): model miss" in r.stderr
+    (res,) = json.loads(r.stdout)["results"]
+    assert res["cell"] == "digits/fp32/strip[canonical]" and res["model"] == "tiny-cnn"
+    assert res["verdict"]["status"] in ("detected", "clean", "invalid")
+    store = Store(cache)
+    (key,) = store.keys()  # only the fetched model: nothing was trained
+    assert store.read_meta(key)["fetched"]["sha256"] == _sha(path)
