@@ -24,7 +24,9 @@ TIERS = ("smoke", "paper")
 # Bump when qbd.train, qbd.attacks or a model definition changes the weights a spec produces:
 # the revision is part of every store key, so stale models are never reused.
 TRAINING_REVISION = 2
-_XY = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$")
+_XY = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$", re.ASCII)  # ASCII: "٣,٣" is not a position
+# Seeds reach torch.Generator.manual_seed, which overflows past 64 bits; one bound for all seeds.
+MAX_SEED = 2**63 - 1
 
 
 def canonical_json(obj: Any) -> str:
@@ -55,7 +57,7 @@ class DatasetSpec:
     seed: int = 0  # generation and split seed; loaders of fixed data sets ignore it
 
     def __post_init__(self) -> None:
-        _check_int("dataset seed", self.seed, 0)
+        _check_int("dataset seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class AttackSpec:
             )
         _check_int("trigger size", self.trigger_size, 1)
         _check_int("target class", self.target, 0)
-        _check_int("attack seed", self.seed, 0)
+        _check_int("attack seed", self.seed, 0, MAX_SEED)
         parse_position(self.trigger_position)
         rate = self.poison_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
@@ -141,7 +143,7 @@ class TrainSpec:
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1)
         _check_int("batch size", self.batch_size, 1)
-        _check_int("training seed", self.seed, 0)
+        _check_int("training seed", self.seed, 0, MAX_SEED)
         for label, v in (("lr", self.lr), ("momentum", self.momentum), ("weight decay", self.weight_decay)):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{label} must be a finite number >= 0, got {v!r}")
@@ -200,8 +202,10 @@ def cell_id(dataset: str, scheme: str, defense: str, protocol: str) -> str:
     return f"{dataset}/{scheme}/{defense}[{protocol}]"
 
 
-def _check_int(label: str, value: object, minimum: int) -> None:
+def _check_int(label: str, value: object, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{label} must be an integer, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{label} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{label} must be <= {maximum}, got {value}")

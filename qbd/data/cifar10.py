@@ -55,6 +55,7 @@ _READ_ERRORS = (
     IndexError,
     AttributeError,
     OverflowError,
+    MemoryError,  # a damaged length field asks for an allocation that fails: not a usable batch either
 )
 
 
@@ -252,5 +253,7 @@ def _read_batches(batch_dir: Path, names: list[str], num_classes: int) -> tuple[
             raise DataUnavailableError(f"CIFAR-10 file {path}: labels must be integers 0..{num_classes - 1}")
         images.append(data)
         labels.extend(int(t) for t in y)
+    if not labels:  # batches without a single image would train on nothing
+        raise DataUnavailableError(f"CIFAR-10 files {', '.join(names)} in {batch_dir} hold no images")
     x = np.vstack(images).reshape(-1, 3, 32, 32)  # rows are R, G, B planes of 32 x 32
     return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64)

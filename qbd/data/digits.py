@@ -15,6 +15,7 @@ import torch
 
 from qbd.config import DatasetSpec
 from qbd.data.base import DataSplit
+from qbd.errors import ConfigError
 
 SIZE = 32
 TEST_FRACTION = 0.2
@@ -34,6 +35,8 @@ def load(spec: DatasetSpec, root: Path | None = None) -> DataSplit:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if spec.seed >= 2**32:  # scikit-learn's random_state is a 32-bit seed
+        raise ConfigError(f"digits: the split seed must be < 2**32, got {spec.seed}")
     bunch = load_digits()
     images = to_pixels(bunch.images)
     labels = bunch.target.astype(np.int64)

@@ -165,10 +165,11 @@ def _read(gtsrb_cls: type, root: Path, split: str) -> tuple[np.ndarray, np.ndarr
         y = np.empty(n, dtype=np.int64)
         for i in range(n):
             x[i], y[i] = ds[i]
-    except (OSError, UnidentifiedImageError, csv.Error, KeyError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, csv.Error, KeyError, ValueError) as exc:
         # OSError: a missing or truncated image, or a class folder without .ppm files
-        # (FileNotFoundError; UnidentifiedImageError is a subclass too); csv.Error, KeyError,
-        # ValueError: a malformed CSV (missing column, non-integer ClassId).
+        # (FileNotFoundError; UnidentifiedImageError is a subclass too); DecompressionBombError:
+        # a header claiming billions of pixels; csv.Error, KeyError, ValueError: a malformed CSV
+        # (missing column, non-integer ClassId).
         raise DataUnavailableError(
             f"GTSRB {split} split under {where} is incomplete or malformed ({type(exc).__name__}: {exc}). "
             + _how_to_get(root)

@@ -6,7 +6,11 @@ gradient-based defense that received no input gradient. It is never `clean`.
 
 from __future__ import annotations
 
+import ctypes
+import json
 import math
+import numbers
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -141,25 +145,200 @@ def check_defense(obj: Any) -> None:
         raise TypeError(f"{obj!r} is not a qbd defense: it needs " + ", ".join(problems))
 
 
-def run_defense(defense: Defense, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> tuple[Verdict, float]:
-    """Run `detect` and vouch for the answer: a crash, a wrong type or a non-finite figure is
-    an `invalid` verdict with the reason, never a silent `clean`. Returns (verdict, seconds)."""
-    t0 = time.perf_counter()
+def run_defense(
+    defense: Defense, subject: Subject, inputs: DefenseInputs, generator: torch.Generator, *, timeout_s: float | None = None
+) -> tuple[Verdict, float]:
+    """Run `detect` and vouch for the answer: a crash, a hang past `timeout_s`, a wrong type, an
+    unknown status, a non-finite or non-numeric figure or a target outside the model's classes
+    is an `invalid` verdict with the reason, never a silent `clean` and never a crash of the
+    run. `timeout_s=None` (the default) sets no limit. Returns (verdict, seconds)."""
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        from qbd.errors import ConfigError
+
+        raise ConfigError(f"defense timeout must be a number of seconds > 0, got {timeout_s!r}")
+    name = _name_of(defense)
+    try:
+        check_defense(defense)
+    except TypeError as e:  # a third-party object the loader did not vet
+        return Verdict.invalid(str(e)), 0.0
     missing = inputs.require(frozenset(defense.requires))
     if missing:
-        return Verdict.invalid(f"{defense.name} requires {missing}, which this protocol does not provide"), 0.0
-    try:
-        v = defense.detect(subject, inputs, generator)
-    except Exception as e:
-        tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        return Verdict.invalid(f"{defense.name} raised {tb}", evidence={"exception": type(e).__name__}), time.perf_counter() - t0
+        return Verdict.invalid(f"{name} requires {missing}, which this protocol does not provide"), 0.0
+    t0 = time.perf_counter()
+    if timeout_s is None:
+        outcome = _call(defense, subject, inputs, generator)
+    else:
+        outcome = _call_with_timeout(defense, subject, inputs, generator, float(timeout_s), name)
     seconds = time.perf_counter() - t0
+    if isinstance(outcome, _TimedOut):
+        reason = f"{name} timed out after {timeout_s:g} s"
+        if outcome.still_running:
+            reason += (" and is still running: Python cannot stop a thread inside native code or one that"
+                       " swallows the stop, so it may keep using CPU (and the model) in the background")
+        return Verdict.invalid(reason, evidence={"timeout_s": timeout_s, "still_running": outcome.still_running}), seconds
+    if isinstance(outcome, BaseException):
+        tb = traceback.format_exception_only(type(outcome), outcome)[-1].strip()
+        return Verdict.invalid(f"{name} raised {tb}", evidence={"exception": type(outcome).__name__}), seconds
+    return vouch(outcome, name, subject.num_classes), seconds
+
+
+def vouch(v: Any, name: str, num_classes: int | None = None) -> Verdict:
+    """`v` if it is a well-formed Verdict (figures normalised to float and int), else an
+    `invalid` verdict saying what is wrong with it."""
     if not isinstance(v, Verdict):
-        return Verdict.invalid(f"{defense.name}.detect returned {type(v).__name__}, not a Verdict"), seconds
-    for label, value in (("score", v.score), ("threshold", v.threshold)):
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)) and v.status != "invalid":
-            return Verdict.invalid(f"{defense.name} produced a non-finite {label} ({value})", evidence=v.evidence, controls=v.controls), seconds
-    return v, seconds
+        return Verdict.invalid(f"{name}.detect returned {type(v).__name__}, not a Verdict")
+    # Verdict checks these on construction, but its fields stay assignable afterwards
+    if not isinstance(v.status, str) or v.status not in STATUSES:
+        return Verdict.invalid(f"{name} returned an unknown status {v.status!r}; valid: {', '.join(STATUSES)}")
+    if v.reason is not None and not isinstance(v.reason, str):
+        return Verdict.invalid(f"{name} returned a {type(v.reason).__name__} reason, not a str")
+    if v.status == "invalid" and not v.reason:
+        return Verdict.invalid(f"{name} returned an invalid verdict without a reason")
+    if not isinstance(v.evidence, Mapping):
+        return Verdict.invalid(f"{name} returned evidence of type {type(v.evidence).__name__}, not a mapping")
+    if not isinstance(v.controls, Mapping):
+        return Verdict.invalid(f"{name} returned controls of type {type(v.controls).__name__}, not a mapping")
+    for key, c in v.controls.items():
+        if not isinstance(key, str) or not isinstance(c, Control):
+            return Verdict.invalid(f"{name} returned control {key!r} as a {type(c).__name__}, not a Control")
+    figures: dict[str, float | None] = {}
+    for label in ("score", "threshold"):
+        value = _as_float(getattr(v, label))
+        if value is _NOT_A_NUMBER:
+            return Verdict.invalid(f"{name} returned a {type(getattr(v, label)).__name__} {label}, not a number")
+        if value is not None and not math.isfinite(value) and v.status != "invalid":
+            return Verdict.invalid(f"{name} produced a non-finite {label} ({value})", evidence=dict(v.evidence), controls=dict(v.controls))
+        figures[label] = value
+    target = v.target_class
+    if target is not None:
+        target = _as_int(target)
+        if target is None:
+            return Verdict.invalid(f"{name} returned target class {v.target_class!r}, not a class index")
+        if target < 0 or (num_classes is not None and target >= num_classes):
+            return Verdict.invalid(f"{name} returned target class {target}, outside 0..{(num_classes or 0) - 1}",
+                                   evidence=dict(v.evidence), controls=dict(v.controls))
+    out = Verdict(status=v.status, score=figures["score"], threshold=figures["threshold"], target_class=target,
+                  reason=v.reason, evidence=dict(v.evidence), controls=dict(v.controls))
+    try:  # every Result is written as JSON: find an unwritable evidence value now, not at the end of the run
+        json.dumps(out.to_dict(), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        return Verdict.invalid(f"{name} returned evidence that is not JSON-serialisable ({type(e).__name__}: {e})")
+    return out
+
+
+# -- running detect ---------------------------------------------------------------------------
+class DefenseTimeout(BaseException):
+    """Raised inside a defense's thread when it runs past its timeout. A BaseException, so a
+    defense's own `except Exception` cannot swallow it."""
+
+
+@dataclass(frozen=True)
+class _TimedOut:
+    still_running: bool
+
+
+_GRACE_S = 1.0  # how long a timed-out defense gets to unwind after it is told to stop
+_NOT_A_NUMBER = object()
+
+
+def _name_of(defense: Any) -> str:
+    name = getattr(defense, "name", None)
+    return name if isinstance(name, str) and name else type(defense).__name__
+
+
+def _call(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Any:
+    """detect's return value, or the exception it raised (SystemExit included: a defense that
+    calls sys.exit must not end the run; KeyboardInterrupt still does)."""
+    try:
+        return defense.detect(subject, inputs, generator)
+    except (Exception, SystemExit) as e:
+        return e
+
+
+def _call_with_timeout(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torch.Generator,
+                       timeout_s: float, name: str) -> Any:
+    """`_call` in a worker thread, waiting at most `timeout_s`.
+
+    Threads cannot be killed. On timeout the worker is sent DefenseTimeout with
+    PyThreadState_SetAsyncExc (CPython): it is raised at the next Python bytecode the worker
+    runs, which stops a Python loop or a loop of torch calls between two ops, but not one
+    long native call (a sleep, a lock, a single huge matmul) nor code that catches
+    BaseException. Such a worker is left running as a daemon thread and the verdict says so.
+    A process or a signal would be the alternatives: a process would have to pickle the model
+    and inputs (and fork with torch's thread pools is unsafe); SIGALRM only reaches the main
+    thread and would clash with pytest-timeout's own alarm.
+    """
+    result: list[Any] = []
+    lock = threading.Lock()
+    state = {"done": False}
+    grad = torch.is_grad_enabled()  # grad mode is thread-local: give the worker the caller's
+
+    def work() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                outcome = _call(defense, subject, inputs, generator)
+            with lock:
+                state["done"] = True
+                result.append(outcome)
+        except DefenseTimeout:
+            pass
+        except BaseException as e:  # e.g. KeyboardInterrupt raised in this thread: hand it over
+            result.append(e)
+
+    worker = threading.Thread(target=work, name=f"qbd-defense-{name}", daemon=True)
+    worker.start()
+    try:
+        worker.join(timeout_s)
+    except BaseException:  # Ctrl-C while waiting: stop the worker too
+        _stop(worker, lock, state)
+        raise
+    if worker.is_alive() and _stop(worker, lock, state):
+        worker.join(_GRACE_S)
+        return _TimedOut(still_running=worker.is_alive())
+    worker.join()  # it had finished, or finished just as it was being stopped
+    outcome = result[0] if result else RuntimeError("the defense thread ended without a result")
+    if isinstance(outcome, BaseException) and not isinstance(outcome, (Exception, SystemExit)):
+        raise outcome
+    return outcome
+
+
+def _stop(worker: threading.Thread, lock: threading.Lock, state: dict[str, bool]) -> bool:
+    """Ask the worker to raise DefenseTimeout, unless it already has its result. True if asked."""
+    with lock:
+        if state["done"] or worker.ident is None:
+            return False
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(DefenseTimeout))
+        return True
+
+
+def _as_float(value: Any) -> Any:
+    """None, a finite or non-finite float, or _NOT_A_NUMBER. Accepts numpy scalars and 1-element
+    tensors; refuses bools, strings and everything else."""
+    import numpy as np
+
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return _NOT_A_NUMBER
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        return _NOT_A_NUMBER
+    return float(value)
+
+
+def _as_int(value: Any) -> int | None:
+    """An int from an int, numpy integer or 1-element integer tensor; None for anything else."""
+    import numpy as np
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
 
 
 def _jsonable(obj: Any) -> Any:
