@@ -106,9 +106,15 @@ def _device_type(device: str) -> str:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.split(":")[0] not in ("cpu", "cuda"):
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
-    return device.split(":")[0]
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no CUDA device here (use cpu or auto)")
+    return kind
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,8 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     job = job_from_args(args)
     data = load_dataset(job.dataset, args.data_root)
-    if job.attack is not None:
-        job.attack.check_fits(*data.image_size, data.num_classes)
+    # with --clean the BadNet options still name a trigger (the probe): check it all the same
+    (job.attack or _probe_from_args(args)).check_fits(*data.image_size, data.num_classes)
     store = Store(args.cache_dir)
     tm = get_trained(job, data, store, device=args.device, progress=not args.no_progress)
     m = tm.metrics
@@ -185,15 +191,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qbd.data import DATASETS
     from qbd.defenses import DEFENSES
     from qbd.quant import SCHEMES
-    from qbd.runner import RunPlan, run
+    from qbd.runner import RunPlan, load_defense, run
     from qbd.store import Store
     from qbd.tiers import TIERS
 
     tier = TIERS[args.tier]
-    datasets = _csv(args.dataset, DATASETS.names(), "dataset") if args.dataset else ("synthetic",) if args.tier == "smoke" else tier.datasets
-    schemes = _csv(args.quant, SCHEMES.names(), "quant") if args.quant else tier.schemes
-    defenses = _csv(args.defense, DEFENSES.names(), "defense") if args.defense else tuple(DEFENSES.names())
-    protocols = _csv(args.protocol, list(PROTOCOLS), "protocol") if args.protocol else tuple(PROTOCOLS)
+    # `is not None`: an empty --quant= is a mistake to report, not a request for the default
+    datasets = (_csv(args.dataset, DATASETS.names(), "dataset") if args.dataset is not None
+                else ("synthetic",) if args.tier == "smoke" else tier.datasets)
+    schemes = _csv(args.quant, SCHEMES.names(), "quant") if args.quant is not None else tier.schemes
+    defenses = _csv(args.defense, DEFENSES.names(), "defense") if args.defense is not None else tuple(DEFENSES.names())
+    protocols = _csv(args.protocol, list(PROTOCOLS), "protocol") if args.protocol is not None else tuple(PROTOCOLS)
+    for ref in defenses:  # fail on a bad --defense before any training
+        for protocol in protocols:
+            load_defense(ref, protocol, tier.name)
+    if args.engine is not None:
+        from qbd.quant.engine import supported_engines
+
+        if args.engine not in supported_engines():
+            raise ConfigError(f"quantized engine {args.engine!r} is not available in this torch build; valid: {', '.join(supported_engines())}")
     jobs = []
     for ds in datasets:
         args_ds = argparse.Namespace(**{**vars(args), "dataset": ds, "model": args.model or tier.model})
@@ -242,8 +258,17 @@ def _probe_from_args(args: argparse.Namespace) -> AttackSpec:
                       trigger_position=args.trigger_position, poison_rate=args.poison_rate, seed=args.attack_seed)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage block before an error; qbd's errors are one line (`qbd: error:
+    ...`, exit 2) so CI logs and scripts can read them. Sub-parsers inherit the class."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # no control character splits it
+        self.exit(EXIT_USAGE, f"qbd: error: {one_line} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="qbd",
         description="Does a backdoor defense still work on the model as it is deployed, i.e. quantized?",
     )

@@ -114,12 +114,19 @@ def load(path: str | Path) -> Expectations:
     """Read and validate an expectations file; errors name the file and the entry."""
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"expectations file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"expectations file {p} cannot be read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"expectations file {p} is not valid TOML: {e}") from None
     meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{p}: [meta] must be a table")
+    unknown_meta = set(meta) - {"tier", "tolerance"}
+    if unknown_meta:
+        raise ConfigError(f"{p}: meta: unknown key(s) {sorted(unknown_meta)}; valid: ['tier', 'tolerance']")
     unknown_top = set(raw) - {"meta", "cells", "attack", "audit"}
     if unknown_top:
         raise ConfigError(f"{p}: unknown table(s) {sorted(unknown_top)}; valid: meta, cells, attack, audit")
@@ -142,6 +149,11 @@ def load(path: str | Path) -> Expectations:
     return e
 
 
+def _is_fraction(v: Any) -> bool:
+    """A finite number in [0, 1]; a bool is not a number here (TOML's true is not 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+
+
 def _check_entry(p: Path, table: str, key: str, entry: dict[str, Any]) -> None:
     where = f"{p}: {table}.{key!r}"
     if table == "cells":
@@ -154,12 +166,21 @@ def _check_entry(p: Path, table: str, key: str, entry: dict[str, Any]) -> None:
     if table == "attack":
         for name in ("clean_acc", "asr", "tolerance"):
             v = entry.get(name)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1):
+            if v is not None and not _is_fraction(v):
                 raise ConfigError(f"{where}: {name} must be a fraction in [0, 1], got {v!r}")
     if table == "audit":
         for name in ("input_gradient", "surrogate_gradient"):
             if name in entry and not isinstance(entry[name], bool):
                 raise ConfigError(f"{where}: {name} must be true or false")
+        for name in ("min_quantized_fraction", "max_quantized_fraction"):
+            v = entry.get(name)
+            if v is not None and not _is_fraction(v):
+                raise ConfigError(f"{where}: {name} must be a fraction in [0, 1], got {v!r}")
+        if entry.get("min_quantized_fraction", 0) > entry.get("max_quantized_fraction", 1):
+            raise ConfigError(f"{where}: min_quantized_fraction > max_quantized_fraction")
+    for name in ("reason", "note"):
+        if name in entry and not isinstance(entry[name], str):
+            raise ConfigError(f"{where}: {name} must be a string")
     if "xfail" in entry and (not isinstance(entry["xfail"], str) or not entry["xfail"].strip()):
         raise ConfigError(f"{where}: xfail must be a non-empty reason")
 

@@ -6,6 +6,7 @@ store, gate it (Phase 1), then run every (scheme, defense, protocol) cell with p
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,15 +35,37 @@ class RunPlan:
 def load_defense(ref: str, protocol: str, tier: str) -> Any:
     """A registry name or a "module:Class" reference, instantiated for the protocol."""
     from qbd.defenses import DEFENSES
-    from qbd.defenses.base import check_defense
+    from qbd.errors import ConfigError
     from qbd.registry import load_ref
 
-    cls = load_ref(ref) if ":" in ref else DEFENSES.get(ref)
+    if ":" not in ref:
+        return _instantiate(DEFENSES.get(ref), ref, protocol, tier)  # unknown names list the valid ones
     try:
-        obj = cls(protocol=protocol, tier=tier) if isinstance(cls, type) else cls
-    except TypeError:
-        obj = cls()  # a third-party class that takes no protocol
-    check_defense(obj)
+        cls = load_ref(ref)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"--defense {ref!r}: cannot load it ({type(e).__name__}: {e})") from None
+    return _instantiate(cls, ref, protocol, tier)
+
+
+def _instantiate(cls: Any, ref: str, protocol: str, tier: str) -> Any:
+    from qbd.defenses.base import check_defense
+    from qbd.errors import ConfigError
+
+    if isinstance(cls, type):
+        params = inspect.signature(cls).parameters
+        any_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        # a third-party class may take no protocol or tier: pass what its signature accepts
+        kwargs = {k: v for k, v in (("protocol", protocol), ("tier", tier)) if any_kw or k in params}
+        try:
+            obj = cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"--defense {ref!r}: cannot instantiate it ({e})") from None
+    else:
+        obj = cls
+    try:
+        check_defense(obj)
+    except TypeError as e:
+        raise ConfigError(f"--defense {ref!r}: {e}") from None
     return obj
 
 
@@ -58,8 +81,9 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
     for job in plan.jobs:
         ds = job.dataset.name
         data = load_dataset(job.dataset, data_root)
-        if job.attack is not None:
-            job.attack.check_fits(*data.image_size, data.num_classes)
+        for attack in (job.attack, plan.probe):  # before any training: a bad trigger fails at once
+            if attack is not None:
+                attack.check_fits(*data.image_size, data.num_classes)
         # the asked-for model over every scheme; its negative control (same job, no poisoning)
         # on fp32, where a false alarm cannot be blamed on quantization
         kinds = [("backdoored" if job.attack is not None else "clean", job, plan.schemes)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -76,9 +77,19 @@ def sha256_file(path: Path) -> str:
 
 class Store:
     def __init__(self, root: str | os.PathLike[str] | None = None, lock_timeout: float | None = None) -> None:
+        from qbd.errors import ConfigError
+
         self.root = Path(root).expanduser() if root is not None else default_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"model cache {self.root} is not a directory (--cache-dir / ${CACHE_ENV})")
         if lock_timeout is None:
-            lock_timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT))
+            raw = os.environ.get(LOCK_TIMEOUT_ENV)
+            try:
+                lock_timeout = DEFAULT_LOCK_TIMEOUT if raw is None else float(raw)
+            except ValueError:
+                lock_timeout = math.nan
+            if not (math.isfinite(lock_timeout) and lock_timeout > 0):
+                raise ConfigError(f"${LOCK_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
         self.lock_timeout = lock_timeout
 
     # -- paths -------------------------------------------------------------------------------

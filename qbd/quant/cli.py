@@ -1,6 +1,11 @@
 """`qbd quant audit`: quantize a model with a scheme and print what was really quantized.
 
     qbd quant audit --model resnet18-cifar --untrained --scheme int8-dynamic [--engine qnnpack] [--json]
+    qbd quant audit --model tiny-cnn --dataset synthetic --scheme int8-static [--json]
+
+With --dataset the model is the default BadNet model trained on that data set (from the store;
+trained once if missing, as `qbd train` would), calibrated on the defender's clean holdout as in
+the matrix, and the report adds the deployed model's clean accuracy and ASR.
 
 qbd.cli adds `add_parser(subparsers)` to the main parser and calls `args.func(args)`; `run`
 returns the exit status and raises qbd.config.ConfigError for user errors. Torch is imported
@@ -24,6 +29,9 @@ CALIB_SEED = 0  # the random calibration batch
 CALIB_SHAPE = (64, 3, 32, 32)
 
 
+MAX_CLASSES = 100_000  # above ImageNet-21k's 21,841; beyond it the classifier alone runs to gigabytes
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     quant = subparsers.add_parser("quant", help="quantization schemes and their audits")
     commands = quant.add_subparsers(dest="quant_command", required=True, metavar="COMMAND")
@@ -42,7 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--dataset", metavar="NAME", help="a model trained on NAME, from the model store")
     audit.add_argument("--scheme", required=True, help=f"one of: {', '.join(SCHEMES.names())}")
     audit.add_argument("--engine", help="quantized engine for int8 schemes (x86, fbgemm, qnnpack)")
-    audit.add_argument("--num-classes", type=int, default=10, metavar="N", help="classes (default 10)")
+    audit.add_argument("--num-classes", type=int, default=10, metavar="N", help="classes with --untrained (default 10)")
+    audit.add_argument("--seed", type=int, default=0, help="training seed with --dataset (default 0)")
+    audit.add_argument("--data-root", default=None, help="where CIFAR-10 / GTSRB live (else $QBD_DATA_ROOT)")
+    audit.add_argument("--cache-dir", default=None, help="model store (else $QBD_CACHE_DIR, else the user cache)")
     audit.add_argument("--json", action="store_true", help="print the audit as JSON")
     audit.set_defaults(func=run)
     return quant
@@ -51,19 +62,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     if args.scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization scheme {args.scheme!r}; valid: {', '.join(SCHEMES.names())}")
-    if args.num_classes < 2:
-        raise ConfigError(f"--num-classes must be at least 2, got {args.num_classes}")
-    if args.dataset is not None:
-        raise ConfigError(
-            "quant audit --dataset is not available yet (trained models from the store are not wired"
-            " into this command); use --untrained"
-        )
+    if not 2 <= args.num_classes <= MAX_CLASSES:  # the bound keeps a typo from allocating gigabytes
+        raise ConfigError(f"--num-classes must be in [2, {MAX_CLASSES}], got {args.num_classes}")
     import torch
 
     from qbd.models import MODELS, build_model
 
     if args.model not in MODELS:
         raise ConfigError(f"unknown model {args.model!r}; valid: {', '.join(MODELS.names())}")
+    if args.dataset is not None:
+        report = _trained_report(args)
+        print(json.dumps(report, indent=2) if args.json else format_table(report))
+        return 0
     model = build_model(args.model, args.num_classes, UNTRAINED_MEAN, UNTRAINED_STD, seed=UNTRAINED_SEED)
     calib = torch.rand(CALIB_SHAPE, generator=torch.Generator().manual_seed(CALIB_SEED))
     qm = SCHEMES.get(args.scheme).apply(model, calib, args.engine)
@@ -76,6 +86,31 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
+
+
+def _trained_report(args: argparse.Namespace) -> dict[str, Any]:
+    from qbd.config import AttackSpec, DatasetSpec, ModelJob, ModelSpec
+    from qbd.data import load_dataset
+    from qbd.evaluate import Bench
+    from qbd.presets import default_train
+    from qbd.store import Store
+    from qbd.zoo import get_trained
+
+    spec = DatasetSpec(args.dataset)
+    job = ModelJob(spec, ModelSpec(args.model), AttackSpec(), default_train(args.dataset, args.model, seed=args.seed))
+    data = load_dataset(spec, args.data_root)
+    tm = get_trained(job, data, Store(args.cache_dir), progress=False)
+    bench = Bench(data, tm.model, job.attack, model_name=args.model, train_metrics=tm.metrics)
+    qm = bench.quantized(args.scheme, args.engine)
+    m = bench.metrics(args.scheme, args.engine)
+    return {
+        "model": args.model,
+        "source": f"{job.slug()} (store key {tm.entry.key[:12]}, {tm.cache})",
+        "num_classes": data.num_classes,
+        "calibration": {"images": len(bench.calib()), "from": "the defender's clean holdout"},
+        "deployed": {"clean_acc": m["clean_acc"], "asr": m["asr"]},
+        "audit": qm.audit.to_dict(),
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -94,6 +129,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"quant audit: {report['model']} ({report['source']}, {report['num_classes']} classes), scheme {audit['scheme']}"
     ]
+    if "deployed" in report:
+        d = report["deployed"]
+        lines.append(f"  deployed model: clean acc {d['clean_acc']:.4f}, ASR {d['asr']:.4f}")
     for key, value in audit.items():
         text = _fmt(value)
         if key == "quantized_param_fraction":

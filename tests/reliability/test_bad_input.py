@@ -229,7 +229,6 @@ def test_any_command_line_is_an_error_or_a_valid_job(capsys, cache, command, res
     argv = [command, *DIGITS]
     for opt, value in rest:
         argv += [opt] if opt in ("--clean", "--json", "--no-controls", "--no-progress") else [f"{opt}={value}"]
-    assume("--dataset=" not in argv)  # run's empty --dataset falls back to synthetic (an xfail below)
     o = qbd(capsys, cache, *argv)
     assert "Traceback" not in o.err + o.out
     if o.code is None:
@@ -320,14 +319,11 @@ def test_gtsrb_garbage_images_and_csv_are_refused(capsys, cache, tmp_path):
 
 
 # -- found here, to be fixed in files owned elsewhere (strict: they turn green when fixed) ----------
-@pytest.mark.xfail(strict=True, reason="qbd run resolves --defense module:Class only per cell, after training; "
-                   "an import or protocol failure then escapes as a traceback (cli.cmd_run / runner.load_defense)")
 @pytest.mark.parametrize("ref", ["nosuch.module:Defense", "qbd.config:Nope", "qbd.config:AttackSpec", "qbd.config:", ":X"])
 def test_a_bad_defense_reference_is_refused_before_training(capsys, cache, ref):
     assert_usage_error(qbd(capsys, cache, "run", *DIGITS, f"--defense={ref}"), ref)
 
 
-@pytest.mark.xfail(strict=True, reason="runner.load_defense lets ImportError / AttributeError / TypeError through")
 @pytest.mark.parametrize("ref", ["nosuch.module:Defense", "qbd.config:Nope", "qbd.config:AttackSpec"])
 def test_load_defense_raises_a_user_error(ref):
     from qbd.errors import QbdUserError
@@ -338,27 +334,21 @@ def test_load_defense_raises_a_user_error(ref):
         load_defense(ref, "canonical", "smoke")
 
 
-@pytest.mark.xfail(strict=True, reason="cmd_run tests `if args.dataset:` (--quant, --defense, --protocol alike), so an empty"
-                   " value silently means 'the default'")
 @pytest.mark.parametrize("option", ["dataset", "quant", "defense", "protocol"])
 def test_an_empty_selection_is_refused(capsys, cache, option):
     base = () if option == "dataset" else DIGITS
     assert_usage_error(qbd(capsys, cache, "run", *base, f"--{option}="), "empty")
 
 
-@pytest.mark.xfail(strict=True, reason="with --clean the probe trigger (BadNet options) is never fitted to the data set"
-                   " before training: train ignores it, run fails on it only when the first cell builds its inputs")
 @pytest.mark.parametrize("command", ["train", "run"])
 def test_attack_options_with_clean_are_checked_before_training(capsys, cache, command):
     assert_usage_error(qbd(capsys, cache, command, *DIGITS, "--clean", "--target=10"), "target class 10 out of range")
 
 
-@pytest.mark.xfail(strict=True, reason="--engine is checked when the first int8 cell quantizes, after training")
 def test_an_unknown_engine_is_refused_before_training(capsys, cache):
     assert_usage_error(qbd(capsys, cache, "run", *DIGITS, "--quant=int8-static", "--engine=bogus"), "engine 'bogus'")
 
 
-@pytest.mark.xfail(strict=True, reason="qbd.train.resolve_device raises RuntimeError, which cli.run_command re-raises")
 def test_cuda_without_a_gpu_is_a_usage_error(capsys, cache):
     import torch
 
@@ -367,18 +357,15 @@ def test_cuda_without_a_gpu_is_a_usage_error(capsys, cache):
     assert_usage_error(qbd(capsys, cache, "train", *DIGITS, "--device=cuda"), "cuda")
 
 
-@pytest.mark.xfail(strict=True, reason="Store mkdirs under --cache-dir without checking it: NotADirectoryError traceback")
 def test_a_cache_dir_that_is_a_file_is_a_usage_error(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     assert_usage_error(qbd(capsys, tmp_path, "train", *DIGITS, f"--cache-dir={tmp_path / 'file'}"), "cache")
 
 
-@pytest.mark.xfail(strict=True, reason="Store() calls float($QBD_LOCK_TIMEOUT) unguarded: ValueError traceback")
 def test_a_malformed_lock_timeout_is_a_usage_error(capsys, cache):
     assert_usage_error(qbd(capsys, cache, "train", *DIGITS, env={"QBD_LOCK_TIMEOUT": "soon"}), "QBD_LOCK_TIMEOUT")
 
 
-@pytest.mark.xfail(strict=True, reason="argparse's own errors print its usage block before the error line")
 @pytest.mark.parametrize("argv", [("--seed=-1",), ("--no-such-option=a\nb",)])
 def test_an_argparse_error_is_one_line(capsys, cache, argv):
     o = qbd(capsys, cache, "train", *DIGITS, *argv)
@@ -412,7 +399,7 @@ def _doc(tables: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) -> 
 
 
 _scalar = st.one_of(st.booleans(), st.integers(-3, 50), st.floats(), st.text(max_size=6), st.lists(st.integers(0, 3), max_size=2))
-_fraction = st.floats(-0.5, 1.5)  # finite, in or out of range; NaN and non-numbers are known bugs (xfails below)
+_fraction = st.one_of(st.floats(-0.5, 1.5), st.just(math.nan))  # in or out of range, or NaN (which must be refused)
 _CELL = {"status": st.one_of(st.sampled_from(["detected", "clean", "invalid"]), _scalar), "target": _scalar,
          "reason": st.text(max_size=6), "xfail": _scalar, "note": _scalar, "paper": st.one_of(st.sampled_from(["detected", "clean"]), _scalar),
          "status ": _scalar}
@@ -471,8 +458,6 @@ def test_any_text_as_expectations_is_refused_or_loaded(tmp_path_factory, text):
         expectations.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="expectations.load: meta.get on a non-table, read_text on bytes/dirs, unchecked "
-                   "audit bounds and reason types, unknown meta keys ignored")
 @pytest.mark.parametrize(
     "content",
     [

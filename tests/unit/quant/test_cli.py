@@ -57,10 +57,9 @@ def test_json(capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--model", "tiny-cnn", "--dataset", "cifar10", "--scheme", "fp32"], "not available yet"),
         (["--model", "tiny-cnn", "--untrained", "--scheme", "int3-real"], "unknown quantization scheme"),
         (["--model", "vgg", "--untrained", "--scheme", "fp32"], "unknown model"),
-        (["--model", "tiny-cnn", "--untrained", "--scheme", "fp32", "--num-classes", "1"], "at least 2"),
+        (["--model", "tiny-cnn", "--untrained", "--scheme", "fp32", "--num-classes", "1"], r"must be in \[2, 100000\]"),
         (["--model", "tiny-cnn", "--untrained", "--scheme", "fp32", "--engine", "x86"], "takes no quantized engine"),
     ],
 )
@@ -72,3 +71,21 @@ def test_user_errors(argv: list[str], match: str) -> None:
 def test_source_is_required() -> None:
     with pytest.raises(SystemExit):
         run(["quant", "audit", "--model", "tiny-cnn", "--scheme", "fp32"])
+
+
+def test_dataset_without_data_is_a_usage_error(tmp_path, monkeypatch) -> None:
+    from qbd.errors import DataUnavailableError
+
+    monkeypatch.delenv("QBD_DATA_ROOT", raising=False)
+    with pytest.raises(DataUnavailableError, match="CIFAR-10 needs a data root"):
+        run(["quant", "audit", "--model", "tiny-cnn", "--dataset", "cifar10", "--scheme", "fp32", "--cache-dir", str(tmp_path)])
+
+
+def test_trained_model_from_the_store(capsys) -> None:
+    """The default digits model (the one the smoke matrix uses, from the session's store): the
+    audit of the deployed int8-dynamic model plus its clean accuracy and ASR."""
+    assert run(["quant", "audit", "--model", "tiny-cnn", "--dataset", "digits", "--scheme", "int8-dynamic", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"].startswith("digits/tiny-cnn/badnet-t0-white3-bottom-right") and report["num_classes"] == 10
+    assert report["audit"]["input_gradient"] is False and report["audit"]["quantized_modules"] == ["head"]
+    assert report["deployed"]["clean_acc"] > 0.9 and report["deployed"]["asr"] > 0.9
