@@ -36,6 +36,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return v
+
+
 def _unit_float(text: str) -> float:
     try:
         v = float(text)
@@ -219,6 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         jobs=tuple(jobs), tier=tier, schemes=schemes, defenses=defenses, protocols=protocols,
         controls=not args.no_controls, gradient_path=args.gradient_path, engine=args.engine,
         device=args.device, seed=args.seed, probe=jobs[0].attack or _probe_from_args(args), model_file=model_file,
+        defense_timeout=args.defense_timeout,
     )
     gates = Gates(args.min_clean_acc, args.min_asr)
     results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates)
@@ -294,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what gradient-based defenses backpropagate through (default: deployed under paper, surrogate under canonical)")
     sel.add_argument("--engine", default=None, help="quantized engine for int8 schemes (x86, qnnpack, ...)")
     sel.add_argument("--no-controls", action="store_true", help="skip the negative-control cells on a clean model")
+    sel.add_argument("--defense-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                     help="a cell whose defense runs longer is invalid (timed out); default: no limit")
     mf = r.add_argument_group("untrusted model (instead of training the backdoored model)")
     mf.add_argument("--model-file", metavar="PATH", default=None,
                     help="weights for --model on --dataset: .safetensors, or a plain state dict in .pt/.pth (loaded weights_only)")

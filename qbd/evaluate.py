@@ -162,7 +162,8 @@ class Bench:
         )
 
     # -- a cell -------------------------------------------------------------------------------
-    def run(self, defense: Any, scheme: str, *, gradient_path: str | None = None, engine: str | None = None, seed: int = 0) -> dict[str, Any]:
+    def run(self, defense: Any, scheme: str, *, gradient_path: str | None = None, engine: str | None = None, seed: int = 0,
+            timeout_s: float | None = None) -> dict[str, Any]:
         protocol = getattr(defense, "protocol", "canonical")
         if gradient_path is None:
             # only gradient-based defenses ever need the surrogate; the others inspect the
@@ -174,7 +175,7 @@ class Bench:
         metrics = self.metrics(scheme, engine)
         subject = self.subject(scheme, gradient_path, engine)
         inputs = self.inputs(protocol, frozenset(defense.requires))
-        verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed))
+        verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed), timeout_s=timeout_s)
         self._add_controls(verdict, qm, scheme, metrics)
         audit = qm.audit.to_dict()
         return {

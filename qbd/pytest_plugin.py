@@ -42,6 +42,7 @@ class QbdState:
     defenses: list[str]  # registry names and module:Class references, sorted by cell name
     defense_names: dict[str, str]  # reference -> the defense's `name`
     seeds: int
+    defense_timeout: float | None
     cache_dir: str | None
     data_root: str | None
     report_dir: str | None
@@ -63,6 +64,7 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("accept", {"action": "store_true"}, "rewrite the expectations file from this run's measurements"),
     ("seeds", {"type": int}, "run every cell with this many seeds and report the detection rate (default: 1)"),
     ("expectations", {}, "expectations TOML (default: fixtures/expectations/<tier>.toml under the rootdir)"),
+    ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
 ]
 
 
@@ -94,6 +96,13 @@ def pytest_configure(config: pytest.Config) -> None:
     seeds = int(_opt(config, "seeds", 1))
     if seeds < 1:
         raise pytest.UsageError(f"--qbd-seeds must be >= 1, got {seeds}")
+    raw_timeout = _opt(config, "defense-timeout")
+    try:
+        timeout = None if raw_timeout in (None, "") else float(raw_timeout)
+    except ValueError:
+        timeout = float("nan")
+    if timeout is not None and not (0 < timeout < float("inf")):
+        raise pytest.UsageError(f"--qbd-defense-timeout must be a number of seconds > 0, got {raw_timeout!r}")
     refs = list(_opt(config, "defense", []) or [])
     defense_names = _resolve_defenses(refs)
     exp = _opt(config, "expectations")
@@ -104,6 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
         defenses=sorted(defense_names, key=lambda r: defense_names[r]),
         defense_names=defense_names,
         seeds=seeds,
+        defense_timeout=timeout,
         cache_dir=_opt(config, "cache-dir"),
         data_root=_opt(config, "data-root"),
         report_dir=_opt(config, "report"),

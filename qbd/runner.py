@@ -30,6 +30,7 @@ class RunPlan:
     seed: int = 0
     probe: Any = None  # the trigger probing a clean-only run (AttackSpec); default BadNet
     model_file: Any = None  # qbd.fetch.Source: untrusted weights used as the asked-for model, not trained
+    defense_timeout: float | None = None  # seconds per cell; past it the cell is invalid (run_defense)
 
 
 def load_defense(ref: str, protocol: str, tier: str) -> Any:
@@ -118,7 +119,8 @@ def _run_cells(bench: Any, todo: list[Cell], plan: RunPlan, progress: bool, log:
                    file=sys.stderr, leave=False, dynamic_ncols=True)
     for cell in todo:
         defense = load_defense(cell.defense, cell.protocol, plan.tier.name)
-        r = bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=plan.seed)
+        r = bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=plan.seed,
+                      timeout_s=plan.defense_timeout)
         out.append(r)
         v = r["verdict"]
         msg = f"{r['cell']}: {v['status']}" + (f" (target {v['target_class']})" if v["target_class"] is not None else "")

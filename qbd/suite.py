@@ -54,7 +54,7 @@ def test_cell(qbd_cell: Any, qbd_session: Any, qbd_record: Any) -> None:
     results = []
     for seed in range(state.seeds):
         bench = qbd_session.bench(cell.dataset, cell.control, seed)
-        r = bench.run(qbd_session.defense(cell.defense, cell.protocol), cell.scheme, seed=seed)
+        r = bench.run(qbd_session.defense(cell.defense, cell.protocol), cell.scheme, seed=seed, timeout_s=state.defense_timeout)
         qbd_record(RESULT_PROPERTY, r)
         results.append(r)
     exp = qbd_session.expectations

@@ -103,6 +103,7 @@ def test_bad_third_party_defense_is_a_usage_error(suite: pytest.Pytester, ref: s
 def test_bad_options_are_usage_errors(suite: pytest.Pytester) -> None:
     assert suite.runpytest("--qbd-seeds", "0", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
     assert suite.runpytest("--qbd-tier", "huge", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
+    assert suite.runpytest("--qbd-defense-timeout", "0", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
 
 
 def test_entry_point_adds_cells(suite: pytest.Pytester) -> None:
@@ -206,3 +207,29 @@ def test_verdict_flipping_across_seeds_fails_as_unstable(suite: pytest.Pytester,
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['detected', 'clean'] (detection rate 0.50)"),
                                  "*" + glob.escape(cell) + ": 0.50 (s0=detected, s1=clean)  UNSTABLE*"])
+
+
+HANGING = """
+import time
+
+from qbd.defenses.base import Verdict
+
+
+class Hanging:
+    name = "hanging"
+    requires = frozenset({"clean_holdout"})
+
+    def detect(self, subject, inputs, generator):
+        while True:  # a Python loop: the timeout can stop it
+            time.sleep(0.01)
+"""
+
+
+def test_a_hanging_defense_times_out_as_invalid(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    suite.makepyfile(hanging_defense=HANGING)
+    suite.syspathinsert()
+    cell = "digits/fp32/hanging[canonical]"
+    result = suite.runpytest("--qbd-defense", "hanging_defense:Hanging", "--qbd-defense-timeout", "1", "-k", cell)
+    result.assert_outcomes(failed=1)  # the positive control is not met: invalid, never clean
+    result.stdout.fnmatch_lines(["*verdict: expected detected, measured invalid (hanging timed out after 1 s)*"])

@@ -47,6 +47,9 @@ def test_list_shows_registries():
         (("run", "--quant", "int3"), "unknown quant 'int3'"),
         (("run", "--defense", "magic"), "unknown defense 'magic'"),
         (("train", "--dataset", "cifar10", "--data-root", "/nonexistent"), "cifar-10-batches-py"),
+        (("run", "--defense-timeout", "0"), "expected a number of seconds > 0, got '0'"),
+        (("run", "--defense", "nosuch.module:Defense"), "--defense 'nosuch.module:Defense': cannot load it"),
+        (("train", "--seed", "-1"), "argument --seed: expected an integer >= 0, got -1"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
