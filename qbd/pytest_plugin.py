@@ -42,6 +42,7 @@ class QbdState:
     defenses: list[str]  # registry names and module:Class references, sorted by cell name
     defense_names: dict[str, str]  # reference -> the defense's `name`
     seeds: int
+    model_files: dict[str, Any]  # data set -> qbd.fetch.Source
     defense_timeout: float | None
     cache_dir: str | None
     data_root: str | None
@@ -64,6 +65,8 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("accept", {"action": "store_true"}, "rewrite the expectations file from this run's measurements"),
     ("seeds", {"type": int}, "run every cell with this many seeds and report the detection rate (default: 1)"),
     ("expectations", {}, "expectations TOML (default: fixtures/expectations/<tier>.toml under the rootdir)"),
+    ("model-file", {"action": "append"}, "DATASET=PATH@SHA256: use these (untrusted) weights as DATASET's backdoored model"
+     " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
     ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
 ]
 
@@ -82,6 +85,26 @@ def _opt(config: pytest.Config, name: str, default: Any = None) -> Any:
     if v is None or v == []:
         v = config.getini(key)
     return default if v is None or v == [] else v
+
+
+def _model_files(specs: list[str]) -> dict[str, Any]:
+    """["digits=/m.safetensors@<sha256>", ...] -> {"digits": Source}; torch-free (qbd.fetch is)."""
+    from qbd.errors import QbdUserError
+    from qbd.fetch import Source
+
+    out: dict[str, Any] = {}
+    for spec in specs:
+        dataset, eq, rest = spec.partition("=")
+        path, at, digest = rest.rpartition("@")
+        if not (eq and at and dataset and path):
+            raise pytest.UsageError(f"--qbd-model-file {spec!r}: expected DATASET=PATH@SHA256")
+        if dataset in out:
+            raise pytest.UsageError(f"--qbd-model-file: two files for {dataset!r}")
+        try:
+            out[dataset] = Source(path, digest)
+        except QbdUserError as e:
+            raise pytest.UsageError(f"--qbd-model-file {spec!r}: {e}") from None
+    return out
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -103,6 +126,7 @@ def pytest_configure(config: pytest.Config) -> None:
         timeout = float("nan")
     if timeout is not None and not (0 < timeout < float("inf")):
         raise pytest.UsageError(f"--qbd-defense-timeout must be a number of seconds > 0, got {raw_timeout!r}")
+    model_files = _model_files(_opt(config, "model-file", []) or [])
     refs = list(_opt(config, "defense", []) or [])
     defense_names = _resolve_defenses(refs)
     exp = _opt(config, "expectations")
@@ -113,6 +137,7 @@ def pytest_configure(config: pytest.Config) -> None:
         defenses=sorted(defense_names, key=lambda r: defense_names[r]),
         defense_names=defense_names,
         seeds=seeds,
+        model_files=model_files,
         defense_timeout=timeout,
         cache_dir=_opt(config, "cache-dir"),
         data_root=_opt(config, "data-root"),
@@ -254,7 +279,13 @@ class Session:
         attack = AttackSpec() if kind == "backdoored" else None
         job = ModelJob(DatasetSpec(dataset), ModelSpec(tier.model), attack,
                        default_train(dataset, tier.model, seed=seed, precision="bf16" if device == "cuda" else "fp32"))
-        tm = get_trained(job, data, Store(self.state.cache_dir), device=device, progress=False)
+        source = self.state.model_files.get(dataset) if kind == "backdoored" else None
+        if source is not None:  # the user's weights stand in for the trained backdoored model
+            from qbd.fetch import get_fetched
+
+            tm = get_fetched(source, job, data, Store(self.state.cache_dir), device=device)
+        else:
+            tm = get_trained(job, data, Store(self.state.cache_dir), device=device, progress=False)
         check_gates(tm.metrics, Gates(), attacked=attack is not None)
         return Bench(data, tm.model, attack, probe_attack=AttackSpec(), model_name=tier.model,
                      spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed),

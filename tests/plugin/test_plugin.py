@@ -233,3 +233,31 @@ def test_a_hanging_defense_times_out_as_invalid(suite: pytest.Pytester, monkeypa
     result = suite.runpytest("--qbd-defense", "hanging_defense:Hanging", "--qbd-defense-timeout", "1", "-k", cell)
     result.assert_outcomes(failed=1)  # the positive control is not met: invalid, never clean
     result.stdout.fnmatch_lines(["*verdict: expected detected, measured invalid (hanging timed out after 1 s)*"])
+
+
+def test_model_file_stands_in_for_the_trained_model(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    from qbd.config import AttackSpec, DatasetSpec, ModelJob, ModelSpec
+    from qbd.data import load_dataset
+    from qbd.presets import default_train
+    from qbd.store import Store
+    from qbd.zoo import get_trained
+
+    _shared_cache(monkeypatch, outer_store)
+    data = load_dataset(DatasetSpec("digits"))
+    job = ModelJob(DatasetSpec("digits"), ModelSpec("tiny-cnn"), AttackSpec(), default_train("digits", "tiny-cnn"))
+    weights = suite.path / "given.safetensors"
+    save_file({k: v.contiguous() for k, v in get_trained(job, data, Store(outer_store), progress=False).model.state_dict().items()},
+              str(weights))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    cell = ["-k", "digits/fp32/strip[canonical]"]
+    assert suite.runpytest("--qbd-model-file", f"digits={weights}@{'0' * 64}", *cell).ret != pytest.ExitCode.OK
+    assert suite.runpytest("--qbd-model-file", f"digits={weights}", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
+    suite.runpytest("--qbd-model-file", f"digits={weights}@{digest}", *cell).assert_outcomes(passed=1)
+    fetched = [json.loads(m.read_text())["fetched"] for m in Path(outer_store).glob("models/*/meta.json")
+               if "fetched" in json.loads(m.read_text())]
+    assert any(f["sha256"] == digest for f in fetched)
