@@ -130,7 +130,6 @@ def _device_type(device: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from qbd.data import load_dataset
     from qbd.store import Store
-    from qbd.train import check_gates
     from qbd.zoo import get_trained
 
     t0 = time.perf_counter()
@@ -153,12 +152,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         "job": job.to_dict(),
         "metrics": m,
     }
+    return report_model(args, job, tm, out, f"trained in {m.get('train_seconds')} s on {m.get('device')}; this command {out['seconds']} s")
+
+
+def report_model(args: argparse.Namespace, job: ModelJob, tm: Any, out: dict[str, Any], detail: str | None = None,
+                 prefix: str = "") -> int:
+    """Print a stored model's figures (`out` as JSON with --json), then apply the Phase-1 gate."""
+    from qbd.train import check_gates
+
+    m = tm.metrics
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         asr = "n/a (clean model)" if m["asr"] is None else f"{m['asr']:.4f}"
-        print(f"{job.slug()}  cache {tm.cache}  clean acc {m['clean_acc']:.4f}  ASR {asr}")
-        print(f"  trained in {m.get('train_seconds')} s on {m.get('device')}; this command {out['seconds']} s")
+        print(f"{prefix}{job.slug()}  cache {tm.cache}  clean acc {m['clean_acc']:.4f}  ASR {asr}")
+        if detail:
+            print(f"  {detail}")
         print(f"  stored at {tm.entry.path}")
     check_gates(m, Gates(args.min_clean_acc, args.min_asr), attacked=job.attack is not None)
     return EXIT_OK

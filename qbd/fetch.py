@@ -293,11 +293,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from qbd.cli import job_from_args
-    from qbd.config import Gates
+    from qbd.cli import job_from_args, report_model
     from qbd.data import load_dataset
     from qbd.store import Store
-    from qbd.train import check_gates
 
     source = Source(args.source, args.sha256, args.format)
     job = job_from_args(args)
@@ -308,14 +306,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     m = tm.metrics
     out = {"key": tm.entry.key, "slug": job.slug(), "cache": tm.cache, "clean_acc": m["clean_acc"], "asr": m["asr"],
            "path": str(tm.entry.path), "fetched": tm.entry.meta["fetched"], "job": tm.entry.meta["job"]}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        asr = "n/a (--clean)" if m["asr"] is None else f"{m['asr']:.4f}"
-        print(f"fetched {job.slug()}  cache {tm.cache}  clean acc {m['clean_acc']:.4f}  ASR {asr}")
-        print(f"  stored at {tm.entry.path}")
-    check_gates(m, Gates(args.min_clean_acc, args.min_asr), attacked=job.attack is not None)
-    return 0
+    return report_model(args, job, tm, out, prefix="fetched ")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

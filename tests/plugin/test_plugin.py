@@ -198,12 +198,17 @@ class Flipping:
 '''
 
 
+def _run_inline_defense(suite: pytest.Pytester, source: str, ref: str, cell: str, *options: str) -> pytest.RunResult:
+    """Run one cell of a defense defined in `source` (module name = the part of `ref` before ':')."""
+    suite.makepyfile(**{ref.partition(":")[0]: source})
+    suite.syspathinsert()
+    return suite.runpytest("--qbd-defense", ref, *options, "-k", cell)
+
+
 def test_verdict_flipping_across_seeds_fails_as_unstable(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
     _shared_cache(monkeypatch, outer_store)
-    suite.makepyfile(flipping_defense=FLIPPING)
-    suite.syspathinsert()
     cell = "digits/fp32/flipping[canonical]"
-    result = suite.runpytest("--qbd-defense", "flipping_defense:Flipping", "--qbd-seeds", "2", "-k", cell)
+    result = _run_inline_defense(suite, FLIPPING, "flipping_defense:Flipping", cell, "--qbd-seeds", "2")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['detected', 'clean'] (detection rate 0.50)"),
                                  "*" + glob.escape(cell) + ": 0.50 (s0=detected, s1=clean)  UNSTABLE*"])
@@ -227,10 +232,7 @@ class Hanging:
 
 def test_a_hanging_defense_times_out_as_invalid(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
     _shared_cache(monkeypatch, outer_store)
-    suite.makepyfile(hanging_defense=HANGING)
-    suite.syspathinsert()
-    cell = "digits/fp32/hanging[canonical]"
-    result = suite.runpytest("--qbd-defense", "hanging_defense:Hanging", "--qbd-defense-timeout", "1", "-k", cell)
+    result = _run_inline_defense(suite, HANGING, "hanging_defense:Hanging", "digits/fp32/hanging[canonical]", "--qbd-defense-timeout", "1")
     result.assert_outcomes(failed=1)  # the positive control is not met: invalid, never clean
     result.stdout.fnmatch_lines(["*verdict: expected detected, measured invalid (hanging timed out after 1 s)*"])
 
