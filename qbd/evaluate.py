@@ -48,6 +48,7 @@ class Bench:
         model_name: str = "",
         train_metrics: dict[str, Any] | None = None,
         tier: str = "smoke",
+        weights: dict[str, Any] | None = None,
     ) -> None:
         """`attack` is what the model was trained with (None: a clean model). `probe_attack`
         is the trigger used to probe a clean model (its natural ASR, STRIP's stream)."""
@@ -58,6 +59,7 @@ class Bench:
         self.probe.check_fits(*data.image_size, data.num_classes)
         self.spec = spec
         self.model_name = model_name
+        self.weights = weights  # provenance (TrainedModel.provenance()); None when not known
         self.train_metrics = train_metrics or {}
         self.tier = tier
         self._quantized: dict[tuple[str, str | None], Any] = {}
@@ -182,6 +184,7 @@ class Bench:
             "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),
             "dataset": self.data.name,
             "model": self.model_name,
+            "weights": self.weights,
             "seed": seed,
             "tier": self.tier,
             "attack": _attack_dict(self.attack),

@@ -289,7 +289,7 @@ class Session:
         check_gates(tm.metrics, Gates(), attacked=attack is not None)
         return Bench(data, tm.model, attack, probe_attack=AttackSpec(), model_name=tier.model,
                      spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed),
-                     train_metrics=tm.metrics, tier=self.state.tier)
+                     train_metrics=tm.metrics, tier=self.state.tier, weights=tm.provenance())
 
     def defense(self, name: str, protocol: str) -> Any:
         from qbd.runner import load_defense

@@ -22,7 +22,8 @@ def _scheme_key(s: str) -> tuple[int, str]:
 
 
 def _row_label(r: dict[str, Any]) -> str:
-    return r["dataset"] if r.get("attack") is not None else f"{r['dataset']} (clean model)"
+    fetched = " (fetched weights)" if (r.get("weights") or {}).get("origin") == "fetched" else ""
+    return (r["dataset"] if r.get("attack") is not None else f"{r['dataset']} (clean model)") + fetched
 
 
 def table1(results: list[dict[str, Any]], protocol: str) -> tuple[list[str], list[list[str]]]:

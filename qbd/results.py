@@ -71,6 +71,11 @@ def problems(result: Any) -> list[str]:
         out.append(f"verdict.status must be one of {STATUSES}, got {v.get('status')!r}")
     if v.get("status") == "invalid" and not v.get("reason"):
         out.append("an invalid verdict needs a reason")
+    w = result.get("weights")  # optional provenance: trained by qbd or fetched (pinned sha256)
+    if w is not None and not (isinstance(w, dict) and w.get("origin") in ("trained", "fetched")):
+        out.append(f"weights must be null or an object with origin 'trained' or 'fetched', got {w!r}")
+    elif w is not None and w["origin"] == "fetched" and not isinstance(w.get("sha256"), str):
+        out.append("fetched weights must record their sha256")
     return out
 
 

@@ -103,7 +103,7 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
                 check_gates(tm.metrics, gates, attacked=j.attack is not None)
             bench = Bench(data, tm.model, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
                           spec=BenchSpec(holdout=plan.tier.holdout, stream=plan.tier.stream, seed=plan.seed),
-                          train_metrics=tm.metrics, tier=plan.tier.name)
+                          train_metrics=tm.metrics, tier=plan.tier.name, weights=tm.provenance())
             todo = [Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols]
             results += _run_cells(bench, todo, plan, progress, log)
     return results

@@ -25,6 +25,14 @@ class TrainedModel:
     def cache(self) -> str:
         return "hit" if self.entry.hit else "miss"
 
+    def provenance(self) -> dict[str, Any]:
+        """Where the weights came from, for every Result: trained by qbd, or fetched (untrusted,
+        pinned by sha256)."""
+        fetched = self.entry.meta.get("fetched")
+        if fetched:
+            return {"origin": "fetched", "store_key": self.entry.key, **fetched}
+        return {"origin": "trained", "store_key": self.entry.key}
+
 
 def load_weights(job: ModelJob, data: DataSplit, state_dict: dict[str, torch.Tensor]) -> Classifier:
     """Rebuild the job's architecture and load `state_dict` strictly (every tensor must match)."""

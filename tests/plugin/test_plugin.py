@@ -259,7 +259,9 @@ def test_model_file_stands_in_for_the_trained_model(suite: pytest.Pytester, monk
     cell = ["-k", "digits/fp32/strip[canonical]"]
     assert suite.runpytest("--qbd-model-file", f"digits={weights}@{'0' * 64}", *cell).ret != pytest.ExitCode.OK
     assert suite.runpytest("--qbd-model-file", f"digits={weights}", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
-    suite.runpytest("--qbd-model-file", f"digits={weights}@{digest}", *cell).assert_outcomes(passed=1)
+    result = suite.runpytest("--qbd-model-file", f"digits={weights}@{digest}", *cell)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["digits (fetched weights)*fp32*DETECTED (t=0)*"])  # the report says whose model it judged
     fetched = [json.loads(m.read_text())["fetched"] for m in Path(outer_store).glob("models/*/meta.json")
                if "fetched" in json.loads(m.read_text())]
     assert any(f["sha256"] == digest for f in fetched)

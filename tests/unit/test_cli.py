@@ -98,6 +98,7 @@ def test_run_json_and_report_agree(tmp_path):
     assert len(results) == 3  # two schemes + the negative control
     for res in results:
         assert results_io.problems(res) == []
+        assert res["weights"]["origin"] == "trained" and len(res["weights"]["store_key"]) == 64
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "report.md", "heatmap.png"}
     assert results_io.read(tmp_path / "out" / "results.json") == sorted(results, key=lambda x: x["cell"])
     md = (tmp_path / "out" / "report.md").read_text()

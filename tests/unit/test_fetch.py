@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from qbd import results as results_io
 from qbd.cli import main
 from qbd.config import AttackSpec, DatasetSpec, ModelJob
 from qbd.fetch import fetched_key
@@ -296,6 +297,8 @@ def test_run_with_model_file_end_to_end(tmp_path):
     (res,) = json.loads(r.stdout)["results"]
     assert res["cell"] == "digits/fp32/strip[canonical]" and res["model"] == "tiny-cnn"
     assert res["verdict"]["status"] in ("detected", "clean", "invalid")
+    assert res["weights"]["origin"] == "fetched" and res["weights"]["sha256"] == _sha(path)  # the Result says whose model
+    assert results_io.problems(res) == []
     store = Store(cache)
     (key,) = store.keys()  # only the fetched model: nothing was trained
     assert store.read_meta(key)["fetched"]["sha256"] == _sha(path)
