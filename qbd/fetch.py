@@ -157,9 +157,11 @@ def parse_weights(raw: bytes, fmt: str, shown: str) -> dict[str, torch.Tensor]:
             obj: Any = load(raw)
         else:
             # weights_only: torch's restricted unpickler; an explicit True is not overridden
-            # by $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD. Its warnings would break the one-line error.
+            # by $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD. A bare pickle (not torch.save's format) makes
+            # it warn about the protocol before refusing; that one warning would break the
+            # one-line error. Nothing else is silenced.
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.filterwarnings("ignore", message=r"Detected pickle protocol \d+ in the checkpoint", category=UserWarning)
                 obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False; quote only the line naming the culprit
