@@ -90,7 +90,7 @@ class NeuralCleanse(ConfiguredDefense):
         verdict = decide(res, p["mad_threshold"])
         verdict.evidence["mode"] = mode
         if p["memory_mib"] and mode == "batched":
-            verdict.evidence["class_chunk"] = p["class_chunk"] or _classes_within(subject, x_hold, p, k)
+            verdict.evidence["class_chunk"] = chunk
         return verdict
 
     def validate(self) -> None:
