@@ -33,6 +33,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from qbd.errors import ConfigError
+
 CACHE_ENV = "QBD_CACHE_DIR"
 LOCK_TIMEOUT_ENV = "QBD_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 4 * 3600.0  # a paper-tier training on CPU can take hours
@@ -77,8 +79,6 @@ def sha256_file(path: Path) -> str:
 
 class Store:
     def __init__(self, root: str | os.PathLike[str] | None = None, lock_timeout: float | None = None) -> None:
-        from qbd.errors import ConfigError
-
         self.root = Path(root).expanduser() if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"model cache {self.root} is not a directory (--cache-dir / ${CACHE_ENV})")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from qbd.errors import DataUnavailableError
@@ -37,6 +39,14 @@ class DataSplit:
                 raise ValueError(f"{self.name} {label} labels must be int64 of length {x.shape[0]}")
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
                 raise ValueError(f"{self.name} {label} labels fall outside 0..{len(self.classes) - 1}")
+
+    @classmethod
+    def from_numpy(cls, name: str, train: tuple[Any, Any], test: tuple[Any, Any], classes: tuple[str, ...],
+                   mean: tuple[float, float, float], std: tuple[float, float, float]) -> DataSplit:
+        """A split from numpy (images, labels) pairs, as every loader reads them."""
+        return cls(name=name, x_train=torch.from_numpy(np.ascontiguousarray(train[0])), y_train=torch.from_numpy(train[1]),
+                   x_test=torch.from_numpy(np.ascontiguousarray(test[0])), y_test=torch.from_numpy(test[1]),
+                   classes=classes, mean=mean, std=std)
 
     def fingerprint(self) -> str:
         """sha256 of every image, label and class name (about 0.1 s for 15k 32x32 images)."""

@@ -27,7 +27,6 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import torch
 
 from qbd.config import DatasetSpec
 from qbd.data.base import DataSplit, DataUnavailableError
@@ -71,16 +70,7 @@ def load(spec: DatasetSpec, root: Path | None) -> DataSplit:
         classes = _read_meta(batch_dir / CIFAR10.meta["filename"], CIFAR10.meta["key"])
         x_train, y_train = _read_batches(batch_dir, [name for name, _ in CIFAR10.train_list], len(classes))
         x_test, y_test = _read_batches(batch_dir, [name for name, _ in CIFAR10.test_list], len(classes))
-    return DataSplit(
-        name="cifar10",
-        x_train=torch.from_numpy(x_train),
-        y_train=torch.from_numpy(y_train),
-        x_test=torch.from_numpy(x_test),
-        y_test=torch.from_numpy(y_test),
-        classes=classes,
-        mean=MEAN,
-        std=STD,
-    )
+    return DataSplit.from_numpy("cifar10", (x_train, y_train), (x_test, y_test), classes, MEAN, STD)
 
 
 def required_files() -> list[str]:

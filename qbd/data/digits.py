@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qbd.config import DatasetSpec
 from qbd.data.base import DataSplit
@@ -45,16 +44,8 @@ def load(spec: DatasetSpec, root: Path | None = None) -> DataSplit:
     )
     # Sorted so the order within each split depends only on membership, not on the shuffle.
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    return DataSplit(
-        name="digits",
-        x_train=torch.from_numpy(np.ascontiguousarray(images[train_idx])),
-        y_train=torch.from_numpy(labels[train_idx]),
-        x_test=torch.from_numpy(np.ascontiguousarray(images[test_idx])),
-        y_test=torch.from_numpy(labels[test_idx]),
-        classes=CLASSES,
-        mean=MEAN,
-        std=STD,
-    )
+    return DataSplit.from_numpy("digits", (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]),
+                                CLASSES, MEAN, STD)
 
 
 def to_pixels(images: np.ndarray) -> np.ndarray:

@@ -18,7 +18,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from qbd.config import DatasetSpec
@@ -96,16 +95,7 @@ def load(spec: DatasetSpec, root: Path | None) -> DataSplit:
     root = check_layout(root)
     x_train, y_train = _read(GTSRB, root, "train")
     x_test, y_test = _read(GTSRB, root, "test")
-    return DataSplit(
-        name="gtsrb",
-        x_train=torch.from_numpy(x_train),
-        y_train=torch.from_numpy(y_train),
-        x_test=torch.from_numpy(x_test),
-        y_test=torch.from_numpy(y_test),
-        classes=CLASSES,
-        mean=MEAN,
-        std=STD,
-    )
+    return DataSplit.from_numpy("gtsrb", (x_train, y_train), (x_test, y_test), CLASSES, MEAN, STD)
 
 
 def check_layout(root: Path | None) -> Path:

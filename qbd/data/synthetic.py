@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qbd.config import DatasetSpec
 from qbd.data.base import DataSplit
@@ -80,16 +79,7 @@ def load(spec: DatasetSpec, root: Path | None = None) -> DataSplit:
     """Generate the train and test splits for `spec.seed`. `root` is unused (embedded data)."""
     x_train, y_train = generate(spec.seed, "train", N_TRAIN_PER_CLASS)
     x_test, y_test = generate(spec.seed, "test", N_TEST_PER_CLASS)
-    return DataSplit(
-        name="synthetic",
-        x_train=torch.from_numpy(x_train),
-        y_train=torch.from_numpy(y_train),
-        x_test=torch.from_numpy(x_test),
-        y_test=torch.from_numpy(y_test),
-        classes=CLASSES,
-        mean=MEAN,
-        std=STD,
-    )
+    return DataSplit.from_numpy("synthetic", (x_train, y_train), (x_test, y_test), CLASSES, MEAN, STD)
 
 
 def generate(seed: int, split: str, n_per_class: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from qbd.defenses.base import Subject
+from qbd.defenses.base import Control, Subject
 from qbd.metrics import to_unit
 
 BATCH = 512
@@ -86,3 +86,11 @@ def per_class(y: torch.Tensor, num_classes: int) -> list[np.ndarray]:
     """Indices of each (assigned) label, as numpy arrays."""
     yn = y.cpu().numpy()
     return [np.flatnonzero(yn == c) for c in range(num_classes)]
+
+
+def sees_poison_control(abbrev: str, data: str) -> Control:
+    """Whether a data-inspecting defense (AC, SS) sees the poisoned training set it was designed
+    for, or only the clean holdout as the paper fed it."""
+    if data == "poisoned_train":
+        return Control(True, None, f"{abbrev} inspects the training set as the model was trained on it")
+    return Control(False, None, f"the paper fed {abbrev} the clean holdout only")

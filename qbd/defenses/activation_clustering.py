@@ -58,7 +58,7 @@ class ActivationClustering(ConfiguredDefense):
         x, y = getattr(inputs, p["data"])
         seed = feat.seed_from(generator)
         feats = feat.embed(subject, x, p["batch_size"])
-        controls = {"sees_poisoned_data": _sees_poison_control(p["data"])}
+        controls = {"sees_poisoned_data": feat.sees_poison_control("AC", p["data"])}
         bad = feat.nonfinite(feats, "penultimate activations")
         if bad:
             return Verdict.invalid(bad, controls=controls)
@@ -68,12 +68,6 @@ class ActivationClustering(ConfiguredDefense):
         v = decide(stats, p)
         v.controls.update(controls)
         return v
-
-
-def _sees_poison_control(data: str) -> Control:
-    if data == "poisoned_train":
-        return Control(True, None, "AC inspects the training set as the model was trained on it")
-    return Control(False, None, "the paper fed AC the clean holdout only")
 
 
 def cluster_class(a: np.ndarray, p: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from qbd.defenses import _features as feat
-from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
+from qbd.defenses.base import ConfiguredDefense, DefenseInputs, Subject, Verdict
 
 _MIN_POINTS = 3
 
@@ -47,7 +47,7 @@ class SpectralSignatures(ConfiguredDefense):
         p = self.params
         x, y = getattr(inputs, p["data"])
         feats = feat.embed(subject, x, p["batch_size"])
-        controls = {"sees_poisoned_data": _sees_poison_control(p["data"])}
+        controls = {"sees_poisoned_data": feat.sees_poison_control("SS", p["data"])}
         bad = feat.nonfinite(feats, "penultimate representations")
         if bad:
             return Verdict.invalid(bad, controls=controls)
@@ -58,12 +58,6 @@ class SpectralSignatures(ConfiguredDefense):
         v = decide(stats, p)
         v.controls.update(controls)
         return v
-
-
-def _sees_poison_control(data: str) -> Control:
-    if data == "poisoned_train":
-        return Control(True, None, "SS inspects the training set as the model was trained on it")
-    return Control(False, None, "the paper fed SS the clean holdout only")
 
 
 def _sv_ratio(sv: np.ndarray) -> float:
