@@ -175,6 +175,7 @@ def test_seeds_report_detection_rate(suite: pytest.Pytester, monkeypatch: pytest
     suite.syspathinsert(EXAMPLE)
     result = suite.runpytest("--qbd-defense", "qbd_example_defense:CornerPatchProbe", "--qbd-seeds", "2",
                              "-k", "digits/fp32/corner-patch-probe[canonical]")
+    result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*detection rate over seeds:*", "*" + glob.escape("digits/fp32/corner-patch-probe[canonical]") + ": *s0=*s1=*"])
 
 
