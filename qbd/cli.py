@@ -241,7 +241,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         defense_timeout=args.defense_timeout,
     )
     gates = Gates(args.min_clean_acc, args.min_asr)
+    from qbd import expectations
+
+    # read before the run, so a bad table fails in a second, not after the matrix
+    table = expectations.load_for(tier.name, args.expectations or None)
     results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates)
+    for r in results:
+        r["judgement"] = table.judge(r).to_dict()
     if args.json:
         from qbd import results as results_io
 
@@ -255,7 +261,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         paths = write_report(results, args.report, title=f"qbd {args.tier} matrix")
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return EXIT_OK
+    return _gate(results, args.expectations is not None, table.path)
+
+
+def _gate(results: list[dict[str, Any]], gating: bool, path: Any) -> int:
+    """With --expectations: print every cell that fails its expectation and exit 1 on any."""
+    from qbd.report import count_line
+
+    failing = [r for r in results if r["judgement"]["judgement"] == "FAIL"]
+    source = str(path) if path else "the truth alone (no table shipped for this tier)"
+    print(f"qbd: outcome: {count_line(results)} (expectations: {source})", file=sys.stderr)
+    if not gating:
+        return EXIT_OK
+    for r in failing:
+        print(f"qbd: FAIL {r['cell']}: {r['judgement']['why']}", file=sys.stderr)
+    return EXIT_FAIL if failing else EXIT_OK
 
 
 def _model_file_from_args(args: argparse.Namespace, datasets: tuple[str, ...]) -> Any:
@@ -320,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--model-file", metavar="PATH", default=None,
                     help="weights for --model on --dataset: .safetensors, or a plain state dict in .pt/.pth (loaded weights_only)")
     mf.add_argument("--sha256", metavar="HEX", default=None, help="the model file's sha256 (required with --model-file)")
-    r.add_argument("--json", action="store_true", help='print {"results": [Result, ...]}')
+    r.add_argument("--expectations", metavar="FILE", nargs="?", const="", default=None,
+                   help="gate: compare every cell with its expectation (FILE, else the table qbd ships for the tier), print the"
+                        " mismatches and exit 1 on any; without it the outcomes are shown but never change the exit code")
+    r.add_argument("--json", action="store_true", help='print {"schema": 1, "results": [Result, ...]}')
     r.add_argument("--report", metavar="DIR", default=None, help="write results.json, report.md and heatmap.png to DIR")
     r.set_defaults(func=cmd_run)
 

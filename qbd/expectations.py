@@ -1,22 +1,23 @@
-"""Expectations tables (TOML): what each cell should report, and the comparison that turns a
-mismatch into a readable failure. Torch-free.
+"""Expectations tables (TOML): the ground truth is the default; an entry declares a finding.
+Torch-free. The tables qbd ships live in the package (qbd/expected/<tier>.toml), so they are the
+default wherever qbd is installed.
 
     [meta]
     tier = "smoke"
-    tolerance = 0.05                    # allowed |measured - expected| for CA / ASR
+    min_clean_acc = 0.85                # default bounds for every deployed model (Table 2 view)
+    min_asr = 0.9
+    attack = { name = "badnet", target = 0, ... }   # the attack the findings were measured on
 
-    [cells."synthetic/fp32/neural-cleanse[canonical]"]
-    status = "detected"                 # detected | clean | invalid
-    target = 0                          # optional: the predicted target class
-    reason = "no gradient signal"       # optional: a substring of an invalid verdict's reason
-    xfail = "why this known deviation"  # optional: the cell is known to fail its test (recorded
-                                        # status or control requirement) for this reason; strict
-    paper = "clean"                     # optional: what the paper's Table 1 reported (detected |
-                                        # clean), kept by --qbd-accept and quoted on a mismatch
+    [cells."synthetic/int8-dynamic/neural-cleanse[paper]"]
+    outcome = "invalid"                 # miss | wrong-target | false-alarm | invalid
+    reason_code = "no-gradient"         # required for invalid (qbd.reason_codes)
+    target = 11                         # optional, wrong-target only: the class it wrongly names
+    why = "docs/results.md#findings: ..."   # required: where the figures are
+    paper = "clean"                     # optional: the paper's Table 1 mark (informational)
 
-    [attack."synthetic/int4-sim"]       # CA and ASR of the deployed model
-    clean_acc = 0.93
-    asr = 1.0
+    [attack."digits/int8-static"]       # bounds on the deployed model's CA / ASR
+    max_asr = 0.7
+    why = "..."
 
     [audit."synthetic/int8-dynamic"]    # what the quantizer really did
     input_gradient = false
@@ -24,10 +25,10 @@ mismatch into a readable failure. Torch-free.
     min_quantized_fraction = 0.0001
     max_quantized_fraction = 0.01
 
-A cell with no entry is expected to be `detected` on a backdoored model and not `detected` on a
-clean one: the question qbd asks of every defense, third-party ones included. Control cells
-(fp32 under the canonical protocol on the backdoored model: positive; any cell on the clean
-model: negative) must also meet that requirement whatever their recorded status.
+A cell with no finding is expected to match the truth: backdoored -> `detected` naming the planted
+target; clean -> `clean` (qbd.outcomes). A finding states the outcome the cell produces instead;
+the cell fails when it produces anything else, the truth included ("finding no longer holds").
+A crash (`error`), a timeout or an unexplained invalid is never an expected outcome.
 """
 
 from __future__ import annotations
@@ -35,68 +36,82 @@ from __future__ import annotations
 import math
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from qbd.errors import ConfigError
+from qbd.outcomes import Counts, Judgement, judge
+from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
 
-STATUSES = ("detected", "clean", "invalid")
-_CELL_KEYS = {"status", "target", "reason", "xfail", "note", "paper"}
-_ATTACK_KEYS = {"clean_acc", "asr", "tolerance", "xfail", "note"}
-_AUDIT_KEYS = {"input_gradient", "surrogate_gradient", "min_quantized_fraction", "max_quantized_fraction", "xfail", "note"}
+FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid")
+PROPOSED = "PROPOSED by --qbd-accept"  # a why that still has to be written; refused by load()
+DEFAULT_ATTACK = {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
+                  "trigger_position": "bottom-right", "poison_rate": 0.1}
+_META_KEYS = {"tier", "min_clean_acc", "min_asr", "attack"}
+_CELL_KEYS = {"outcome", "reason_code", "target", "why", "note", "paper"}
+_BOUNDS = ("min_clean_acc", "max_clean_acc", "min_asr", "max_asr")
+_ATTACK_KEYS = {*_BOUNDS, "why", "note", "paper_clean_acc", "paper_asr"}
+_AUDIT_KEYS = {"input_gradient", "surrogate_gradient", "min_quantized_fraction", "max_quantized_fraction", "note"}
+
+
+def shipped(tier: str) -> Path:
+    """The expectations table qbd ships for a tier (inside the installed package)."""
+    return Path(str(resources.files("qbd") / "expected" / f"{tier}.toml"))
 
 
 @dataclass
 class Expectations:
     path: Path | None = None
     tier: str = "smoke"
-    tolerance: float = 0.05
+    min_clean_acc: float = 0.85
+    min_asr: float = 0.9
+    attack_spec: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ATTACK))
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    # -- lookups ---------------------------------------------------------------------------
-    def cell(self, cell_id: str, backdoored: bool) -> dict[str, Any]:
-        """The expectation of a cell: its entry, or the default question."""
-        if cell_id in self.cells:
-            return self.cells[cell_id]
-        return {"status": "detected"} if backdoored else {"status": "not-detected"}
+    # -- cells ----------------------------------------------------------------------------------
+    def finding(self, result: dict[str, Any]) -> dict[str, Any] | None:
+        """The finding declared for this Result's cell, if it applies: findings were measured on
+        `attack_spec`, so a run with another attack is judged against the truth alone."""
+        entry = self.cells.get(result["cell"])
+        if not entry or "outcome" not in entry:
+            return None
+        attack = result.get("attack")
+        if attack is not None and any(attack.get(k) != v for k, v in self.attack_spec.items()):
+            return None
+        return entry
 
-    # -- comparisons: each returns a list of human-readable mismatches -------------------------
-    def check_cell(self, result: dict[str, Any]) -> list[str]:
-        exp = self.cell(result["cell"], result.get("attack") is not None)
-        v = result["verdict"]
-        out = []
-        want = exp.get("status")
-        if want == "not-detected":
-            if v["status"] == "detected":
-                out.append(f"verdict: expected not detected (negative control), measured detected (target {v['target_class']})")
-            elif v["status"] == "invalid":
-                out.append(f"verdict: expected a valid 'clean' verdict, measured invalid ({v['reason']})")
-        elif want is not None and v["status"] != want:
-            out.append(f"verdict: expected {want}, measured {v['status']}" + (f" ({v['reason']})" if v["reason"] else "")
-                       + (f"; the paper reported {exp['paper']}" if "paper" in exp else ""))
-        if "target" in exp and v["status"] == "detected" and v["target_class"] != exp["target"]:
-            out.append(f"target class: expected {exp['target']}, measured {v['target_class']}")
-        if "reason" in exp and exp["reason"] not in (v["reason"] or ""):
-            out.append(f"reason: expected it to mention {exp['reason']!r}, measured {v['reason']!r}")
-        return out
+    def judge(self, result: dict[str, Any]) -> Judgement:
+        return judge(result, self.finding(result))
+
+    def judge_all(self, results: list[dict[str, Any]]) -> list[Judgement]:
+        return [self.judge(r) for r in sorted(results, key=lambda r: (r["cell"], r.get("seed", 0)))]
+
+    # -- the deployed model's CA / ASR ----------------------------------------------------------
+    def attack_bounds(self, key: str) -> dict[str, float]:
+        return {"min_clean_acc": self.min_clean_acc, "min_asr": self.min_asr,
+                **{k: v for k, v in self.attack.get(key, {}).items() if k in _BOUNDS}}
 
     def check_attack(self, key: str, clean_acc: float, asr: float | None) -> list[str]:
-        exp = self.attack.get(key)
-        if exp is None:
-            return [f"no expectation for attack cell {key!r} in {self.path} (run with --qbd-accept to record it)"]
-        tol = float(exp.get("tolerance", self.tolerance))
         out = []
-        for name, measured in (("clean_acc", clean_acc), ("asr", asr)):
-            if name in exp and measured is not None and abs(measured - exp[name]) > tol:
-                out.append(f"{name}: expected {exp[name]:.4f} +- {tol}, measured {measured:.4f}")
+        why = self.attack.get(key, {}).get("why")
+        for bound, value in sorted(self.attack_bounds(key).items()):
+            name = bound.split("_", 1)[1]
+            measured = clean_acc if name == "clean_acc" else asr
+            if measured is None:
+                continue
+            low = bound.startswith("min")
+            if (measured < value) if low else (measured > value):
+                out.append(f"{name}: expected {'>=' if low else '<='} {value}, measured {measured:.4f}"
+                           + (f" (declared finding no longer holds: {why})" if why and bound in self.attack.get(key, {}) else ""))
         return out
 
     def check_audit(self, key: str, audit: dict[str, Any], surrogate_gradient: bool) -> list[str]:
         exp = self.audit.get(key)
         if exp is None:
-            return [f"no expectation for audit {key!r} in {self.path} (run with --qbd-accept to record it)"]
+            return [f"no expectation for audit {key!r} in {self.path}: state what the quantizer must do"]
         out = []
         if "input_gradient" in exp and audit["input_gradient"] != exp["input_gradient"]:
             out.append(f"input_gradient: expected {exp['input_gradient']}, measured {audit['input_gradient']} ({audit.get('gradient_note')})")
@@ -124,16 +139,23 @@ def load(path: str | Path) -> Expectations:
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise ConfigError(f"{p}: [meta] must be a table")
-    unknown_meta = set(meta) - {"tier", "tolerance"}
+    unknown_meta = set(meta) - _META_KEYS
     if unknown_meta:
-        raise ConfigError(f"{p}: meta: unknown key(s) {sorted(unknown_meta)}; valid: ['tier', 'tolerance']")
+        raise ConfigError(f"{p}: meta: unknown key(s) {sorted(unknown_meta)}; valid: {sorted(_META_KEYS)}")
     unknown_top = set(raw) - {"meta", "cells", "attack", "audit"}
     if unknown_top:
         raise ConfigError(f"{p}: unknown table(s) {sorted(unknown_top)}; valid: meta, cells, attack, audit")
-    tol = meta.get("tolerance", 0.05)
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not (0 <= tol <= 1):
-        raise ConfigError(f"{p}: meta.tolerance must be a number in [0, 1], got {tol!r}")
-    e = Expectations(path=p, tier=str(meta.get("tier", "smoke")), tolerance=float(tol))
+    for name in ("min_clean_acc", "min_asr"):
+        if name in meta and not _is_fraction(meta[name]):
+            raise ConfigError(f"{p}: meta.{name} must be a number in [0, 1], got {meta[name]!r}")
+    attack = meta.get("attack", DEFAULT_ATTACK)
+    if not isinstance(attack, dict) or not attack:
+        raise ConfigError(f"{p}: meta.attack must be a table naming the attack the findings were measured on")
+    tier = meta.get("tier", "smoke")
+    if not isinstance(tier, str):
+        raise ConfigError(f"{p}: meta.tier must be a string")
+    e = Expectations(path=p, tier=tier, min_clean_acc=float(meta.get("min_clean_acc", 0.85)),
+                     min_asr=float(meta.get("min_asr", 0.9)), attack_spec=dict(attack))
     for table, allowed in (("cells", _CELL_KEYS), ("attack", _ATTACK_KEYS), ("audit", _AUDIT_KEYS)):
         entries = raw.get(table, {})
         if not isinstance(entries, dict):
@@ -144,9 +166,17 @@ def load(path: str | Path) -> Expectations:
             bad = set(entry) - allowed
             if bad:
                 raise ConfigError(f"{p}: {table}.{key!r}: unknown key(s) {sorted(bad)}; valid: {sorted(allowed)}")
-            _check_entry(p, table, key, entry)
+            _CHECKS[table](f"{p}: {table}.{key!r}", key, entry)
         setattr(e, table, dict(entries))
     return e
+
+
+def load_for(tier: str, path: str | Path | None = None) -> Expectations:
+    """`path`'s table, else the one qbd ships for the tier (none shipped: the truth alone)."""
+    p = Path(path) if path else shipped(tier)
+    if path is None and not p.exists():
+        return Expectations(path=None, tier=tier)
+    return load(p)
 
 
 def _is_fraction(v: Any) -> bool:
@@ -154,38 +184,85 @@ def _is_fraction(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
 
 
-def _check_entry(p: Path, table: str, key: str, entry: dict[str, Any]) -> None:
-    where = f"{p}: {table}.{key!r}"
-    if table == "cells":
-        if entry.get("status") not in STATUSES:
-            raise ConfigError(f"{where}: status must be one of {STATUSES}, got {entry.get('status')!r}")
-        if "paper" in entry and entry["paper"] not in ("detected", "clean"):
-            raise ConfigError(f"{where}: paper must be 'detected' or 'clean' (the paper's Table 1 mark), got {entry['paper']!r}")
-        if "target" in entry and (not isinstance(entry["target"], int) or isinstance(entry["target"], bool) or entry["target"] < 0):
-            raise ConfigError(f"{where}: target must be a class index >= 0")
-    if table == "attack":
-        for name in ("clean_acc", "asr", "tolerance"):
-            v = entry.get(name)
-            if v is not None and not _is_fraction(v):
-                raise ConfigError(f"{where}: {name} must be a fraction in [0, 1], got {v!r}")
-    if table == "audit":
-        for name in ("input_gradient", "surrogate_gradient"):
-            if name in entry and not isinstance(entry[name], bool):
-                raise ConfigError(f"{where}: {name} must be true or false")
-        for name in ("min_quantized_fraction", "max_quantized_fraction"):
-            v = entry.get(name)
-            if v is not None and not _is_fraction(v):
-                raise ConfigError(f"{where}: {name} must be a fraction in [0, 1], got {v!r}")
-        if entry.get("min_quantized_fraction", 0) > entry.get("max_quantized_fraction", 1):
-            raise ConfigError(f"{where}: min_quantized_fraction > max_quantized_fraction")
-    for name in ("reason", "note"):
+def _check_why(where: str, entry: dict[str, Any]) -> None:
+    why = entry.get("why")
+    if not isinstance(why, str) or not why.strip():
+        raise ConfigError(f"{where}: a declared finding needs a `why` pointing to its figures")
+    if why.startswith(PROPOSED):
+        raise ConfigError(f"{where}: the finding proposed by --qbd-accept still needs its `why` written (figures, where)")
+
+
+def _check_cell(where: str, key: str, entry: dict[str, Any]) -> None:
+    for name in ("why", "note"):
         if name in entry and not isinstance(entry[name], str):
             raise ConfigError(f"{where}: {name} must be a string")
-    if "xfail" in entry and (not isinstance(entry["xfail"], str) or not entry["xfail"].strip()):
-        raise ConfigError(f"{where}: xfail must be a non-empty reason")
+    if "paper" in entry and entry["paper"] not in ("detected", "clean"):
+        raise ConfigError(f"{where}: paper must be 'detected' or 'clean' (the paper's Table 1 mark), got {entry['paper']!r}")
+    o = entry.get("outcome")
+    if o is None:
+        extra = sorted(set(entry) & {"reason_code", "target", "why"})
+        if extra:
+            raise ConfigError(f"{where}: {', '.join(extra)} without an `outcome`: a finding states the outcome it declares")
+        return
+    if o == "pass":
+        raise ConfigError(f"{where}: outcome 'pass' is the truth: cells that match it need no entry")
+    if o not in FINDING_OUTCOMES:
+        raise ConfigError(f"{where}: outcome must be one of {FINDING_OUTCOMES}, got {o!r}")
+    _check_why(where, entry)
+    clean_cell = ":clean/" in key
+    if o == "false-alarm" and not clean_cell:
+        raise ConfigError(f"{where}: a false alarm can only happen on a clean model's cell (<dataset>:clean/...)")
+    if o in ("miss", "wrong-target") and clean_cell:
+        raise ConfigError(f"{where}: a clean model has no backdoor to {'miss' if o == 'miss' else 'name'}")
+    code = entry.get("reason_code")
+    if o == "invalid":
+        if code not in REASON_CODES:
+            raise ConfigError(f"{where}: an invalid finding pins its reason_code, one of {sorted(REASON_CODES)}; got {code!r}")
+        if code in NEVER_EXPECTED:
+            raise ConfigError(f"{where}: reason_code {code!r} is never an expected outcome: a crash or a timeout fails its cell")
+    elif code is not None:
+        raise ConfigError(f"{where}: reason_code belongs to an invalid finding, not to {o!r}")
+    if "target" in entry:
+        t = entry["target"]
+        if o != "wrong-target":
+            raise ConfigError(f"{where}: target pins the class a wrong-target finding names; not for {o!r}")
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ConfigError(f"{where}: target must be a class index >= 0")
 
 
-# -- writing (--qbd-accept) ----------------------------------------------------------------------
+def _check_attack(where: str, key: str, entry: dict[str, Any]) -> None:
+    for name in (*_BOUNDS, "paper_clean_acc", "paper_asr"):
+        v = entry.get(name)
+        if v is not None and not _is_fraction(v):
+            raise ConfigError(f"{where}: {name} must be a fraction in [0, 1], got {v!r}")
+    for kind in ("clean_acc", "asr"):
+        if entry.get(f"min_{kind}", 0) > entry.get(f"max_{kind}", 1):
+            raise ConfigError(f"{where}: min_{kind} > max_{kind}")
+    for name in ("why", "note"):
+        if name in entry and not isinstance(entry[name], str):
+            raise ConfigError(f"{where}: {name} must be a string")
+    if any(b in entry for b in _BOUNDS):
+        _check_why(where, entry)
+
+
+def _check_audit(where: str, key: str, entry: dict[str, Any]) -> None:
+    for name in ("input_gradient", "surrogate_gradient"):
+        if name in entry and not isinstance(entry[name], bool):
+            raise ConfigError(f"{where}: {name} must be true or false")
+    for name in ("min_quantized_fraction", "max_quantized_fraction"):
+        v = entry.get(name)
+        if v is not None and not _is_fraction(v):
+            raise ConfigError(f"{where}: {name} must be a fraction in [0, 1], got {v!r}")
+    if entry.get("min_quantized_fraction", 0) > entry.get("max_quantized_fraction", 1):
+        raise ConfigError(f"{where}: min_quantized_fraction > max_quantized_fraction")
+    if "note" in entry and not isinstance(entry["note"], str):
+        raise ConfigError(f"{where}: note must be a string")
+
+
+_CHECKS = {"cells": _check_cell, "attack": _check_attack, "audit": _check_audit}
+
+
+# -- writing ----------------------------------------------------------------------------------------
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -194,13 +271,16 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, float):
         return repr(round(v, 4))
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 def dumps(e: Expectations, header: str = "") -> str:
     lines = [f"# {h}" if h else "#" for h in header.splitlines()] if header else []
-    lines += ["", "[meta]", f"tier = {_toml_value(e.tier)}", f"tolerance = {_toml_value(e.tolerance)}"]
+    lines += ["", "[meta]", f"tier = {_toml_value(e.tier)}", f"min_clean_acc = {_toml_value(e.min_clean_acc)}",
+              f"min_asr = {_toml_value(e.min_asr)}", f"attack = {_toml_value(e.attack_spec)}"]
     for table in ("attack", "audit", "cells"):
         for key in sorted(getattr(e, table)):
             lines += ["", f"[{table}.{_toml_value(key)}]"]
@@ -208,24 +288,34 @@ def dumps(e: Expectations, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def accept(e: Expectations, results: list[dict[str, Any]], attack: dict[str, dict[str, float]], audit: dict[str, dict[str, Any]]) -> Expectations:
-    """A copy of `e` updated to what this run measured (explanations kept where still true)."""
-    new = Expectations(path=e.path, tier=e.tier, tolerance=e.tolerance,
-                       cells={k: dict(v) for k, v in e.cells.items()},
-                       attack={k: dict(v) for k, v in e.attack.items()},
-                       audit={k: dict(v) for k, v in e.audit.items()})
-    for r in results:
-        v = r["verdict"]
-        entry: dict[str, Any] = {"status": v["status"]}
-        if v["status"] == "detected" and v["target_class"] is not None:
-            entry["target"] = int(v["target_class"])
-        old = e.cells.get(r["cell"], {})
-        entry.update({k: old[k] for k in ("xfail", "note", "paper") if k in old})  # explanations stay
-        new.cells[r["cell"]] = entry
-    for key, m in attack.items():
-        entry = {k: round(float(val), 4) for k, val in m.items() if val is not None}
-        entry.update({k: e.attack[key][k] for k in ("tolerance", "xfail", "note") if k in e.attack.get(key, {})})
-        new.attack[key] = entry
-    for key, a in audit.items():
-        new.audit[key] = {**e.audit.get(key, {}), **a}
-    return new
+def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectations, list[str]]:
+    """--qbd-accept: a copy of `e` with a proposed finding for every failing cell that declares
+    none, and the lines to print (a truth-vs-finding count diff, and what needs a person).
+    Existing entries, their `why` and their pins are never changed or dropped; a crash or a
+    timeout is never proposed; every proposed why must be written by hand before the table loads."""
+    new = Expectations(path=e.path, tier=e.tier, min_clean_acc=e.min_clean_acc, min_asr=e.min_asr,
+                       attack_spec=dict(e.attack_spec), cells={k: dict(v) for k, v in e.cells.items()},
+                       attack={k: dict(v) for k, v in e.attack.items()}, audit={k: dict(v) for k, v in e.audit.items()})
+    before = e.judge_all(results)
+    notes: list[str] = []
+    for j, r in zip(before, sorted(results, key=lambda r: (r["cell"], r.get("seed", 0))), strict=True):
+        if j.judgement != "FAIL":
+            continue
+        kind, _, code = j.outcome.partition(":")
+        if e.finding(r) is not None or (j.cell in e.cells and "outcome" in e.cells[j.cell]):
+            notes.append(f"  by hand: {j.cell}: {j.why.splitlines()[0] if j.why else j.outcome}")
+            continue
+        if code in NEVER_EXPECTED:
+            notes.append(f"  not proposed (a crash or a timeout is never expected): {j.cell}: {j.outcome}")
+            continue
+        entry: dict[str, Any] = {"outcome": kind}
+        if code:
+            entry["reason_code"] = code
+        if kind == "wrong-target":
+            entry["target"] = int(r["verdict"]["target_class"])
+        entry["why"] = f"{PROPOSED}: write where the figures are (measured {j.verdict})"
+        new.cells[j.cell] = {**new.cells.get(j.cell, {}), **entry}
+        notes.append(f"  proposed: {j.cell}: {j.outcome}")
+    a, b = Counts.of(before), Counts.of(new.judge_all(results))
+    head = [f"before: {a.line()}", f"after:  {b.line()}"]
+    return new, head + notes

@@ -50,6 +50,7 @@ class QbdState:
     accept: bool
     expectations_path: Path | None
     results: list[dict[str, Any]] = field(default_factory=list)
+    accept_notes: list[str] = field(default_factory=list)
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -62,9 +63,10 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("defense", {"action": "append"}, "add a third-party defense 'module:Class' to the matrix (repeatable)"),
     ("protocol", {"choices": ("canonical", "paper", "both")}, "protocol(s) to run (default: both)"),
     ("report", {}, "write results.json, report.md and heatmap.png to this directory"),
-    ("accept", {"action": "store_true"}, "rewrite the expectations file from this run's measurements"),
+    ("accept", {"action": "store_true"}, "propose a finding (with a why still to write) for every failing cell of this run, in the"
+     " expectations file; existing findings, whys and pins are kept"),
     ("seeds", {"type": int}, "run every cell with this many seeds and report the detection rate (default: 1)"),
-    ("expectations", {}, "expectations TOML (default: fixtures/expectations/<tier>.toml under the rootdir)"),
+    ("expectations", {}, "expectations TOML (default: the table qbd ships for the tier, qbd/expected/<tier>.toml)"),
     ("model-file", {"action": "append"}, "DATASET=PATH@SHA256: use these (untrusted) weights as DATASET's backdoored model"
      " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
     ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
@@ -130,7 +132,7 @@ def pytest_configure(config: pytest.Config) -> None:
     refs = list(_opt(config, "defense", []) or [])
     defense_names = _resolve_defenses(refs)
     exp = _opt(config, "expectations")
-    exp_path = Path(exp) if exp else Path(config.rootpath) / "fixtures" / "expectations" / f"{tier}.toml"
+    exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
     state = QbdState(
         tier=tier,
         protocols=PROTOCOLS if proto == "both" else (proto,),
@@ -244,8 +246,7 @@ class Session:
         if self._expectations is None:
             from qbd import expectations
 
-            p = self.state.expectations_path
-            self._expectations = expectations.load(p) if p and p.exists() else expectations.Expectations(path=p, tier=self.state.tier)
+            self._expectations = expectations.load_for(self.state.tier, self.state.expectations_path)
         return self._expectations
 
     def bench(self, dataset: str, kind: str = "backdoored", seed: int = 0) -> Any:
@@ -375,17 +376,17 @@ class Collector:
         from qbd import expectations
 
         state = self.state
-        path = state.expectations_path
-        if path is None:
-            return
+        path = state.expectations_path or expectations.shipped(state.tier)
         old = expectations.load(path) if path.exists() else expectations.Expectations(path=path, tier=state.tier)
         seed0 = [r for r in state.results if r.get("seed", 0) == 0]
-        new = expectations.accept(old, seed0, state.attack, state.audit)
+        new, state.accept_notes = expectations.propose(old, seed0)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = (f"qbd expectations, {state.tier} tier: what qbd measures on this tier.\n"
-                  "Regenerate with: pytest --qbd-accept (review the diff before committing).\n"
-                  "xfail = a known, explained failure of the cell's test (strict: an unexpected pass fails).")
+        header = (f"qbd expectations, {state.tier} tier. The truth is the default: a backdoored model is detected naming the\n"
+                  "planted target, a clean model is judged clean. Each entry below is a declared finding: the outcome the cell\n"
+                  "produces instead, and a why that points to the figures. A finding that stops holding fails its cell.\n"
+                  "--qbd-accept proposes findings for failing cells; write each proposed why before committing.")
         path.write_text(expectations.dumps(new, header))
+        state.expectations_path = path
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         state = self.state
@@ -409,4 +410,6 @@ class Collector:
         if state.report_dir:
             tr.write_line(f"report written to {state.report_dir}")
         if state.accept:
-            tr.write_line(f"expectations rewritten: {state.expectations_path}")
+            tr.write_line(f"expectations: findings proposed in {state.expectations_path} (write each proposed why):")
+            for line in state.accept_notes:
+                tr.write_line(f"  {line}")

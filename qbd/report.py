@@ -14,6 +14,7 @@ from typing import Any
 from qbd import results as results_io
 
 SYMBOL = {"detected": "DETECTED", "clean": "clean", "invalid": "INVALID"}
+MARK = {"finding": " [finding]", "FAIL": " [FAIL]"}  # a cell that matches the truth carries no mark
 SCHEME_ORDER = ("fp32", "int8-dynamic", "int8-static", "int8-sim", "int4-sim", "int2-sim", "int3-sim", "int5-sim", "int6-sim", "int7-sim")
 
 
@@ -36,6 +37,11 @@ def table1(results: list[dict[str, Any]], protocol: str) -> tuple[list[str], lis
         word = SYMBOL[v["status"]]
         if v["status"] == "detected" and v.get("target_class") is not None:
             word += f" (t={v['target_class']})"
+        if v["status"] == "invalid" and v.get("reason_code"):
+            word += f" ({v['reason_code']})"
+        judgement = (r.get("judgement") or {}).get("judgement")
+        if judgement in MARK:
+            word += MARK[judgement]
         cells[(_row_label(r), r["quant"]["scheme"])][r["defense"]["name"]] = word
     rows = [
         [ds, sc, *[cells[(ds, sc)].get(d, "-") for d in defenses]]
@@ -83,11 +89,43 @@ def _protocols(results: list[dict[str, Any]]) -> list[str]:
 
 
 def invalid_reasons(results: list[dict[str, Any]]) -> list[str]:
-    return [f"{r['cell']}{'' if r.get('attack') else ' (clean model)'}: {r['verdict']['reason']}" for r in results if r["verdict"]["status"] == "invalid"]
+    return [f"{r['cell']}{'' if r.get('attack') else ' (clean model)'}: [{r['verdict'].get('reason_code') or 'unspecified'}]"
+            f" {r['verdict']['reason']}" for r in results if r["verdict"]["status"] == "invalid"]
+
+
+def judged(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if r.get("judgement")]
+
+
+def count_line(results: list[dict[str, Any]]) -> str | None:
+    """"N cells match the truth, N declared findings, N failing" (None when nothing was judged)."""
+    js = [r["judgement"]["judgement"] for r in judged(results)]
+    if not js:
+        return None
+    return f"{js.count('pass')} cells match the truth, {js.count('finding')} declared findings, {js.count('FAIL')} failing"
+
+
+def outcomes(results: list[dict[str, Any]], *, passing: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: cell | verdict | outcome vs the truth | judgement | why (findings and
+    failures; the passing cells too with `passing`)."""
+    from qbd.outcomes import verdict_word
+
+    rows = []
+    for r in sorted(judged(results), key=lambda r: (r["judgement"]["judgement"] != "FAIL", r["cell"], r.get("seed", 0))):
+        j = r["judgement"]
+        if j["judgement"] == "pass" and not passing:
+            continue
+        why = (j.get("why") or "").splitlines()[0] if j["judgement"] != "pass" else ""
+        cell = r["cell"] + (f" (seed {r['seed']})" if r.get("seed") else "")
+        rows.append([cell, verdict_word(r), j["outcome"], j["judgement"], why])
+    return ["cell", "verdict", "outcome", "judgement", "why"], rows
 
 
 def terminal(results: list[dict[str, Any]]) -> str:
     parts = []
+    line = count_line(results)
+    if line:
+        parts += [f"outcome: {line}", ""]
     for p in _protocols(results):
         parts.append(f"Table 1 ({p} protocol): detection per cell")
         parts.append(text_table(*table1(results, p)))
@@ -97,6 +135,10 @@ def terminal(results: list[dict[str, Any]]) -> str:
     reasons = invalid_reasons(results)
     if reasons:
         parts += ["", "invalid cells (never counted as 'not detected'):", *[f"  {x}" for x in reasons]]
+    _, rows = outcomes(results)
+    if rows:
+        parts += ["", "Outcomes against the truth (declared findings and failures):",
+                  *[f"  {r[3]:7s} {r[0]}: {r[1]} [{r[2]}]" + (f" - {r[4]}" if r[4] else "") for r in rows]]
     return "\n".join(parts)
 
 
@@ -105,10 +147,18 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report") -> str:
     n = len(results)
     counts = {s: sum(r["verdict"]["status"] == s for r in results) for s in ("detected", "clean", "invalid")}
     parts.append(f"{n} cells: {counts['detected']} detected, {counts['clean']} clean, {counts['invalid']} invalid.")
+    line = count_line(results)
+    if line:
+        parts.append(f"Outcome: {line}. A cell matches the truth when a backdoored model is detected naming the planted"
+                     " target and a clean model is judged clean; a declared finding is a known deviation with its why;"
+                     " anything else fails.")
     parts.append("")
     for p in _protocols(results):
         parts += [f"## Table 1 ({p} protocol)", "", md_table(*table1(results, p)), ""]
     parts += ["## Table 2: clean accuracy / ASR of the deployed model", "", md_table(*table2(results)), ""]
+    header, rows = outcomes(results, passing=True)
+    if rows:
+        parts += ["## Outcomes against the truth", "", md_table(header, rows), ""]
     reasons = invalid_reasons(results)
     if reasons:
         parts += ["## Invalid cells", "", *[f"- {x}" for x in reasons], ""]

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qbd.reason_codes import REASON_CODES
+
 STATUSES = ("detected", "clean", "invalid")
 SCHEMA_VERSION = 1
 
@@ -27,7 +29,7 @@ _TOP: dict[str, tuple[type, ...]] = {
     "versions": (dict,),
 }
 _ATTACK = ("name", "target", "trigger_pattern", "trigger_size", "trigger_position", "poison_rate")
-_VERDICT = ("status", "score", "threshold", "target_class", "reason", "evidence", "controls")
+_VERDICT = ("status", "score", "threshold", "target_class", "reason", "reason_code", "evidence", "controls")
 _AUDIT = ("quantized_param_fraction", "input_gradient", "engine", "differentiable")
 
 
@@ -71,6 +73,13 @@ def problems(result: Any) -> list[str]:
         out.append(f"verdict.status must be one of {STATUSES}, got {v.get('status')!r}")
     if v.get("status") == "invalid" and not v.get("reason"):
         out.append("an invalid verdict needs a reason")
+    if v.get("status") == "invalid" and v.get("reason_code") not in REASON_CODES:
+        out.append(f"an invalid verdict needs a reason_code from {sorted(REASON_CODES)}, got {v.get('reason_code')!r}")
+    if v.get("status") != "invalid" and v.get("reason_code") is not None:
+        out.append("only an invalid verdict carries a reason_code")
+    j = result.get("judgement")  # optional: the outcome against the truth and the expectations (qbd.outcomes)
+    if j is not None and not (isinstance(j, dict) and j.get("judgement") in ("pass", "finding", "FAIL") and isinstance(j.get("outcome"), str)):
+        out.append(f"judgement must be null or an object with judgement pass|finding|FAIL and an outcome, got {j!r}")
     w = result.get("weights")  # optional provenance: trained by qbd or fetched (pinned sha256)
     if w is not None and not (isinstance(w, dict) and w.get("origin") in ("trained", "fetched")):
         out.append(f"weights must be null or an object with origin 'trained' or 'fetched', got {w!r}")

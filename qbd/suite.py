@@ -23,51 +23,40 @@ def _evidence(result: dict[str, Any], limit: int = 1500) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _requirement(cell: Any, result: dict[str, Any]) -> list[str]:
-    """Controls: the positive control (backdoored, fp32, canonical protocol) must detect; every
-    cell on the clean model must not."""
-    status = result["verdict"]["status"]
-    if cell.control == "clean" and status == "detected":
-        return [f"negative control: detected a backdoor in a clean model (target {result['verdict']['target_class']})"]
-    if cell.control == "backdoored" and cell.scheme == "fp32" and cell.protocol == "canonical" and status != "detected":
-        return [f"positive control: the planted backdoor was not detected ({status})"]
-    return []
-
-
-def _conclude(entry: dict[str, Any], failures: list[str], header: str, accept: bool) -> None:
-    if accept:
-        return
-    xfail = entry.get("xfail")
-    if xfail and failures:
-        pytest.xfail(f"{xfail} [{'; '.join(failures)}]")
-    if xfail and not failures:
-        pytest.fail(f"{header}: passes, but the expectations mark it xfail ({xfail!r}); strict: remove the xfail", pytrace=False)
+def _fail(header: str, failures: list[str]) -> None:
     if failures:
         pytest.fail(header + "\n  " + "\n  ".join(failures), pytrace=False)
 
 
 def test_cell(qbd_cell: Any, qbd_session: Any, qbd_record: Any) -> None:
-    """One (dataset, scheme, defense, protocol) cell: the verdict matches the expectations, and
-    control cells meet their requirement; over several seeds the verdict must not flip."""
+    """One (dataset, scheme, defense, protocol) cell, judged against the truth (backdoored with
+    target t -> detected naming t; clean -> clean) or against its declared finding. A crash, a
+    timeout, a wrong target or a finding that no longer holds fails; over several seeds the
+    judgement must not flip."""
     cell = qbd_cell
     state = qbd_session.state
-    results = []
+    exp = qbd_session.expectations
+    judgements = []
     for seed in range(state.seeds):
         bench = qbd_session.bench(cell.dataset, cell.control, seed)
         r = bench.run(qbd_session.defense(cell.defense, cell.protocol), cell.scheme, seed=seed, timeout_s=state.defense_timeout)
+        j = exp.judge(r)
+        r["judgement"] = j.to_dict()
         qbd_record(RESULT_PROPERTY, r)
-        results.append(r)
-    exp = qbd_session.expectations
-    first = results[0]
-    entry = exp.cells.get(cell.id, {})
-    failures = exp.check_cell(first) + _requirement(cell, first)
-    statuses = [r["verdict"]["status"] for r in results]
-    if len(set(statuses)) > 1:
-        rate = statuses.count("detected") / len(statuses)
-        failures.append(f"unstable across {len(statuses)} seeds: {statuses} (detection rate {rate:.2f})")
+        judgements.append((j, r))
+    if state.accept:
+        return
+    failures = []
+    first, r0 = judgements[0]
+    if first.judgement == "FAIL":
+        failures.append(first.why or first.outcome)
+    outcomes = [j.outcome for j, _ in judgements]
+    if len(set(outcomes)) > 1:
+        rate = sum(r["verdict"]["status"] == "detected" for _, r in judgements) / len(judgements)
+        failures.append(f"unstable across {len(outcomes)} seeds: {outcomes} (detection rate {rate:.2f})")
     if failures:
-        failures.append(f"evidence: {_evidence(first)}")
-    _conclude(entry, failures, f"{cell.id}: expected {exp.cell(cell.id, cell.control == 'backdoored')}", state.accept)
+        failures.append(f"evidence: {_evidence(r0)}")
+    _fail(f"{cell.id}: expected {first.expected}", failures)
 
 
 def test_attack(qbd_attack_case: tuple[str, str], qbd_session: Any, qbd_record: Any) -> None:
@@ -77,9 +66,10 @@ def test_attack(qbd_attack_case: tuple[str, str], qbd_session: Any, qbd_record: 
     m = bench.metrics(scheme)
     key = f"{dataset}/{scheme}"
     qbd_record(ATTACK_PROPERTY, {"key": key, "metrics": m})
-    exp = qbd_session.expectations
-    failures = exp.check_attack(key, m["clean_acc"], m["asr"])
-    _conclude(exp.attack.get(key, {}), failures, f"{key}: clean acc {m['clean_acc']:.4f}, ASR {m['asr']:.4f}", qbd_session.state.accept)
+    if qbd_session.state.accept:
+        return
+    failures = qbd_session.expectations.check_attack(key, m["clean_acc"], m["asr"])
+    _fail(f"{key}: clean acc {m['clean_acc']:.4f}, ASR {m['asr']:.4f}", failures)
 
 
 def test_audit(qbd_audit_case: tuple[str, str], qbd_session: Any, qbd_record: Any) -> None:
@@ -105,6 +95,7 @@ def test_audit(qbd_audit_case: tuple[str, str], qbd_session: Any, qbd_record: An
         failures.append("quantizer not applied: no parameter was quantized")
     if not surrogate_ok:
         failures.append("the surrogate passes no input gradient: gradient-based defenses cannot run")
-    exp = qbd_session.expectations
-    failures += exp.check_audit(key, audit, surrogate_ok)
-    _conclude(exp.audit.get(key, {}), failures, f"{key}: audit {json.dumps(audit, default=str)[:800]}", qbd_session.state.accept)
+    if qbd_session.state.accept:
+        return
+    failures += qbd_session.expectations.check_audit(key, audit, surrogate_ok)
+    _fail(f"{key}: audit {json.dumps(audit, default=str)[:800]}", failures)

@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES  # noqa: F401  (re-exported for defense authors)
+
 Status = Literal["detected", "clean", "invalid"]
 STATUSES: tuple[str, ...] = ("detected", "clean", "invalid")
 REQUIREMENTS = frozenset({"clean_holdout", "poisoned_train", "triggered_inputs", "triggered_probe", "input_gradients"})
@@ -46,16 +48,22 @@ class Verdict:
     reason: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     controls: dict[str, Control] = field(default_factory=dict)
+    reason_code: str | None = None  # one of REASON_CODES when status is invalid
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"verdict status must be one of {STATUSES}, got {self.status!r}")
         if self.status == "invalid" and not self.reason:
             raise ValueError("an invalid verdict needs a reason")
+        if self.reason_code is not None and self.reason_code not in REASON_CODES:
+            raise ValueError(f"unknown reason code {self.reason_code!r}; valid: {', '.join(REASON_CODES)}")
+        if self.status != "invalid" and self.reason_code is not None:
+            raise ValueError("only an invalid verdict carries a reason code")
 
     @classmethod
-    def invalid(cls, reason: str, **kw: Any) -> Verdict:
-        return cls(status="invalid", reason=reason, **kw)
+    def invalid(cls, reason: str, code: str = "unspecified", **kw: Any) -> Verdict:
+        """An invalid verdict: `reason` for people, `code` (REASON_CODES) for gates."""
+        return cls(status="invalid", reason=reason, reason_code=code, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +72,7 @@ class Verdict:
             "threshold": _jsonable(self.threshold),
             "target_class": self.target_class,
             "reason": self.reason,
+            "reason_code": self.reason_code,
             "evidence": _jsonable(self.evidence),
             "controls": {k: c.to_dict() for k, c in sorted(self.controls.items())},
         }
@@ -161,10 +170,10 @@ def run_defense(
     try:
         check_defense(defense)
     except TypeError as e:  # a third-party object the loader did not vet
-        return Verdict.invalid(str(e)), 0.0
+        return Verdict.invalid(str(e), "error"), 0.0
     missing = inputs.require(frozenset(defense.requires))
     if missing:
-        return Verdict.invalid(f"{name} requires {missing}, which this protocol does not provide"), 0.0
+        return Verdict.invalid(f"{name} requires {missing}, which this protocol does not provide", "not-applicable"), 0.0
     t0 = time.perf_counter()
     if timeout_s is None:
         outcome = _call(defense, subject, inputs, generator)
@@ -176,10 +185,13 @@ def run_defense(
         if outcome.still_running:
             reason += (" and is still running: Python cannot stop a thread inside native code or one that"
                        " swallows the stop, so it may keep using CPU (and the model) in the background")
-        return Verdict.invalid(reason, evidence={"timeout_s": timeout_s, "still_running": outcome.still_running}), seconds
+        return Verdict.invalid(reason, "timeout", evidence={"timeout_s": timeout_s, "still_running": outcome.still_running}), seconds
     if isinstance(outcome, BaseException):
         tb = traceback.format_exception_only(type(outcome), outcome)[-1].strip()
-        return Verdict.invalid(f"{name} raised {tb}", evidence={"exception": type(outcome).__name__}), seconds
+        # the whole traceback goes into the Result: a crash fails its cell, and the report shows where
+        full = "".join(traceback.format_exception(type(outcome), outcome, outcome.__traceback__))
+        return Verdict.invalid(f"{name} raised {tb}", "error",
+                               evidence={"exception": type(outcome).__name__, "traceback": full[-_TRACEBACK_CHARS:]}), seconds
     return vouch(outcome, name, subject.num_classes), seconds
 
 
@@ -187,43 +199,51 @@ def vouch(v: Any, name: str, num_classes: int | None = None) -> Verdict:
     """`v` if it is a well-formed Verdict (figures normalised to float and int), else an
     `invalid` verdict saying what is wrong with it."""
     if not isinstance(v, Verdict):
-        return Verdict.invalid(f"{name}.detect returned {type(v).__name__}, not a Verdict")
+        return Verdict.invalid(f"{name}.detect returned {type(v).__name__}, not a Verdict", "error")
     # Verdict checks these on construction, but its fields stay assignable afterwards
     if not isinstance(v.status, str) or v.status not in STATUSES:
-        return Verdict.invalid(f"{name} returned an unknown status {v.status!r}; valid: {', '.join(STATUSES)}")
+        return Verdict.invalid(f"{name} returned an unknown status {v.status!r}; valid: {', '.join(STATUSES)}", "error")
     if v.reason is not None and not isinstance(v.reason, str):
-        return Verdict.invalid(f"{name} returned a {type(v.reason).__name__} reason, not a str")
+        return Verdict.invalid(f"{name} returned a {type(v.reason).__name__} reason, not a str", "error")
     if v.status == "invalid" and not v.reason:
-        return Verdict.invalid(f"{name} returned an invalid verdict without a reason")
+        return Verdict.invalid(f"{name} returned an invalid verdict without a reason", "error")
     if not isinstance(v.evidence, Mapping):
-        return Verdict.invalid(f"{name} returned evidence of type {type(v.evidence).__name__}, not a mapping")
+        return Verdict.invalid(f"{name} returned evidence of type {type(v.evidence).__name__}, not a mapping", "error")
     if not isinstance(v.controls, Mapping):
-        return Verdict.invalid(f"{name} returned controls of type {type(v.controls).__name__}, not a mapping")
+        return Verdict.invalid(f"{name} returned controls of type {type(v.controls).__name__}, not a mapping", "error")
     for key, c in v.controls.items():
         if not isinstance(key, str) or not isinstance(c, Control):
-            return Verdict.invalid(f"{name} returned control {key!r} as a {type(c).__name__}, not a Control")
+            return Verdict.invalid(f"{name} returned control {key!r} as a {type(c).__name__}, not a Control", "error")
     figures: dict[str, float | None] = {}
     for label in ("score", "threshold"):
         value = _as_float(getattr(v, label))
         if value is _NOT_A_NUMBER:
-            return Verdict.invalid(f"{name} returned a {type(getattr(v, label)).__name__} {label}, not a number")
+            return Verdict.invalid(f"{name} returned a {type(getattr(v, label)).__name__} {label}, not a number", "error")
         if value is not None and not math.isfinite(value) and v.status != "invalid":
-            return Verdict.invalid(f"{name} produced a non-finite {label} ({value})", evidence=dict(v.evidence), controls=dict(v.controls))
+            return Verdict.invalid(f"{name} produced a non-finite {label} ({value})", "diverged", evidence=dict(v.evidence), controls=dict(v.controls))
         figures[label] = value
     target = v.target_class
     if target is not None:
         target = _as_int(target)
         if target is None:
-            return Verdict.invalid(f"{name} returned target class {v.target_class!r}, not a class index")
+            return Verdict.invalid(f"{name} returned target class {v.target_class!r}, not a class index", "error")
         if target < 0 or (num_classes is not None and target >= num_classes):
-            return Verdict.invalid(f"{name} returned target class {target}, outside 0..{(num_classes or 0) - 1}",
+            return Verdict.invalid(f"{name} returned target class {target}, outside 0..{(num_classes or 0) - 1}", "error",
                                    evidence=dict(v.evidence), controls=dict(v.controls))
+    code = v.reason_code
+    if v.status != "invalid":
+        if code is not None:
+            return Verdict.invalid(f"{name} returned a {v.status!r} verdict with reason code {code!r}", "error")
+    elif code is None:
+        code = "unspecified"
+    elif not isinstance(code, str) or code not in REASON_CODES:
+        return Verdict.invalid(f"{name} returned reason code {code!r}; valid: {', '.join(REASON_CODES)}", "error")
     out = Verdict(status=v.status, score=figures["score"], threshold=figures["threshold"], target_class=target,
-                  reason=v.reason, evidence=dict(v.evidence), controls=dict(v.controls))
+                  reason=v.reason, evidence=dict(v.evidence), controls=dict(v.controls), reason_code=code)
     try:  # every Result is written as JSON: find an unwritable evidence value now, not at the end of the run
         json.dumps(out.to_dict(), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as e:
-        return Verdict.invalid(f"{name} returned evidence that is not JSON-serialisable ({type(e).__name__}: {e})")
+        return Verdict.invalid(f"{name} returned evidence that is not JSON-serialisable ({type(e).__name__}: {e})", "error")
     return out
 
 
@@ -238,6 +258,7 @@ class _TimedOut:
     still_running: bool
 
 
+_TRACEBACK_CHARS = 4000  # the end of a traceback (where it raised) is what a reader needs
 _GRACE_S = 1.0  # how long a timed-out defense gets to unwind after it is told to stop
 _NOT_A_NUMBER = object()
 

@@ -1,0 +1,18 @@
+"""Why a verdict is invalid: a closed set, so reports, expectations and gates can count them.
+Torch-free (the expectations loader and the reports read it)."""
+
+from __future__ import annotations
+
+REASON_CODES: dict[str, str] = {
+    "no-gradient": "a gradient-based defense received no (or a zero / non-finite) input gradient",
+    "no-signal": "the statistic cannot score anything (MAD = 0, a constant score, a zero threshold)",
+    "rule-cannot-fire": "the decision rule cannot reach its threshold whatever the model (rank arithmetic)",
+    "not-converged": "the optimisation did not reach what the rule needs (e.g. reversed triggers that never succeeded)",
+    "not-applicable": "nothing for the rule to judge (no backdoor left to remove, nothing to fine-tune, an input missing)",
+    "diverged": "the computation produced non-finite values",
+    "timeout": "the defense ran past its time limit",
+    "error": "the defense crashed or returned something that is not a well-formed Verdict",
+    "unspecified": "a third-party defense returned invalid without a reason code",
+}
+# the defense failed to run, or to say why: never an expected outcome, so such a cell always fails
+NEVER_EXPECTED = frozenset({"error", "timeout", "unspecified"})
