@@ -49,6 +49,7 @@ class QbdState:
     report_dir: str | None
     accept: bool
     expectations_path: Path | None
+    expectations: Any = None  # qbd.expectations.Expectations, loaded at configure time
     results: list[dict[str, Any]] = field(default_factory=list)
     accept_notes: list[str] = field(default_factory=list)
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -133,6 +134,16 @@ def pytest_configure(config: pytest.Config) -> None:
     defense_names = _resolve_defenses(refs)
     exp = _opt(config, "expectations")
     exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
+    accept = bool(_opt(config, "accept", False))
+    table = None
+    if not (accept and exp_path is not None and not exp_path.exists()):  # --qbd-accept may start a new table
+        from qbd import expectations
+        from qbd.errors import ConfigError
+
+        try:  # torch-free; a bad table is a usage error before any model is trained
+            table = expectations.load_for(tier, exp_path)
+        except ConfigError as e:
+            raise pytest.UsageError(f"--qbd-expectations: {e}") from None
     state = QbdState(
         tier=tier,
         protocols=PROTOCOLS if proto == "both" else (proto,),
@@ -144,8 +155,9 @@ def pytest_configure(config: pytest.Config) -> None:
         cache_dir=_opt(config, "cache-dir"),
         data_root=_opt(config, "data-root"),
         report_dir=_opt(config, "report"),
-        accept=bool(_opt(config, "accept", False)),
+        accept=accept,
         expectations_path=exp_path,
+        expectations=table,
     )
     config.stash[_STATE] = state
     config.pluginmanager.register(Collector(state, config), "qbd-collector")
@@ -239,15 +251,14 @@ class Session:
         self.state = state
         self._benches: dict[tuple[str, str, int], Any] = {}
         self._data: dict[str, Any] = {}
-        self._expectations: Any = None
 
     @property
     def expectations(self) -> Any:
-        if self._expectations is None:
-            from qbd import expectations
+        if self.state.expectations is None:  # --qbd-accept starting a new table: the truth alone
+            from qbd.expectations import Expectations
 
-            self._expectations = expectations.load_for(self.state.tier, self.state.expectations_path)
-        return self._expectations
+            self.state.expectations = Expectations(path=self.state.expectations_path, tier=self.state.tier)
+        return self.state.expectations
 
     def bench(self, dataset: str, kind: str = "backdoored", seed: int = 0) -> Any:
         key = (dataset, kind, seed)

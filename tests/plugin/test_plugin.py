@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import shutil
 from pathlib import Path
 
 import pytest
@@ -144,32 +143,6 @@ def test_example_defense_runs_end_to_end(suite: pytest.Pytester, monkeypatch: py
     assert {p.name for p in (suite.path / "out").iterdir()} == {"results.json", "report.md", "heatmap.png"}
 
 
-def test_changed_expectation_fails_exactly_that_cell_and_accept_restores(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
-    _shared_cache(monkeypatch, outer_store)
-    exp_dir = suite.path / "fixtures" / "expectations"
-    exp_dir.mkdir(parents=True)
-    smoke = exp_dir / "smoke.toml"
-    shutil.copy(ROOT / "fixtures" / "expectations" / "smoke.toml", smoke)
-    select = ["-k", "digits and fp32 and strip"]
-    first = suite.runpytest(*select)
-    first.assert_outcomes(passed=4)  # 2 protocols x (backdoored, clean)
-    cell = "digits/fp32/strip[canonical]"
-    text = smoke.read_text()
-    block_start = text.index(f'[cells."{cell}"]')
-    status_at = text.index("status = ", block_start)
-    old_line = text[status_at : text.index("\n", status_at)]
-    new_status = '"detected"' if '"detected"' not in old_line else '"clean"'
-    smoke.write_text(text[:status_at] + f"status = {new_status}" + text[status_at + len(old_line) :])
-    second = suite.runpytest(*select)
-    second.assert_outcomes(passed=3, failed=1)
-    # fnmatch reads "[...]" as a character class; escape the brackets of the cell id.
-    second.stdout.fnmatch_lines([f"*FAILED*{glob.escape(cell)}*"])
-    accepted = suite.runpytest(*select, "--qbd-accept")
-    accepted.assert_outcomes(passed=4)
-    assert smoke.read_text() == text
-    suite.runpytest(*select).assert_outcomes(passed=4)
-
-
 def test_seeds_report_detection_rate(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
     _shared_cache(monkeypatch, outer_store)
     suite.syspathinsert(EXAMPLE)
@@ -211,7 +184,7 @@ def test_verdict_flipping_across_seeds_fails_as_unstable(suite: pytest.Pytester,
     cell = "digits/fp32/flipping[canonical]"
     result = _run_inline_defense(suite, FLIPPING, "flipping_defense:Flipping", cell, "--qbd-seeds", "2")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['detected', 'clean'] (detection rate 0.50)"),
+    result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['pass', 'miss'] (detection rate 0.50)"),
                                  "*" + glob.escape(cell) + ": 0.50 (s0=detected, s1=clean)  UNSTABLE*"])
 
 
@@ -234,8 +207,8 @@ class Hanging:
 def test_a_hanging_defense_times_out_as_invalid(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
     _shared_cache(monkeypatch, outer_store)
     result = _run_inline_defense(suite, HANGING, "hanging_defense:Hanging", "digits/fp32/hanging[canonical]", "--qbd-defense-timeout", "1")
-    result.assert_outcomes(failed=1)  # the positive control is not met: invalid, never clean
-    result.stdout.fnmatch_lines(["*verdict: expected detected, measured invalid (hanging timed out after 1 s)*"])
+    result.assert_outcomes(failed=1)  # a timeout is never an expected outcome, and never clean
+    result.stdout.fnmatch_lines(["*measured invalid:timeout: invalid (timeout) - hanging timed out after 1 s*"])
 
 
 def test_model_file_stands_in_for_the_trained_model(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
@@ -266,3 +239,156 @@ def test_model_file_stands_in_for_the_trained_model(suite: pytest.Pytester, monk
     fetched = [json.loads(m.read_text())["fetched"] for m in Path(outer_store).glob("models/*/meta.json")
                if "fetched" in json.loads(m.read_text())]
     assert any(f["sha256"] == digest for f in fetched)
+
+
+# -- cells fail the right way (issue: verdicts a CI gate can trust) ---------------------------------
+SCRIPTED = """
+from qbd.defenses.base import Verdict
+
+
+class _Scripted:
+    requires = frozenset({"clean_holdout"})
+
+
+class Crashing(_Scripted):
+    name = "crashing"
+
+    def detect(self, subject, inputs, generator):
+        return helper_that_crashes(inputs)
+
+
+def helper_that_crashes(inputs):
+    raise TypeError("injected crash in a defense")
+
+
+class NamesFive(_Scripted):
+    \"\"\"Detects on every model and names class 5: a wrong target on the backdoored model (target 0),
+    a false alarm on the clean one.\"\"\"
+
+    name = "names-five"
+
+    def detect(self, subject, inputs, generator):
+        return Verdict("detected", score=1.0, threshold=0.5, target_class=5)
+
+
+class NamesZero(_Scripted):
+    name = "names-zero"
+
+    def detect(self, subject, inputs, generator):
+        return Verdict("detected", score=1.0, threshold=0.5, target_class=0)
+
+
+class SaysClean(_Scripted):
+    name = "says-clean"
+
+    def detect(self, subject, inputs, generator):
+        return Verdict("clean", score=0.0, threshold=0.5)
+"""
+
+
+def _scripted(suite: pytest.Pytester, name: str, *options: str, clean: bool = False) -> pytest.RunResult:
+    classes = {"crashing": "Crashing", "names-five": "NamesFive", "names-zero": "NamesZero", "says-clean": "SaysClean"}
+    cell = f"digits{':clean' if clean else ''}/fp32/{name}[canonical]"
+    return _run_inline_defense(suite, SCRIPTED, f"scripted_defenses:{classes[name]}", cell, *options)
+
+
+def _finding_table(suite: pytest.Pytester, cell: str, **entry: object) -> Path:
+    from qbd.expectations import Expectations, dumps
+
+    path = suite.path / "expectations.toml"
+    path.write_text(dumps(Expectations(tier="smoke", cells={cell: dict(entry)})))
+    return path
+
+
+def test_a_crashing_defense_fails_its_cell_with_the_traceback(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                               outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    report = suite.path / "out"
+    result = _scripted(suite, "crashing", "--qbd-report", str(report))
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*measured invalid:error*crashing raised TypeError: injected crash in a defense*",
+                                 "*in helper_that_crashes*"])
+    md = (report / "report.md").read_text()
+    assert "0 cells match the truth, 0 declared findings, 1 failing" in md
+    import json
+
+    [r] = json.loads((report / "results.json").read_text())["results"]
+    assert r["verdict"]["reason_code"] == "error" and "helper_that_crashes" in r["verdict"]["evidence"]["traceback"]
+    assert r["judgement"]["judgement"] == "FAIL"
+
+
+def test_a_crash_cannot_be_declared_expected(suite: pytest.Pytester) -> None:
+    table = suite.path / "expectations.toml"
+    table.write_text('[cells."digits/fp32/crashing[canonical]"]\noutcome = "invalid"\nreason_code = "error"\nwhy = "w"\n')
+    result = suite.runpytest("--qbd-expectations", str(table), "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*never an expected outcome*"])
+
+
+def test_a_wrong_target_fails_even_though_it_detected(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    result = _scripted(suite, "names-five")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*expected the truth (backdoored, target 0): detected naming 0; measured wrong-target*"])
+
+
+def test_a_false_alarm_on_a_clean_model_fails(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    result = _scripted(suite, "names-zero", clean=True)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*expected the truth (clean model): clean; measured false-alarm*"])
+
+
+def test_the_truth_passes(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    _scripted(suite, "names-zero").assert_outcomes(passed=1)  # backdoored, target 0: detected naming 0
+    _scripted(suite, "says-clean", clean=True).assert_outcomes(passed=1)
+
+
+def test_a_declared_finding_passes_and_fails_once_it_stops_holding(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                                   outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    why = "docs/results.md#findings: says-clean never fires (figures there)"
+    table = _finding_table(suite, "digits/fp32/says-clean[canonical]", outcome="miss", why=why)
+    held = _scripted(suite, "says-clean", "--qbd-expectations", str(table))
+    held.assert_outcomes(passed=1)
+    held.stdout.fnmatch_lines(["*1 declared findings*", "*finding*digits/fp32/says-clean[[]canonical[]]*" + glob.escape(why) + "*"])
+    # the same finding declared for a defense that now gets it right: the finding no longer holds
+    table = _finding_table(suite, "digits/fp32/names-zero[canonical]", outcome="miss", why=why)
+    fixed = _scripted(suite, "names-zero", "--qbd-expectations", str(table))
+    fixed.assert_outcomes(failed=1)
+    fixed.stdout.fnmatch_lines(["*finding no longer holds*update the expectations*"])
+    # a third outcome (a wrong target where a miss was declared) fails too
+    table = _finding_table(suite, "digits/fp32/names-five[canonical]", outcome="miss", why=why)
+    third = _scripted(suite, "names-five", "--qbd-expectations", str(table))
+    third.assert_outcomes(failed=1)
+    third.stdout.fnmatch_lines(["*declared finding 'miss' does not hold: measured wrong-target*"])
+
+
+def test_accept_proposes_a_finding_whose_why_must_be_written(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                             outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    table = suite.path / "expectations.toml"
+    proposed = _scripted(suite, "says-clean", "--qbd-expectations", str(table), "--qbd-accept")
+    proposed.stdout.fnmatch_lines(["*before: 0 cells match the truth, 0 declared findings, 1 failing*",
+                                   "*after:  0 cells match the truth, 1 declared findings, 0 failing*",
+                                   "*proposed: digits/fp32/says-clean[[]canonical[]]: miss*"])
+    text = table.read_text()
+    assert 'outcome = "miss"' in text and "PROPOSED by --qbd-accept" in text
+    refused = _scripted(suite, "says-clean", "--qbd-expectations", str(table))
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR  # the why is still to be written
+    table.write_text(text.replace("PROPOSED by --qbd-accept: write where the figures are", "written by a person"))
+    _scripted(suite, "says-clean", "--qbd-expectations", str(table)).assert_outcomes(passed=1)
+
+
+def test_built_in_cells_use_the_shipped_expectations_from_any_directory(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                                        outer_store: str) -> None:
+    """pytester runs in a fresh directory outside the repository: the table comes from the package."""
+    from qbd.expectations import load, shipped
+
+    _shared_cache(monkeypatch, outer_store)
+    cell = "digits/int8-dynamic/neural-cleanse[paper]"
+    assert load(shipped("smoke")).cells[cell]["reason_code"] == "no-gradient"
+    result = suite.runpytest("-k", cell)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*0 cells match the truth, 1 declared findings, 0 failing*"])
