@@ -2,20 +2,30 @@
 predictions stay confident (low entropy) whatever is blended in, something in the input -- a
 trigger -- dominates the model's decision.
 
-Superimposition follows the authors' code: cv2.addWeighted(input, 1, overlay, 1, 0) on uint8,
-i.e. a saturating sum min(a + b, 255), then [0, 1]. The entropy is the Shannon entropy in bits
-of the softmax, averaged over the `n_overlays` blends of one input.
+Superimposition follows the authors' code: cv2.addWeighted(input, 1, overlay, 1, 0) on images
+already scaled to float [0, 1], i.e. the plain, UNCLIPPED sum in [0, 2] (cv2 saturates only
+uint8 arrays; their notebooks divide by 255 first). The model receives that sum and normalises
+it inside itself. The entropy is the Shannon entropy in bits of the softmax, averaged over the
+`n_overlays` blends of one input.
 
 Protocols (every value recorded in the Result):
 - canonical: the defender holds a clean holdout and sees a stream of incoming inputs (about half
   triggered, unlabelled). The holdout is split (seeded) into an overlay pool and a calibration
-  part; the entropy threshold is the `frr` quantile (1 %, the paper's false-rejection rate) of
-  the calibration inputs' entropies; a stream input is flagged when its entropy is strictly
-  below it. Model-level rule: one-sided binomial test of the stream's flagged count against
-  `frr`; detected when p < `alpha`. Score = flagged fraction; threshold = the smallest fraction
-  that would be significant. Target = the majority (unblended) prediction of the flagged inputs.
-  A calibration set whose entropies give a threshold of 0 (e.g. a constant classifier) can flag
-  nothing: invalid, never clean.
+  part of m inputs. Entropy threshold = the k-th smallest calibration entropy,
+  k = max(1, floor(frr (m + 1))), so the expected per-input false-rejection rate k / (m + 1) is
+  at most `frr` (1 %, the paper's); a stream input is flagged when its entropy is strictly
+  below it. Model-level rule: one-sided binomial test of the stream's flagged count, detected
+  when p < `alpha` / 2. Its null rate is not `frr`: the true share of clean inputs below an
+  order statistic of m values is itself random, Beta(k, m + 1 - k) distributed whatever the
+  entropy distribution, and with m = 250 and k = 2 it exceeds 1 % in 29 % of calibrations. The
+  null rate is therefore the upper (1 - alpha / 2) bound of that Beta distribution: a clean
+  stream then raises a false alarm with probability at most alpha / 2 + alpha / 2 = alpha
+  (union bound), for any entropy distribution. The authors' normal fit (threshold =
+  norm.ppf(frr, mean, std)) holds its rate only when the entropies are normal, so it is
+  recorded as evidence, not used. Score = flagged fraction; threshold = the smallest fraction
+  that would be significant. Target = the majority (unblended) prediction of the flagged
+  inputs. A calibration set whose entropies give a threshold of 0 (e.g. a constant classifier)
+  can flag nothing: invalid ("no-signal"), never clean.
 - paper: the paper fed STRIP clean inputs only: the holdout's own entropies (overlays from the
   same holdout), threshold = their `percentile`-th percentile, model flagged when more than
   `flag_fraction` of them fall strictly below it. That share is fixed by rank arithmetic, not by
@@ -30,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from scipy.stats import binom, binomtest
+from scipy.stats import beta, binom, binomtest, norm
 
 from qbd.defenses import _features as feat
 from qbd.defenses._memory import bytes_per_image, images_within
@@ -73,7 +83,8 @@ class Strip(ConfiguredDefense):
         n_pool = round(p["overlay_fraction"] * len(x_hold))
         pool, calib = x_hold[order[:n_pool]], x_hold[order[n_pool:]]
         if len(pool) == 0 or len(calib) == 0:
-            return Verdict.invalid(f"holdout of {len(x_hold)} images is too small to split into overlay pool and calibration part")
+            return Verdict.invalid(f"holdout of {len(x_hold)} images is too small to split into overlay pool and calibration part",
+                                   "not-applicable")
         if p["max_stream"] and len(stream) > p["max_stream"]:
             stream = stream[torch.randperm(len(stream), generator=generator)[: p["max_stream"]]]
         h_cal = strip_entropy(subject, calib, pool, p["n_overlays"], generator, chunk)
@@ -89,12 +100,9 @@ class Strip(ConfiguredDefense):
 
 
 def superimpose(x: torch.Tensor, overlays: torch.Tensor) -> torch.Tensor:
-    """cv2.addWeighted(x, 1, overlay, 1, 0) on uint8 (a saturating sum), as [0, 1] floats.
-    x: N x C x H x W, overlays: N x M x C x H x W -> N x M x C x H x W."""
-    if x.dtype == torch.uint8 and overlays.dtype == torch.uint8:
-        s = (x[:, None].to(torch.int16) + overlays.to(torch.int16)).clamp_(max=255).to(torch.uint8)
-        return to_unit(s)
-    return (to_unit(x)[:, None] + to_unit(overlays)).clamp_(0.0, 1.0)
+    """The authors' cv2.addWeighted(x, 1, overlay, 1, 0) on [0, 1] float images: the unclipped
+    sum, in [0, 2]. x: N x C x H x W, overlays: N x M x C x H x W -> N x M x C x H x W."""
+    return to_unit(x)[:, None] + to_unit(overlays)
 
 
 @torch.no_grad()
@@ -122,46 +130,71 @@ def _summary(h: np.ndarray) -> dict[str, float]:
             "median": round(float(q[2]), 5), "q95": round(float(q[3]), 5), "min": round(float(h.min()), 5)}
 
 
-def significant_count(n: int, frr: float, alpha: float) -> int | None:
-    """Smallest flagged count k with P(Binomial(n, frr) >= k) < alpha, or None if none is."""
+def significant_count(n: int, rate: float, alpha: float) -> int | None:
+    """Smallest flagged count k with P(Binomial(n, rate) >= k) < alpha, or None if none is."""
     ks = np.arange(n + 1)
-    pv = binom.sf(ks - 1, n, frr)
+    pv = binom.sf(ks - 1, n, rate)
     hits = np.flatnonzero(pv < alpha)
     return int(hits[0]) if len(hits) else None
 
 
+def threshold_rank(m: int, frr: float) -> int:
+    """k: the threshold is the k-th smallest of m calibration entropies, k / (m + 1) <= frr
+    (the expected share of clean inputs below it), at least 1."""
+    return max(1, math.floor(frr * (m + 1)))
+
+
+def null_rate(m: int, k: int, delta: float) -> float:
+    """Upper (1 - delta) bound on the true share of clean inputs strictly below the k-th
+    smallest of m calibration values: that share is at most Beta(k, m + 1 - k) distributed
+    for any entropy distribution (exactly, for a continuous one)."""
+    return float(beta.ppf(1.0 - delta, k, m + 1 - k))
+
+
 def decide(h_cal: np.ndarray, h_stream: np.ndarray, preds: np.ndarray, p: dict[str, Any]) -> Verdict:
-    """Canonical rule: per-input FRR threshold from the calibration entropies, then a one-sided
-    binomial test of the stream's flagged count against the FRR."""
+    """Canonical rule: per-input threshold = an order statistic of the calibration entropies,
+    then a one-sided binomial test of the stream's flagged count against the upper confidence
+    bound of the true rate below it (module docstring: false alarms <= alpha)."""
     evidence: dict[str, Any] = {}
     for name, h in (("calibration", h_cal), ("stream", h_stream)):
         bad = feat.nonfinite(h, f"{name} entropies")
         if bad:
-            return Verdict.invalid(bad)
+            return Verdict.invalid(bad, "diverged")
         evidence[f"entropy_{name}"] = _summary(h)
-    thr = float(np.quantile(h_cal, p["frr"]))
-    evidence["entropy_threshold"] = round(thr, 6)
-    cal_frr = float(np.mean(h_cal < thr))
-    controls = {"calibration_frr": Control(cal_frr <= 2 * p["frr"] + 1.0 / len(h_cal), cal_frr,
-                                           "share of calibration inputs below the threshold (about frr)")}
+    m = len(h_cal)
+    k_rank = threshold_rank(m, p["frr"])
+    thr = float(np.sort(h_cal)[k_rank - 1])
+    # half of alpha for the calibration's luck, half for the stream's
+    rate = null_rate(m, k_rank, p["alpha"] / 2)
+    cal_below = float(np.mean(h_cal < thr))
+    sd = float(h_cal.std())
+    evidence.update({
+        "entropy_threshold": round(thr, 6), "threshold_rank": k_rank, "n_calibration": m,
+        "calibration_share_below": cal_below, "null_rate": round(rate, 6),
+        # the authors' threshold, for comparison: right only if the entropies are normal
+        "entropy_threshold_normal_fit": round(float(norm.ppf(p["frr"], h_cal.mean(), sd)), 6) if sd > 0 else None,
+    })
+    controls = {"calibration_frr": Control(cal_below <= p["frr"], cal_below,
+                                           "share of calibration inputs strictly below the threshold (at most frr)")}
     if thr <= 0.0 or np.ptp(h_cal) == 0.0:
         return Verdict.invalid(
             f"no signal: the clean calibration entropies give a threshold of {thr:.3g} bits (spread {np.ptp(h_cal):.3g}),"
-            " so no input can fall strictly below it", evidence=evidence, controls=controls)
+            " so no input can fall strictly below it", "no-signal", evidence=evidence, controls=controls)
     n = len(h_stream)
     flagged = h_stream < thr
     k = int(flagged.sum())
-    k_min = significant_count(n, p["frr"], p["alpha"])
+    k_min = significant_count(n, rate, p["alpha"] / 2)
     if k_min is None:
-        return Verdict.invalid(f"a stream of {n} inputs is too short for a binomial test at alpha {p['alpha']}",
+        return Verdict.invalid(f"a stream of {n} inputs is too short for a binomial test against a null rate of"
+                               f" {rate:.3g} at {p['alpha'] / 2:g}: no flagged count is significant", "rule-cannot-fire",
                                evidence=evidence, controls=controls)
-    pvalue = float(binomtest(k, n, p["frr"], alternative="greater").pvalue)
+    pvalue = float(binomtest(k, n, rate, alternative="greater").pvalue)
     evidence.update({"n_stream": n, "flagged": k, "p_value": pvalue, "significant_count": k_min})
     score, threshold = k / n, k_min / n
-    if pvalue < p["alpha"]:
+    if pvalue < p["alpha"] / 2:
         classes, counts = np.unique(preds[flagged], return_counts=True)
         target = int(classes[np.argmax(counts)])
-        evidence["flagged_predicted"] = {int(c): int(m) for c, m in zip(classes, counts, strict=True)}
+        evidence["flagged_predicted"] = {int(c): int(cnt) for c, cnt in zip(classes, counts, strict=True)}
         evidence["target_share"] = round(float(counts.max() / k), 4)
         return Verdict("detected", score=score, threshold=threshold, target_class=target, evidence=evidence, controls=controls)
     return Verdict("clean", score=score, threshold=threshold, evidence=evidence, controls=controls)
@@ -171,7 +204,7 @@ def decide_paper(h: np.ndarray, p: dict[str, Any]) -> Verdict:
     """The paper's rule on clean inputs only: always invalid, with the measured share."""
     bad = feat.nonfinite(h, "holdout entropies")
     if bad:
-        return Verdict.invalid(bad)
+        return Verdict.invalid(bad, "diverged")
     n = len(h)
     q = p["percentile"] / 100.0
     thr = float(np.percentile(h, p["percentile"]))
@@ -186,9 +219,10 @@ def decide_paper(h: np.ndarray, p: dict[str, Any]) -> Verdict:
                                                        " depends on the sample size alone, not on the model")}
     head = f"it compares clean inputs' entropies with their own {p['percentile']:g}th percentile"
     if can_fire:
+        # it can fire, but whether it does is fixed by n and ties, not by the model: no signal
         reason = (f"the paper's STRIP rule cannot tell models apart: {head}; the share strictly below is fixed by rank"
                   f" arithmetic (at most {bound:.4f} for n = {n}), whatever the model; measured {frac:.4f}")
-    else:
-        reason = (f"the paper's STRIP rule cannot fire: {head}; the share strictly below is at most {bound:.4f}"
-                  f" <= {p['flag_fraction']} by construction (n = {n}); measured {frac:.4f}")
-    return Verdict.invalid(reason, evidence=evidence, controls=controls)
+        return Verdict.invalid(reason, "no-signal", evidence=evidence, controls=controls)
+    reason = (f"the paper's STRIP rule cannot fire: {head}; the share strictly below is at most {bound:.4f}"
+              f" <= {p['flag_fraction']} by construction (n = {n}); measured {frac:.4f}")
+    return Verdict.invalid(reason, "rule-cannot-fire", evidence=evidence, controls=controls)
