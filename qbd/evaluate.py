@@ -149,7 +149,16 @@ class Bench:
             if (scheme, engine) not in self._surrogates:
                 self._surrogates[(scheme, engine)] = qm.surrogate()
             m = self._surrogates[(scheme, engine)]
-        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path=gradient_path)
+        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path=gradient_path,
+                       float_model=self.model, redeploy=lambda edited: self.redeploy(edited, scheme, engine))
+
+    def redeploy(self, model: Classifier, scheme: str, engine: str | None = None) -> Subject:
+        """An edited copy of the float model (a repair), deployed through the same scheme and
+        calibration data as the cell's model."""
+        from qbd.quant import SCHEMES
+
+        m = SCHEMES.get(scheme).apply(model, self.calib(), engine=engine).model
+        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path="deployed")
 
     def inputs(self, protocol: str, requires: frozenset[str]) -> DefenseInputs:
         hold = self.holdout

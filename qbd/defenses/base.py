@@ -93,6 +93,11 @@ class Subject:
     scheme: str = "fp32"
     gradient_path: str = "deployed"  # deployed | surrogate
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # For repair methods (Fine-Pruning) only: the float model the deployed one was made from, and
+    # a function that deploys an edited copy of it through the same scheme and calibration,
+    # returning its Subject. None where the subject was built without them.
+    float_model: nn.Module | None = None
+    redeploy: Callable[[nn.Module], Subject] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -7,19 +7,37 @@ pooling, which is linear, so masking a pooled feature is pruning its channel); a
 between `subject.embed` and `subject.classify`.
 
 Protocols (every value recorded in the Result):
-- canonical: the clean holdout is split (seeded) into a prune/fine-tune part and a validation
-  part. Channels are ranked by mean activation on the prune part, ascending, and pruned in
-  steps (one at a time up to 64 channels, else 1/32 of them) while validation accuracy stays
-  within `max_acc_drop` (4 %, Liu et al.) of the unpruned model; the first step beyond stops
-  it. The masked model is then fine-tuned on the prune part (a deep copy; SGD momentum 0.9,
-  BatchNorm in train mode as in ordinary fine-tuning, lr 0.001: at lr 0.01 the clean synthetic
-  model lost 6.4 points of accuracy, more than the 5-point budget, see docs/defenses.md), when the model
-  has float trainable parameters and an autograd graph; `fine_tuned` records whether it
-  happened and why not.
+- canonical, one procedure for every scheme (fp32, int8-dynamic, int8-static, intN-sim):
+  1. Prune on the DEPLOYED model. The clean holdout is split (seeded) into a prune/fine-tune
+     part and a validation part. Channels are ranked by their mean activation on the prune
+     part, ascending, and pruned in steps (one at a time up to 64 channels, else 1/32 of them)
+     while validation accuracy stays within `max_acc_drop` (4 %, Liu et al.) of the unpruned
+     model; the first step beyond stops it.
+  2. Fine-tune in float: a copy of the float model the deployed one was made from
+     (`subject.float_model`: the defender who deploys a quantized model owns it), with the mask
+     applied and baked into the head (pruned columns zeroed), on the prune part (SGD momentum
+     0.9, BatchNorm in train mode, lr 0.001: at lr 0.01 the clean synthetic model lost 6.4
+     points of accuracy, more than the 5-point budget, see docs/defenses.md).
+  3. Re-deploy: the tuned float model goes through the same scheme and calibration as the
+     deployed model (`subject.redeploy`), so the repaired model is on the scheme's grid (int4:
+     at most 16 levels per channel) and runs the scheme's kernels (int8-static: recalibrated,
+     real int8). The outcome is judged on that re-deployed, pruned model. With `finetune` off,
+     or a subject that cannot be re-deployed (no float model), it is judged after step 1 and
+     `fine_tuned` says why.
   Model-level outcome: `detected` (the backdoor was neutralised) when the attack success rate
   on the triggered probe falls by >= `asr_drop_threshold` (0.5) with a validation clean-accuracy
-  drop <= `max_ca_drop` (0.05); else `clean`. Score = ASR drop. On a clean model the probe's
-  ASR is its natural rate, which cannot fall by 50 points: the negative control.
+  drop <= `max_ca_drop` (0.05); else `clean`. Score = ASR drop.
+  A drop of 0.5 needs a probe ASR of at least 0.5 before repair. Below it the rule cannot fire,
+  and what that means depends on whether the trigger does anything at all on this deployed
+  model, which the defense measures: the probe's hit count against the model's natural rate
+  of predicting the target on clean non-target holdout images (one-sided Fisher exact test at
+  `alpha`). Trigger effect significant: a (weakened) backdoor is there but the rule cannot
+  judge its repair: invalid, "not-applicable". No significant effect: the deployed model shows
+  no backdoor on the probe, nothing was there to remove: `clean`. So a clean model's negative
+  control stays a real one: its `clean` rests on a test it can fail (a clean model whose
+  probe ASR rose above its natural rate would be invalid, one whose probe ASR reached 0.5 goes
+  through the drop rule and could be a false alarm), and declaring every low-ASR cell
+  invalid instead would make every negative control invalid, whatever the defense did.
 - paper: the paper's code prunes and fine-tunes nothing: it counts channels whose mean
   |activation| on the clean holdout is below `dormant_threshold` (0.01) and flags the model
   when their share exceeds `dormant_share` (0.1 %, the paper's text).
@@ -34,11 +52,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as TF
+from scipy.stats import fisher_exact
+from torch import nn
 
 from qbd.defenses import _features as feat
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
 from qbd.metrics import to_unit
-from qbd.quant.warnings import recording_no_autograd_kernel
 
 _MAX_CURVE = 33
 
@@ -51,7 +70,7 @@ class FinePruning(ConfiguredDefense):
             "val_fraction": 0.5, "rank_by": "mean_activation", "prune_step": 0, "max_acc_drop": 0.04,
             "finetune": True, "finetune_epochs": 5, "finetune_lr": 0.001, "finetune_momentum": 0.9,
             "finetune_batch": 32, "finetune_weight_decay": 0.0, "finetune_bn": "train",
-            "asr_drop_threshold": 0.5, "max_ca_drop": 0.05, "batch_size": 512,
+            "asr_drop_threshold": 0.5, "max_ca_drop": 0.05, "alpha": 1e-3, "batch_size": 512,
         },
         "paper": {"dormant_threshold": 0.01, "dormant_share": 0.001, "batch_size": 512},
     }
@@ -68,29 +87,33 @@ class FinePruning(ConfiguredDefense):
         val, tune = order[:n_val], order[n_val:]
         if len(val) == 0 or len(tune) == 0 or len(x_probe) == 0:
             return Verdict.invalid(f"fine-pruning needs a holdout split into two non-empty parts and a probe; got holdout {len(y_hold)},"
-                                   f" probe {len(x_probe)}")
+                                   f" probe {len(x_probe)}", "not-applicable")
         f_tune = feat.embed(subject, x_hold[tune], p["batch_size"])
         f_val = feat.embed(subject, x_hold[val], p["batch_size"])
         f_probe = feat.embed(subject, x_probe, p["batch_size"])
         for name, f in (("prune-part", f_tune), ("validation", f_val), ("probe", f_probe)):
             bad = feat.nonfinite(f, f"{name} features")
             if bad:
-                return Verdict.invalid(bad)
+                return Verdict.invalid(bad, "diverged")
         rank = RANKINGS[p["rank_by"]](f_tune)
         curve, kept = prune_curve(subject, rank, f_val, y_hold[val], f_probe, target, p)
         mask = torch.ones(f_val.shape[1])
         mask[rank[:kept]] = 0.0
-        res: dict[str, Any] = {"curve": curve, "pruned": kept, "channels": int(f_val.shape[1])}
+        res: dict[str, Any] = {"curve": curve, "pruned": kept, "channels": int(f_val.shape[1]), "n_probe": len(x_probe)}
         res["before"] = curve[0][1:]
+        res["natural"] = natural_rate(subject, torch.cat([f_tune, f_val]), torch.cat([y_hold[tune], y_hold[val]]), target)
         res["pruned_only"] = _point(subject, mask, f_val, y_hold[val], f_probe, target)
         res["fine_tuned"], res["fine_tune_note"] = False, "disabled (finetune = False)"
         res["after"] = res["pruned_only"]
         if p["finetune"]:
-            tuned, note = fine_tune(subject, mask, x_hold[tune], y_hold[tune], p, generator)
-            res["fine_tuned"], res["fine_tune_note"] = tuned is not None, note
-            if tuned is not None:
-                res["after"] = _point(tuned, mask, feat.embed(tuned, x_hold[val], p["batch_size"]), y_hold[val],
-                                      feat.embed(tuned, x_probe, p["batch_size"]), target)
+            try:
+                repaired, note = fine_tune(subject, mask, x_hold[tune], y_hold[tune], p, generator)
+            except FineTuneDiverged as e:
+                return Verdict.invalid(str(e), "diverged")
+            res["fine_tuned"], res["fine_tune_note"] = repaired is not None, note
+            if repaired is not None:
+                res["after"] = _point(repaired, mask, feat.embed(repaired, x_hold[val], p["batch_size"]), y_hold[val],
+                                      feat.embed(repaired, x_probe, p["batch_size"]), target)
         return decide(res, p)
 
     def _detect_paper(self, subject: Subject, inputs: DefenseInputs) -> Verdict:
@@ -98,7 +121,7 @@ class FinePruning(ConfiguredDefense):
         f = feat.embed(subject, inputs.clean_holdout[0], p["batch_size"])
         bad = feat.nonfinite(f, "holdout features")
         if bad:
-            return Verdict.invalid(bad, controls=_paper_controls())
+            return Verdict.invalid(bad, "diverged", controls=_paper_controls())
         return decide_paper(f.abs().mean(0).double().numpy(), p)
 
 
@@ -150,27 +173,29 @@ def prune_curve(subject: Subject, rank: torch.Tensor, f_val: torch.Tensor, y_val
     return curve, d if kept is None else int(kept)
 
 
-def _trainable(subject: Subject) -> str | None:
-    """Why the model cannot be fine-tuned, or None."""
-    model = subject.model
-    if not any(prm.is_floating_point() for prm in model.parameters()):
-        return "the model has no float trainable parameters (a quantized graph)"
-    if getattr(subject.embed, "__self__", None) is not model or getattr(subject.classify, "__self__", None) is not model:
-        return "the subject's embed/classify are not methods of its model, so a copy cannot be split"
-    return None
+class FineTuneDiverged(ArithmeticError):
+    """The fine-tuning loss became non-finite: the repaired model is not a model."""
+
+
+def natural_rate(subject: Subject, f: torch.Tensor, y: torch.Tensor, target: int) -> list[int]:
+    """[hits, n]: clean holdout images of the other classes that the deployed model already
+    assigns to the target, without any trigger (what the probe's ASR is compared with)."""
+    other = y.cpu() != target
+    hits = int((feat.classify(subject, f[other]).argmax(1) == target).sum())
+    return [hits, int(other.sum())]
 
 
 def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor, p: dict[str, Any],
               generator: torch.Generator) -> tuple[Subject | None, str]:
-    """Fine-tune a deep copy of the masked model on clean images. Returns (the tuned subject or
-    None, a note saying what happened)."""
-    why = _trainable(subject)
-    if why:
-        return None, why
-    model = copy.deepcopy(subject.model)
-    embed_fn, classify_fn = getattr(model, subject.embed.__name__), getattr(model, subject.classify.__name__)
-    tuned = Subject(model, embed_fn, classify_fn, subject.num_classes, scheme=subject.scheme,
-                    gradient_path=subject.gradient_path, device=subject.device)
+    """Fine-tune a copy of the subject's float model with `mask` applied and baked into its
+    head, then re-deploy it through the subject's scheme. Returns (the re-deployed subject or
+    None, a note saying what happened); raises FineTuneDiverged on a non-finite loss."""
+    if subject.float_model is None or subject.redeploy is None:
+        return None, "the subject has no float model to fine-tune and re-deploy"
+    model = copy.deepcopy(subject.float_model)
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or head.in_features != len(mask):
+        return None, f"the float model's head is not a Linear over the {len(mask)} pruned features, so the mask cannot be baked in"
     params = [prm for prm in model.parameters() if prm.is_floating_point()]
     for prm in params:
         prm.requires_grad_(True)
@@ -181,29 +206,25 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
     # amplifies its weight updates, and at lr 0.01 the loss diverged on the calibration models
     model.train(p["finetune_bn"] != "frozen")
     steps = 0
-    try:
+    with torch.enable_grad():
         for _ in range(p["finetune_epochs"]):
             order = torch.randperm(len(y), generator=generator)
             for i in range(0, len(y), p["finetune_batch"]):
                 idx = order[i : i + p["finetune_batch"]]
                 xb = to_unit(x[idx]).to(subject.device)
-                loss = TF.cross_entropy(classify_fn(embed_fn(xb) * m).float(), y[idx].to(subject.device))
-                if not loss.requires_grad:
-                    return None, "the model's output has no autograd graph"
+                loss = TF.cross_entropy(model.classify(model.embed(xb) * m).float(), y[idx].to(subject.device))
                 if not math.isfinite(float(loss.detach())):
-                    return None, "the fine-tuning loss became non-finite"
+                    raise FineTuneDiverged(f"the fine-tuning loss became non-finite after {steps} SGD steps")
                 opt.zero_grad(set_to_none=True)
-                with recording_no_autograd_kernel() as torch_notes:
-                    loss.backward()
-                if torch_notes:
-                    # e.g. int8-dynamic's quantized head: backward runs but nothing reaches the
-                    # features, so fine-tuning would silently train nothing
-                    return None, "no gradient through the deployed model (torch: " + "; ".join(torch_notes) + ")"
+                loss.backward()
                 opt.step()
                 steps += 1
-    finally:
-        model.eval()
-    return tuned, f"{steps} SGD steps over {p['finetune_epochs']} epochs on {len(y)} clean images"
+    model.eval()
+    with torch.no_grad():
+        head.weight[:, mask == 0] = 0.0  # pruned for good: the re-deployed model carries no pruned channel
+    repaired = subject.redeploy(model)
+    return repaired, (f"{steps} SGD steps over {p['finetune_epochs']} epochs on {len(y)} clean images in float,"
+                      f" then re-deployed as {subject.scheme}")
 
 
 def _compact(curve: list[list[float]], d: int, kept: int) -> list[list[float]]:
@@ -215,14 +236,21 @@ def _compact(curve: list[list[float]], d: int, kept: int) -> list[list[float]]:
 
 def decide(res: dict[str, Any], p: dict[str, Any]) -> Verdict:
     """Repair outcome: backdoor neutralised when ASR falls by >= asr_drop_threshold while the
-    validation clean accuracy falls by <= max_ca_drop."""
+    validation clean accuracy falls by <= max_ca_drop; a probe ASR below the threshold is
+    judged by the trigger's effect (module docstring)."""
     ca0, asr0 = res["before"]
     ca1, asr1 = res["after"]
     vals = [ca0, asr0, ca1, asr1, *res["pruned_only"]]
     if not all(math.isfinite(v) for v in vals):
-        return Verdict.invalid("non-finite accuracy or attack success rate")
+        return Verdict.invalid("non-finite accuracy or attack success rate", "diverged")
     d, kept = res["channels"], res["pruned"]
     asr_drop, ca_drop = asr0 - asr1, ca0 - ca1
+    hits, n_other = res["natural"]
+    n_probe = res["n_probe"]
+    probe_hits = round(asr0 * n_probe)
+    # does the trigger raise the rate at which the deployed model predicts the target?
+    effect_p = float(fisher_exact([[probe_hits, n_probe - probe_hits], [hits, n_other - hits]], alternative="greater")[1]) \
+        if n_other else 1.0
     evidence = {
         "channels": d, "pruned": kept, "pruned_fraction": round(kept / d, 4),
         "curve": _compact(res["curve"], d, kept), "curve_columns": ["fraction_pruned", "val_clean_acc", "probe_asr"],
@@ -231,12 +259,19 @@ def decide(res: dict[str, Any], p: dict[str, Any]) -> Verdict:
         "after_fine_tuning": {"clean_acc": ca1, "asr": asr1} if res["fine_tuned"] else None,
         "fine_tuned": res["fine_tuned"], "fine_tune_note": res["fine_tune_note"],
         "asr_drop": round(asr_drop, 4), "clean_acc_drop": round(ca_drop, 4),
+        "natural_target_rate": {"hits": hits, "n": n_other, "rate": round(hits / n_other, 4) if n_other else None},
+        "trigger_effect_p": effect_p,
     }
     controls = {
         "fine_tuned": Control(res["fine_tuned"], None, res["fine_tune_note"]),
         "probe_asr_before": Control(asr0 >= p["asr_drop_threshold"], asr0,
                                     "probe ASR before pruning: a drop of asr_drop_threshold needs at least that much"),
     }
+    if asr0 < p["asr_drop_threshold"] and effect_p < p["alpha"]:
+        return Verdict.invalid(
+            f"not applicable: the trigger still works on the deployed model (probe ASR {asr0:.3f} against a natural"
+            f" rate of {hits}/{n_other}, p = {effect_p:.2g}) but a probe ASR below {p['asr_drop_threshold']} cannot"
+            " fall by that much, so the rule cannot judge the repair", "not-applicable", evidence=evidence, controls=controls)
     neutralised = asr_drop >= p["asr_drop_threshold"] and ca_drop <= p["max_ca_drop"]
     status = "detected" if neutralised else "clean"
     return Verdict(status, score=asr_drop, threshold=p["asr_drop_threshold"], evidence=evidence, controls=controls)

@@ -1,25 +1,52 @@
+import copy
 import json
 
 import pytest
 import torch
 
-from qbd.defenses.base import DefenseInputs, run_defense
+from qbd.defenses import _features as feat
+from qbd.defenses.base import DefenseInputs, Subject, run_defense
 from qbd.defenses.fine_pruning import FinePruning, decide_paper
 from qbd.errors import ConfigError
+from qbd.quant.intn_sim import quantize_weight
 from tests.unit.defenses import Constant, CornerBackdoor, NaNFeatures, add_trigger, quadrant_images, subject
 
 FAST = {"finetune_epochs": 2}
 
 
-def _inputs(n_hold=200, n_probe=90):
+def _inputs(n_hold=200, n_probe=90, triggered=1.0):
     x_hold, y_hold = quadrant_images(n_hold, seed=1)
     xp, yp = quadrant_images(n_probe + n_probe // 3 + 3, seed=2)
-    probe = add_trigger(xp[yp != 0][:n_probe])
+    xp = xp[yp != 0][:n_probe]
+    k = round(triggered * len(xp))  # a probe where only part carries the trigger: a weakened backdoor's ASR
+    probe = torch.cat([add_trigger(xp[:k]), xp[k:]])
     return DefenseInputs(clean_holdout=(x_hold, y_hold), triggered_probe=(probe, 0))
 
 
-def _run(defense, model, inputs=None):
-    v, _ = run_defense(defense, subject(model, 4), inputs or _inputs(), torch.Generator().manual_seed(0))
+def _deployable(model, deploy=lambda m: m, log=None):
+    """A subject that can be re-deployed: `deploy` maps an edited float copy to the deployed model."""
+
+    def redeploy(edited):
+        deployed = deploy(edited)
+        if log is not None:
+            log.append(deployed)
+        return subject(deployed, 4)
+
+    return Subject(model, model.embed, model.classify, 4, float_model=model, redeploy=redeploy)
+
+
+def _int4(model):
+    """A toy int4-sim deployment: every Linear weight on its per-channel 4-bit grid."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in out.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.copy_(quantize_weight(layer.weight, 4)[0])
+    return out
+
+
+def _run(defense, model, inputs=None, subj=None):
+    v, _ = run_defense(defense, subj or _deployable(model), inputs or _inputs(), torch.Generator().manual_seed(0))
     return v
 
 
@@ -38,6 +65,30 @@ def test_pruning_the_dormant_backdoor_channel_neutralises_the_backdoor():
     assert model.head.weight[0, 15].item() == pytest.approx(48.0)
 
 
+def test_repaired_model_is_re_deployed_on_the_schemes_grid_and_judged_there():
+    # int4: the judged model must stay on 16 levels per channel; fine-tuning in float moves the
+    # weights off the grid, so only a re-deployed model is what the defender would ship
+    deployed_int4 = []
+    model = CornerBackdoor(channel=True)
+    v = _run(FinePruning("canonical", **FAST), model, subj=_deployable(_int4(model), _int4, deployed_int4))
+    assert v.status == "detected" and v.evidence["fine_tuned"]
+    (repaired,) = deployed_int4
+    for row in repaired.head.weight:
+        assert len(torch.unique(row)) <= 16
+    assert torch.equal(repaired.head.weight[:, 15], torch.zeros(4))  # the pruned channel is gone from the deployed head
+    # the ASR after fine-tuning is the re-deployed model's own, with no mask outside it
+    probe = _inputs().triggered_probe[0]
+    asr = float((feat.logits(subject(repaired, 4), probe).argmax(1) == 0).float().mean())
+    assert v.evidence["after_fine_tuning"]["asr"] == pytest.approx(asr, abs=1e-6)
+
+
+def test_a_subject_that_cannot_be_re_deployed_is_judged_after_pruning():
+    v = _run(FinePruning("canonical", **FAST), None, subj=subject(CornerBackdoor(channel=True), 4))
+    assert v.status == "detected" and not v.evidence["fine_tuned"] and v.evidence["after_fine_tuning"] is None
+    assert "no float model" in v.evidence["fine_tune_note"] and not v.controls["fine_tuned"].passed
+    assert v.score == pytest.approx(v.evidence["before"]["asr"] - v.evidence["after_pruning"]["asr"], abs=1e-6)
+
+
 def test_backdoor_without_a_dormant_channel_survives():
     # the trigger is wired into class 0's own channel: pruning it costs class 0, so pruning
     # stops first and the backdoor stays
@@ -46,23 +97,41 @@ def test_backdoor_without_a_dormant_channel_survives():
     assert v.evidence["after_pruning"]["asr"] > 0.9 and v.score < v.threshold
 
 
-def test_clean_model_probe_cannot_drop_fifty_points():
-    # the negative control: a clean model's probe ASR is its natural rate
-    class CleanModel(CornerBackdoor):
-        def __init__(self):
-            super().__init__(channel=True)
-            with torch.no_grad():
-                self.head.weight[0, 15] = 0.0
+class CleanModel(CornerBackdoor):
+    def __init__(self):
+        super().__init__(channel=True)
+        with torch.no_grad():
+            self.head.weight[0, 15] = 0.0
 
+
+def test_clean_model_is_clean_its_probe_showing_no_trigger_effect():
+    # the negative control: a clean model's probe ASR is its natural rate, so the trigger has no
+    # measurable effect and there was nothing to remove: clean, the truth
     v = _run(FinePruning("canonical", **FAST), CleanModel())
-    assert v.status == "clean" and v.evidence["before"]["asr"] < 0.5
-    assert not v.controls["probe_asr_before"].passed
+    assert v.status == "clean", v.reason
+    assert v.evidence["before"]["asr"] < 0.5 and not v.controls["probe_asr_before"].passed
+    assert v.evidence["trigger_effect_p"] > 0.5
+
+
+def test_weakened_backdoor_below_the_drop_threshold_is_not_applicable():
+    # 40 % of the probe triggers the backdoor, the natural rate is 0: a backdoor is there, but an
+    # ASR of 0.4 cannot fall by 0.5, so the rule cannot judge the repair. It was `clean` before
+    v = _run(FinePruning("canonical", **FAST), CornerBackdoor(channel=True), _inputs(triggered=0.4))
+    assert v.status == "invalid" and v.reason_code == "not-applicable", v.to_dict()
+    assert v.evidence["before"]["asr"] == pytest.approx(0.4, abs=0.02) and v.evidence["trigger_effect_p"] < 1e-3
+
+
+def test_diverging_fine_tuning_is_invalid():
+    v = _run(FinePruning("canonical", **FAST, finetune_lr=1e38), CornerBackdoor(channel=True))
+    assert v.status == "invalid" and v.reason_code == "diverged" and "non-finite" in v.reason
 
 
 def test_model_without_float_parameters_is_pruned_but_not_fine_tuned():
-    v = _run(FinePruning("canonical", **FAST), Constant())
-    assert v.evidence["fine_tuned"] is False and "no float trainable parameters" in v.evidence["fine_tune_note"]
+    v = _run(FinePruning("canonical", **FAST), None, subj=subject(Constant(), 4))
+    assert v.evidence["fine_tuned"] is False and "no float model" in v.evidence["fine_tune_note"]
     assert v.evidence["after_fine_tuning"] is None
+    # it predicts the target for everything: probe ASR 1 = its natural rate, nothing pruned changes that
+    assert v.status == "clean" and v.score == 0.0
 
 
 def test_paper_counts_dormant_channels_and_prunes_nothing():
@@ -80,8 +149,11 @@ def test_nan_features_are_invalid():
     inputs = DefenseInputs(clean_holdout=(x, y), triggered_probe=(add_trigger(x[y != 0]), 0))
     for protocol in ("canonical", "paper"):
         v = _run(FinePruning(protocol), NaNFeatures(192, 4), inputs)
-        assert v.status == "invalid" and "non-finite" in v.reason
-    assert _run(FinePruning("paper"), PixelFeatures(192, 4), inputs).status in ("clean", "detected")
+        assert v.status == "invalid" and "non-finite" in v.reason and v.reason_code == "diverged"
+    # pixel features: every pixel's mean over the holdout is at least the noise mean (29.5 / 255
+    # = 0.12), far above the 0.01 dormant threshold, so no channel is dormant
+    v = _run(FinePruning("paper"), PixelFeatures(192, 4), inputs)
+    assert v.status == "clean" and v.evidence["dormant"] == 0 and v.score == 0.0
 
 
 def test_params_budgets_and_needs():
@@ -93,3 +165,6 @@ def test_params_budgets_and_needs():
     assert FinePruning("paper").requires == frozenset({"clean_holdout"})
     with pytest.raises(ConfigError):
         FinePruning("canonical", dormant_threshold=0.1)
+    x, y = quadrant_images(1)
+    v = _run(FinePruning("canonical"), CornerBackdoor(), DefenseInputs(clean_holdout=(x, y), triggered_probe=(x, 0)))
+    assert v.status == "invalid" and v.reason_code == "not-applicable"
