@@ -61,7 +61,7 @@ class ActivationClustering(ConfiguredDefense):
         controls = {"sees_poisoned_data": feat.sees_poison_control("AC", p["data"])}
         bad = feat.nonfinite(feats, "penultimate activations")
         if bad:
-            return Verdict.invalid(bad, controls=controls)
+            return Verdict.invalid(bad, "diverged", controls=controls)
         with feat.single_threaded():
             stats = [cluster_class(feats[idx].double().numpy(), p, seed + c)
                      for c, idx in enumerate(feat.per_class(y, subject.num_classes))]
@@ -153,9 +153,12 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
     controls = {"classes_clustered": Control(bool(clustered), len(clustered) / max(len(stats), 1),
                                              "share of classes with enough distinct points for 2-means")}
     if not clustered:
-        return Verdict.invalid("no class had enough distinct activations to cluster", evidence=evidence, controls=controls)
+        # the input was there, the statistic is undefined for every class (too few points or no
+        # spread): nothing can be scored, as with MAD = 0, so no-signal rather than not-applicable
+        return Verdict.invalid("no class had enough distinct activations to cluster", "no-signal", evidence=evidence,
+                               controls=controls)
     if any(not math.isfinite(sil[c]) for c in clustered):
-        return Verdict.invalid("a silhouette score is non-finite", evidence=evidence, controls=controls)
+        return Verdict.invalid("a silhouette score is non-finite", "diverged", evidence=evidence, controls=controls)
     flagged = [c for c, s in enumerate(stats) if flag(s, p)]
     size_rule = [c for c, s in enumerate(stats) if _size_rule(s, p)]
     evidence["flagged"] = flagged

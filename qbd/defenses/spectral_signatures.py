@@ -50,7 +50,7 @@ class SpectralSignatures(ConfiguredDefense):
         controls = {"sees_poisoned_data": feat.sees_poison_control("SS", p["data"])}
         bad = feat.nonfinite(feats, "penultimate representations")
         if bad:
-            return Verdict.invalid(bad, controls=controls)
+            return Verdict.invalid(bad, "diverged", controls=controls)
         r = feats.double().numpy()
         groups = feat.per_class(y, subject.num_classes) if p["grouping"] == "per-class" else [np.arange(len(r))]
         with feat.single_threaded():
@@ -118,11 +118,12 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
     }
     scored = [g for g, v in enumerate(vals) if v is not None]
     if not scored:
-        return Verdict.invalid("no group had enough spread to compute a spectrum", evidence=evidence)
+        return Verdict.invalid("no group had enough spread to compute a spectrum", "no-signal", evidence=evidence)
     if any(not math.isfinite(vals[g]) for g in scored):
         bad = [g for g in scored if not math.isfinite(vals[g])]
+        # finite features, but sigma_2 = 0: the ratio is undefined, not a numerical blow-up
         return Verdict.invalid(f"non-finite spectral statistic in group(s) {bad} (rank-1 or degenerate representations)",
-                               evidence=evidence)
+                               "no-signal", evidence=evidence)
     flagged = [g for g in scored if vals[g] > p["ratio_threshold"]]
     evidence["flagged"] = flagged
     score = max(vals[g] for g in scored)

@@ -58,13 +58,13 @@ def test_decide_rules_on_constructed_statistics():
     paper = decide(stats, ActivationClustering("paper").params)
     assert paper.status == "detected" and paper.target_class == 1 and paper.score == 0.2
     empty = decide([stats[2]], ActivationClustering("paper").params)
-    assert empty.status == "invalid" and "cluster" in empty.reason
+    assert empty.status == "invalid" and "cluster" in empty.reason and empty.reason_code == "no-signal"
 
 
 def test_nan_features_are_invalid_never_clean():
     x, y = class_data(per_class=40)
     v = _run(ActivationClustering("canonical"), x, y, model=NaNFeatures(48, 4))
-    assert v.status == "invalid" and "non-finite" in v.reason
+    assert v.status == "invalid" and "non-finite" in v.reason and v.reason_code == "diverged"
 
 
 def test_deterministic_for_a_seed():
@@ -91,4 +91,4 @@ def test_missing_training_set_is_invalid():
     x, y = class_data(per_class=20)
     v, _ = run_defense(ActivationClustering("canonical"), subject(PixelFeatures(48, 4), 4),
                        DefenseInputs(clean_holdout=(x, y)), torch.Generator())
-    assert v.status == "invalid" and "poisoned_train" in v.reason
+    assert v.status == "invalid" and "poisoned_train" in v.reason and v.reason_code == "not-applicable"

@@ -53,12 +53,12 @@ def test_degenerate_and_non_finite_inputs_are_invalid():
     p = SpectralSignatures("canonical").params
     line = np.outer(np.arange(10.0), np.ones(3))  # rank 1: sigma_2 = 0, ratio infinite
     v = decide([spectrum(line, p)], p)
-    assert v.status == "invalid" and "non-finite" in v.reason
+    assert v.status == "invalid" and "non-finite" in v.reason and v.reason_code == "no-signal"
     v = decide([spectrum(np.ones((10, 3)), p)], p)
-    assert v.status == "invalid"
+    assert v.status == "invalid" and v.reason_code == "no-signal"
     x, y = class_data(per_class=30)
     v = _run(SpectralSignatures("canonical"), x, y, model=NaNFeatures(48, 4))
-    assert v.status == "invalid" and "non-finite" in v.reason
+    assert v.status == "invalid" and "non-finite" in v.reason and v.reason_code == "diverged"
 
 
 def test_params_overrides_and_needs():
