@@ -208,7 +208,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
             entry = _BatchUnpickler(f).load()
     except _READ_ERRORS as exc:
         raise DataUnavailableError(
-            f"CIFAR-10 file {path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc}). Replace"
+            f"CIFAR-10 file {path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {' '.join(str(exc).split())}). Replace"
             f" it with the file from {ARCHIVE} ({URL})."
         ) from exc
     if not isinstance(entry, dict):
