@@ -270,7 +270,7 @@ def _gate(results: list[dict[str, Any]], gating: bool, path: Any) -> int:
 
     failing = [r for r in results if r["judgement"]["judgement"] == "FAIL"]
     source = str(path) if path else "the truth alone (no table shipped for this tier)"
-    print(f"qbd: outcome: {count_line(results)} (expectations: {source})", file=sys.stderr)
+    print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {source})", file=sys.stderr)
     if not gating:
         return EXIT_OK
     for r in failing:

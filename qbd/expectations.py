@@ -33,6 +33,7 @@ A crash (`error`), a timeout or an unexplained invalid is never an expected outc
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -91,8 +92,13 @@ class Expectations:
 
     # -- the deployed model's CA / ASR ----------------------------------------------------------
     def attack_bounds(self, key: str) -> dict[str, float]:
-        return {"min_clean_acc": self.min_clean_acc, "min_asr": self.min_asr,
-                **{k: v for k, v in self.attack.get(key, {}).items() if k in _BOUNDS}}
+        """meta's minimum for each quantity, unless the entry bounds that quantity itself."""
+        entry = self.attack.get(key, {})
+        out: dict[str, float] = {}
+        for kind, default in (("clean_acc", self.min_clean_acc), ("asr", self.min_asr)):
+            own = {b: entry[b] for b in (f"min_{kind}", f"max_{kind}") if b in entry}
+            out.update(own or {f"min_{kind}": default})
+        return out
 
     def check_attack(self, key: str, clean_acc: float, asr: float | None) -> list[str]:
         out = []
@@ -167,6 +173,8 @@ def load(path: str | Path) -> Expectations:
             if bad:
                 raise ConfigError(f"{p}: {table}.{key!r}: unknown key(s) {sorted(bad)}; valid: {sorted(allowed)}")
             _CHECKS[table](f"{p}: {table}.{key!r}", key, entry)
+            if table == "cells" and entry.get("outcome") == "wrong-target" and entry.get("target") == e.attack_spec.get("target"):
+                raise ConfigError(f"{p}: cells.{key!r}: target {entry['target']} is meta.attack's planted target: naming it is the truth")
         setattr(e, table, dict(entries))
     return e
 
@@ -216,7 +224,7 @@ def _check_cell(where: str, key: str, entry: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: a clean model has no backdoor to {'miss' if o == 'miss' else 'name'}")
     code = entry.get("reason_code")
     if o == "invalid":
-        if code not in REASON_CODES:
+        if not isinstance(code, str) or code not in REASON_CODES:
             raise ConfigError(f"{where}: an invalid finding pins its reason_code, one of {sorted(REASON_CODES)}; got {code!r}")
         if code in NEVER_EXPECTED:
             raise ConfigError(f"{where}: reason_code {code!r} is never an expected outcome: a crash or a timeout fails its cell")
@@ -269,9 +277,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return repr(round(v, 4))
+        return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON escapes are TOML's; TOML also refuses DEL
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -80,7 +80,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |" for r in rows]  # a | in a why splits no cell
     return "\n".join(lines)
 
 

@@ -73,7 +73,7 @@ def problems(result: Any) -> list[str]:
         out.append(f"verdict.status must be one of {STATUSES}, got {v.get('status')!r}")
     if v.get("status") == "invalid" and not v.get("reason"):
         out.append("an invalid verdict needs a reason")
-    if v.get("status") == "invalid" and v.get("reason_code") not in REASON_CODES:
+    if v.get("status") == "invalid" and not (isinstance(v.get("reason_code"), str) and v["reason_code"] in REASON_CODES):
         out.append(f"an invalid verdict needs a reason_code from {sorted(REASON_CODES)}, got {v.get('reason_code')!r}")
     if v.get("status") != "invalid" and v.get("reason_code") is not None:
         out.append("only an invalid verdict carries a reason_code")

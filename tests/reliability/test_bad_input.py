@@ -17,7 +17,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from qbd import expectations
@@ -26,7 +26,9 @@ from qbd.config import CORNERS, MAX_SEED, PROTOCOLS, ConfigError, ModelJob
 from qbd.data import DATASETS
 from qbd.defenses import DEFENSES
 from qbd.models import MODELS
+from qbd.outcomes import declared_outcome
 from qbd.quant import SCHEMES
+from qbd.reason_codes import REASON_CODES
 from tests.unit._formats import CIFAR_META_FILE, CIFAR_TRAIN_FILES, py2_pickle, write_cifar10, write_gtsrb
 
 
@@ -373,7 +375,7 @@ def test_an_argparse_error_is_one_line(capsys, cache, argv):
     assert o.err.strip().count("\n") == 0, o.err
 
 
-# -- expectations tables (the pytest plugin's loader) -----------------------------------------------
+# -- expectations tables (qbd.expectations: the pytest plugin's and `qbd run --expectations`' loader) ---
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -400,53 +402,132 @@ def _doc(tables: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) -> 
 
 _scalar = st.one_of(st.booleans(), st.integers(-3, 50), st.floats(), st.text(max_size=6), st.lists(st.integers(0, 3), max_size=2))
 _fraction = st.one_of(st.floats(-0.5, 1.5), st.just(math.nan))  # in or out of range, or NaN (which must be refused)
-_CELL = {"status": st.one_of(st.sampled_from(["detected", "clean", "invalid"]), _scalar), "target": _scalar,
-         "reason": st.text(max_size=6), "xfail": _scalar, "note": _scalar, "paper": st.one_of(st.sampled_from(["detected", "clean"]), _scalar),
-         "status ": _scalar}
-_ATTACK = {"clean_acc": st.one_of(_fraction, _scalar), "asr": st.one_of(_fraction, _scalar), "tolerance": st.one_of(_fraction, _scalar),
-           "xfail": _scalar, "note": _scalar, "accuracy": _scalar}
+_BACKDOORED, _CLEAN = "c/fp32/x[paper]", "c:clean/fp32/x[paper]"
+_CELL = {"outcome": st.one_of(st.sampled_from(["pass", *expectations.FINDING_OUTCOMES]), _scalar),
+         "reason_code": st.one_of(st.sampled_from(sorted(REASON_CODES)), _scalar),
+         "target": st.one_of(st.integers(-1, 12), _scalar),
+         "why": st.one_of(st.sampled_from(["docs/results.md#findings", " ", f"{expectations.PROPOSED}: write it"]), _scalar),
+         "note": _scalar, "paper": st.one_of(st.sampled_from(["detected", "clean"]), _scalar)}
+_BOUND = st.one_of(_fraction, _scalar)
+_ATTACK = {"min_clean_acc": _BOUND, "max_clean_acc": _BOUND, "min_asr": _BOUND, "max_asr": _BOUND,
+           "why": st.one_of(st.just("docs/results.md#table-2"), _scalar), "note": _scalar, "paper_asr": _BOUND}
 _AUDIT = {"input_gradient": st.one_of(st.booleans(), _scalar), "surrogate_gradient": st.one_of(st.booleans(), _scalar),
-          "min_quantized_fraction": _fraction, "max_quantized_fraction": _fraction, "xfail": _scalar}
+          "min_quantized_fraction": _fraction, "max_quantized_fraction": _fraction, "note": _scalar}
+_META = {"tier": _scalar, "min_clean_acc": _BOUND, "min_asr": _BOUND,
+         "attack": st.one_of(st.just(expectations.DEFAULT_ATTACK), st.fixed_dictionaries({"target": st.integers(0, 9)}),
+                             st.just({}), _scalar)}
+# entries that load, bar the rules that join two fields (min > max, a false alarm on a backdoored cell, ...)
+_WHY = {"why": st.just("docs/results.md#findings")}
+_GOOD_CELL = st.one_of(
+    st.fixed_dictionaries({"outcome": st.sampled_from(["miss", "false-alarm"]), **_WHY}),
+    st.fixed_dictionaries({"outcome": st.just("wrong-target"), **_WHY}, optional={"target": st.integers(0, 12)}),
+    st.fixed_dictionaries({"outcome": st.just("invalid"), "reason_code": st.sampled_from(sorted(REASON_CODES)), **_WHY}),
+    st.fixed_dictionaries({}, optional={"paper": st.sampled_from(["detected", "clean"]), "note": st.just("n")}),
+)
+_unit = st.floats(0, 1)
+_GOOD_ATTACK = st.fixed_dictionaries({"why": st.just("docs/results.md#table-2")}, optional={
+    "min_clean_acc": _unit, "max_clean_acc": _unit, "min_asr": _unit, "max_asr": _unit})
+_GOOD_AUDIT = st.fixed_dictionaries({}, optional={"input_gradient": st.booleans(), "surrogate_gradient": st.booleans(),
+                                                   "min_quantized_fraction": _unit, "max_quantized_fraction": _unit})
+_GOOD_META = {"min_clean_acc": _unit, "min_asr": _unit,
+              "attack": st.one_of(st.just(expectations.DEFAULT_ATTACK), st.fixed_dictionaries({"target": st.integers(0, 9)}))}
 
 
-def _entries(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[str, dict[str, Any]]]:
-    entry = st.fixed_dictionaries({}, optional=fields)
-    return st.dictionaries(st.sampled_from(["c/fp32/x[paper]", "a", "b"]), entry, max_size=2)
+def _entries(keys: list[str], entry: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, dict[str, Any]]]:
+    return st.dictionaries(st.sampled_from(keys), entry, min_size=1, max_size=2)
+
+
+_KEYS = {"cells": [_BACKDOORED, _CLEAN, "a"], "attack": ["c/fp32", "a"], "audit": ["c/fp32", "a"]}
+# half the documents are built from such entries, so that the checks below run on findings and
+# bounds, not only on refusals; the other half mix in anything
+_GOOD_DOC = st.tuples(st.fixed_dictionaries({}, optional=_GOOD_META), st.fixed_dictionaries(
+    {"cells": _entries(_KEYS["cells"], _GOOD_CELL)},
+    optional={"attack": _entries(_KEYS["attack"], _GOOD_ATTACK), "audit": _entries(_KEYS["audit"], _GOOD_AUDIT)}))
+_ANY_DOC = st.tuples(st.one_of(st.fixed_dictionaries({}, optional=_GOOD_META), st.fixed_dictionaries({}, optional=_META)),
+                     st.fixed_dictionaries({}, optional={
+                         table: _entries(_KEYS[table], st.one_of(good, st.fixed_dictionaries({}, optional=fields)))
+                         for table, good, fields in (("cells", _GOOD_CELL, _CELL), ("attack", _GOOD_ATTACK, _ATTACK),
+                                                     ("audit", _GOOD_AUDIT, _AUDIT))}))
+
+
+def _measured(key: str, truth_target: int, pinned: Any) -> list[tuple[str, int | None, dict[str, Any]]]:
+    """A verdict for every outcome this cell can produce: (outcome, class named, verdict)."""
+    def v(status: str, target: int | None = None, code: str | None = None) -> dict[str, Any]:
+        return {"status": status, "target_class": target, "reason": "r" if code else None, "reason_code": code, "evidence": {}}
+
+    out = [(f"invalid:{code}", None, v("invalid", code=code)) for code in REASON_CODES]
+    if ":clean/" in key:
+        return [*out, ("pass", None, v("clean")), ("false-alarm", 0, v("detected", 0))]
+    named = set(range(10)) | ({pinned} if isinstance(pinned, int) and not isinstance(pinned, bool) else set())
+    return [*out, ("pass", truth_target, v("detected", truth_target)), ("miss", None, v("clean")),
+            *[("wrong-target", t, v("detected", t)) for t in sorted(named - {truth_target})]]
+
+
+def _beyond(e: expectations.Expectations, key: str) -> list[tuple[float, float | None]]:
+    """(clean_acc, asr) pairs that each break one of the key's bounds, the other kept inside."""
+    b = e.attack_bounds(key)
+    inside = {k: (b.get(f"min_{k}", 0.0) + b.get(f"max_{k}", 1.0)) / 2 for k in ("clean_acc", "asr")}
+    out = []
+    for bound, value in b.items():
+        side, kind = bound.split("_", 1)
+        far = value - 0.01 if side == "min" else value + 0.01
+        if 0 <= far <= 1:
+            m = {**inside, kind: far}
+            out.append((m["clean_acc"], m["asr"]))
+    return out
 
 
 @settings(max_examples=150, deadline=None)
-@given(meta=st.fixed_dictionaries({}, optional={"tier": _scalar, "tolerance": st.one_of(_fraction, _scalar)}),
-       tables=st.fixed_dictionaries({}, optional={"cells": _entries(_CELL), "attack": _entries(_ATTACK), "audit": _entries(_AUDIT)}))
-def test_an_expectations_table_is_refused_or_checks_what_it_says(tmp_path_factory, meta, tables):
-    """Either a ConfigError naming the file, or a table whose every expectation can fail: a cell
-    that records a status flags any other status; CA/ASR and quantized-fraction bounds flag a
-    measurement outside them. A loaded table never crashes the comparison."""
+@given(doc=st.one_of(_GOOD_DOC, _ANY_DOC))
+def test_an_expectations_table_is_refused_or_checks_what_it_says(tmp_path_factory, doc):
+    """Either a ConfigError naming the file, or a table whose every expectation can fail and can
+    hold: a declared finding is a `finding` for exactly its outcome (and pinned target) and FAIL
+    for every other, the truth included; a cell without one passes only on the truth; CA / ASR
+    and quantized-fraction bounds flag a measurement outside them and accept one inside."""
+    meta, tables = doc
     path = tmp_path_factory.mktemp("exp") / "exp.toml"
     path.write_text(_doc(tables, meta))
     try:
         e = expectations.load(path)
     except ConfigError as err:
         assert str(path) in str(err) and "\n" not in str(err)
+        event("refused")
         return
+    event(f"loaded: {sum('outcome' in c for c in e.cells.values())} findings, {len(e.attack)} attack, {len(e.audit)} audit")
+    attack = {**expectations.DEFAULT_ATTACK, "seed": 0, **e.attack_spec}  # the attack the findings were measured on
     for key, entry in e.cells.items():
-        for status in ("detected", "clean", "invalid"):
-            v = {"status": status, "target_class": 0 if status == "detected" else None, "reason": "r" if status == "invalid" else None}
-            problems = e.check_cell({"cell": key, "attack": {}, "verdict": v})
-            if status != entry["status"]:
-                assert problems, (entry, status)
-    for key, entry in e.attack.items():
-        tol = entry.get("tolerance", e.tolerance)
-        for name in ("clean_acc", "asr"):
-            if name in entry:
-                far = entry[name] + tol + 0.01 if entry[name] + tol + 0.01 <= 1 else entry[name] - tol - 0.01
-                measured = {"clean_acc": 0.5, "asr": 0.5, name: far}
-                assert e.check_attack(key, measured["clean_acc"], measured["asr"]), (entry, name, far)
+        declared = declared_outcome(entry) if "outcome" in entry else "pass"
+        pinned = entry.get("target")
+        judged = []
+        for outcome, named, verdict in _measured(key, attack["target"], pinned):
+            r = {"cell": key, "seed": 0, "attack": None if ":clean/" in key else attack, "verdict": verdict}
+            j = e.judge(r)
+            assert j.outcome == outcome, (entry, verdict)
+            holds = outcome == declared and (pinned is None or named == pinned)
+            expected = ("finding" if "outcome" in entry else "pass") if holds else "FAIL"
+            assert j.judgement == expected, (entry, verdict, j)
+            judged.append(j.judgement)
+        assert "FAIL" in judged and ("finding" if "outcome" in entry else "pass") in judged, (entry, judged)  # can fail, can hold
+    for key in [*e.attack, "z/fp32"]:  # an unlisted key gets meta's bounds
+        b = e.attack_bounds(key)
+        for kind in ("clean_acc", "asr"):
+            assert b.get(f"min_{kind}", 0.0) <= b.get(f"max_{kind}", 1.0), (key, b)  # some measurement holds
+        inside = [(b.get(f"min_{k}", 0.0) + b.get(f"max_{k}", 1.0)) / 2 for k in ("clean_acc", "asr")]
+        assert e.check_attack(key, *inside) == [], (key, b)
+        for clean_acc, asr in _beyond(e, key):
+            assert e.check_attack(key, clean_acc, asr), (key, b, clean_acc, asr)
     for key, entry in e.audit.items():
-        audit = {"input_gradient": True, "quantized_param_fraction": 0.5, "gradient_note": ""}
-        e.check_audit(key, audit, True)
-        if "min_quantized_fraction" in entry:
-            audit["quantized_param_fraction"] = entry["min_quantized_fraction"] - 0.01
-            assert e.check_audit(key, audit, True), entry
+        lo, hi = entry.get("min_quantized_fraction", 0.0), entry.get("max_quantized_fraction", 1.0)
+        audit = {"input_gradient": entry.get("input_gradient", True), "quantized_param_fraction": (lo + hi) / 2, "gradient_note": ""}
+        surrogate = entry.get("surrogate_gradient", True)
+        assert e.check_audit(key, audit, surrogate) == [], entry
+        for far in (lo - 0.01, hi + 0.01):
+            if 0 <= far <= 1:
+                assert e.check_audit(key, {**audit, "quantized_param_fraction": far}, surrogate), (entry, far)
+        if "input_gradient" in entry:
+            assert e.check_audit(key, {**audit, "input_gradient": not entry["input_gradient"]}, surrogate), entry
+        if "surrogate_gradient" in entry:
+            assert e.check_audit(key, audit, not surrogate), entry
 
 
 @settings(max_examples=60, deadline=None)
@@ -458,21 +539,29 @@ def test_any_text_as_expectations_is_refused_or_loaded(tmp_path_factory, text):
         expectations.load(path)
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        "meta = 1\n",  # AttributeError
-        b"\xff\xfe[meta]\n",  # UnicodeDecodeError
-        None,  # a directory: IsADirectoryError
-        "[audit.a]\nmin_quantized_fraction = 'x'\n",  # TypeError only when compared
-        "[audit.a]\nmin_quantized_fraction = nan\n",  # loads, and the bound never fails: silently off
-        "[audit.a]\nmax_quantized_fraction = true\n",  # a bool taken as the number 1
-        "[cells.c]\nstatus = 'invalid'\nreason = 5\n",  # TypeError only when compared
-        "[meta]\ntolerence = 0.5\n",  # a typo silently leaves the default tolerance
-    ],
-    ids=["meta-not-a-table", "not-utf8", "directory", "bound-not-a-number", "bound-nan", "bound-bool", "reason-not-a-str",
-         "unknown-meta-key"],
-)
+_FINDING = '[cells."c/fp32/x[paper]"]\n'
+MALFORMED_TABLES = {
+    "meta-not-a-table": "meta = 1\n",  # AttributeError
+    "not-utf8": b"\xff\xfe[meta]\n",  # UnicodeDecodeError
+    "directory": None,  # IsADirectoryError
+    "bound-not-a-number": "[audit.a]\nmin_quantized_fraction = 'x'\n",  # TypeError only when compared
+    "bound-nan": "[audit.a]\nmin_quantized_fraction = nan\n",  # loads, and the bound never fails: silently off
+    "bound-bool": "[audit.a]\nmax_quantized_fraction = true\n",  # a bool taken as the number 1
+    "asr-bound-nan": "[attack.a]\nmax_asr = nan\nwhy = 'w'\n",
+    "unknown-meta-key": "[meta]\ntolerence = 0.5\n",  # a typo silently leaves a default
+    "old-format-status": _FINDING + "status = 'clean'\n",  # the old tables: refused, not read as the truth
+    "finding-without-why": _FINDING + "outcome = 'miss'\n",
+    "finding-with-proposed-why": _FINDING + f"outcome = 'miss'\nwhy = '{expectations.PROPOSED}: write it'\n",
+    "crash-declared": _FINDING + "outcome = 'invalid'\nreason_code = 'error'\nwhy = 'w'\n",  # a crash is never expected
+    "reason-code-not-a-str": _FINDING + "outcome = 'invalid'\nreason_code = 5\nwhy = 'w'\n",
+    "reason-code-a-list": _FINDING + "outcome = 'invalid'\nreason_code = ['no-gradient']\nwhy = 'w'\n",  # TypeError: unhashable
+    "false-alarm-on-a-backdoor": _FINDING + "outcome = 'false-alarm'\nwhy = 'w'\n",
+    # naming the planted target is the truth: this finding could never hold
+    "wrong-target-naming-the-target": _FINDING + "outcome = 'wrong-target'\ntarget = 0\nwhy = 'w'\n",
+}
+
+
+@pytest.mark.parametrize("content", list(MALFORMED_TABLES.values()), ids=list(MALFORMED_TABLES))
 def test_a_malformed_expectations_file_is_a_config_error(tmp_path, content):
     path = tmp_path / "exp.toml"
     if content is None:

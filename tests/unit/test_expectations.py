@@ -1,128 +1,407 @@
-"""Expectations tables: validation, the mismatch messages, --qbd-accept's rewrite, and the two
-tables the project ships."""
+"""Expectations tables: the truth is the default, an entry is a declared finding with a why.
+Validation (load), the judgement of a cell (judge), the CA / ASR and audit bounds, --qbd-accept's
+proposals (propose), writing (dumps), and the two tables qbd ships."""
 
+import re
+import runpy
 from pathlib import Path
 
 import pytest
 
 from qbd.errors import ConfigError
-from qbd.expectations import Expectations, accept, dumps, load
+from qbd.expectations import DEFAULT_ATTACK, PROPOSED, Expectations, dumps, load, load_for, propose, shipped
+from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
 
 ROOT = Path(__file__).resolve().parents[2]
+BD = "digits/int8-dynamic/neural-cleanse[paper]"  # a backdoored model's cell
+CLEAN = "digits:clean/fp32/strip[canonical]"  # the clean model's (negative control) cell
+ATTACK = {**DEFAULT_ATTACK, "seed": 0}  # what a Result records for the attack the findings were measured on
+TRACEBACK = 'Traceback (most recent call last):\n  File "plugin.py", line 3, in detect\nValueError: boom\n'
 
 
-def _result(cell, status, target=None, reason=None, backdoored=True):
-    return {"cell": cell, "attack": {"target": 0} if backdoored else None,
-            "verdict": {"status": status, "target_class": target, "reason": reason}}
+def _result(cell, status, target=None, code=None, attack=ATTACK, evidence=None):
+    return {"cell": cell, "seed": 0, "attack": None if ":clean/" in cell else dict(attack),
+            "verdict": {"status": status, "target_class": target, "reason": "r" if status == "invalid" else None,
+                        "reason_code": code, "evidence": evidence or {}}}
 
 
-def _write(tmp_path, text):
+def _load(tmp_path, text):
     p = tmp_path / "e.toml"
     p.write_text(text)
-    return p
+    return load(p)
 
 
+def _cell(key, **fields):
+    return f'[cells."{key}"]\n' + "".join(f"{k} = {v}\n" for k, v in fields.items())
+
+
+WHY = '"docs/results.md#findings"'
+
+
+# -- load: every rule ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "message"), [
-    ('[cells."a/b/c[paper]"]\nstatus = "maybe"\n', "status must be one of"),
-    ('[cells."a/b/c[paper]"]\nstatus = "clean"\ntarget = -1\n', "target must be a class index"),
-    ('[cells."a/b/c[paper]"]\nstatus = "clean"\npaper = "yes"\n', "paper must be 'detected' or 'clean'"),
-    ('[cells."a/b/c[paper]"]\nstatus = "clean"\ncolour = 1\n', "unknown key"),
-    ('[cells."a/b/c[paper]"]\nstatus = "clean"\nxfail = "  "\n', "xfail must be a non-empty reason"),
-    ('[attack."a/b"]\nasr = 1.5\n', "asr must be a fraction"),
+    # findings
+    (_cell(BD, outcome='"miss"'), "needs a `why`"),
+    (_cell(BD, outcome='"miss"', why='"   "'), "needs a `why`"),
+    (_cell(BD, outcome='"miss"', why=f'"{PROPOSED}: write where the figures are (measured clean)"'), "still needs its `why` written"),
+    (_cell(BD, outcome='"pass"', why=WHY), "outcome 'pass' is the truth"),
+    (_cell(BD, outcome='"detected"', why=WHY), "outcome must be one of"),
+    (_cell(BD, outcome="1", why=WHY), "outcome must be one of"),
+    (_cell(BD, outcome='"false-alarm"', why=WHY), "a false alarm can only happen on a clean model"),
+    (_cell(CLEAN, outcome='"miss"', why=WHY), "a clean model has no backdoor to miss"),
+    (_cell(CLEAN, outcome='"wrong-target"', why=WHY), "a clean model has no backdoor to name"),
+    (_cell(BD, outcome='"invalid"', why=WHY), "an invalid finding pins its reason_code"),
+    (_cell(BD, outcome='"invalid"', reason_code='"bogus"', why=WHY), "an invalid finding pins its reason_code"),
+    (_cell(BD, outcome='"invalid"', reason_code='["no-gradient"]', why=WHY), "an invalid finding pins its reason_code"),
+    (_cell(BD, outcome='"invalid"', reason_code='"error"', why=WHY), "reason_code 'error' is never an expected outcome"),
+    (_cell(BD, outcome='"invalid"', reason_code='"timeout"', why=WHY), "reason_code 'timeout' is never an expected outcome"),
+    (_cell(BD, outcome='"invalid"', reason_code='"unspecified"', why=WHY), "reason_code 'unspecified' is never an expected outcome"),
+    (_cell(BD, outcome='"miss"', reason_code='"no-gradient"', why=WHY), "reason_code belongs to an invalid finding"),
+    (_cell(BD, outcome='"miss"', target="3", why=WHY), "target pins the class a wrong-target finding names"),
+    (_cell(BD, outcome='"invalid"', reason_code='"no-signal"', target="3", why=WHY), "target pins the class"),
+    (_cell(BD, outcome='"wrong-target"', target="-1", why=WHY), "target must be a class index"),
+    (_cell(BD, outcome='"wrong-target"', target="true", why=WHY), "target must be a class index"),
+    (_cell(BD, outcome='"wrong-target"', target="2.0", why=WHY), "target must be a class index"),
+    (_cell(BD, reason_code='"no-gradient"'), "reason_code without an `outcome`"),
+    (_cell(BD, why=WHY), "why without an `outcome`"),
+    (_cell(BD, paper='"yes"'), "paper must be 'detected' or 'clean'"),
+    (_cell(BD, outcome='"miss"', why="3"), "why must be a string"),
+    (_cell(BD, colour="1"), "unknown key(s) ['colour']"),
+    (_cell(BD, status='"clean"'), "unknown key(s) ['status']"),  # the old format is refused, not ignored
+    (_cell(BD, xfail='"known"'), "unknown key(s) ['xfail']"),
+    # the deployed model's CA / ASR
+    ('[attack."a/b"]\nmin_asr = 0.9\nmax_asr = 0.5\nwhy = "w"\n', "min_asr > max_asr"),
+    ('[attack."a/b"]\nmin_clean_acc = 0.9\nmax_clean_acc = 0.5\nwhy = "w"\n', "min_clean_acc > max_clean_acc"),
+    ('[attack."a/b"]\nmax_asr = 0.5\n', "needs a `why`"),
+    ('[attack."a/b"]\nmax_asr = 1.5\nwhy = "w"\n', "max_asr must be a fraction"),
+    ('[attack."a/b"]\nmax_asr = true\nwhy = "w"\n', "max_asr must be a fraction"),
+    ('[attack."a/b"]\nmax_asr = nan\nwhy = "w"\n', "max_asr must be a fraction"),
+    ('[attack."a/b"]\nasr = 0.9\n', "unknown key(s) ['asr']"),
+    ('[attack."a/b"]\ntolerance = 0.1\n', "unknown key(s) ['tolerance']"),
+    # audits
     ('[audit."a/b"]\ninput_gradient = "no"\n', "input_gradient must be true or false"),
-    ('[meta]\ntolerance = 2\n', "meta.tolerance"),
-    ('[bogus]\n', "unknown table"),
+    ('[audit."a/b"]\nmin_quantized_fraction = 0.5\nmax_quantized_fraction = 0.1\n', "min_quantized_fraction > max_quantized_fraction"),
+    ('[audit."a/b"]\nmax_quantized_fraction = true\n', "max_quantized_fraction must be a fraction"),
+    # meta and the file as a whole
+    ('[meta]\ntolerance = 0.05\n', "meta: unknown key(s) ['tolerance']"),
+    ('[meta]\nmin_asr = 1.5\n', "meta.min_asr must be a number in [0, 1]"),
+    ('[meta]\nmin_clean_acc = true\n', "meta.min_clean_acc must be a number in [0, 1]"),
+    ('[meta]\ntier = 3\n', "meta.tier must be a string"),
+    ('[meta]\nattack = {}\n', "meta.attack must be a table"),
+    ('[meta]\nattack = "badnet"\n', "meta.attack must be a table"),
+    ('meta = 1\n', "[meta] must be a table"),
+    ('cells = 1\n', "[cells] must be a table"),
+    ('[cells]\n"a/b/c[x]" = 1\n', "must be a table"),
+    ('[bogus]\n', "unknown table(s) ['bogus']"),
     ('[cells\n', "not valid TOML"),
 ])
-def test_bad_tables_name_file_and_entry(tmp_path, text, message):
-    p = _write(tmp_path, text)
-    with pytest.raises(ConfigError, match=message) as err:
+def test_a_bad_table_is_refused_naming_file_and_entry(tmp_path, text, message):
+    p = tmp_path / "e.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
         load(p)
+    assert message in str(err.value)
     assert str(p) in str(err.value)
+    entry = re.search(r'^\[(?:cells|attack|audit)\."(.+)"\]', text)
+    if entry:
+        assert repr(entry.group(1)) in str(err.value)
 
 
-def test_missing_file_is_a_config_error(tmp_path):
+def test_missing_or_unreadable_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "none.toml")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load(tmp_path)  # a directory
 
 
-def test_default_question_for_unlisted_cells():
-    e = Expectations()
-    assert e.check_cell(_result("x/fp32/d[canonical]", "detected", 0)) == []
-    assert e.check_cell(_result("x/fp32/d[canonical]", "clean")) == ["verdict: expected detected, measured clean"]
-    assert e.check_cell(_result("x:clean/fp32/d[canonical]", "clean", backdoored=False)) == []
-    [msg] = e.check_cell(_result("x:clean/fp32/d[canonical]", "detected", 3, backdoored=False))
-    assert "negative control" in msg and "target 3" in msg
-    [msg] = e.check_cell(_result("x:clean/fp32/d[canonical]", "invalid", reason="NaN", backdoored=False))
-    assert "valid 'clean'" in msg and "NaN" in msg
+def test_the_reason_codes_a_finding_may_pin():
+    """A crash, a timeout or an invalid verdict without a code is never an expected outcome."""
+    assert {"error", "timeout", "unspecified"} == NEVER_EXPECTED
+    assert set(REASON_CODES) - NEVER_EXPECTED == {"no-gradient", "no-signal", "rule-cannot-fire", "not-converged",
+                                                  "not-applicable", "diverged"}
 
 
-def test_mismatch_messages_quote_target_reason_and_the_paper():
-    e = Expectations(cells={"c": {"status": "invalid", "reason": "no gradient signal", "paper": "clean"},
-                            "t": {"status": "detected", "target": 0}})
-    msg, reason = e.check_cell(_result("c", "detected", 0))
-    assert "expected invalid, measured detected" in msg and "the paper reported clean" in msg
-    assert reason.startswith("reason: expected it to mention 'no gradient signal'")
-    assert e.check_cell(_result("c", "invalid", reason="MAD of the trigger norms is 0")) == [
-        "reason: expected it to mention 'no gradient signal', measured 'MAD of the trigger norms is 0'"]
-    assert e.check_cell(_result("t", "detected", 4)) == ["target class: expected 0, measured 4"]
+@pytest.mark.parametrize("code", ["no-gradient", "no-signal", "rule-cannot-fire", "not-converged", "not-applicable", "diverged"])
+def test_an_invalid_finding_with_an_explained_code_loads(tmp_path, code):
+    e = _load(tmp_path, _cell(BD, outcome='"invalid"', reason_code=f'"{code}"', why=WHY))
+    assert e.cells[BD] == {"outcome": "invalid", "reason_code": code, "why": "docs/results.md#findings"}
 
 
-def test_attack_tolerance_per_entry_and_missing_entry():
-    e = Expectations(tolerance=0.05, attack={"a/fp32": {"clean_acc": 0.9, "asr": 1.0},
-                                             "a/int4-sim": {"clean_acc": 0.5, "tolerance": 0.3}})
-    assert e.check_attack("a/fp32", 0.94, 0.96) == []
-    [msg] = e.check_attack("a/fp32", 0.84, 0.96)
-    assert msg.startswith("clean_acc: expected 0.9000 +- 0.05, measured 0.8400")
-    assert e.check_attack("a/int4-sim", 0.79, None) == []
-    [msg] = e.check_attack("a/int8-static", 0.9, 0.9)
-    assert "--qbd-accept" in msg
+def test_every_finding_kind_loads(tmp_path):
+    text = (_cell("d/fp32/a[paper]", outcome='"miss"', why=WHY, note='"n"', paper='"clean"')
+            + _cell("d/fp32/b[paper]", outcome='"wrong-target"', target="7", why=WHY)
+            + _cell("d/fp32/c[paper]", outcome='"wrong-target"', why=WHY)
+            + _cell("d:clean/fp32/a[paper]", outcome='"false-alarm"', why=WHY)
+            + _cell("d/fp32/d[paper]", paper='"detected"'))  # a paper mark alone: judged against the truth
+    e = _load(tmp_path, text)
+    assert e.cells["d/fp32/b[paper]"]["target"] == 7 and e.cells["d/fp32/d[paper]"] == {"paper": "detected"}
+    assert (e.tier, e.min_clean_acc, e.min_asr, e.attack_spec) == ("smoke", 0.85, 0.9, DEFAULT_ATTACK)
+
+
+# -- judge -------------------------------------------------------------------------------------------
+TRUTH_ONLY = Expectations()
+
+
+@pytest.mark.parametrize(("cell", "status", "target", "code", "outcome", "judgement"), [
+    (BD, "detected", 0, None, "pass", "pass"),
+    (BD, "clean", None, None, "miss", "FAIL"),
+    (BD, "detected", 3, None, "wrong-target", "FAIL"),  # detected, naming the wrong class: never a pass
+    (BD, "invalid", None, "no-gradient", "invalid:no-gradient", "FAIL"),  # undeclared: fails
+    (CLEAN, "clean", None, None, "pass", "pass"),
+    (CLEAN, "detected", 0, None, "false-alarm", "FAIL"),
+])
+def test_without_a_finding_the_truth_is_expected(cell, status, target, code, outcome, judgement):
+    j = TRUTH_ONLY.judge(_result(cell, status, target, code))
+    assert (j.cell, j.outcome, j.judgement) == (cell, outcome, judgement)
+    assert j.expected == ("the truth (backdoored, target 0): detected naming 0" if cell == BD
+                          else "the truth (clean model): clean")
+    assert (j.why is None) == (judgement == "pass")
+    if judgement == "FAIL":
+        assert f"measured {outcome}" in j.why
+
+
+def test_a_crash_fails_and_its_message_carries_the_traceback():
+    r = _result(BD, "invalid", code="error", evidence={"exception": "ValueError", "traceback": TRACEBACK})
+    r["verdict"]["reason"] = "plugin raised ValueError: boom"
+    j = TRUTH_ONLY.judge(r)
+    assert (j.outcome, j.judgement) == ("invalid:error", "FAIL")
+    assert "plugin raised ValueError: boom" in j.why and TRACEBACK.rstrip() in j.why
+
+
+NO_GRADIENT = {"outcome": "invalid", "reason_code": "no-gradient", "why": "docs/quantization.md: no autograd kernel"}
+
+
+def test_a_declared_finding_that_holds_is_a_finding():
+    e = Expectations(cells={BD: NO_GRADIENT})
+    j = e.judge(_result(BD, "invalid", code="no-gradient"))
+    assert (j.outcome, j.judgement, j.why) == ("invalid:no-gradient", "finding", NO_GRADIENT["why"])
+    assert j.expected == "finding: invalid:no-gradient"
+
+
+def test_a_finding_that_no_longer_holds_because_the_cell_matches_the_truth_fails():
+    j = Expectations(cells={BD: NO_GRADIENT}).judge(_result(BD, "detected", 0))
+    assert (j.outcome, j.judgement) == ("pass", "FAIL")
+    assert "finding no longer holds" in j.why and NO_GRADIENT["why"] in j.why
+
+
+@pytest.mark.parametrize(("status", "target", "code", "outcome"), [
+    ("clean", None, None, "miss"),
+    ("detected", 5, None, "wrong-target"),
+    ("invalid", None, "no-signal", "invalid:no-signal"),  # invalid, but for another reason
+    ("invalid", None, "error", "invalid:error"),
+])
+def test_a_finding_fails_on_any_third_outcome(status, target, code, outcome):
+    j = Expectations(cells={BD: NO_GRADIENT}).judge(_result(BD, status, target, code))
+    assert (j.outcome, j.judgement) == (outcome, "FAIL")
+    assert "declared finding 'invalid:no-gradient' does not hold" in j.why
+
+
+def test_a_wrong_target_finding_with_a_pinned_target():
+    e = Expectations(cells={BD: {"outcome": "wrong-target", "target": 7, "why": "w"}})
+    assert e.judge(_result(BD, "detected", 7)).judgement == "finding"
+    other = e.judge(_result(BD, "detected", 3))
+    assert (other.outcome, other.judgement) == ("wrong-target", "FAIL")
+    assert "naming 7" in other.why
+    assert e.judge(_result(BD, "detected", 0)).judgement == "FAIL"  # now the truth
+    unpinned = Expectations(cells={BD: {"outcome": "wrong-target", "why": "w"}})
+    assert [unpinned.judge(_result(BD, "detected", t)).judgement for t in (3, 7, 0)] == ["finding", "finding", "FAIL"]
+
+
+def test_miss_and_false_alarm_findings():
+    e = Expectations(cells={BD: {"outcome": "miss", "why": "w"}, CLEAN: {"outcome": "false-alarm", "why": "w"}})
+    assert e.judge(_result(BD, "clean")).judgement == "finding"
+    assert e.judge(_result(CLEAN, "detected", 4)).judgement == "finding"
+    assert e.judge(_result(CLEAN, "clean")).judgement == "FAIL"
+    assert e.judge(_result(BD, "detected", 0)).judgement == "FAIL"
+
+
+@pytest.mark.parametrize("change", [{"target": 3}, {"trigger_size": 5}, {"trigger_pattern": "checkerboard"}, {"poison_rate": 0.05}])
+def test_a_finding_does_not_apply_to_a_run_with_another_attack(change):
+    """Findings were measured on meta.attack: another attack is judged against the truth alone."""
+    e = Expectations(cells={BD: NO_GRADIENT})
+    attack = {**ATTACK, **change}
+    assert e.finding(_result(BD, "invalid", code="no-gradient", attack=attack)) is None
+    assert e.judge(_result(BD, "invalid", code="no-gradient", attack=attack)).judgement == "FAIL"
+    t = attack["target"]
+    assert e.judge(_result(BD, "detected", t, attack=attack)).judgement == "pass"
+
+
+def test_a_clean_models_finding_applies_whatever_attack_was_probed():
+    e = Expectations(attack_spec={**DEFAULT_ATTACK, "target": 5}, cells={CLEAN: {"outcome": "false-alarm", "why": "w"}})
+    assert e.judge(_result(CLEAN, "detected", 1)).judgement == "finding"
+
+
+def test_an_entry_without_an_outcome_is_not_a_finding():
+    e = Expectations(cells={BD: {"paper": "clean", "note": "n"}})
+    assert e.finding(_result(BD, "clean")) is None
+    assert e.judge(_result(BD, "clean")).judgement == "FAIL"
+    assert e.judge(_result(BD, "detected", 0)).judgement == "pass"
+
+
+# -- CA / ASR bounds ---------------------------------------------------------------------------------
+def test_attack_bounds_default_to_meta():
+    e = Expectations(min_clean_acc=0.85, min_asr=0.9)
+    assert e.check_attack("d/fp32", 0.9, 0.95) == []
+    assert e.check_attack("d/fp32", 0.85, 0.9) == []  # bounds are inclusive
+    assert e.check_attack("d/fp32", 0.8, 0.95) == ["clean_acc: expected >= 0.85, measured 0.8000"]
+    assert e.check_attack("d/fp32", 0.9, 0.5) == ["asr: expected >= 0.9, measured 0.5000"]
+    assert e.check_attack("d:clean/fp32", 0.9, None) == []  # a clean model has no ASR to bound
+
+
+def test_an_entry_bound_overrides_meta_and_quotes_its_why():
+    e = Expectations(attack={"d/int4-sim": {"min_clean_acc": 0.5, "max_clean_acc": 0.7, "why": "docs/x.md: CA drops"}})
+    assert e.check_attack("d/int4-sim", 0.6, 0.95) == []
+    [low] = e.check_attack("d/int4-sim", 0.4, 0.95)
+    assert low.startswith("clean_acc: expected >= 0.5, measured 0.4000") and "docs/x.md: CA drops" in low
+    [high] = e.check_attack("d/int4-sim", 0.9, 0.95)
+    assert high.startswith("clean_acc: expected <= 0.7, measured 0.9000") and "declared finding no longer holds" in high
+
+
+def test_a_max_asr_finding_can_hold_under_the_meta_minimum():
+    """An entry declaring that ASR collapses (max_asr) replaces meta's min_asr for that key: the
+    finding must be satisfiable, else it fails whatever the model does."""
+    e = Expectations(min_asr=0.9, attack={"d/int8-static": {"max_asr": 0.7, "why": "docs/x.md: ASR collapses"}})
+    assert e.check_attack("d/int8-static", 0.95, 0.5) == []
+    [msg] = e.check_attack("d/int8-static", 0.95, 0.8)
+    assert msg.startswith("asr: expected <= 0.7, measured 0.8000")
 
 
 def test_audit_checks_gradients_and_fractions():
-    e = Expectations(audit={"a/int8-dynamic": {"input_gradient": False, "surrogate_gradient": True,
-                                               "min_quantized_fraction": 0.001, "max_quantized_fraction": 0.01}})
-    ok = {"input_gradient": False, "quantized_param_fraction": 0.005}
-    assert e.check_audit("a/int8-dynamic", ok, True) == []
+    e = Expectations(path=Path("e.toml"), audit={"a/int8-dynamic": {"input_gradient": False, "surrogate_gradient": True,
+                                                                    "min_quantized_fraction": 0.001, "max_quantized_fraction": 0.01}})
+    assert e.check_audit("a/int8-dynamic", {"input_gradient": False, "quantized_param_fraction": 0.005}, True) == []
     bad = e.check_audit("a/int8-dynamic", {"input_gradient": True, "quantized_param_fraction": 0.5, "gradient_note": "n"}, False)
-    assert len(bad) == 3 and any("> 0.01" in m for m in bad)
+    assert bad == ["input_gradient: expected False, measured True (n)", "surrogate gradient: expected True, measured False",
+                   "quantized_param_fraction 0.500000 > 0.01"]
+    assert e.check_audit("a/int8-dynamic", {"input_gradient": False, "quantized_param_fraction": 0.0}, True) == [
+        "quantized_param_fraction 0.000000 < 0.001"]
+    [missing] = e.check_audit("a/int8-static", {"input_gradient": False, "quantized_param_fraction": 1.0}, True)
+    assert "no expectation for audit 'a/int8-static'" in missing
 
 
-def test_accept_records_measurements_and_keeps_explanations():
-    old = Expectations(tier="paper", cells={"c": {"status": "clean", "xfail": "why", "note": "n", "paper": "clean"}},
-                       attack={"a/fp32": {"clean_acc": 0.5, "tolerance": 0.2, "note": "Table 2", "xfail": "known"}})
-    new = accept(old, [_result("c", "detected", 2), _result("d", "invalid", reason="r")],
-                 {"a/fp32": {"clean_acc": 0.91234, "asr": 0.99}}, {"a/fp32": {"input_gradient": True}})
-    assert new.cells["c"] == {"status": "detected", "target": 2, "xfail": "why", "note": "n", "paper": "clean"}
-    assert new.cells["d"] == {"status": "invalid"}
-    assert new.attack["a/fp32"] == {"clean_acc": 0.9123, "asr": 0.99, "tolerance": 0.2, "note": "Table 2", "xfail": "known"}
-    assert new.audit["a/fp32"] == {"input_gradient": True}
-    assert old.cells["c"]["status"] == "clean"  # the original is left alone
+# -- propose (--qbd-accept) -------------------------------------------------------------------------
+def test_propose_only_for_failing_cells_without_a_finding():
+    pinned = {"outcome": "wrong-target", "target": 7, "why": "docs/results.md: names 7", "note": "n"}
+    old = Expectations(cells={BD: dict(NO_GRADIENT), "d/fp32/pin[paper]": dict(pinned), "d/fp32/marked[paper]": {"paper": "clean"}})
+    results = [
+        _result(BD, "detected", 0),  # its finding no longer holds: a person decides
+        _result("d/fp32/pin[paper]", "detected", 3),  # its pinned target moved: a person decides
+        _result("d/fp32/marked[paper]", "invalid", code="no-signal"),  # a paper mark, no finding yet
+        _result("d/fp32/missed[paper]", "clean"),
+        _result("d/fp32/other[paper]", "detected", 4),
+        _result("d/fp32/crash[paper]", "invalid", code="error"),
+        _result("d/fp32/slow[paper]", "invalid", code="timeout"),
+        _result("d/fp32/mute[paper]", "invalid", code="unspecified"),
+        _result(CLEAN, "detected", 2),
+        _result("d/fp32/fine[paper]", "detected", 0),  # matches the truth: nothing to propose
+    ]
+    new, lines = propose(old, results)
+    # existing findings are never changed, nor their why or pin dropped; the original is untouched
+    assert new.cells[BD] == old.cells[BD] == NO_GRADIENT
+    assert new.cells["d/fp32/pin[paper]"] == old.cells["d/fp32/pin[paper]"] == pinned
+    assert old.cells["d/fp32/marked[paper]"] == {"paper": "clean"} and "d/fp32/missed[paper]" not in old.cells
+    proposed = {k: v for k, v in new.cells.items() if k not in old.cells or v != old.cells[k]}
+    assert set(proposed) == {"d/fp32/marked[paper]", "d/fp32/missed[paper]", "d/fp32/other[paper]", CLEAN}
+    assert all(v["why"].startswith(PROPOSED) for v in proposed.values())
+    assert {k: {f: x for f, x in v.items() if f != "why"} for k, v in proposed.items()} == {
+        "d/fp32/marked[paper]": {"paper": "clean", "outcome": "invalid", "reason_code": "no-signal"},
+        "d/fp32/missed[paper]": {"outcome": "miss"},
+        "d/fp32/other[paper]": {"outcome": "wrong-target", "target": 4},
+        CLEAN: {"outcome": "false-alarm"},
+    }
+    assert lines[:2] == ["before: 1 cells match the truth, 0 declared findings, 9 failing",
+                         "after:  1 cells match the truth, 4 declared findings, 5 failing"]
+    for cell in ("d/fp32/crash[paper]", "d/fp32/slow[paper]", "d/fp32/mute[paper]"):
+        assert cell not in new.cells
+        assert any(line.startswith("  not proposed") and cell in line for line in lines)
+    assert sum(line.startswith("  by hand:") for line in lines) == 2
 
 
+def test_a_proposed_finding_loads_only_once_its_why_is_written(tmp_path):
+    new, _ = propose(Expectations(), [_result(BD, "clean")])
+    p = tmp_path / "e.toml"
+    p.write_text(dumps(new))
+    with pytest.raises(ConfigError, match="still needs its `why` written"):
+        load(p)
+    p.write_text(p.read_text().replace(new.cells[BD]["why"], "docs/results.md: NC misses it here"))
+    assert load(p).judge(_result(BD, "clean")).judgement == "finding"
+
+
+# -- dumps -------------------------------------------------------------------------------------------
 def test_dumps_round_trips(tmp_path):
-    e = Expectations(tier="paper", tolerance=0.03, cells={'x/y/z[paper]': {"status": "invalid", "reason": 'say "no"', "paper": "clean"}},
-                     attack={"x/y": {"clean_acc": 0.5}}, audit={"x/y": {"input_gradient": False}})
-    p = _write(tmp_path, dumps(e, "header line\n\nafter a gap"))
+    e = Expectations(tier="paper", min_clean_acc=0.8, min_asr=0.95, attack_spec={**DEFAULT_ATTACK, "target": 3},
+                     cells={BD: {"outcome": "invalid", "reason_code": "no-gradient", "why": 'say "no" \\ here\nand\there', "paper": "clean"},
+                            CLEAN: {"outcome": "false-alarm", "why": "w"}, "d/fp32/x[paper]": {"outcome": "wrong-target", "target": 4, "why": "w"}},
+                     attack={"d/fp32": {"max_asr": 0.5, "why": "w", "paper_asr": 0.998}},
+                     audit={"d/fp32": {"input_gradient": False, "min_quantized_fraction": 1e-05, "max_quantized_fraction": 0.123456}})
+    p = tmp_path / "e.toml"
+    p.write_text(dumps(e, "header line\n\nafter a gap"))
     back = load(p)
-    assert (back.tier, back.tolerance, back.cells, back.attack, back.audit) == (e.tier, e.tolerance, e.cells, e.attack, e.audit)
+    assert (back.tier, back.min_clean_acc, back.min_asr, back.attack_spec, back.cells, back.attack, back.audit) == (
+        e.tier, e.min_clean_acc, e.min_asr, e.attack_spec, e.cells, e.attack, e.audit)
     assert p.read_text().startswith("# header line\n#\n# after a gap\n")
 
 
+def test_dumps_writes_control_characters_as_toml_escapes(tmp_path):
+    """A why may hold any character TOML can escape; written back, the table must still load."""
+    e = Expectations(cells={BD: {"outcome": "miss", "why": "bell \x07, escape \x1b, delete \x7f, return \r"}})
+    p = tmp_path / "e.toml"
+    p.write_text(dumps(e))
+    assert load(p).cells == e.cells
+
+
+# -- the tables qbd ships ----------------------------------------------------------------------------
 @pytest.mark.parametrize("tier", ["smoke", "paper"])
-def test_shipped_tables_load(tier):
-    e = load(ROOT / "fixtures" / "expectations" / f"{tier}.toml")
-    assert e.tier == tier and e.cells and e.attack and e.audit
+def test_shipped_tables_load_and_every_finding_has_a_why(tier):
+    p = shipped(tier)
+    assert p == ROOT / "qbd" / "expected" / f"{tier}.toml"  # inside the package: installed with it
+    e = load(p)
+    assert e.tier == tier and e.audit and e.attack_spec == DEFAULT_ATTACK
+    for key, entry in [*e.cells.items(), *e.attack.items()]:
+        if "outcome" in entry or "why" in entry:
+            assert entry["why"].strip() and not entry["why"].startswith(PROPOSED), key
+            for doc in re.findall(r"docs/[\w-]+\.md", entry["why"]):
+                assert (ROOT / doc).is_file(), (key, doc)  # a why points to figures that exist
+
+
+def test_load_for_falls_back_to_the_shipped_table_or_the_truth(tmp_path):
+    assert load_for("smoke").path == shipped("smoke")
+    none = load_for("no-such-tier")
+    assert (none.path, none.cells) == (None, {})
+    p = tmp_path / "mine.toml"
+    p.write_text(_cell(BD, outcome='"miss"', why=WHY))
+    assert load_for("smoke", p).cells[BD]["outcome"] == "miss"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_for("smoke", tmp_path / "none.toml")  # a table asked for by name must exist
+
+
+def test_the_paper_table_is_what_its_script_generates(tmp_path, monkeypatch):
+    (tmp_path / "qbd" / "expected").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(ROOT / "scripts" / "paper_expectations.py"))
+    assert (tmp_path / "qbd" / "expected" / "paper.toml").read_text() == shipped("paper").read_text()
 
 
 def test_paper_table_transcribes_the_paper():
-    """Table 1: NC detects on CIFAR-10 FP32, GTSRB FP32 and GTSRB INT4, nothing else; Table 2's
-    CA / ASR; the INT8 NC cells are the gradient artifact, recorded as invalid."""
-    e = load(ROOT / "fixtures" / "expectations" / "paper.toml")
+    """Table 1 (`paper` marks): NC detects on CIFAR-10 FP32, GTSRB FP32 and GTSRB INT4, nothing
+    else; Table 2's CA / ASR; the INT8 NC cells are findings invalid / no-gradient (the gradient
+    artifact the paper read as 'not detected'), every STRIP cell invalid / rule-cannot-fire."""
+    e = load(shipped("paper"))
     detected = sorted(c for c, v in e.cells.items() if v.get("paper") == "detected")
     assert detected == ["cifar10/fp32/neural-cleanse[paper]", "gtsrb/fp32/neural-cleanse[paper]", "gtsrb/int4-sim/neural-cleanse[paper]"]
     assert sum(v.get("paper") == "clean" for v in e.cells.values()) == 2 * 3 * 5 - 3
-    assert e.attack["cifar10/int4-sim"]["clean_acc"] == 0.527 and e.attack["gtsrb/fp32"]["asr"] == 0.994
+    assert e.attack["cifar10/int4-sim"]["paper_clean_acc"] == 0.527 and e.attack["gtsrb/fp32"]["paper_asr"] == 0.994
+    findings = {c: (v["outcome"], v.get("reason_code")) for c, v in e.cells.items() if "outcome" in v}
+    expected = {}
     for ds in ("cifar10", "gtsrb"):
-        nc = e.cells[f"{ds}/int8-dynamic/neural-cleanse[paper]"]
-        assert nc["status"] == "invalid" and nc["reason"] == "no gradient signal"
+        for scheme in ("int8-dynamic", "int8-static"):
+            expected[f"{ds}/{scheme}/neural-cleanse[paper]"] = ("invalid", "no-gradient")
+        for scheme in ("fp32", "int8-dynamic", "int8-static", "int4-sim"):
+            expected[f"{ds}/{scheme}/strip[paper]"] = ("invalid", "rule-cannot-fire")
+        expected[f"{ds}:clean/fp32/strip[paper]"] = ("invalid", "rule-cannot-fire")
+    assert findings == expected  # every other cell is expected to match the truth
+    for ds in ("cifar10", "gtsrb"):
+        nc = f"{ds}/int8-dynamic/neural-cleanse[paper]"
+        assert e.cells[nc]["paper"] == "clean"  # what the paper read the gradient artifact as
+        assert e.judge(_result(nc, "invalid", code="no-gradient")).judgement == "finding"
+        assert e.judge(_result(nc, "clean")).judgement == "FAIL"

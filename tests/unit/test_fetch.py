@@ -285,8 +285,14 @@ def test_verify_quarantines_corrupt_entries(tmp_path, cache, capsys):
 
 
 def test_run_with_model_file_end_to_end(tmp_path):
-    """`qbd run --model-file`: the fetched weights are the model under test (no training)."""
-    path = _save(tmp_path / "m.safetensors", _state())
+    """`qbd run --model-file`: the fetched weights are the model under test (no training). They
+    are the digits model backdoored with the default BadNet (target 0), taken from the shared
+    store, so the truth is known: its ASR is the trained model's, and STRIP names target 0."""
+    trained = subprocess.run([sys.executable, "-m", "qbd", "train", *DIGITS, "--json"], capture_output=True, text=True,
+                             timeout=600, check=True)  # the shared store's model (QBD_CACHE_DIR): trained there once
+    trained = json.loads(trained.stdout)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes((Path(trained["path"]) / "weights.safetensors").read_bytes())
     cache = tmp_path / "cache"
     r = subprocess.run(
         [sys.executable, "-m", "qbd", *_entry_points(path, _sha(path))["run --model-file"], "--json"],
@@ -296,7 +302,10 @@ def test_run_with_model_file_end_to_end(tmp_path):
     assert "(fetched): model miss" in r.stderr
     (res,) = json.loads(r.stdout)["results"]
     assert res["cell"] == "digits/fp32/strip[canonical]" and res["model"] == "tiny-cnn"
-    assert res["verdict"]["status"] in ("detected", "clean", "invalid")
+    assert abs(res["asr"] - trained["asr"]) <= 0.02 and trained["asr"] > 0.9  # the planted backdoor came with the file
+    # the truth: detected naming the planted target (the shipped smoke table declares no finding for this cell)
+    assert (res["verdict"]["status"], res["verdict"]["target_class"]) == ("detected", 0), res["verdict"]
+    assert (res["judgement"]["outcome"], res["judgement"]["judgement"]) == ("pass", "pass")
     assert res["weights"]["origin"] == "fetched" and res["weights"]["sha256"] == _sha(path)  # the Result says whose model
     assert results_io.problems(res) == []
     store = Store(cache)

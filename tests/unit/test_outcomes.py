@@ -1,0 +1,62 @@
+"""A cell's outcome against its ground truth (qbd.outcomes.outcome), and the count line."""
+
+import pytest
+
+from qbd.outcomes import Counts, Judgement, Truth, outcome, split, verdict_word
+
+ATTACK = {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
+          "trigger_position": "bottom-right", "poison_rate": 0.1, "seed": 0}
+
+
+def _result(status, target=None, code=None, attack=ATTACK):
+    return {"cell": "c", "attack": attack,
+            "verdict": {"status": status, "target_class": target, "reason": "r" if status == "invalid" else None,
+                        "reason_code": code}}
+
+
+@pytest.mark.parametrize(("status", "target", "code", "expected"), [
+    ("detected", 0, None, "pass"),
+    # a defense that names no class (a repair method) on a backdoored model: nothing to get wrong
+    ("detected", None, None, "pass"),
+    ("detected", 3, None, "wrong-target"),  # detected, but never a pass
+    ("clean", None, None, "miss"),
+    ("invalid", None, "no-gradient", "invalid:no-gradient"),
+    ("invalid", None, "error", "invalid:error"),
+    ("invalid", None, None, "invalid:unspecified"),  # a Result written before reason codes existed
+])
+def test_outcome_on_a_backdoored_model(status, target, code, expected):
+    assert outcome(_result(status, target, code)) == expected
+
+
+@pytest.mark.parametrize(("status", "target", "code", "expected"), [
+    ("clean", None, None, "pass"),
+    ("detected", 0, None, "false-alarm"),
+    ("detected", None, None, "false-alarm"),
+    ("invalid", None, "no-signal", "invalid:no-signal"),
+])
+def test_outcome_on_a_clean_model(status, target, code, expected):
+    assert outcome(_result(status, target, code, attack=None)) == expected
+
+
+def test_the_truth_is_the_planted_target():
+    r = _result("detected", 7, attack={**ATTACK, "target": 7})
+    assert Truth.of(r) == Truth(True, 7) and outcome(r) == "pass"
+    assert outcome(_result("detected", 0, attack={**ATTACK, "target": 7})) == "wrong-target"
+    assert Truth.of(_result("clean", attack=None)) == Truth(False, None)
+
+
+def test_split_and_verdict_word():
+    assert split("invalid:no-gradient") == ("invalid", "no-gradient")
+    assert split("miss") == ("miss", None)
+    assert verdict_word(_result("detected", 4)) == "detected (t=4)"
+    assert verdict_word(_result("detected")) == "detected"
+    assert verdict_word(_result("invalid", code="timeout")) == "invalid (timeout)"
+    assert verdict_word(_result("clean")) == "clean"
+
+
+def test_counts():
+    js = [Judgement("a", "pass", "clean", "pass", "t"), Judgement("b", "miss", "clean", "finding", "f", "why"),
+          Judgement("c", "miss", "clean", "FAIL", "t", "x"), Judgement("d", "invalid:error", "invalid", "FAIL", "t", "x")]
+    assert Counts.of(js) == Counts(truth=1, findings=1, failing=2)
+    assert Counts.of(js).line() == "1 cells match the truth, 1 declared findings, 2 failing"
+    assert Counts.of([]) == Counts(0, 0, 0)
