@@ -77,6 +77,10 @@ def cluster_class(a: np.ndarray, p: dict[str, Any], seed: int) -> dict[str, Any]
     out: dict[str, Any] = {"n": n, "sizes": None, "relative_size": None, "silhouette": None}
     if n < _MIN_POINTS or float(np.ptp(a, axis=0).max(initial=0.0)) == 0.0:
         return out
+    # k-means++ seeds by row index, so on a class without a clear split the local optimum it
+    # lands in depends on the sample order; a canonical (lexicographic) row order makes the
+    # statistics a function of the set of activations alone
+    a = a[np.lexsort(a.T[::-1])]
     rng = np.random.RandomState(seed)
     a = _REDUCERS[p["reduce"]](a, p["nb_dims"], rng)
     labels = KMeans(n_clusters=2, n_init=p["n_init"], random_state=rng.randint(2**31 - 1)).fit_predict(a)
