@@ -1,18 +1,18 @@
 """Positive controls beyond the default BadNet: another target class, trigger pattern, size and
-corner, so no defense (or test) can assume class 0 or the bottom-right corner."""
+corner, so no defense (or test) can assume class 0 or the bottom-right corner. Judged against the
+truth (detected naming class 3); a defense that really fails here is a declared finding below,
+with its why, and the test fails the moment the finding stops holding."""
 
 from __future__ import annotations
 
 import pytest
 
 from qbd.config import AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
+from qbd.outcomes import judge
 
 VARIANT = AttackSpec(target=3, trigger_pattern="checkerboard", trigger_size=4, trigger_position="top-left")
-KNOWN_MISSES = {
-    "activation-clustering": "AC misses every backdoor on the smoke tier (docs/defenses.md)",
-    "spectral-signatures": "SS misses every backdoor on the smoke tier (docs/defenses.md)",
-}
-NAMES_TARGET = {"neural-cleanse", "strip"}
+# declared findings on this attack (fp32, canonical protocol): {defense: expectations entry}
+FINDINGS: dict[str, dict[str, str]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +32,11 @@ def variant_bench():
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize(
-    "defense",
-    [pytest.param(d, marks=pytest.mark.xfail(reason=KNOWN_MISSES[d], strict=True)) if d in KNOWN_MISSES else d
-     for d in ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")],
-)
+@pytest.mark.parametrize("defense", ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"])
 def test_nondefault_attack_is_detected(variant_bench, defense):
     from qbd.runner import load_defense
 
     r = variant_bench.run(load_defense(defense, "canonical", "smoke"), "fp32")
-    v = r["verdict"]
     assert r["asr"] > 0.95
-    assert v["status"] == "detected", f"{defense}: {v['status']} {v['reason'] or ''} {v['evidence']}"
-    if defense in NAMES_TARGET:
-        assert v["target_class"] == 3
+    j = judge(r, FINDINGS.get(defense))
+    assert j.judgement != "FAIL", f"{defense}: {j.why}"

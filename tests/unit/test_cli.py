@@ -9,15 +9,21 @@ from pathlib import Path
 
 import pytest
 
+from qbd import expectations
 from qbd import results as results_io
+from qbd.outcomes import declared_outcome
 
 
-def qbd(*args: str, cache: Path | None = None, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+def qbd(*args: str, cache: Path | None = None, check: bool = False, timeout: float = 600,
+        path: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m qbd ARGS`; `path` goes on PYTHONPATH (a third-party defense module)."""
     import os
 
     env = dict(os.environ)
     if cache is not None:
         env["QBD_CACHE_DIR"] = str(cache)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "qbd", *args], capture_output=True, text=True, env=env, check=check, timeout=timeout)
 
 
@@ -102,8 +108,114 @@ def test_run_json_and_report_agree(tmp_path):
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "report.md", "heatmap.png"}
     assert results_io.read(tmp_path / "out" / "results.json") == sorted(results, key=lambda x: x["cell"])
     md = (tmp_path / "out" / "report.md").read_text()
+    table = expectations.load(expectations.shipped("smoke"))  # `qbd run` judges against it by default
     for res in results:
+        finding = table.finding(res)
+        if finding is None:
+            # the truth: the backdoor planted with --target's default (0) is named; the clean model is clean
+            truth = ("detected", 0) if res["attack"] is not None else ("clean", None)
+            assert (res["verdict"]["status"], res["verdict"]["target_class"]) == truth, res["verdict"]
+            assert (res["judgement"]["outcome"], res["judgement"]["judgement"]) == ("pass", "pass")
+        else:  # a finding the shipped table declares for this cell
+            assert (res["judgement"]["outcome"], res["judgement"]["judgement"]) == (declared_outcome(finding), "finding")
         word = {"detected": "DETECTED", "clean": "clean", "invalid": "INVALID"}[res["verdict"]["status"]]
         row = next(line for line in md.splitlines() if line.startswith(f"| {res['dataset']}") and f"| {res['quant']['scheme']} |" in line
                    and ("clean model" in line) == (res["attack"] is None))
-        assert word in row
+        assert word in row and ("[finding]" in row) == (finding is not None) and "[FAIL]" not in row
+    assert f"Outcome: {len(results) - sum(table.finding(r) is not None for r in results)} cells match the truth" in md
+
+
+# -- qbd run --expectations: the gate --------------------------------------------------------------
+PLUGIN = """
+from qbd.defenses.base import Verdict
+
+
+class AlwaysClean:
+    # says clean whatever the model: it misses every backdoor
+    name = "always-clean"
+    requires = frozenset({"clean_holdout"})
+
+    def detect(self, subject, inputs, generator):
+        return Verdict("clean")
+
+
+class Crash:
+    name = "crash"
+    requires = frozenset({"clean_holdout"})
+
+    def detect(self, subject, inputs, generator):
+        raise ValueError("boom in a third-party defense")
+"""
+# cheap cells: the embedded digits set, one scheme, a defense that does nothing (the models come from the store)
+GATE = ("run", "--dataset", "digits", "--quant", "fp32", "--protocol", "canonical", "--no-progress", "--json")
+MISSED = "digits/fp32/always-clean[canonical]"
+
+
+@pytest.fixture
+def plugin(tmp_path: Path) -> Path:
+    (tmp_path / "qbd_gate_plugin.py").write_text(PLUGIN)
+    return tmp_path
+
+
+def _table(tmp_path: Path, entry: str) -> Path:
+    p = tmp_path / "expected.toml"
+    p.write_text(f'[cells."{MISSED}"]\n{entry}why = "tests/unit/test_cli.py: AlwaysClean says clean whatever the model"\n')
+    return p
+
+
+def test_gate_passes_when_every_declared_finding_holds(plugin, tmp_path):
+    table = _table(tmp_path, 'outcome = "miss"\n')
+    r = qbd(*GATE, "--defense", "qbd_gate_plugin:AlwaysClean", "--expectations", str(table), path=plugin)
+    assert r.returncode == 0, r.stderr
+    judged = {res["cell"]: res["judgement"] for res in json.loads(r.stdout)["results"]}
+    assert {c: (j["outcome"], j["judgement"]) for c, j in judged.items()} == {
+        MISSED: ("miss", "finding"), "digits:clean/fp32/always-clean[canonical]": ("pass", "pass")}
+    assert f"qbd: outcome: 1 cells match the truth, 1 declared findings, 0 failing (expectations: {table})" in r.stderr
+    assert "qbd: FAIL" not in r.stderr
+
+
+def test_gate_fails_a_declared_finding_that_does_not_hold(plugin, tmp_path):
+    table = _table(tmp_path, 'outcome = "invalid"\nreason_code = "no-signal"\n')
+    r = qbd(*GATE, "--no-controls", "--defense", "qbd_gate_plugin:AlwaysClean", "--expectations", str(table), path=plugin)
+    assert r.returncode == 1, r.stderr
+    assert f"qbd: FAIL {MISSED}: declared finding 'invalid:no-signal' does not hold: measured miss" in r.stderr
+    assert "0 cells match the truth, 0 declared findings, 1 failing" in r.stderr
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["with-expectations", "without"])
+def test_a_crashing_defense_fails_its_cell_with_the_traceback(plugin, tmp_path, gate):
+    """Against the table qbd ships (no FILE): a crash is never expected. Without --expectations
+    the outcome is shown, and the exit code is left alone."""
+    r = qbd(*GATE, "--no-controls", "--defense", "qbd_gate_plugin:Crash", *(["--expectations"] if gate else []),
+            "--report", str(tmp_path / "out"), path=plugin)
+    assert r.returncode == (1 if gate else 0), r.stderr
+    (res,) = json.loads(r.stdout)["results"]
+    assert (res["verdict"]["status"], res["verdict"]["reason_code"]) == ("invalid", "error")
+    assert (res["judgement"]["outcome"], res["judgement"]["judgement"]) == ("invalid:error", "FAIL")
+    assert f"(expectations: {expectations.shipped('smoke')})" in r.stderr
+    assert "0 cells match the truth, 0 declared findings, 1 failing" in r.stderr
+    if gate:
+        fail = r.stderr[r.stderr.index("qbd: FAIL digits/fp32/crash[canonical]: "):]
+        assert "Traceback (most recent call last)" in fail and "qbd_gate_plugin.py" in fail
+        assert "ValueError: boom in a third-party defense" in fail
+    else:
+        assert "qbd: FAIL" not in r.stderr
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| digits/fp32/crash[canonical] | invalid (error) | invalid:error | FAIL |" in md
+    assert "INVALID (error) [FAIL]" in md
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "does not exist"),
+    ('[cells."digits/fp32/strip[canonical]"]\nstatus = "clean"\n', "unknown key(s) ['status']"),  # the old format
+    ('[cells."digits/fp32/strip[canonical]"]\noutcome = "invalid"\nreason_code = "error"\nwhy = "w"\n', "never an expected outcome"),
+])
+def test_a_bad_expectations_file_is_refused_before_the_run(tmp_path, content, message):
+    table = tmp_path / "expected.toml"
+    if content is not None:
+        table.write_text(content)
+    cache = tmp_path / "cache"
+    r = qbd(*GATE, "--defense", "strip", "--expectations", str(table), cache=cache)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and str(table) in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (cache / "models").exists()  # refused before anything was trained
