@@ -12,7 +12,12 @@ from qbd.outcomes import judge
 
 VARIANT = AttackSpec(target=3, trigger_pattern="checkerboard", trigger_size=4, trigger_position="top-left")
 # declared findings on this attack (fp32, canonical protocol): {defense: expectations entry}
-FINDINGS: dict[str, dict[str, str]] = {}
+FINDINGS: dict[str, dict[str, str]] = {
+    "activation-clustering": {"outcome": "miss", "why": "docs/results.md#findings (AC misses): on this attack too, the target"
+                              " class's 2-means silhouette (0.37) is no outlier: classes 4 and 5 score the same (0.37)"},
+    "spectral-signatures": {"outcome": "miss", "why": "docs/results.md#findings (SS misses): target class sigma1^2/sigma2^2 2.63,"
+                            " the lowest of all 12 classes; the largest is 6.49, below the threshold 12"},
+}
 
 
 @pytest.fixture(scope="module")
