@@ -20,6 +20,11 @@ Protocols (every value recorded in the Result):
   fixed lambda 0.01, the final mask after `steps` steps.
 Decision (both): L1 norms n_k; numpy median; MAD = 1.4826 median|n - med|; flag classes with
 n_k < med and |n_k - med| / MAD > 2; the flagged class with the largest index is the target.
+The MAD rule compares minimal triggers, and only a trigger that sends the images to its class is
+one: unless every class's reversed trigger reached `attack_succ_threshold` at least once, the
+verdict is invalid ("not-converged", the evidence names the classes that did not), never clean.
+Checks, in order: no input gradient ("no-gradient"), non-finite norms ("diverged"), a class
+that never reached the threshold ("not-converged"), MAD = 0 ("no-signal"), then the MAD rule.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class NeuralCleanse(ConfiguredDefense):
         p = self.params
         x_hold = inputs.clean_holdout[0]
         if len(x_hold) == 0:
-            return Verdict.invalid("neural-cleanse needs clean holdout images; got none")
+            return Verdict.invalid("neural-cleanse needs clean holdout images; got none", "not-applicable")
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         k = subject.num_classes
         mode = resolve_mode(p["mode"], subject.device)
@@ -118,7 +123,9 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 
 def decide(res: dict[str, Any], mad_threshold: float) -> Verdict:
-    """MAD outlier rule on the per-class L1 norms (lower side only)."""
+    """MAD outlier rule on the per-class L1 norms (lower side only), once the norms are
+    trustworthy: input gradients flowed, the norms are finite and every class's trigger
+    reached the success threshold."""
     norms = np.asarray(res["norms"], dtype=np.float64)
     grad = res["gradient"]
     controls = {
@@ -127,10 +134,11 @@ def decide(res: dict[str, Any], mad_threshold: float) -> Verdict:
                                  "share of classes whose reversed trigger reached the success threshold"),
     }
     med, mad, idx = anomaly_index(norms)
+    missed = [c for c, ok in enumerate(res["reached"]) if not ok]
     evidence = {
         "norms": norms.round(4).tolist(), "median": med, "mad": mad,
         "anomaly_index": [None if not math.isfinite(v) else round(float(v), 4) for v in idx],
-        "reached_success": res["reached"], "final_cost": res["cost"], "rounds_run": res["rounds"],
+        "reached_success": res["reached"], "not_reached": missed, "final_cost": res["cost"], "rounds_run": res["rounds"],
         "iterations": res["iterations"], "mask_peak_rc": res["centroids"],
     }
     if not grad["ok"]:
@@ -138,12 +146,20 @@ def decide(res: dict[str, Any], mad_threshold: float) -> Verdict:
             "no gradient signal: the cross-entropy term delivers no gradient to the trigger through the"
             f" model ({grad['note']}); only the L1 penalty moved the masks"
             + (f", so every class ended at L1 = {norms[0]:.3f} (MAD = 0)" if np.ptp(norms) == 0 else ""),
-            evidence=evidence, controls=controls,
+            "no-gradient", evidence=evidence, controls=controls,
         )
     if not np.all(np.isfinite(norms)):
-        return Verdict.invalid("non-finite trigger norms (the optimisation diverged)", evidence=evidence, controls=controls)
+        return Verdict.invalid("non-finite trigger norms (the optimisation diverged)", "diverged", evidence=evidence, controls=controls)
+    if missed:
+        # the norm of a trigger that never worked is not a minimal trigger: nothing to compare
+        return Verdict.invalid(
+            f"the reversed triggers of {len(missed)} of {len(norms)} classes ({', '.join(map(str, missed))}) never"
+            " reached the attack-success threshold, so their norms are not minimal triggers",
+            "not-converged", evidence=evidence, controls=controls,
+        )
     if mad == 0.0:
-        return Verdict.invalid("MAD of the trigger norms is 0: no class can be scored as an outlier", evidence=evidence, controls=controls)
+        return Verdict.invalid("MAD of the trigger norms is 0: no class can be scored as an outlier", "no-signal",
+                               evidence=evidence, controls=controls)
     flagged = [c for c in range(len(norms)) if norms[c] < med and idx[c] > mad_threshold]
     lower = [float(idx[c]) for c in range(len(norms)) if norms[c] < med]
     score = max(lower) if lower else 0.0
@@ -198,16 +214,7 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
     dev = subject.device
     k = len(classes)
     _, c, h, w = x_hold.shape
-    # per-class init drawn in class order so batched and sequential runs start identically
-    if p["init"] == "random":
-        inits = [(torch.rand(1, 1, h, w, generator=_class_gen(seed, cls)), torch.rand(1, c, h, w, generator=_class_gen(seed, cls))) for cls in classes]
-        mask0 = torch.cat([m for m, _ in inits]).clamp(0, 1)
-        pat0 = torch.cat([q for _, q in inits]).clamp(0, 1)
-        mask_raw = _unsquash(mask0, p["activation"])
-        pat_raw = _unsquash(pat0, p["activation"])
-    else:
-        mask_raw = torch.zeros(k, 1, h, w)
-        pat_raw = torch.zeros(k, c, h, w)
+    mask_raw, pat_raw = initial_trigger(classes, (c, h, w), p["init"], p["activation"], seed)
     mask_raw = mask_raw.to(dev).requires_grad_(True)
     pat_raw = pat_raw.to(dev).requires_grad_(True)
     fused = {"fused": True} if dev.type == "cuda" else {}
@@ -322,6 +329,21 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
         "centroids": _centroids(final_mask.detach().cpu()),
         "gradient": gradient,
     }
+
+
+def initial_trigger(classes: list[int], shape: tuple[int, int, int], init: str, activation: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (pre-squash) initial masks (K 1 H W) and patterns (K C H W). `random`: one generator
+    per class, the mask drawn first and the pattern after it from the same stream, so mask and
+    pattern are independent and a class starts the same whichever classes share its run."""
+    c, h, w = shape
+    if init != "random":
+        return torch.zeros(len(classes), 1, h, w), torch.zeros(len(classes), c, h, w)
+    masks, patterns = [], []
+    for cls in classes:
+        gen = _class_gen(seed, cls)
+        masks.append(torch.rand(1, 1, h, w, generator=gen))
+        patterns.append(torch.rand(1, c, h, w, generator=gen))
+    return _unsquash(torch.cat(masks), activation), _unsquash(torch.cat(patterns), activation)
 
 
 def _class_gen(seed: int, cls: int) -> torch.Generator:
