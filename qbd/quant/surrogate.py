@@ -4,7 +4,7 @@ int8 kernels have no autograd. A surrogate computes the same function in float: 
 dequantized int8 weights, and every activation rounding of the deployed model replaced by
 fake quantization with the same scale and zero point and a straight-through gradient
 (identity inside the quantization range, zero where the value is clipped: the gradient of
-torch.fake_quantize_per_tensor_affine). Its logits match the deployed model's up to the
+torch.fake_quantize_per_tensor_affine / _per_channel_affine). Its logits match the deployed model's up to the
 accumulation order of the int32 and float kernels; each scheme states and tests its tolerance.
 """
 
@@ -27,41 +27,54 @@ def fake_quant_ste(x: torch.Tensor, scale: float, zero_point: int, quant_min: in
     return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), int(quant_min), int(quant_max))
 
 
-def choose_dynamic_qparams(x: torch.Tensor, reduce_range: bool) -> tuple[float, int, int]:
+def choose_dynamic_qparams(x: torch.Tensor, reduce_range: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Port of ATen's ChooseQuantizationParams(min, max, 0, 255, preserve_sparsity=False,
-    force_scale_power_of_two=False, reduce_range) as quantized::linear_dynamic calls it: one
-    per-tensor affine quint8 range over the WHOLE input tensor (every image in the batch).
-    Returns (scale, zero_point, quant_max)."""
+    force_scale_power_of_two=False, reduce_range) as quantized::linear_dynamic calls it, for
+    each sample x[i] (index along dim 0) on its own: the range the kernel takes when that
+    sample is served alone (batch size 1). Vectorised on x's device, so no host
+    synchronisation. Returns (scale float32 [N], zero_point int32 [N], quant_max)."""
     qmin, qmax = 0, 255
     if reduce_range:
         qmin, qmax = qmin // 2, qmax // 2
-    lo = np.float32(min(float(x.detach().min()), 0.0))
-    hi = np.float32(max(float(x.detach().max()), 0.0))
-    scale = (float(hi) - float(lo)) / (qmax - qmin)  # double, as in ATen
-    if np.float32(scale) == 0 or np.isinf(np.float32(1.0) / np.float32(scale)):
-        scale = 0.1
-    if scale < SMALL_SCALE_THRESHOLD:
-        org = np.float32(scale)
-        scale = float(SMALL_SCALE_THRESHOLD)
-        if lo == 0:
-            hi = np.float32(SMALL_SCALE_THRESHOLD * (qmax - qmin))
-        elif hi == 0:
-            lo = np.float32(-SMALL_SCALE_THRESHOLD * (qmax - qmin))
-        else:
-            amp = np.float32(SMALL_SCALE_THRESHOLD / org)
-            lo, hi = np.float32(lo * amp), np.float32(hi * amp)
-    zp_min = qmin - float(lo) / scale
-    zp_max = qmax - float(hi) / scale
-    err_min = abs(qmin) - abs(float(lo) / scale)
-    err_max = abs(qmax) - abs(float(hi) / scale)
-    initial = zp_min if err_min < err_max else zp_max
-    zero_point = qmin if initial < qmin else qmax if initial > qmax else int(np.rint(initial))
-    return float(np.float32(scale)), zero_point, qmax
+    span = qmax - qmin
+    flat = x.detach().reshape(x.shape[0], -1).float()
+    lo = flat.amin(1).clamp(max=0.0)  # float32, as ATen's min / max
+    hi = flat.amax(1).clamp(min=0.0)
+    scale = (hi.double() - lo.double()) / span  # double, as in ATen
+    s32 = scale.float()
+    scale = torch.where((s32 == 0) | torch.isinf(1.0 / s32), 0.1, scale)
+    # ATen widens a too-small range (float32 arithmetic) and uses the threshold as the scale;
+    # python scalars, not device tensors: a host-to-device copy would synchronise on CUDA
+    threshold = float(SMALL_SCALE_THRESHOLD)
+    small = scale < threshold
+    small32 = torch.full_like(lo, threshold)
+    amp = small32 / scale.float()
+    lo_small = torch.where(lo == 0, lo, torch.where(hi == 0, -small32 * span, lo * amp))
+    hi_small = torch.where(lo == 0, small32 * span, torch.where(hi == 0, hi, hi * amp))
+    lo = torch.where(small, lo_small, lo).double()
+    hi = torch.where(small, hi_small, hi).double()
+    scale = torch.where(small, threshold, scale)
+    zp_min = qmin - lo / scale
+    zp_max = qmax - hi / scale
+    err_min = abs(qmin) - (lo / scale).abs()
+    err_max = abs(qmax) - (hi / scale).abs()
+    initial = torch.where(err_min < err_max, zp_min, zp_max)
+    zero_point = initial.clamp(qmin, qmax).round()  # round half to even, as nearbyint
+    return scale.float(), zero_point.int(), qmax
 
 
 class DynamicLinearSTE(nn.Module):
     """Float twin of torch.ao's DynamicQuantizedLinear (qint8 weights): the dequantized int8
-    weight, and the input rounded to quint8 with its own dynamic range on every call."""
+    weight, and the input rounded to quint8 with a dynamic range.
+
+    The range is taken per sample (x[i], index along dim 0), exactly what the kernel computes
+    for that sample served alone. The deployed kernel itself takes ONE range over its whole
+    input tensor, so in a batch a sample's logits depend on what else is in it (measured on
+    torch 2.14.1, x86 and qnnpack: docs/quantization.md). The twin deliberately matches the
+    model served one request at a time: a defense's answer about an input must not depend on
+    which other inputs it was batched with (Neural Cleanse stacks K classes x B images in one
+    forward; batched and sequential runs must agree), and batch size 1 is the only serving
+    whose output is a function of the input alone."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool) -> None:
         super().__init__()
@@ -79,7 +92,9 @@ class DynamicLinearSTE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point, qmax = choose_dynamic_qparams(x, self.reduce_range)
-        return F.linear(fake_quant_ste(x, scale, zero_point, 0, qmax), self.weight, self.bias)
+        # straight-through gradient inside each sample's range, as fake_quant_ste
+        xq = torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, 0, qmax)
+        return F.linear(xq, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, reduce_range={self.reduce_range}"

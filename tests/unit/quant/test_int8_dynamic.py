@@ -32,13 +32,19 @@ def test_resnet18_only_the_classifier_is_quantized(engine: str, resnet, probe) -
         assert torch.equal(qm.embed(probe[:4]), resnet.embed(probe[:4]))
 
 
+def _served_alone(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The deployed model run one image at a time: the reference the surrogate matches
+    (quantized::linear_dynamic's range spans the whole batch, see qbd/quant/int8_dynamic.py)."""
+    return torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-def test_surrogate_matches_deployed(engine: str, tiny, probe) -> None:
+def test_surrogate_matches_deployed_served_alone(engine: str, tiny, probe) -> None:
     qm = SCHEMES.get("int8-dynamic").apply(tiny, None, engine)
     surrogate = qm.surrogate()
     assert isinstance(surrogate.head, DynamicLinearSTE)
     with torch.no_grad():
-        deployed, twin, fp32 = qm.model(probe), surrogate(probe), tiny(probe)
+        deployed, twin, fp32 = _served_alone(qm.model, probe), surrogate(probe), tiny(probe)
     scale = deployed.abs().max()
     assert (twin - deployed).abs().max() <= SURROGATE_REL_TOLERANCE * scale
     # discriminating: the float model itself is outside the tolerance
@@ -46,6 +52,20 @@ def test_surrogate_matches_deployed(engine: str, tiny, probe) -> None:
     x = probe.clone().requires_grad_()
     (grad,) = torch.autograd.grad(surrogate(x).sum(), x)
     assert torch.isfinite(grad).all() and (grad != 0).any()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_surrogate_logits_do_not_depend_on_the_batch(engine: str, tiny, probe) -> None:
+    """An image's surrogate logits are the same alone and next to other images: here next to
+    brightened copies, whose features widen a shared range (the old per-tensor twin moved them)."""
+    qm = SCHEMES.get("int8-dynamic").apply(tiny, None, engine)
+    surrogate = qm.surrogate()
+    x = probe[:8]
+    mixed = torch.cat([x, (x * 4).clamp(max=1.0), 1 - x])
+    with torch.no_grad():
+        alone = _served_alone(surrogate, x)
+        in_batch = surrogate(mixed)[: len(x)]
+    torch.testing.assert_close(in_batch, alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
 
 
 @pytest.mark.parametrize(("engine", "wrong_reduce_range"), [("x86", False), ("qnnpack", True)])
@@ -56,7 +76,7 @@ def test_reduce_range_follows_the_engine(engine: str, wrong_reduce_range: bool, 
     wrong = qm.surrogate()
     wrong.head.reduce_range = wrong_reduce_range
     with torch.no_grad():
-        deployed = qm.model(probe)
+        deployed = _served_alone(qm.model, probe)
         assert (wrong(probe) - deployed).abs().max() > SURROGATE_REL_TOLERANCE * deployed.abs().max()
 
 

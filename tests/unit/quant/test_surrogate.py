@@ -22,14 +22,24 @@ CASES = {
 @pytest.mark.parametrize("reduce_range", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_dynamic_qparams_match_aten(case: str, reduce_range: bool) -> None:
-    """Same ChooseQuantizationParams as ATen; quantized::linear_dynamic keeps the scale as a
-    float32 (TensorQuantizationParams), quantize_per_tensor_dynamic as the double before it."""
+    """Same ChooseQuantizationParams as ATen, for each row served alone; quantized::linear_dynamic
+    keeps the scale as a float32 (TensorQuantizationParams), quantize_per_tensor_dynamic as the
+    double before it."""
     x = CASES[case]
-    with ignoring_known_warnings():
-        q = torch.quantize_per_tensor_dynamic(x, torch.quint8, reduce_range)
     scale, zero_point, quant_max = choose_dynamic_qparams(x, reduce_range)
-    assert (scale, zero_point) == (float(np.float32(q.q_scale())), q.q_zero_point())
+    assert scale.dtype == torch.float32 and zero_point.dtype == torch.int32 and scale.shape == (len(x),)
+    for i in range(len(x)):
+        with ignoring_known_warnings():
+            q = torch.quantize_per_tensor_dynamic(x[i : i + 1], torch.quint8, reduce_range)
+        assert (float(scale[i]), int(zero_point[i])) == (float(np.float32(q.q_scale())), q.q_zero_point())
     assert quant_max == (127 if reduce_range else 255)
+
+
+def test_dynamic_qparams_are_per_row() -> None:
+    """Rows with different ranges get different parameters (one range over the tensor would not)."""
+    x = torch.cat([CASES["mixed"], CASES["tiny range"]])
+    scale, _, _ = choose_dynamic_qparams(x, reduce_range=True)
+    assert scale[:4].min() > 100 * scale[4:].max()
 
 
 def test_straight_through_gradient_inside_range_only() -> None:
@@ -40,14 +50,64 @@ def test_straight_through_gradient_inside_range_only() -> None:
     torch.testing.assert_close(x.grad, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]))
 
 
-def test_dynamic_linear_twin_matches_torch() -> None:
+def _deployed_linear(seed: int) -> tuple[torch.nn.Module, DynamicLinearSTE]:
     from torch import nn
 
-    torch.manual_seed(0)
     linear = nn.Linear(32, 5)
-    x = torch.randn(6, 32) * 2
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        g = torch.Generator().manual_seed(seed)
+        linear.weight.copy_(torch.randn(5, 32, generator=g) / 6)
+        linear.bias.copy_(torch.randn(5, generator=g) / 6)
     with ignoring_known_warnings():
         deployed = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear})[0]
     w, b = deployed._weight_bias()
-    twin = DynamicLinearSTE(w.dequantize(), b, reduce_range=True)  # x86 default engine
-    torch.testing.assert_close(twin(x), deployed(x), rtol=1e-5, atol=1e-6)
+    return deployed, DynamicLinearSTE(w.dequantize(), b, reduce_range=True)  # x86 default engine
+
+
+def _mixed_rows() -> torch.Tensor:
+    """Rows whose ranges differ by ~100x: one range over all of them changes the small ones."""
+    g = torch.Generator().manual_seed(5)
+    return torch.cat([torch.randn(3, 32, generator=g) * 5, torch.rand(3, 32, generator=g) * 0.1 - 0.02])
+
+
+def _one_at_a_time(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+
+
+@pytest.mark.skipif(torch.backends.quantized.engine != "x86", reason="measured on the x86 engine")
+def test_deployed_kernel_takes_one_range_over_the_batch() -> None:
+    """What the twin is compared with: quantized::linear_dynamic quantizes its whole input with
+    one range (docs/quantization.md), so a row's output depends on the other rows."""
+    deployed, _ = _deployed_linear(0)
+    x = _mixed_rows()
+    with torch.no_grad():
+        batch, alone = deployed(x), _one_at_a_time(deployed, x)
+        w, b = deployed._weight_bias()
+        per_tensor = torch.nn.functional.linear(torch.quantize_per_tensor_dynamic(x, torch.quint8, True).dequantize(), w.dequantize(), b)
+    torch.testing.assert_close(batch, per_tensor, rtol=1e-5, atol=1e-5)
+    assert (batch[3:] - alone[3:]).abs().max() > 0.1 * alone[3:].abs().max()
+
+
+def test_dynamic_linear_twin_matches_torch_served_alone() -> None:
+    deployed, twin = _deployed_linear(0)
+    x = _mixed_rows()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), _one_at_a_time(deployed, x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_linear_twin_is_batch_independent() -> None:
+    """A row's output is the same alone and in any batch (the old per-tensor twin moved the small
+    rows of this batch by ~30 % of their logits)."""
+    _, twin = _deployed_linear(1)
+    x = _mixed_rows()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), _one_at_a_time(twin, x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(twin(x.flip(0)).flip(0), twin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_linear_twin_gradient_is_straight_through_per_row() -> None:
+    _, twin = _deployed_linear(2)
+    x = _mixed_rows().requires_grad_()
+    (grad,) = torch.autograd.grad(twin(x).sum(), x)
+    # inside every row's own range the input gradient is the float linear's: column sums of W
+    torch.testing.assert_close(grad, twin.weight.sum(0).expand_as(x))
