@@ -135,6 +135,9 @@ def pytest_configure(config: pytest.Config) -> None:
     exp = _opt(config, "expectations")
     exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
     accept = bool(_opt(config, "accept", False))
+    if accept and exp_path is None:  # never rewrite the table inside the installed package
+        raise pytest.UsageError("--qbd-accept writes its proposals to the table named by --qbd-expectations FILE;"
+                                " name one (a copy of the shipped table, or a new file)")
     table = None
     if not (accept and exp_path is not None and not exp_path.exists()):  # --qbd-accept may start a new table
         from qbd import expectations
@@ -144,6 +147,8 @@ def pytest_configure(config: pytest.Config) -> None:
             table = expectations.load_for(tier, exp_path)
         except ConfigError as e:
             raise pytest.UsageError(f"--qbd-expectations: {e}") from None
+        if table.tier != tier:
+            raise pytest.UsageError(f"--qbd-expectations {exp_path}: a table for the {table.tier!r} tier; this run is the {tier!r} tier")
     state = QbdState(
         tier=tier,
         protocols=PROTOCOLS if proto == "both" else (proto,),
@@ -387,7 +392,8 @@ class Collector:
         from qbd import expectations
 
         state = self.state
-        path = state.expectations_path or expectations.shipped(state.tier)
+        path = state.expectations_path
+        assert path is not None  # pytest_configure refuses --qbd-accept without --qbd-expectations
         old = expectations.load(path) if path.exists() else expectations.Expectations(path=path, tier=state.tier)
         seed0 = [r for r in state.results if r.get("seed", 0) == 0]
         new, state.accept_notes = expectations.propose(old, seed0)

@@ -48,12 +48,15 @@ def test_cell(qbd_cell: Any, qbd_session: Any, qbd_record: Any) -> None:
         return
     failures = []
     first, r0 = judgements[0]
-    if first.judgement == "FAIL":
-        failures.append(first.why or first.outcome)
-    outcomes = [j.outcome for j, _ in judgements]
-    if len(set(outcomes)) > 1:
+    for j, r in judgements:  # every seed is judged: a failing seed fails the cell
+        if j.judgement == "FAIL":
+            failures.append((f"seed {r['seed']}: " if state.seeds > 1 else "") + (j.why or j.outcome))
+    # the named class too: two wrong targets naming different classes are not the same answer
+    answers = [j.outcome + ("" if r["verdict"]["target_class"] is None else f" (t={r['verdict']['target_class']})")
+               for j, r in judgements]
+    if len(set(answers)) > 1:
         rate = sum(r["verdict"]["status"] == "detected" for _, r in judgements) / len(judgements)
-        failures.append(f"unstable across {len(outcomes)} seeds: {outcomes} (detection rate {rate:.2f})")
+        failures.append(f"unstable across {len(answers)} seeds: {answers} (detection rate {rate:.2f})")
     if failures:
         failures.append(f"evidence: {_evidence(r0)}")
     _fail(f"{cell.id}: expected {first.expected}", failures)

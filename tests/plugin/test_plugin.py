@@ -184,7 +184,7 @@ def test_verdict_flipping_across_seeds_fails_as_unstable(suite: pytest.Pytester,
     cell = "digits/fp32/flipping[canonical]"
     result = _run_inline_defense(suite, FLIPPING, "flipping_defense:Flipping", cell, "--qbd-seeds", "2")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['pass', 'miss'] (detection rate 0.50)"),
+    result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['pass (t=0)', 'miss'] (detection rate 0.50)"),
                                  "*" + glob.escape(cell) + ": 0.50 (s0=detected, s1=clean)  UNSTABLE*"])
 
 
@@ -379,6 +379,21 @@ def test_accept_proposes_a_finding_whose_why_must_be_written(suite: pytest.Pytes
     assert refused.ret == pytest.ExitCode.USAGE_ERROR  # the why is still to be written
     table.write_text(text.replace("PROPOSED by --qbd-accept: write where the figures are", "written by a person"))
     _scripted(suite, "says-clean", "--qbd-expectations", str(table)).assert_outcomes(passed=1)
+
+
+def test_accept_never_rewrites_the_shipped_table(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--qbd-accept", "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--qbd-accept writes its proposals to the table named by --qbd-expectations*"])
+
+
+def test_a_failing_later_seed_fails_the_cell(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
+    """Seed 0 matches the truth, seed 1 does not: judged per seed, the cell fails."""
+    _shared_cache(monkeypatch, outer_store)
+    cell = "digits/fp32/flipping[canonical]"
+    result = _run_inline_defense(suite, FLIPPING, "flipping_defense:Flipping", cell, "--qbd-seeds", "2")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*seed 1: expected the truth (backdoored, target 0): detected naming 0; measured miss*"])
 
 
 def test_built_in_cells_use_the_shipped_expectations_from_any_directory(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
