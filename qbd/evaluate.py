@@ -198,7 +198,9 @@ class Bench:
             "tier": self.tier,
             "attack": _attack_dict(self.attack),
             "quant": {"scheme": scheme, "audit": audit},
-            "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params_of(defense)},
+            "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params_of(defense),
+                        # a detection must name the planted target unless the defense declares it names none
+                        "names_target": getattr(defense, "names_target", True) is not False},
             "verdict": verdict.to_dict(),
             "clean_acc": metrics["clean_acc"],
             "asr": metrics["asr"],

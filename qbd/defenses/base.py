@@ -395,6 +395,7 @@ class ConfiguredDefense:
     """
 
     name: str = ""
+    names_target: bool = True  # a detection names the target class (False: a repair method, a pooled statistic)
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     budgets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
     needs: ClassVar[dict[str, frozenset[str]]] = {}  # protocol -> inputs

@@ -64,6 +64,7 @@ _MAX_CURVE = 33
 
 class FinePruning(ConfiguredDefense):
     name = "fine-pruning"
+    names_target = False  # a repair method: it removes the backdoor, it names no class
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"clean_holdout", "triggered_probe"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "canonical": {

@@ -35,6 +35,12 @@ _MIN_POINTS = 3
 
 class SpectralSignatures(ConfiguredDefense):
     name = "spectral-signatures"
+
+    @property
+    def names_target(self) -> bool:  # type: ignore[override]
+        """Per-class statistics name the flagged class; one pooled matrix (the paper's) names none."""
+        return self.params["grouping"] == "per-class"
+
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"poisoned_train"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "canonical": {"data": "poisoned_train", "grouping": "per-class", "statistic": "sv_ratio",

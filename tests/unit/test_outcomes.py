@@ -8,16 +8,16 @@ ATTACK = {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_si
           "trigger_position": "bottom-right", "poison_rate": 0.1, "seed": 0}
 
 
-def _result(status, target=None, code=None, attack=ATTACK):
-    return {"cell": "c", "attack": attack,
+def _result(status, target=None, code=None, attack=ATTACK, names_target=True):
+    return {"cell": "c", "attack": attack, "defense": {"names_target": names_target},
             "verdict": {"status": status, "target_class": target, "reason": "r" if status == "invalid" else None,
                         "reason_code": code}}
 
 
 @pytest.mark.parametrize(("status", "target", "code", "expected"), [
     ("detected", 0, None, "pass"),
-    # a defense that names no class (a repair method) on a backdoored model: nothing to get wrong
-    ("detected", None, None, "pass"),
+    # a detector that names targets but named none: it did not name the planted one
+    ("detected", None, None, "wrong-target"),
     ("detected", 3, None, "wrong-target"),  # detected, but never a pass
     ("clean", None, None, "miss"),
     ("invalid", None, "no-gradient", "invalid:no-gradient"),
@@ -26,6 +26,19 @@ def _result(status, target=None, code=None, attack=ATTACK):
 ])
 def test_outcome_on_a_backdoored_model(status, target, code, expected):
     assert outcome(_result(status, target, code)) == expected
+
+
+def test_a_defense_that_declares_it_names_no_target_passes_by_detecting():
+    # a repair method (Fine-Pruning: names_target = False) on a backdoored model
+    assert outcome(_result("detected", None, names_target=False)) == "pass"
+    assert outcome(_result("detected", 3, names_target=False)) == "wrong-target"  # a class it names must be right
+    assert outcome(_result("detected", None, attack=None, names_target=False)) == "false-alarm"
+
+
+def test_a_result_without_the_flag_must_name_the_target():
+    r = _result("detected", None)
+    del r["defense"]
+    assert outcome(r) == "wrong-target"
 
 
 @pytest.mark.parametrize(("status", "target", "code", "expected"), [
