@@ -21,8 +21,10 @@ Protocols (every value recorded in the Result):
 Decision (both): L1 norms n_k; numpy median; MAD = 1.4826 median|n - med|; flag classes with
 n_k < med and |n_k - med| / MAD > 2; the flagged class with the largest index is the target.
 The MAD rule compares minimal triggers, and only a trigger that sends the images to its class is
-one: unless every class's reversed trigger reached `attack_succ_threshold` at least once, the
-verdict is invalid ("not-converged", the evidence names the classes that did not), never clean.
+one: unless every class's ranked trigger works (`select = "best"`: it reached
+`attack_succ_threshold` at least once, and the best such mask is ranked; `select = "last"`: the
+final mask, which is the one ranked, succeeded in the last round), the verdict is invalid
+("not-converged", the evidence names the classes that did not), never clean.
 Checks, in order: no input gradient ("no-gradient"), non-finite norms ("diverged"), a class
 that never reached the threshold ("not-converged"), MAD = 0 ("no-signal"), then the MAD rule.
 """
@@ -235,6 +237,7 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
     best_mask = _squash(mask_raw.detach(), p["activation"]).clone()
     best_pat = _squash(pat_raw.detach(), p["activation"]).clone()
     reached = torch.zeros(k, dtype=torch.bool, device=dev)
+    last_succ = reached.clone()  # did the class's latest round succeed (the mask `select = "last"` ranks)
     active = torch.ones(k, dtype=torch.bool, device=dev)
     rounds_run = torch.zeros(k, device=dev)
     set_ctr, up_ctr, down_ctr, es_ctr = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
@@ -288,6 +291,7 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
             rounds_run += active.float()
             succ = acc >= thr
             reached |= succ & active
+            last_succ = torch.where(active, succ, last_succ)
             if p["select"] == "best":
                 better = active & succ & (reg_r < reg_best)
                 cur_mask = _squash(mask_raw, p["activation"])
@@ -322,7 +326,9 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
     return {
         "classes": classes,
         "norms": norms.double().cpu().tolist(),
-        "reached": reached.cpu().tolist(),
+        # the ranked norm must be a working trigger: the best successful mask (`best`), or the
+        # final mask, which must have succeeded in its last round (`last`, the paper's protocol)
+        "reached": (reached if p["select"] == "best" else last_succ).cpu().tolist(),
         "cost": cost.cpu().tolist(),
         "rounds": rounds_run.cpu().int().tolist(),
         "iterations": iterations,
