@@ -245,6 +245,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # read before the run, so a bad table fails in a second, not after the matrix
     table = expectations.load_for(tier.name, args.expectations or None)
+    if table.tier != tier.name:
+        raise ConfigError(f"--expectations {table.path}: a table for the {table.tier!r} tier; this run is the {tier.name!r} tier")
     results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates)
     for r in results:
         r["judgement"] = table.judge(r).to_dict()
@@ -261,20 +263,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         paths = write_report(results, args.report, title=f"qbd {args.tier} matrix")
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return _gate(results, args.expectations is not None, table.path)
+    return _gate(results, args.expectations is not None, table)
 
 
-def _gate(results: list[dict[str, Any]], gating: bool, path: Any) -> int:
-    """With --expectations: print every cell that fails its expectation and exit 1 on any."""
+def _gate(results: list[dict[str, Any]], gating: bool, table: Any) -> int:
+    """With --expectations: print every cell (and every deployed model's CA / ASR bound, the
+    Table 2 view) that fails its expectation, and exit 1 on any."""
     from qbd.report import count_line
 
-    failing = [r for r in results if r["judgement"]["judgement"] == "FAIL"]
-    source = str(path) if path else "the truth alone (no table shipped for this tier)"
+    failing = [f"{r['cell']}: {r['judgement']['why']}" for r in results if r["judgement"]["judgement"] == "FAIL"]
+    deployed = {(r["dataset"], r["quant"]["scheme"]): r for r in results if r.get("attack") is not None}
+    for (ds, scheme), r in sorted(deployed.items()):
+        key = f"{ds}/{scheme}"
+        failing += [f"{key} (deployed model): {m}" for m in table.check_attack(key, r["clean_acc"], r["asr"], own=table.measured_on(r))]
+    source = str(table.path) if table.path else "the truth alone (no table shipped for this tier)"
     print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {source})", file=sys.stderr)
     if not gating:
         return EXIT_OK
-    for r in failing:
-        print(f"qbd: FAIL {r['cell']}: {r['judgement']['why']}", file=sys.stderr)
+    for line in failing:
+        print(f"qbd: FAIL {line}", file=sys.stderr)
     return EXIT_FAIL if failing else EXIT_OK
 
 

@@ -77,12 +77,15 @@ class Expectations:
         """The finding declared for this Result's cell, if it applies: findings were measured on
         `attack_spec`, so a run with another attack is judged against the truth alone."""
         entry = self.cells.get(result["cell"])
-        if not entry or "outcome" not in entry:
-            return None
-        attack = result.get("attack")
-        if attack is not None and any(attack.get(k) != v for k, v in self.attack_spec.items()):
+        if not entry or "outcome" not in entry or not self.measured_on(result):
             return None
         return entry
+
+    def measured_on(self, result: dict[str, Any]) -> bool:
+        """Whether the Result's model carries the attack the findings were measured on (a clean
+        model always does: its cells ask the same question whatever the attack)."""
+        attack = result.get("attack")
+        return attack is None or all(attack.get(k) == v for k, v in self.attack_spec.items())
 
     def judge(self, result: dict[str, Any]) -> Judgement:
         return judge(result, self.finding(result))
@@ -91,19 +94,20 @@ class Expectations:
         return [self.judge(r) for r in sorted(results, key=lambda r: (r["cell"], r.get("seed", 0)))]
 
     # -- the deployed model's CA / ASR ----------------------------------------------------------
-    def attack_bounds(self, key: str) -> dict[str, float]:
-        """meta's minimum for each quantity, unless the entry bounds that quantity itself."""
-        entry = self.attack.get(key, {})
+    def attack_bounds(self, key: str, own: bool = True) -> dict[str, float]:
+        """meta's minimum for each quantity, unless the entry bounds that quantity itself (`own`:
+        the model carries the attack the entries were measured on)."""
+        entry = self.attack.get(key, {}) if own else {}
         out: dict[str, float] = {}
         for kind, default in (("clean_acc", self.min_clean_acc), ("asr", self.min_asr)):
             own = {b: entry[b] for b in (f"min_{kind}", f"max_{kind}") if b in entry}
             out.update(own or {f"min_{kind}": default})
         return out
 
-    def check_attack(self, key: str, clean_acc: float, asr: float | None) -> list[str]:
+    def check_attack(self, key: str, clean_acc: float, asr: float | None, own: bool = True) -> list[str]:
         out = []
         why = self.attack.get(key, {}).get("why")
-        for bound, value in sorted(self.attack_bounds(key).items()):
+        for bound, value in sorted(self.attack_bounds(key, own).items()):
             name = bound.split("_", 1)[1]
             measured = clean_acc if name == "clean_acc" else asr
             if measured is None:
@@ -111,7 +115,7 @@ class Expectations:
             low = bound.startswith("min")
             if (measured < value) if low else (measured > value):
                 out.append(f"{name}: expected {'>=' if low else '<='} {value}, measured {measured:.4f}"
-                           + (f" (declared finding no longer holds: {why})" if why and bound in self.attack.get(key, {}) else ""))
+                           + (f" (declared finding no longer holds: {why})" if own and why and bound in self.attack.get(key, {}) else ""))
         return out
 
     def check_audit(self, key: str, audit: dict[str, Any], surrogate_gradient: bool) -> list[str]:

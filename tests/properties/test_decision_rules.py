@@ -132,3 +132,28 @@ def test_ac_and_ss_targets_follow_a_permutation_of_the_classes(classes, rnd):
         if a.status == "detected":
             # the same class (by its figure: two identical classes tie, and either may be named)
             assert stats[perm[b.target_class]][key] == stats[a.target_class][key]
+
+
+# -- STRIP -------------------------------------------------------------------------------------------
+from qbd.defenses import strip as strip_defense  # noqa: E402
+
+_STRIP = strip_defense.Strip(protocol="canonical", tier="smoke").params
+_entropies = st.lists(st.floats(0.01, 3.5, allow_nan=False), min_size=20, max_size=120)
+
+
+@given(_entropies, _entropies, st.data())
+def test_strip_is_monotone_in_the_share_of_low_entropy_inputs(h_cal, h_stream, data):
+    """Making more stream inputs low-entropy (below every calibration value) never turns a
+    detection into `clean`, and never turns `clean` into invalid."""
+    cal, stream = np.array(h_cal), np.array(h_stream)
+    preds = np.zeros(len(stream), dtype=np.int64)
+    before = strip_defense.decide(cal, stream, preds, _STRIP)
+    lowered = data.draw(st.sets(st.integers(0, len(stream) - 1), max_size=len(stream)))
+    more = stream.copy()
+    more[sorted(lowered)] = 0.001
+    after = strip_defense.decide(cal, more, preds, _STRIP)
+    order = {"clean": 0, "detected": 1}
+    if before.status in order:
+        assert after.status in order
+        assert order[after.status] >= order[before.status]
+        assert after.score >= before.score
