@@ -162,6 +162,11 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report") -> str:
     reasons = invalid_reasons(results)
     if reasons:
         parts += ["## Invalid cells", "", *[f"- {x}" for x in reasons], ""]
+    crashes = [r for r in results if isinstance(r["verdict"].get("evidence"), dict) and r["verdict"]["evidence"].get("traceback")]
+    if crashes:  # a crash fails its cell: show where it raised
+        parts += ["## Tracebacks", ""]
+        for r in crashes:
+            parts += [f"`{r['cell']}`:", "", "```", r["verdict"]["evidence"]["traceback"].rstrip(), "```", ""]
     parts += ["## Budgets and hyperparameters used", "", *[f"- {b}" for b in budgets(results)], ""]
     return "\n".join(parts)
 

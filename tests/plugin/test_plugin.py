@@ -310,6 +310,7 @@ def test_a_crashing_defense_fails_its_cell_with_the_traceback(suite: pytest.Pyte
                                  "*in helper_that_crashes*"])
     md = (report / "report.md").read_text()
     assert "0 cells match the truth, 0 declared findings, 1 failing" in md
+    assert "## Tracebacks" in md and "in helper_that_crashes" in md and "TypeError: injected crash in a defense" in md
     import json
 
     [r] = json.loads((report / "results.json").read_text())["results"]
