@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from qbd.errors import ConfigError
-from qbd.outcomes import Counts, Judgement, judge
+from qbd.outcomes import Counts, Judgement, judge, split
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
 
 FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid")
@@ -313,8 +313,8 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
     for j, r in zip(before, sorted(results, key=lambda r: (r["cell"], r.get("seed", 0))), strict=True):
         if j.judgement != "FAIL":
             continue
-        kind, _, code = j.outcome.partition(":")
-        if e.finding(r) is not None or (j.cell in e.cells and "outcome" in e.cells[j.cell]):
+        kind, code = split(j.outcome)
+        if "outcome" in e.cells.get(j.cell, {}):  # a declared finding (applying here or not) is a person's to revise
             notes.append(f"  by hand: {j.cell}: {j.why.splitlines()[0] if j.why else j.outcome}")
             continue
         if code in NEVER_EXPECTED:
@@ -328,6 +328,6 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
         entry["why"] = f"{PROPOSED}: write where the figures are (measured {j.verdict})"
         new.cells[j.cell] = {**new.cells.get(j.cell, {}), **entry}
         notes.append(f"  proposed: {j.cell}: {j.outcome}")
-    a, b = Counts.of(before), Counts.of(new.judge_all(results))
+    a, b = (Counts.of([j.judgement for j in js]) for js in (before, new.judge_all(results)))
     head = [f"before: {a.line()}", f"after:  {b.line()}"]
     return new, head + notes

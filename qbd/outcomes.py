@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-OUTCOMES = ("pass", "miss", "wrong-target", "false-alarm", "invalid")
 JUDGEMENTS = ("pass", "finding", "FAIL")
 
 
@@ -140,9 +139,9 @@ class Counts:
     failing: int = 0
 
     @classmethod
-    def of(cls, judgements: list[Judgement]) -> Counts:
-        return cls(sum(j.judgement == "pass" for j in judgements), sum(j.judgement == "finding" for j in judgements),
-                   sum(j.judgement == "FAIL" for j in judgements))
+    def of(cls, judgements: list[str]) -> Counts:
+        """From judgement words (Judgement.judgement, or a Result's judgement["judgement"])."""
+        return cls(judgements.count("pass"), judgements.count("finding"), judgements.count("FAIL"))
 
     def line(self) -> str:
         return f"{self.truth} cells match the truth, {self.findings} declared findings, {self.failing} failing"

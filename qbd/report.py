@@ -99,10 +99,10 @@ def judged(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def count_line(results: list[dict[str, Any]]) -> str | None:
     """"N cells match the truth, N declared findings, N failing" (None when nothing was judged)."""
+    from qbd.outcomes import Counts
+
     js = [r["judgement"]["judgement"] for r in judged(results)]
-    if not js:
-        return None
-    return f"{js.count('pass')} cells match the truth, {js.count('finding')} declared findings, {js.count('FAIL')} failing"
+    return Counts.of(js).line() if js else None
 
 
 def outcomes(results: list[dict[str, Any]], *, passing: bool = False) -> tuple[list[str], list[list[str]]]:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qbd.outcomes import JUDGEMENTS
 from qbd.reason_codes import REASON_CODES
 
 STATUSES = ("detected", "clean", "invalid")
@@ -78,7 +79,7 @@ def problems(result: Any) -> list[str]:
     if v.get("status") != "invalid" and v.get("reason_code") is not None:
         out.append("only an invalid verdict carries a reason_code")
     j = result.get("judgement")  # optional: the outcome against the truth and the expectations (qbd.outcomes)
-    if j is not None and not (isinstance(j, dict) and j.get("judgement") in ("pass", "finding", "FAIL") and isinstance(j.get("outcome"), str)):
+    if j is not None and not (isinstance(j, dict) and j.get("judgement") in JUDGEMENTS and isinstance(j.get("outcome"), str)):
         out.append(f"judgement must be null or an object with judgement pass|finding|FAIL and an outcome, got {j!r}")
     w = result.get("weights")  # optional provenance: trained by qbd or fetched (pinned sha256)
     if w is not None and not (isinstance(w, dict) and w.get("origin") in ("trained", "fetched")):

@@ -70,6 +70,7 @@ def test_split_and_verdict_word():
 def test_counts():
     js = [Judgement("a", "pass", "clean", "pass", "t"), Judgement("b", "miss", "clean", "finding", "f", "why"),
           Judgement("c", "miss", "clean", "FAIL", "t", "x"), Judgement("d", "invalid:error", "invalid", "FAIL", "t", "x")]
-    assert Counts.of(js) == Counts(truth=1, findings=1, failing=2)
-    assert Counts.of(js).line() == "1 cells match the truth, 1 declared findings, 2 failing"
+    words = [j.judgement for j in js]
+    assert Counts.of(words) == Counts(truth=1, findings=1, failing=2)
+    assert Counts.of(words).line() == "1 cells match the truth, 1 declared findings, 2 failing"
     assert Counts.of([]) == Counts(0, 0, 0)
