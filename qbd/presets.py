@@ -10,11 +10,14 @@
 
 from __future__ import annotations
 
-from qbd.config import TrainSpec
+from qbd.config import AttackSpec, ModelJob, TrainSpec
 
 _FLIP_OK = {"cifar10"}
 _PAPER_EPOCHS = {"cifar10": 20, "gtsrb": 15}
 DEFAULT_MODEL = {"smoke": "tiny-cnn", "paper": "resnet18-cifar"}
+# The non-default attack the matrix also plants: another target, pattern, size and corner, so no
+# defense (or test) can assume class 0 or the bottom-right corner.
+VARIANT_ATTACK = AttackSpec(target=3, trigger_pattern="checkerboard", trigger_size=4, trigger_position="top-left")
 
 
 def default_train(dataset: str, model: str, *, seed: int = 0, precision: str = "fp32", epochs: int | None = None) -> TrainSpec:
@@ -28,3 +31,16 @@ def default_train(dataset: str, model: str, *, seed: int = 0, precision: str = "
     if epochs is not None:
         spec = TrainSpec(**{**spec.__dict__, "epochs": epochs})
     return spec
+
+
+def seeded_job(dataset: str, model: str, seed: int, attack: AttackSpec | None, *, precision: str = "fp32",
+               epochs: int | None = None) -> ModelJob:
+    """Model number `seed` of a recipe: training seed `seed`, and for a backdoored model the
+    attack's own seed (which samples are poisoned) set to `seed` too, so seeds 0..N-1 are N
+    independently trained and independently poisoned models. Seed 0 is the default model."""
+    from dataclasses import replace
+
+    from qbd.config import DatasetSpec, ModelSpec
+
+    return ModelJob(DatasetSpec(dataset), ModelSpec(model), None if attack is None else replace(attack, seed=seed),
+                    default_train(dataset, model, seed=seed, precision=precision, epochs=epochs))

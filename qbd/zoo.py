@@ -1,4 +1,5 @@
-"""Get a trained model for a job: from the store, or train it once and store it."""
+"""Get a trained model for a job: from the pinned zoo (qbd.pinned), else from the store, else
+train it once and store it."""
 
 from __future__ import annotations
 
@@ -23,11 +24,15 @@ class TrainedModel:
 
     @property
     def cache(self) -> str:
+        if "zoo" in self.entry.meta:
+            return "zoo"
         return "hit" if self.entry.hit else "miss"
 
     def provenance(self) -> dict[str, Any]:
-        """Where the weights came from, for every Result: trained by qbd, or fetched (untrusted,
-        pinned by sha256)."""
+        """Where the weights came from, for every Result: the pinned zoo, trained by qbd, or
+        fetched (untrusted, pinned by sha256)."""
+        if "zoo" in self.entry.meta:
+            return dict(self.entry.meta["zoo"])
         fetched = self.entry.meta.get("fetched")
         if fetched:
             return {"origin": "fetched", "store_key": self.entry.key, **fetched}
@@ -48,7 +53,23 @@ def get_trained(
     device: str | torch.device | None = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    zoo: Any = "default",
 ) -> TrainedModel:
+    """`zoo`: "default" (qbd.pinned.default_zoo: fixtures/zoo or $QBD_ZOO), a qbd.pinned.Zoo, or
+    None to skip it (building the zoo itself)."""
+    fingerprint = data.fingerprint()
+    if zoo == "default":
+        from qbd.pinned import default_zoo
+
+        zoo = default_zoo()
+    pinned = None if zoo is None else zoo.find(job, fingerprint)
+    if pinned is not None:
+        state = zoo.load(pinned)  # sha256-verified
+        rec = pinned.record
+        metrics = {"clean_acc": rec["clean_acc"], "asr": rec["asr"], "cpu_threads": rec.get("cpu_threads")}
+        entry = Entry(key=pinned.key, path=pinned.path, state_dict=state, meta={"metrics": metrics, "zoo": pinned.provenance()}, hit=True)
+        return TrainedModel(job=job, model=load_weights(job, data, state), metrics=metrics, entry=entry)
+
     def create() -> tuple[dict[str, Any], dict[str, Any]]:
         from qbd.train import train
 
@@ -58,7 +79,6 @@ def get_trained(
 
     from qbd.train import cpu_train_threads, resolve_device
 
-    fingerprint = data.fingerprint()
     threads = cpu_train_threads() if resolve_device(device).type == "cpu" else None
     entry = store.get_or_create(job.key(fingerprint, threads), create, describe=job.slug(), log=log)
     if "fetched" in entry.meta:  # fetched weights live under their own keys (qbd.fetch); never pass as trained

@@ -1,0 +1,221 @@
+"""The pinned model zoo: trained weights committed with the repository (fixtures/zoo/), so every
+machine evaluates the same models.
+
+Training on CPU is bitwise reproducible on one machine, not across CPUs (an Intel and an AMD
+machine reduce floats differently), so a suite that trains its own models judges different
+weights on each machine of a CI fleet. The zoo pins them: `qbd zoo build` trains the smoke
+tier's models once, writes them as safetensors, and records for each, in manifest.json, its
+sha256, training job, recipe key, clean accuracy, ASR, torch version and CPU. `zoo.get_trained`
+looks here before the store; every file is sha256-verified on every load.
+
+Layout:
+    fixtures/zoo/manifest.json
+    fixtures/zoo/<dataset>-<attack>-s<seed>.safetensors
+
+$QBD_ZOO names another zoo directory; `QBD_ZOO=off` disables the zoo (everything is trained).
+Torch-free except `load`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qbd.config import TRAINING_REVISION, AttackSpec, ModelJob, canonical_json, sha256_text
+from qbd.errors import ConfigError
+
+ZOO_ENV = "QBD_ZOO"
+MANIFEST = "manifest.json"
+FORMAT = 1
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "zoo"  # the repository's checkout
+EVAL_SEEDS = (0, 1, 2, 3, 4)  # the seeds tests, docs and `qbd run --seeds` evaluate on
+CALIBRATION_SEEDS = (100, 101, 102, 103, 104)  # thresholds are calibrated on these only (scripts/calibrate.py)
+
+
+def recipe_key(job: ModelJob, data_fingerprint: str) -> str:
+    """What pins a zoo model: the training job, the training code's revision and the exact data.
+    Unlike the store key, not the qbd version: a release must not orphan the pinned weights."""
+    return sha256_text(canonical_json({"job": job.to_dict(), "revision": TRAINING_REVISION, "data": data_fingerprint}))
+
+
+def file_name(job: ModelJob) -> str:
+    a = job.attack
+    kind = "clean" if a is None else (
+        f"badnet-t{a.target}-{a.trigger_pattern}{a.trigger_size}-{a.trigger_position.replace(',', 'x')}"
+        f"-p{a.poison_rate:g}-a{a.seed}")
+    return f"{job.dataset.name}-{job.model.name}-{kind}-s{job.train.seed}.safetensors"
+
+
+def zoo_jobs(datasets: tuple[str, ...] = ("digits", "synthetic"), model: str = "tiny-cnn") -> list[ModelJob]:
+    """Every model the smoke tier evaluates: per data set, a backdoored (default BadNet) and a
+    clean model for each evaluation and calibration seed, and the non-default attack's model."""
+    from qbd.presets import VARIANT_ATTACK, seeded_job
+
+    jobs = []
+    for ds in datasets:
+        for seed in (*EVAL_SEEDS, *CALIBRATION_SEEDS):
+            jobs += [seeded_job(ds, model, seed, AttackSpec()), seeded_job(ds, model, seed, None)]
+        jobs.append(seeded_job(ds, model, 0, VARIANT_ATTACK))
+    return jobs
+
+
+def cpu_name() -> str:
+    """The CPU model, for the manifest (trained weights differ between CPU families)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Pinned:
+    key: str
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return str(self.record["sha256"])
+
+    def provenance(self) -> dict[str, Any]:
+        return {"origin": "zoo", "zoo_key": self.key, "file": self.path.name, "sha256": self.sha256,
+                "trained_on": self.record.get("cpu"), "torch": self.record.get("torch")}
+
+
+class Zoo:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self.root / MANIFEST
+        if not path.is_file():
+            return {"format": FORMAT, "models": {}}
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"zoo manifest {path}: unreadable: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("models"), dict):
+            raise ConfigError(f"zoo manifest {path}: not a format-{FORMAT} qbd zoo manifest")
+        return doc
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["models"]
+
+    def find(self, job: ModelJob, data_fingerprint: str) -> Pinned | None:
+        key = recipe_key(job, data_fingerprint)
+        rec = self.models.get(key)
+        return None if rec is None else Pinned(key, self.root / rec["file"], rec)
+
+    def load(self, pinned: Pinned) -> dict[str, Any]:
+        """The pinned weights, after checking the file's sha256 against the manifest."""
+        from safetensors.torch import load_file
+
+        from qbd.store import CorruptEntryError, sha256_file
+
+        try:
+            digest = sha256_file(pinned.path)
+        except OSError as e:
+            raise CorruptEntryError(f"zoo model {pinned.path}: cannot read it: {e}") from None
+        if digest != pinned.sha256:
+            raise CorruptEntryError(f"zoo model {pinned.path}: sha256 {digest[:12]}... does not match the manifest's"
+                                    f" {pinned.sha256[:12]}...; restore it (git checkout fixtures/zoo) or rebuild the zoo")
+        return load_file(str(pinned.path))
+
+    def verify(self) -> list[str]:
+        """Problems: a listed file missing or altered, a file the manifest does not list."""
+        from qbd.store import sha256_file
+
+        problems = []
+        listed = set()
+        for _key, rec in sorted(self.models.items()):
+            path = self.root / rec["file"]
+            listed.add(rec["file"])
+            if not path.is_file():
+                problems.append(f"{rec['file']}: missing")
+            elif sha256_file(path) != rec["sha256"]:
+                problems.append(f"{rec['file']}: sha256 does not match the manifest")
+        for path in sorted(self.root.glob("*.safetensors")):
+            if path.name not in listed:
+                problems.append(f"{path.name}: not in the manifest")
+        return problems
+
+    def add(self, job: ModelJob, data_fingerprint: str, state_dict: dict[str, Any], metrics: dict[str, Any],
+            store_key: str | None) -> Pinned:
+        """Write one model and its manifest record (the caller writes the manifest)."""
+        import torch
+        from safetensors.torch import save_file
+
+        from qbd.store import sha256_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = file_name(job)
+        path = self.root / name
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(path))
+        key = recipe_key(job, data_fingerprint)
+        self.models[key] = {
+            "file": name, "sha256": sha256_file(path), "slug": job.slug(), "job": job.to_dict(),
+            "store_key": store_key, "data_sha256": data_fingerprint, "revision": TRAINING_REVISION,
+            "clean_acc": metrics["clean_acc"], "asr": metrics["asr"], "cpu_threads": metrics.get("cpu_threads"),
+            "torch": torch.__version__, "cpu": cpu_name(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return Pinned(key, path, self.models[key])
+
+    def write_manifest(self) -> Path:
+        path = self.root / MANIFEST
+        path.write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
+        return path
+
+
+def default_zoo() -> Zoo | None:
+    """$QBD_ZOO (a directory, or "off"), else the repository's fixtures/zoo when it exists
+    (an installed wheel has none: its models are trained into the store)."""
+    raw = os.environ.get(ZOO_ENV)
+    if raw is not None and raw.strip().lower() in ("off", "0", "none", ""):
+        return None
+    root = Path(raw).expanduser() if raw else DEFAULT_DIR
+    if raw and not root.is_dir():
+        raise ConfigError(f"${ZOO_ENV}={raw!r}: not a directory (use 'off' to train every model)")
+    return Zoo(root) if (root / MANIFEST).is_file() else None
+
+
+def _train_one(job: ModelJob, cache_dir: str | None) -> tuple[ModelJob, str, dict[str, Any], dict[str, Any], str]:
+    """In a worker process: train `job` (or take it from the store), never from the zoo."""
+    from qbd.data import load_dataset
+    from qbd.store import Store
+    from qbd.zoo import get_trained
+
+    data = load_dataset(job.dataset, None)
+    tm = get_trained(job, data, Store(cache_dir), progress=False, zoo=None)
+    return job, data.fingerprint(), tm.model.state_dict(), tm.metrics, tm.entry.key
+
+
+def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers: int = 1,
+          jobs: list[ModelJob] | None = None, log: Any = print) -> Zoo:
+    """Train every zoo job (one thread each, `workers` processes: weights do not depend on
+    `workers`) and write the models and the manifest under `out`, replacing what was there."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = zoo_jobs() if jobs is None else jobs
+    zoo = Zoo(out)
+    zoo.manifest["models"] = {}
+    for old in Path(out).glob("*.safetensors"):
+        old.unlink()
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(_train_one, job, cache_dir) for job in todo]
+        for i, fut in enumerate(futures, 1):
+            job, fingerprint, state, metrics, store_key = fut.result()
+            p = zoo.add(job, fingerprint, state, metrics, store_key)
+            asr = "" if metrics["asr"] is None else f", ASR {metrics['asr']:.4f}"
+            log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}{asr}")
+    zoo.write_manifest()
+    return zoo

@@ -1,0 +1,136 @@
+"""The pinned model zoo (fixtures/zoo): it covers every model the smoke tier evaluates, its files
+match the manifest, a tampered file is refused, an empty store trains nothing, and training still
+reproduces a pinned model's clean accuracy and ASR within stated tolerances (not bitwise: the zoo
+exists because training differs between CPUs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from qbd import pinned
+from qbd.config import AttackSpec
+from qbd.errors import ConfigError
+from qbd.presets import seeded_job
+from qbd.store import CorruptEntryError, Store
+
+# Retraining a pinned model on another machine (or thread count) gives other weights; these are
+# the tolerances within which it must still behave the same. Over the five evaluation seeds on one
+# machine, digits clean accuracy spans 0.986-0.994 and ASR 0.981-0.997.
+CA_TOLERANCE = 0.015
+ASR_TOLERANCE = 0.03
+
+
+@pytest.fixture(scope="module")
+def zoo() -> pinned.Zoo:
+    z = pinned.default_zoo()
+    assert z is not None, "fixtures/zoo is missing: run `qbd zoo build --dir fixtures/zoo -j 2`"
+    return z
+
+
+@pytest.fixture(scope="module")
+def fingerprints() -> dict[str, str]:
+    from qbd.config import DatasetSpec
+    from qbd.data import load_dataset
+
+    return {ds: load_dataset(DatasetSpec(ds), None).fingerprint() for ds in ("digits", "synthetic")}
+
+
+def test_zoo_covers_every_model_the_smoke_tier_evaluates(zoo, fingerprints):
+    jobs = pinned.zoo_jobs()
+    assert len(jobs) == 2 * (2 * (len(pinned.EVAL_SEEDS) + len(pinned.CALIBRATION_SEEDS)) + 1)
+    missing = [job.slug() + f" (attack seed {job.attack.seed if job.attack else '-'})" for job in jobs
+               if zoo.find(job, fingerprints[job.dataset.name]) is None]
+    assert not missing, f"not in the zoo (rebuild it: qbd zoo build): {missing}"
+    assert len(zoo.models) == len(jobs)
+
+
+def test_evaluation_and_calibration_seeds_are_disjoint():
+    assert not set(pinned.EVAL_SEEDS) & set(pinned.CALIBRATION_SEEDS)
+
+
+def test_every_zoo_file_matches_the_manifest(zoo):
+    assert zoo.verify() == []
+    for rec in zoo.models.values():  # the manifest says what a user needs to trust a model
+        assert {"sha256", "job", "store_key", "clean_acc", "asr", "torch", "cpu", "data_sha256"} <= set(rec)
+        assert rec["clean_acc"] >= 0.85
+        assert rec["asr"] is None or rec["asr"] >= 0.95  # every pinned backdoored model passes the Phase-1 gate
+
+
+def _copy_zoo(zoo: pinned.Zoo, dest, keep: str) -> pinned.Zoo:
+    dest.mkdir()
+    rec = zoo.models[keep]
+    shutil.copy(zoo.root / rec["file"], dest / rec["file"])
+    (dest / pinned.MANIFEST).write_text(json.dumps({"format": pinned.FORMAT, "models": {keep: rec}}))
+    return pinned.Zoo(dest)
+
+
+def test_a_tampered_zoo_file_is_refused(zoo, fingerprints, tmp_path):
+    job = seeded_job("digits", "tiny-cnn", 0, AttackSpec())
+    key = pinned.recipe_key(job, fingerprints["digits"])
+    copy = _copy_zoo(zoo, tmp_path / "zoo", key)
+    pin = copy.find(job, fingerprints["digits"])
+    assert pin is not None and copy.load(pin)  # intact: loads
+    raw = bytearray(pin.path.read_bytes())
+    raw[-1] ^= 0x01
+    pin.path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptEntryError, match="does not match the manifest"):
+        copy.load(pin)
+    assert any("sha256 does not match" in p for p in copy.verify())
+
+
+def test_an_empty_store_loads_the_zoo_and_trains_nothing(zoo, monkeypatch, tmp_path):
+    import qbd.train
+    from qbd.config import DatasetSpec
+    from qbd.data import load_dataset
+    from qbd.zoo import get_trained
+
+    def no_training(*a, **k):
+        raise AssertionError("trained a model the zoo pins")
+
+    monkeypatch.setattr(qbd.train, "train", no_training)
+    data = load_dataset(DatasetSpec("digits"), None)
+    store = Store(tmp_path / "store")
+    for job in (seeded_job("digits", "tiny-cnn", 3, AttackSpec()), seeded_job("digits", "tiny-cnn", 3, None)):
+        tm = get_trained(job, data, store, progress=False)
+        assert tm.cache == "zoo"
+        prov = tm.provenance()
+        assert prov["origin"] == "zoo" and len(prov["sha256"]) == 64 and prov["file"].endswith(".safetensors")
+    assert store.keys() == []  # nothing written to the store either
+
+
+def test_qbd_zoo_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(pinned.ZOO_ENV, "off")
+    assert pinned.default_zoo() is None
+    monkeypatch.setenv(pinned.ZOO_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="not a directory"):
+        pinned.default_zoo()
+    (tmp_path / "z").mkdir()
+    monkeypatch.setenv(pinned.ZOO_ENV, str(tmp_path / "z"))
+    assert pinned.default_zoo() is None  # a directory without a manifest: no zoo, models are trained
+
+
+def test_a_bad_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / pinned.MANIFEST).write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable"):
+        pinned.Zoo(tmp_path)
+    (tmp_path / pinned.MANIFEST).write_text(json.dumps({"format": 99, "models": {}}))
+    with pytest.raises(ConfigError, match="format-1"):
+        pinned.Zoo(tmp_path)
+
+
+def test_build_retrains_a_pinned_model_within_tolerance(zoo, fingerprints, tmp_path):
+    """`qbd zoo build`'s code path, on one model: it trains (never reads the zoo), writes a file
+    and a manifest that verify, under the same recipe key; the retrained model's clean accuracy
+    and ASR are within the stated tolerances of the pinned one's."""
+    job = seeded_job("digits", "tiny-cnn", 0, AttackSpec())
+    lines: list[str] = []
+    built = pinned.build(tmp_path / "zoo", cache_dir=str(tmp_path / "store"), workers=1, jobs=[job], log=lines.append)
+    assert built.verify() == [] and len(built.models) == 1 and lines
+    key = pinned.recipe_key(job, fingerprints["digits"])
+    new, old = built.models[key], zoo.models[key]
+    assert new["file"] == old["file"] and new["job"] == old["job"]
+    assert abs(new["clean_acc"] - old["clean_acc"]) <= CA_TOLERANCE, (new["clean_acc"], old["clean_acc"])
+    assert abs(new["asr"] - old["asr"]) <= ASR_TOLERANCE, (new["asr"], old["asr"])
