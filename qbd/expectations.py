@@ -25,24 +25,37 @@ default wherever qbd is installed.
     min_quantized_fraction = 0.0001
     max_quantized_fraction = 0.01
 
+    [rows."digits/fp32/activation-clustering[canonical]"]   # rates over seeds (qbd.rates)
+    min_detection_rate = 0.8            # any of min_/max_detection_rate, min_/max_false_alarm_rate
+    max_false_alarm_rate = 0.2
+    why = "docs/defenses.md#...: ..."   # required
+
 A cell with no finding is expected to match the truth: backdoored -> `detected` naming the planted
 target; clean -> `clean` (qbd.outcomes). A finding states the outcome the cell produces instead;
 the cell fails when it produces anything else, the truth included ("finding no longer holds").
 A crash (`error`), a timeout or an unexplained invalid is never an expected outcome.
+
+Row bounds apply to multi-seed runs only (`qbd run --seeds N`, `--qbd-seeds N`, N > 1), and, like
+findings, only to the attack they were measured on. A row with bounds is judged by its rates
+(check_row), and each of its seed's cells then fails only on a never-expected outcome; a row
+without bounds has every seed's cell judged as a single-seed cell is. Single-seed runs ignore
+row bounds.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qbd.config import PROTOCOLS
 from qbd.errors import ConfigError
-from qbd.outcomes import Counts, Judgement, judge, split
+from qbd.outcomes import Counts, Judgement, judge, outcome, split, verdict_word
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
 
 FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid")
@@ -54,6 +67,17 @@ _CELL_KEYS = {"outcome", "reason_code", "target", "why", "note", "paper"}
 _BOUNDS = ("min_clean_acc", "max_clean_acc", "min_asr", "max_asr")
 _ATTACK_KEYS = {*_BOUNDS, "why", "note", "paper_clean_acc", "paper_asr"}
 _AUDIT_KEYS = {"input_gradient", "surrogate_gradient", "min_quantized_fraction", "max_quantized_fraction", "note"}
+# row bound -> (the row's rate it bounds, its count, its number of models, the kind of model)
+ROW_BOUNDS = {
+    "min_detection_rate": ("detection_rate", "detected", "n_backdoored", "backdoored"),
+    "max_detection_rate": ("detection_rate", "detected", "n_backdoored", "backdoored"),
+    "min_false_alarm_rate": ("false_alarm_rate", "false_alarms", "n_clean", "clean"),
+    "max_false_alarm_rate": ("false_alarm_rate", "false_alarms", "n_clean", "clean"),
+}
+_ROW_KEYS = {*ROW_BOUNDS, "why", "note"}
+_TABLES = ("cells", "attack", "audit", "rows")
+# dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
+_ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
 
 
 def shipped(tier: str) -> Path:
@@ -71,6 +95,7 @@ class Expectations:
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- cells ----------------------------------------------------------------------------------
     def finding(self, result: dict[str, Any]) -> dict[str, Any] | None:
@@ -87,11 +112,69 @@ class Expectations:
         attack = result.get("attack")
         return attack is None or all(attack.get(k) == v for k, v in self.attack_spec.items())
 
-    def judge(self, result: dict[str, Any]) -> Judgement:
+    def judge(self, result: dict[str, Any], by_rates: bool = False) -> Judgement:
+        """Against the truth or the cell's declared finding; with `by_rates` (its row is judged
+        by its rates, see by_rates()) it fails only on a never-expected outcome."""
+        if by_rates:
+            return self._judge_by_rates(result)
         return judge(result, self.finding(result))
 
     def judge_all(self, results: list[dict[str, Any]]) -> list[Judgement]:
         return [self.judge(r) for r in sorted(results, key=lambda r: (r["cell"], r.get("seed", 0)))]
+
+    # -- rows: rates over seeds (qbd.rates) ---------------------------------------------------------
+    def row_bounds(self, row_id: str) -> dict[str, float] | None:
+        """The rate bounds declared for a row (None when it declares none)."""
+        entry = self.rows.get(row_id)
+        bounds = {k: entry[k] for k in ROW_BOUNDS if k in (entry or {})}  # detection first, then false alarms
+        return bounds or None
+
+    def by_rates(self, row_id: str, attack: dict[str, Any] | None, seeds: int) -> bool:
+        """Whether the row's cells are judged by its rates: a multi-seed run (`seeds` > 1), bounds
+        declared for the row, and the run's attack (`attack`: as the backdoored models' Results
+        record it; None for a run without one) the one the bounds were measured on."""
+        return seeds > 1 and self.row_bounds(row_id) is not None and self.measured_on({"attack": attack})
+
+    def check_row(self, row: dict[str, Any]) -> list[str]:
+        """Failure messages of a row (qbd.rates.rows) against its declared bounds; [] passes
+        (also for a row without bounds)."""
+        bounds = self.row_bounds(row["row"]) or {}
+        why = self.rows.get(row["row"], {}).get("why")
+        out = []
+        for bound, limit in bounds.items():
+            rate_key, k_key, n_key, kind = ROW_BOUNDS[bound]
+            rate = row.get(rate_key)
+            if rate is None:
+                out.append(f"{bound} {limit}: no {kind} models in this row")
+                continue
+            low = bound.startswith("min")
+            if (rate < limit) if low else (rate > limit):
+                out.append(f"{rate_key.replace('_', ' ')} {row[k_key]}/{row[n_key]} = {rate:.2f}: expected"
+                           f" {'>=' if low else '<='} {limit} ({bound}; why: {why})")
+        return out
+
+    def _judge_by_rates(self, result: dict[str, Any]) -> Judgement:
+        from qbd.rates import row_id
+
+        measured = outcome(result)
+        code = split(measured)[1]
+        if measured == "pass" or code in NEVER_EXPECTED:  # the truth passes; a crash or a timeout always fails
+            return judge(result, None)
+        rid = row_id(result)
+        bounds = ", ".join(f"{k} {v}" for k, v in (self.row_bounds(rid) or {}).items())
+        return Judgement(result["cell"], measured, verdict_word(result), "finding", f"the rates of row {rid}: {bounds}",
+                         f"judged by its row's rates ({bounds}): {self.rows[rid].get('why')}")
+
+    def rows_judged_by_rates(self, results: list[dict[str, Any]], seeds: int) -> frozenset[str]:
+        """The rows of `results` whose cells are judged by their rates (by_rates), each with the
+        attack its backdoored models carry."""
+        from qbd.rates import row_id
+
+        attack: dict[str, dict[str, Any] | None] = {}
+        for r in results:  # a row's clean models carry no attack: take its backdoored models'
+            if attack.get(row_id(r)) is None:
+                attack[row_id(r)] = r.get("attack")
+        return frozenset(rid for rid, a in attack.items() if self.by_rates(rid, a, seeds))
 
     # -- the deployed model's CA / ASR ----------------------------------------------------------
     def attack_bounds(self, key: str, own: bool = True) -> dict[str, float]:
@@ -152,9 +235,9 @@ def load(path: str | Path) -> Expectations:
     unknown_meta = set(meta) - _META_KEYS
     if unknown_meta:
         raise ConfigError(f"{p}: meta: unknown key(s) {sorted(unknown_meta)}; valid: {sorted(_META_KEYS)}")
-    unknown_top = set(raw) - {"meta", "cells", "attack", "audit"}
+    unknown_top = set(raw) - {"meta", *_TABLES}
     if unknown_top:
-        raise ConfigError(f"{p}: unknown table(s) {sorted(unknown_top)}; valid: meta, cells, attack, audit")
+        raise ConfigError(f"{p}: unknown table(s) {sorted(unknown_top)}; valid: meta, {', '.join(_TABLES)}")
     for name in ("min_clean_acc", "min_asr"):
         if name in meta and not _is_fraction(meta[name]):
             raise ConfigError(f"{p}: meta.{name} must be a number in [0, 1], got {meta[name]!r}")
@@ -166,7 +249,7 @@ def load(path: str | Path) -> Expectations:
         raise ConfigError(f"{p}: meta.tier must be a string")
     e = Expectations(path=p, tier=tier, min_clean_acc=float(meta.get("min_clean_acc", 0.85)),
                      min_asr=float(meta.get("min_asr", 0.9)), attack_spec=dict(attack))
-    for table, allowed in (("cells", _CELL_KEYS), ("attack", _ATTACK_KEYS), ("audit", _AUDIT_KEYS)):
+    for table, allowed in (("cells", _CELL_KEYS), ("attack", _ATTACK_KEYS), ("audit", _AUDIT_KEYS), ("rows", _ROW_KEYS)):
         entries = raw.get(table, {})
         if not isinstance(entries, dict):
             raise ConfigError(f"{p}: [{table}] must be a table")
@@ -196,10 +279,10 @@ def _is_fraction(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
 
 
-def _check_why(where: str, entry: dict[str, Any]) -> None:
+def _check_why(where: str, entry: dict[str, Any], what: str = "a declared finding") -> None:
     why = entry.get("why")
     if not isinstance(why, str) or not why.strip():
-        raise ConfigError(f"{where}: a declared finding needs a `why` pointing to its figures")
+        raise ConfigError(f"{where}: {what} needs a `why` pointing to its figures")
     if why.startswith(PROPOSED):
         raise ConfigError(f"{where}: the finding proposed by --qbd-accept still needs its `why` written (figures, where)")
 
@@ -271,7 +354,29 @@ def _check_audit(where: str, key: str, entry: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: note must be a string")
 
 
-_CHECKS = {"cells": _check_cell, "attack": _check_attack, "audit": _check_audit}
+def _check_row(where: str, key: str, entry: dict[str, Any]) -> None:
+    m = _ROW_ID.match(key)
+    if not m:
+        hint = " (a row covers the backdoored and the clean models: no ':clean')" if ":clean/" in key else ""
+        raise ConfigError(f"{where}: not a row id: expected dataset/scheme/defense[protocol]{hint}")
+    if m.group(4) not in PROTOCOLS:
+        raise ConfigError(f"{where}: unknown protocol {m.group(4)!r}; valid: {', '.join(PROTOCOLS)}")
+    for name in ROW_BOUNDS:
+        if name in entry and not _is_fraction(entry[name]):
+            raise ConfigError(f"{where}: {name} must be a number in [0, 1], got {entry[name]!r}")
+    if not any(name in entry for name in ROW_BOUNDS):
+        raise ConfigError(f"{where}: states no bound; give any of {', '.join(ROW_BOUNDS)}")
+    for kind in ("detection_rate", "false_alarm_rate"):
+        if entry.get(f"min_{kind}", 0) > entry.get(f"max_{kind}", 1):
+            raise ConfigError(f"{where}: min_{kind} > max_{kind}")
+    if "note" in entry and not isinstance(entry["note"], str):
+        raise ConfigError(f"{where}: note must be a string")
+    if "why" in entry and not isinstance(entry["why"], str):
+        raise ConfigError(f"{where}: why must be a string")
+    _check_why(where, entry, "a row bound")
+
+
+_CHECKS = {"cells": _check_cell, "attack": _check_attack, "audit": _check_audit, "rows": _check_row}
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -293,7 +398,7 @@ def dumps(e: Expectations, header: str = "") -> str:
     lines = [f"# {h}" if h else "#" for h in header.splitlines()] if header else []
     lines += ["", "[meta]", f"tier = {_toml_value(e.tier)}", f"min_clean_acc = {_toml_value(e.min_clean_acc)}",
               f"min_asr = {_toml_value(e.min_asr)}", f"attack = {_toml_value(e.attack_spec)}"]
-    for table in ("attack", "audit", "cells"):
+    for table in ("attack", "audit", "cells", "rows"):
         for key in sorted(getattr(e, table)):
             lines += ["", f"[{table}.{_toml_value(key)}]"]
             lines += [f"{k} = {_toml_value(v)}" for k, v in getattr(e, table)[key].items()]
@@ -307,7 +412,8 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
     timeout is never proposed; every proposed why must be written by hand before the table loads."""
     new = Expectations(path=e.path, tier=e.tier, min_clean_acc=e.min_clean_acc, min_asr=e.min_asr,
                        attack_spec=dict(e.attack_spec), cells={k: dict(v) for k, v in e.cells.items()},
-                       attack={k: dict(v) for k, v in e.attack.items()}, audit={k: dict(v) for k, v in e.audit.items()})
+                       attack={k: dict(v) for k, v in e.attack.items()}, audit={k: dict(v) for k, v in e.audit.items()},
+                       rows={k: dict(v) for k, v in e.rows.items()})
     before = e.judge_all(results)
     notes: list[str] = []
     for j, r in zip(before, sorted(results, key=lambda r: (r["cell"], r.get("seed", 0))), strict=True):

@@ -5,8 +5,11 @@ collection of Results from every worker, the end-of-session tables and report fi
 lives in qbd.evaluate / qbd.runner / qbd.report. Importing this module stays cheap: torch is
 imported when a qbd fixture is first used, never at collection.
 
-Tests opt in by requesting arguments: `qbd_cell` (one matrix cell), `qbd_attack_case`
-(dataset, scheme) and `qbd_audit_case` (dataset, scheme); qbd.suite holds ready test functions.
+Tests opt in by requesting arguments: `qbd_cell` (one matrix cell) and `qbd_seed` (its model
+seed: with --qbd-seeds N each (cell, seed) is a test of its own, so xdist spreads the seeds),
+`qbd_attack_case` (dataset, scheme) and `qbd_audit_case` (dataset, scheme); qbd.suite holds
+ready test functions. Over several seeds the session ends with each row's rates (qbd.rates),
+checked against the rate bounds the expectations declare; a row outside them fails the run.
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ class QbdState:
     accept_notes: list[str] = field(default_factory=list)
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
+    row_failures: list[str] = field(default_factory=list)  # "row: message", computed at session end
+    rows_by_rates: int = 0  # how many rows were judged by their rates
+
+    def by_rates(self, row_id: str) -> bool:
+        """Whether the row's cells are judged by its rates (qbd.expectations.Expectations.by_rates):
+        the plugin's backdoored models all carry the default BadNet (seeded per model)."""
+        from qbd.config import AttackSpec, to_dict
+
+        return self.expectations is not None and self.expectations.by_rates(row_id, to_dict(AttackSpec()), self.seeds)
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -66,7 +78,8 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("report", {}, "write results.json, report.md and heatmap.png to this directory"),
     ("accept", {"action": "store_true"}, "propose a finding (with a why still to write) for every failing cell of this run, in the"
      " expectations file; existing findings, whys and pins are kept"),
-    ("seeds", {"type": int}, "run every cell with this many seeds and report the detection rate (default: 1)"),
+    ("seeds", {"type": int}, "run every cell on this many model seeds (0 .. N-1, each a test of its own), report each row's"
+     " detection and false-alarm rates, and check the rate bounds the expectations declare (default: 1)"),
     ("expectations", {}, "expectations TOML (default: the table qbd ships for the tier, qbd/expected/<tier>.toml)"),
     ("model-file", {"action": "append"}, "DATASET=PATH@SHA256: use these (untrusted) weights as DATASET's backdoored model"
      " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
@@ -130,6 +143,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if timeout is not None and not (0 < timeout < float("inf")):
         raise pytest.UsageError(f"--qbd-defense-timeout must be a number of seconds > 0, got {raw_timeout!r}")
     model_files = _model_files(_opt(config, "model-file", []) or [])
+    if model_files and seeds > 1:
+        raise pytest.UsageError(f"--qbd-seeds {seeds} evaluates {seeds} models per data set; --qbd-model-file is one model: drop one")
     refs = list(_opt(config, "defense", []) or [])
     defense_names = _resolve_defenses(refs)
     exp = _opt(config, "expectations")
@@ -238,9 +253,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 name = state.defense_names[ref]
                 for proto in state.protocols:
                     cells += [Cell(ds, s, name, proto) for s in tier.schemes]
-                    cells.append(Cell(ds, "fp32", name, proto, "clean"))  # the negative control
+                    # the negative control: on fp32, where a false alarm cannot be blamed on quantization; over
+                    # several seeds on every scheme, so every row has its false-alarm rate
+                    cells += [Cell(ds, s, name, proto, "clean") for s in (tier.schemes if state.seeds > 1 else ("fp32",))]
         cells.sort(key=lambda c: c.id)
-        metafunc.parametrize("qbd_cell", [pytest.param(c, id=c.id, marks=_marks(state, c.dataset)) for c in cells])
+        if state.seeds > 1 and "qbd_seed" in metafunc.fixturenames:
+            metafunc.parametrize(("qbd_cell", "qbd_seed"), [pytest.param(c, s, id=f"{c.id}-seed{s}", marks=_marks(state, c.dataset))
+                                                          for c in cells for s in range(state.seeds)])
+        else:  # one seed: seed 0 (the qbd_seed fixture), today's ids
+            metafunc.parametrize("qbd_cell", [pytest.param(c, id=c.id, marks=_marks(state, c.dataset)) for c in cells])
     for argname in ("qbd_attack_case", "qbd_audit_case"):
         if argname in metafunc.fixturenames:
             cases = sorted((ds, s) for ds in tier.datasets for s in tier.schemes)
@@ -271,14 +292,29 @@ class Session:
             self._benches[key] = self._make_bench(dataset, kind, seed)
         return self._benches[key]
 
+    def job(self, dataset: str, kind: str = "backdoored", seed: int = 0, device: str = "cpu") -> Any:
+        """Model number `seed` of the tier's recipe (qbd.presets.seeded_job): training seed and, for
+        the backdoored model, the default BadNet's attack seed."""
+        from qbd.config import AttackSpec
+        from qbd.presets import seeded_job
+        from qbd.tiers import TIERS as TIER_TABLE
+
+        model = TIER_TABLE[self.state.tier].model
+        return seeded_job(dataset, model, seed, AttackSpec() if kind == "backdoored" else None,
+                          precision="bf16" if device == "cuda" else "fp32")
+
+    def by_rates(self, result: dict[str, Any]) -> bool:
+        from qbd.rates import row_id
+
+        return self.state.by_rates(row_id(result))
+
     def _make_bench(self, dataset: str, kind: str, seed: int) -> Any:
         import torch
 
         _single_thread(torch)
-        from qbd.config import AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
+        from qbd.config import DatasetSpec, Gates
         from qbd.data import load_dataset
         from qbd.evaluate import Bench, BenchSpec
-        from qbd.presets import default_train
         from qbd.store import Store
         from qbd.tiers import TIERS as TIER_TABLE
         from qbd.train import check_gates
@@ -293,9 +329,8 @@ class Session:
         if dataset not in self._data:
             self._data[dataset] = load_dataset(DatasetSpec(dataset), self.state.data_root)
         data = self._data[dataset]
-        attack = AttackSpec() if kind == "backdoored" else None
-        job = ModelJob(DatasetSpec(dataset), ModelSpec(tier.model), attack,
-                       default_train(dataset, tier.model, seed=seed, precision="bf16" if device == "cuda" else "fp32"))
+        job = self.job(dataset, kind, seed, device)
+        attack = job.attack
         source = self.state.model_files.get(dataset) if kind == "backdoored" else None
         if source is not None:  # the user's weights stand in for the trained backdoored model
             from qbd.fetch import get_fetched
@@ -304,7 +339,8 @@ class Session:
         else:
             tm = get_trained(job, data, Store(self.state.cache_dir), device=device, progress=False)
         check_gates(tm.metrics, Gates(), attacked=attack is not None)
-        return Bench(data, tm.model, attack, probe_attack=AttackSpec(), model_name=tier.model,
+        # the clean model is probed with the trigger its seed's backdoored model carries
+        return Bench(data, tm.model, attack, probe_attack=self.job(dataset, "backdoored", seed).attack, model_name=tier.model,
                      spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed),
                      train_metrics=tm.metrics, tier=self.state.tier, weights=tm.provenance())
 
@@ -338,6 +374,12 @@ def qbd_session(request: pytest.FixtureRequest) -> Session:
     if state is None:
         pytest.skip("the qbd plugin is not configured")
     return Session(state)
+
+
+@pytest.fixture
+def qbd_seed() -> int:
+    """The cell's model seed: 0, unless --qbd-seeds N > 1 parametrizes it (pytest_generate_tests)."""
+    return 0
 
 
 @pytest.fixture
@@ -385,8 +427,23 @@ class Collector:
             from qbd.report import write_report
 
             write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix")
-        if state.accept and (state.results or state.attack or state.audit):
-            self.accept()
+        if state.accept:
+            if state.results or state.attack or state.audit:
+                self.accept()
+            return
+        self.check_rows(session)
+
+    def check_rows(self, session: pytest.Session) -> None:
+        """Over several seeds: the rows with declared rate bounds are judged by their rates; one
+        outside its bounds fails the run (its cells, judged by the rates, passed)."""
+        from qbd.rates import rows
+
+        state = self.state
+        rated = [row for row in rows(state.results) if state.by_rates(row["row"])]
+        state.rows_by_rates = len(rated)
+        state.row_failures = [f"{row['row']}: {m}" for row in rated for m in state.expectations.check_row(row)]
+        if state.row_failures and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def accept(self) -> None:
         from qbd import expectations
@@ -409,17 +466,18 @@ class Collector:
         state = self.state
         if self.is_worker or not state.results:
             return
-        from qbd.report import budgets, seed_summary, terminal
+        from qbd.report import budgets, terminal
 
         tr = terminalreporter
         tr.section(f"qbd {state.tier} matrix")
-        seed0 = sorted((r for r in state.results if r.get("seed", 0) == 0), key=lambda r: r["cell"])
-        for line in terminal(seed0).splitlines():
+        # over several seeds: Tables 1 and 2 of seed 0's models, then every row's rates
+        for line in terminal(sorted(state.results, key=lambda r: (r["cell"], r.get("seed", 0)))).splitlines():
             tr.write_line(line)
-        if state.seeds > 1:
+        if state.rows_by_rates:
             tr.write_line("")
-            for line in seed_summary(state.results):
-                tr.write_line(line)
+            tr.write_line(f"rows judged by their rates: {state.rows_by_rates}, outside their bounds: {len(state.row_failures)}")
+            for line in state.row_failures:
+                tr.write_line(f"qbd: FAIL {line}", red=True)
         tr.write_line("")
         tr.write_line("budgets used:")
         for line in budgets(state.results):

@@ -1,6 +1,9 @@
 """Reports of a set of Results: the paper's Table 1 layout (rows dataset x scheme, columns
 defenses, per protocol), Table 2 (clean accuracy / ASR per scheme), as terminal text,
 Markdown and a heatmap PNG; appended to $GITHUB_STEP_SUMMARY when that is set. Torch-free.
+
+Over several model seeds, Tables 1 and 2 show the first seed's models, a "Rates over seeds"
+table every row's detection and false-alarm rates (qbd.rates), and the heatmap the rates.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qbd import rates
 from qbd import results as results_io
 
 SYMBOL = {"detected": "DETECTED", "clean": "clean", "invalid": "INVALID"}
@@ -89,8 +93,12 @@ def _protocols(results: list[dict[str, Any]]) -> list[str]:
 
 
 def invalid_reasons(results: list[dict[str, Any]]) -> list[str]:
-    return [f"{r['cell']}{'' if r.get('attack') else ' (clean model)'}: [{r['verdict'].get('reason_code') or 'unspecified'}]"
+    return [f"{r['cell']}{_seed_note(r)}{'' if r.get('attack') else ' (clean model)'}: [{r['verdict'].get('reason_code') or 'unspecified'}]"
             f" {r['verdict']['reason']}" for r in results if r["verdict"]["status"] == "invalid"]
+
+
+def _seed_note(r: dict[str, Any]) -> str:
+    return f" (seed {r['seed']})" if r.get("seed") else ""
 
 
 def judged(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -116,9 +124,50 @@ def outcomes(results: list[dict[str, Any]], *, passing: bool = False) -> tuple[l
         if j["judgement"] == "pass" and not passing:
             continue
         why = (j.get("why") or "").splitlines()[0] if j["judgement"] != "pass" else ""
-        cell = r["cell"] + (f" (seed {r['seed']})" if r.get("seed") else "")
+        cell = r["cell"] + _seed_note(r)
         rows.append([cell, verdict_word(r), j["outcome"], j["judgement"], why])
     return ["cell", "verdict", "outcome", "judgement", "why"], rows
+
+
+# -- rates over seeds ---------------------------------------------------------------------------------
+def several_seeds(rows: list[dict[str, Any]]) -> bool:
+    """Whether any row holds more than one model seed (a single-seed run's fp32 row holds a
+    backdoored and a clean model of one seed: no rate to speak of)."""
+    return any(len(row["seeds"]) > 1 for row in rows)
+
+
+def first_seed(results: list[dict[str, Any]]) -> tuple[int | None, list[dict[str, Any]]]:
+    """The lowest seed and its Results (what Tables 1 and 2 show over several seeds)."""
+    if not results:
+        return None, []
+    s = min(r.get("seed", 0) for r in results)
+    return s, [r for r in results if r.get("seed", 0) == s]
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+def rates_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: row | detection "k/n = r [lo, hi]" | false alarms likewise | invalid | seeds."""
+    out = [[row["row"], rates.fraction(row["detected"], row["n_backdoored"], row["detection_ci"]),
+            rates.fraction(row["false_alarms"], row["n_clean"], row["false_alarm_ci"]), str(row["invalid"]),
+            _seeds_text(row["seeds"])] for row in rows]
+    return ["row", "detection (right target) [95 % CI]", "false alarms [95 % CI]", "invalid", "seeds"], out
+
+
+RATES_NOTE = ("Wilson 95 % intervals; a detection names the planted target (a wrong target is not one) and an invalid"
+              " verdict counts as not detected.")
+
+
+def _shown(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The Results Tables 1 and 2 show, and the note on their titles."""
+    if not several_seeds(rows):
+        return results, ""
+    seed, rs = first_seed(results)
+    return rs, f", seed {seed}'s models; every seed's in Rates over seeds"
 
 
 def terminal(results: list[dict[str, Any]]) -> str:
@@ -126,12 +175,16 @@ def terminal(results: list[dict[str, Any]]) -> str:
     line = count_line(results)
     if line:
         parts += [f"outcome: {line}", ""]
-    for p in _protocols(results):
-        parts.append(f"Table 1 ({p} protocol): detection per cell")
-        parts.append(text_table(*table1(results, p)))
+    rows = rates.rows(results)
+    shown, note = _shown(results, rows)
+    for p in _protocols(shown):
+        parts.append(f"Table 1 ({p} protocol{note}): detection per cell")
+        parts.append(text_table(*table1(shown, p)))
         parts.append("")
-    parts.append("Table 2: clean accuracy and attack success rate of the deployed model")
-    parts.append(text_table(*table2(results)))
+    parts.append(f"Table 2: clean accuracy and attack success rate of the deployed model{note}")
+    parts.append(text_table(*table2(shown)))
+    if several_seeds(rows):
+        parts += ["", f"Rates over seeds ({RATES_NOTE})", text_table(*rates_table(rows))]
     reasons = invalid_reasons(results)
     if reasons:
         parts += ["", "invalid cells (never counted as 'not detected'):", *[f"  {x}" for x in reasons]]
@@ -143,6 +196,8 @@ def terminal(results: list[dict[str, Any]]) -> str:
 
 
 def markdown(results: list[dict[str, Any]], title: str = "qbd report") -> str:
+    rows = rates.rows(results)
+    shown, note = _shown(results, rows)
     parts = [f"# {title}", ""]
     n = len(results)
     counts = {s: sum(r["verdict"]["status"] == s for r in results) for s in ("detected", "clean", "invalid")}
@@ -153,9 +208,11 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report") -> str:
                      " target and a clean model is judged clean; a declared finding is a known deviation with its why;"
                      " anything else fails.")
     parts.append("")
-    for p in _protocols(results):
-        parts += [f"## Table 1 ({p} protocol)", "", md_table(*table1(results, p)), ""]
-    parts += ["## Table 2: clean accuracy / ASR of the deployed model", "", md_table(*table2(results)), ""]
+    for p in _protocols(shown):
+        parts += [f"## Table 1 ({p} protocol{note})", "", md_table(*table1(shown, p)), ""]
+    parts += [f"## Table 2: clean accuracy / ASR of the deployed model{note}", "", md_table(*table2(shown)), ""]
+    if several_seeds(rows):
+        parts += ["## Rates over seeds", "", RATES_NOTE, "", md_table(*rates_table(rows)), ""]
     header, rows = outcomes(results, passing=True)
     if rows:
         parts += ["## Outcomes against the truth", "", md_table(header, rows), ""]
@@ -166,18 +223,22 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report") -> str:
     if crashes:  # a crash fails its cell: show where it raised
         parts += ["## Tracebacks", ""]
         for r in crashes:
-            parts += [f"`{r['cell']}`:", "", "```", r["verdict"]["evidence"]["traceback"].rstrip(), "```", ""]
+            parts += [f"`{r['cell']}`{_seed_note(r)}:", "", "```", r["verdict"]["evidence"]["traceback"].rstrip(), "```", ""]
     parts += ["## Budgets and hyperparameters used", "", *[f"- {b}" for b in budgets(results)], ""]
     return "\n".join(parts)
 
 
 def heatmap(results: list[dict[str, Any]], path: Path) -> Path:
-    """Cells coloured by status, one panel per protocol."""
+    """Cells coloured by status, one panel per protocol; over several seeds, the rates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+
+    rows = rates.rows(results)
+    if several_seeds(rows):
+        return _rate_heatmap(rows, path, plt)
 
     code = {"clean": 0, "detected": 1, "invalid": 2}
     protocols = _protocols(results) or ["canonical"]
@@ -202,12 +263,53 @@ def heatmap(results: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _rate_heatmap(rows: list[dict[str, Any]], path: Path, plt: Any) -> Path:
+    """One panel per protocol: rows dataset / scheme, columns defenses, each cell coloured by its
+    detection rate and annotated "k/n" (detections) and "FA k/n" (false alarms on clean models)."""
+    import math
+
+    protocols = sorted({row["protocol"] for row in rows})
+    labels = sorted({(row["dataset"], row["scheme"]) for row in rows}, key=lambda k: (k[0], _scheme_key(k[1])))
+    defenses = sorted({row["defense"] for row in rows})
+    by_key = {(row["protocol"], row["dataset"], row["scheme"], row["defense"]): row for row in rows}
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d9d9d9")  # grey: no backdoored model in the cell, nothing to detect
+    fig, axes = plt.subplots(1, len(protocols), figsize=(1.2 + 1.3 * len(defenses) * len(protocols), 1.4 + 0.55 * len(labels)),
+                             squeeze=False)
+    for ax, p in zip(axes[0], protocols, strict=True):
+        grid = []
+        for ds, sc in labels:
+            line = []
+            for d in defenses:
+                row = by_key.get((p, ds, sc, d))
+                line.append(math.nan if row is None or row["detection_rate"] is None else row["detection_rate"])
+            grid.append(line)
+        im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), [f"{ds} / {sc}" for ds, sc in labels], fontsize=8)
+        ax.set_title(f"{p} protocol: detection rate (right target);\nFA = false alarms on clean models", fontsize=9)
+        for i, (ds, sc) in enumerate(labels):
+            for j, d in enumerate(defenses):
+                row = by_key.get((p, ds, sc, d))
+                if row is None:
+                    continue
+                text = [f"{row['detected']}/{row['n_backdoored']}"] if row["n_backdoored"] else []
+                text += [f"FA {row['false_alarms']}/{row['n_clean']}"] if row["n_clean"] else []
+                ax.text(j, i, "\n".join(text), ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: str = "qbd report") -> dict[str, Path]:
+    """results.json (the Results and their rows of rates), report.md and heatmap.png in out_dir."""
     rs = list(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "results.json": results_io.write(out / "results.json", rs),
+        "results.json": results_io.write(out / "results.json", rs, rates.rows(rs)),
         "report.md": out / "report.md",
         "heatmap.png": heatmap(rs, out / "heatmap.png"),
     }
@@ -218,18 +320,3 @@ def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: 
         with open(summary, "a") as f:
             f.write(md + "\n")
     return paths
-
-
-def seed_summary(results: list[dict[str, Any]]) -> list[str]:
-    """Per cell over seeds: detection rate, the per-seed outcomes, and UNSTABLE when they flip."""
-    by_cell: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for r in results:
-        by_cell[r["cell"]].append((r.get("seed", 0), r["verdict"]["status"]))
-    lines = ["detection rate over seeds:"]
-    for cell in sorted(by_cell):
-        runs = sorted(by_cell[cell])
-        statuses = [s for _, s in runs]
-        rate = statuses.count("detected") / len(statuses)
-        flag = "  UNSTABLE" if len(set(statuses)) > 1 else ""
-        lines.append(f"  {cell}: {rate:.2f} ({', '.join(f's{seed}={s}' for seed, s in runs)}){flag}")
-    return lines

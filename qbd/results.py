@@ -1,4 +1,8 @@
-"""The Result contract (one per cell, JSON) and its validation. Torch-free."""
+"""The Result contract (one per cell, JSON), the row of rates over seeds (qbd.rates), and their
+validation. Torch-free.
+
+A results file (results.json, `qbd run --json`) is `{"schema": 1, "results": [Result, ...],
+"rows": [row, ...]}`; a file written before rows existed has no "rows" and still loads."""
 
 from __future__ import annotations
 
@@ -82,10 +86,10 @@ def problems(result: Any) -> list[str]:
     if j is not None and not (isinstance(j, dict) and j.get("judgement") in JUDGEMENTS and isinstance(j.get("outcome"), str)):
         out.append(f"judgement must be null or an object with judgement pass|finding|FAIL and an outcome, got {j!r}")
     w = result.get("weights")  # optional provenance: trained by qbd or fetched (pinned sha256)
-    if w is not None and not (isinstance(w, dict) and w.get("origin") in ("trained", "fetched")):
-        out.append(f"weights must be null or an object with origin 'trained' or 'fetched', got {w!r}")
-    elif w is not None and w["origin"] == "fetched" and not isinstance(w.get("sha256"), str):
-        out.append("fetched weights must record their sha256")
+    if w is not None and not (isinstance(w, dict) and w.get("origin") in ("trained", "fetched", "zoo")):
+        out.append(f"weights must be null or an object with origin 'trained', 'fetched' or 'zoo', got {w!r}")
+    elif w is not None and w["origin"] in ("fetched", "zoo") and not isinstance(w.get("sha256"), str):
+        out.append(f"{w['origin']} weights must record their sha256")
     return out
 
 
@@ -96,26 +100,87 @@ def validate(result: Any) -> None:
         raise ResultError(f"Result {cell}: " + "; ".join(p))
 
 
-def dump(results: Iterable[dict[str, Any]]) -> str:
-    rs = sorted(results, key=lambda r: r["cell"])
+_ROW_STR = ("row", "dataset", "scheme", "defense", "protocol")
+_ROW_COUNTS = ("n_backdoored", "detected", "n_clean", "false_alarms", "invalid")
+# rate key -> (its interval's key, its count, its number of models)
+_ROW_RATES = {"detection_rate": ("detection_ci", "detected", "n_backdoored"),
+              "false_alarm_rate": ("false_alarm_ci", "false_alarms", "n_clean")}
+
+
+def row_problems(row: Any) -> list[str]:
+    """Everything wrong with one row of rates (empty when it satisfies the contract)."""
+    if not isinstance(row, dict):
+        return [f"a row is a JSON object, got {type(row).__name__}"]
+    out = [f"row key {k!r} must be a string" for k in _ROW_STR if not isinstance(row.get(k), str)]
+    out += [f"row key {k!r} must be an integer >= 0" for k in _ROW_COUNTS
+            if not (isinstance(row.get(k), int) and not isinstance(row.get(k), bool) and row[k] >= 0)]
+    seeds = row.get("seeds")
+    if not (isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        out.append("row key 'seeds' must be a list of integers")
+    if out:
+        return out
+    for rate_key, (ci_key, k_key, n_key) in _ROW_RATES.items():
+        rate, ci, k, n = row.get(rate_key, "missing"), row.get(ci_key, "missing"), row[k_key], row[n_key]
+        if k > n:
+            out.append(f"{k_key} {k} > {n_key} {n}")
+        elif n == 0:
+            if rate is not None or ci is not None:
+                out.append(f"{rate_key} and {ci_key} must be null when {n_key} is 0")
+        elif not _fraction(rate) or abs(rate - k / n) > 1e-9:
+            out.append(f"{rate_key} must be {k_key} / {n_key} = {k / n}, got {rate!r}")
+        elif not (isinstance(ci, list) and len(ci) == 2 and all(_fraction(x) for x in ci) and ci[0] <= rate <= ci[1]):
+            out.append(f"{ci_key} must be [low, high] in [0, 1] around {rate_key}, got {ci!r}")
+    return out
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
+
+
+def validate_row(row: Any) -> None:
+    p = row_problems(row)
+    if p:
+        rid = row.get("row", "?") if isinstance(row, dict) else "?"
+        raise ResultError(f"row {rid}: " + "; ".join(p))
+
+
+def dump(results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> str:
+    """The results file's text; `rows` default to qbd.rates.rows(results)."""
+    from qbd import rates
+
+    rs = sorted(results, key=lambda r: (r["cell"], r.get("seed", 0)))
     for r in rs:
         validate(r)
-    return json.dumps({"schema": SCHEMA_VERSION, "results": rs}, indent=2, allow_nan=False)
+    rows = rates.rows(rs) if rows is None else rows
+    for row in rows:
+        validate_row(row)
+    return json.dumps({"schema": SCHEMA_VERSION, "results": rs, "rows": rows}, indent=2, allow_nan=False)
 
 
-def write(path: str | Path, results: Iterable[dict[str, Any]]) -> Path:
+def write(path: str | Path, results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(dump(results) + "\n")
+    tmp.write_text(dump(results, rows) + "\n")
     tmp.replace(p)
     return p
 
 
-def read(path: str | Path) -> list[dict[str, Any]]:
+def load(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(results, rows) of a results file, both validated; rows are [] in a file that has none."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ResultError(f"{path}: expected an object with a 'results' list")
+    rows = data.get("rows", [])
+    if not isinstance(rows, list):
+        raise ResultError(f"{path}: 'rows' must be a list")
     for r in data["results"]:
         validate(r)
-    return data["results"]
+    for row in rows:
+        validate_row(row)
+    return data["results"], rows
+
+
+def read(path: str | Path) -> list[dict[str, Any]]:
+    """The Results of a results file (load() for its rows too)."""
+    return load(path)[0]

@@ -1,7 +1,7 @@
 """Run a selection of cells for one or more data sets: the engine behind `qbd run`.
 
-For each data set: get the backdoored model (and, with controls, the clean one) from the
-store, gate it (Phase 1), then run every (scheme, defense, protocol) cell with progress.
+For each data set and model seed: get the backdoored model (and, with controls, the clean one)
+from the store, gate it (Phase 1), then run every (scheme, defense, protocol) cell with progress.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from qbd.tiers import Cell, Tier
 
 @dataclass(frozen=True)
 class RunPlan:
-    jobs: tuple[ModelJob, ...]  # one per data set: the backdoored (or, alone, clean) model
+    # one per data set and model seed: the backdoored (or, alone, clean) model; its training seed
+    # also seeds the bench (holdout split, stream) and the defenses
+    jobs: tuple[ModelJob, ...]
     tier: Tier
     schemes: tuple[str, ...]
     defenses: tuple[str, ...]  # registry names or module:Class references
@@ -27,7 +29,9 @@ class RunPlan:
     gradient_path: str | None = None  # None: per protocol (deployed for paper, surrogate for canonical)
     engine: str | None = None
     device: str = "cpu"
-    seed: int = 0
+    # several model seeds (rates over seeds): the clean control runs on every scheme, so every row
+    # has as many clean models as backdoored ones, and log lines name the seed
+    multi_seed: bool = False
     probe: Any = None  # the trigger probing a clean-only run (AttackSpec); default BadNet
     model_file: Any = None  # qbd.fetch.Source: untrusted weights used as the asked-for model, not trained
     defense_timeout: float | None = None  # seconds per cell; past it the cell is invalid (run_defense)
@@ -79,17 +83,23 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     results: list[dict[str, Any]] = []
+    loaded: dict[str, Any] = {}  # each data set once, whatever the number of seeds
     for job in plan.jobs:
         ds = job.dataset.name
-        data = load_dataset(job.dataset, data_root)
+        if ds not in loaded:
+            loaded[ds] = load_dataset(job.dataset, data_root)
+        data = loaded[ds]
         for attack in (job.attack, plan.probe):  # before any training: a bad trigger fails at once
             if attack is not None:
                 attack.check_fits(*data.image_size, data.num_classes)
+        seed = job.train.seed
+        seed_note = f" (seed {seed})" if plan.multi_seed else ""
         # the asked-for model over every scheme; its negative control (same job, no poisoning)
-        # on fp32, where a false alarm cannot be blamed on quantization
+        # on fp32, where a false alarm cannot be blamed on quantization (on every scheme over
+        # several seeds: each row's false-alarm rate needs its clean models)
         kinds = [("backdoored" if job.attack is not None else "clean", job, plan.schemes)]
         if plan.controls and job.attack is not None:
-            kinds.append(("clean", replace(job, attack=None), ("fp32",)))
+            kinds.append(("clean", replace(job, attack=None), plan.schemes if plan.multi_seed else ("fp32",)))
         for kind, j, schemes in kinds:
             if plan.model_file is not None and j is job:  # the asked-for model, not its clean control
                 from qbd.fetch import get_fetched
@@ -97,33 +107,36 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
                 tm = get_fetched(plan.model_file, j, data, store, device=plan.device, log=log)
             else:
                 tm = get_trained(j, data, store, device=plan.device, progress=progress, log=log)
-            log(f"qbd: {j.slug()}{' (fetched)' if 'fetched' in tm.entry.meta else ''}: model {tm.cache} (clean acc {tm.metrics['clean_acc']:.3f}"
+            log(f"qbd: {j.slug()}{' (fetched)' if 'fetched' in tm.entry.meta else ''}{seed_note}: model {tm.cache}"
+                f" (clean acc {tm.metrics['clean_acc']:.3f}"
                 + ("" if tm.metrics["asr"] is None else f", ASR {tm.metrics['asr']:.3f}") + ")")
             if gates is not None:
                 check_gates(tm.metrics, gates, attacked=j.attack is not None)
             bench = Bench(data, tm.model, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
-                          spec=BenchSpec(holdout=plan.tier.holdout, stream=plan.tier.stream, seed=plan.seed),
+                          spec=BenchSpec(holdout=plan.tier.holdout, stream=plan.tier.stream, seed=seed),
                           train_metrics=tm.metrics, tier=plan.tier.name, weights=tm.provenance())
             todo = [Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols]
-            results += _run_cells(bench, todo, plan, progress, log)
+            results += _run_cells(bench, todo, plan, seed, progress, log)
     return results
 
 
-def _run_cells(bench: Any, todo: list[Cell], plan: RunPlan, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _run_cells(bench: Any, todo: list[Cell], plan: RunPlan, seed: int, progress: bool,
+               log: Callable[[str], None]) -> list[dict[str, Any]]:
     out = []
     bar = None
+    seed_note = f" (seed {seed})" if plan.multi_seed else ""
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"cells {todo[0].dataset}/{todo[0].control}" if todo else "cells", unit="cell",
+        bar = tqdm(total=len(todo), desc=f"cells {todo[0].dataset}/{todo[0].control}{seed_note}" if todo else "cells", unit="cell",
                    file=sys.stderr, leave=False, dynamic_ncols=True)
     for cell in todo:
         defense = load_defense(cell.defense, cell.protocol, plan.tier.name)
-        r = bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=plan.seed,
+        r = bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=seed,
                       timeout_s=plan.defense_timeout)
         out.append(r)
         v = r["verdict"]
-        msg = f"{r['cell']}: {v['status']}" + (f" (target {v['target_class']})" if v["target_class"] is not None else "")
+        msg = f"{r['cell']}{seed_note}: {v['status']}" + (f" (target {v['target_class']})" if v["target_class"] is not None else "")
         msg += f" [{r['seconds']:.1f} s]"
         if v["status"] == "invalid":
             msg += f" - {v['reason']}"

@@ -28,38 +28,23 @@ def _fail(header: str, failures: list[str]) -> None:
         pytest.fail(header + "\n  " + "\n  ".join(failures), pytrace=False)
 
 
-def test_cell(qbd_cell: Any, qbd_session: Any, qbd_record: Any) -> None:
-    """One (dataset, scheme, defense, protocol) cell, judged against the truth (backdoored with
-    target t -> detected naming t; clean -> clean) or against its declared finding. A crash, a
-    timeout, a wrong target or a finding that no longer holds fails; over several seeds the
-    judgement must not flip."""
-    cell = qbd_cell
+def test_cell(qbd_cell: Any, qbd_seed: int, qbd_session: Any, qbd_record: Any) -> None:
+    """One (dataset, scheme, defense, protocol) cell on one model seed, judged against the truth
+    (backdoored with target t -> detected naming t; clean -> clean) or against its declared
+    finding. A crash, a timeout, a wrong target or a finding that no longer holds fails. Over
+    several seeds, a row with declared rate bounds is judged by its rates at the session's end,
+    and its cells fail here only on a crash, a timeout or an unexplained invalid."""
+    cell, seed = qbd_cell, qbd_seed
     state = qbd_session.state
-    exp = qbd_session.expectations
-    judgements = []
-    for seed in range(state.seeds):
-        bench = qbd_session.bench(cell.dataset, cell.control, seed)
-        r = bench.run(qbd_session.defense(cell.defense, cell.protocol), cell.scheme, seed=seed, timeout_s=state.defense_timeout)
-        j = exp.judge(r)
-        r["judgement"] = j.to_dict()
-        qbd_record(RESULT_PROPERTY, r)
-        judgements.append((j, r))
-    if state.accept:
+    bench = qbd_session.bench(cell.dataset, cell.control, seed)
+    r = bench.run(qbd_session.defense(cell.defense, cell.protocol), cell.scheme, seed=seed, timeout_s=state.defense_timeout)
+    j = qbd_session.expectations.judge(r, by_rates=qbd_session.by_rates(r))
+    r["judgement"] = j.to_dict()
+    qbd_record(RESULT_PROPERTY, r)
+    if state.accept or j.judgement != "FAIL":
         return
-    failures = []
-    first, r0 = judgements[0]
-    for j, r in judgements:  # every seed is judged: a failing seed fails the cell
-        if j.judgement == "FAIL":
-            failures.append((f"seed {r['seed']}: " if state.seeds > 1 else "") + (j.why or j.outcome))
-    # the named class too: two wrong targets naming different classes are not the same answer
-    answers = [j.outcome + ("" if r["verdict"]["target_class"] is None else f" (t={r['verdict']['target_class']})")
-               for j, r in judgements]
-    if len(set(answers)) > 1:
-        rate = sum(r["verdict"]["status"] == "detected" for _, r in judgements) / len(judgements)
-        failures.append(f"unstable across {len(answers)} seeds: {answers} (detection rate {rate:.2f})")
-    if failures:
-        failures.append(f"evidence: {_evidence(r0)}")
-    _fail(f"{cell.id}: expected {first.expected}", failures)
+    _fail(f"{cell.id}{f' (seed {seed})' if state.seeds > 1 else ''}: expected {j.expected}",
+          [j.why or j.outcome, f"evidence: {_evidence(r)}"])
 
 
 def test_attack(qbd_attack_case: tuple[str, str], qbd_session: Any, qbd_record: Any) -> None:

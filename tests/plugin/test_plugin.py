@@ -101,6 +101,9 @@ def test_bad_third_party_defense_is_a_usage_error(suite: pytest.Pytester, ref: s
 
 def test_bad_options_are_usage_errors(suite: pytest.Pytester) -> None:
     assert suite.runpytest("--qbd-seeds", "0", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
+    one_model = suite.runpytest("--qbd-seeds", "2", "--qbd-model-file", f"digits=m.safetensors@{'0' * 64}", "--collect-only")
+    assert one_model.ret == pytest.ExitCode.USAGE_ERROR
+    one_model.stderr.fnmatch_lines(["*--qbd-model-file is one model: drop one*"])
     assert suite.runpytest("--qbd-tier", "huge", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
     assert suite.runpytest("--qbd-defense-timeout", "0", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
 
@@ -143,16 +146,6 @@ def test_example_defense_runs_end_to_end(suite: pytest.Pytester, monkeypatch: py
     assert {p.name for p in (suite.path / "out").iterdir()} == {"results.json", "report.md", "heatmap.png"}
 
 
-def test_seeds_report_detection_rate(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
-    _shared_cache(monkeypatch, outer_store)
-    suite.syspathinsert(EXAMPLE)
-    result = suite.runpytest("--qbd-defense", "qbd_example_defense:CornerPatchProbe", "--qbd-seeds", "2",
-                             "-k", "digits/fp32/corner-patch-probe[canonical]")
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*detection rate over seeds:*", "*" + glob.escape("digits/fp32/corner-patch-probe[canonical]") + ": *s0=*s1=*"])
-
-
-
 FLIPPING = '''
 from qbd.defenses.base import Verdict
 
@@ -177,15 +170,6 @@ def _run_inline_defense(suite: pytest.Pytester, source: str, ref: str, cell: str
     suite.makepyfile(**{ref.partition(":")[0]: source})
     suite.syspathinsert()
     return suite.runpytest("--qbd-defense", ref, *options, "-k", cell)
-
-
-def test_verdict_flipping_across_seeds_fails_as_unstable(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
-    _shared_cache(monkeypatch, outer_store)
-    cell = "digits/fp32/flipping[canonical]"
-    result = _run_inline_defense(suite, FLIPPING, "flipping_defense:Flipping", cell, "--qbd-seeds", "2")
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*" + glob.escape("unstable across 2 seeds: ['pass (t=0)', 'miss'] (detection rate 0.50)"),
-                                 "*" + glob.escape(cell) + ": 0.50 (s0=detected, s1=clean)  UNSTABLE*"])
 
 
 HANGING = """
@@ -388,15 +372,6 @@ def test_accept_never_rewrites_the_shipped_table(suite: pytest.Pytester) -> None
     result.stderr.fnmatch_lines(["*--qbd-accept writes its proposals to the table named by --qbd-expectations*"])
 
 
-def test_a_failing_later_seed_fails_the_cell(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
-    """Seed 0 matches the truth, seed 1 does not: judged per seed, the cell fails."""
-    _shared_cache(monkeypatch, outer_store)
-    cell = "digits/fp32/flipping[canonical]"
-    result = _run_inline_defense(suite, FLIPPING, "flipping_defense:Flipping", cell, "--qbd-seeds", "2")
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*seed 1: expected the truth (backdoored, target 0): detected naming 0; measured miss*"])
-
-
 def test_built_in_cells_use_the_shipped_expectations_from_any_directory(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
                                                                         outer_store: str) -> None:
     """pytester runs in a fresh directory outside the repository: the table comes from the package."""
@@ -408,3 +383,141 @@ def test_built_in_cells_use_the_shipped_expectations_from_any_directory(suite: p
     result = suite.runpytest("-k", cell)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*0 cells match the truth, 1 declared findings, 0 failing*"])
+
+
+
+# -- rates over seeds (--qbd-seeds N) ---------------------------------------------------------------
+def test_seeds_make_one_test_per_cell_and_seed(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--collect-only", "-q", "--qbd-seeds", "3")
+    ids = [line for line in result.stdout.lines if "::test_cell[" in line]
+    assert len(ids) == 3 * 2 * 5 * 2 * 4 * 2  # seeds x datasets x defenses x protocols x schemes x (backdoored, clean)
+    assert [i for i in ids if "digits/fp32/strip[canonical]" in i] == [
+        f"test_qbd.py::test_cell[digits/fp32/strip[canonical]-seed{s}]" for s in range(3)]
+    assert "test_qbd.py::test_cell[digits:clean/int4-sim/strip[paper]-seed2]" in ids  # the clean control on every scheme
+    assert len([x for x in result.stdout.lines if "::test_attack[" in x]) == 8  # the Table 2 view: seed 0's models
+
+
+FAKE_MODELS = """
+import types
+
+import pytest
+
+from qbd.config import cell_id, to_dict
+from qbd.defenses.base import DefenseInputs, run_defense
+from qbd.pytest_plugin import Session
+
+
+class FakeBench:
+    # a model that is never trained: the seed tests need many models, and scripted defenses look at none
+    def __init__(self, job):
+        self.job = job
+
+    def run(self, defense, scheme, *, seed=0, timeout_s=None, **_):
+        verdict, _ = run_defense(defense, types.SimpleNamespace(num_classes=10), DefenseInputs(clean_holdout="x"), None,
+                                 timeout_s=timeout_s)
+        attack = to_dict(self.job.attack)
+        if attack is not None:
+            attack["seed"] = self.job.attack.seed
+        ds = self.job.dataset.name
+        protocol = getattr(defense, "protocol", "canonical")
+        return {"cell": cell_id(ds if attack else ds + ":clean", scheme, defense.name, protocol), "dataset": ds,
+                "model": self.job.model.name, "weights": None, "seed": seed, "tier": "smoke", "attack": attack,
+                "training_seed": self.job.train.seed,
+                "quant": {"scheme": scheme, "audit": {"quantized_param_fraction": 0.0, "input_gradient": True,
+                                                      "engine": None, "differentiable": True}},
+                "defense": {"name": defense.name, "protocol": protocol, "params": {}, "names_target": True},
+                "verdict": verdict.to_dict(), "clean_acc": 0.99, "asr": None if attack is None else 0.99, "seconds": 0.0,
+                "versions": {}}
+
+
+@pytest.fixture(autouse=True)
+def _no_training(monkeypatch):
+    monkeypatch.setattr(Session, "_make_bench", lambda self, dataset, kind, seed: FakeBench(self.job(dataset, kind, seed)))
+"""
+
+
+def _row_bounds(suite: pytest.Pytester, row: str, **bounds: float) -> Path:
+    from qbd.expectations import Expectations, dumps
+
+    path = suite.path / "rows.toml"
+    path.write_text(dumps(Expectations(tier="smoke", rows={row: {**bounds, "why": "tests/plugin/test_plugin.py: scripted"}})))
+    return path
+
+
+def _seeded(suite: pytest.Pytester, name: str, seeds: int, *options: str) -> pytest.RunResult:
+    """Both models' cells of digits/fp32/<name>[canonical] on `seeds` model seeds, without training."""
+    suite.makeconftest(FAKE_MODELS)
+    classes = {"crashing": "Crashing", "names-five": "NamesFive", "names-zero": "NamesZero", "says-clean": "SaysClean"}
+    suite.makepyfile(scripted_defenses=SCRIPTED)
+    suite.syspathinsert()
+    return suite.runpytest("--qbd-defense", f"scripted_defenses:{classes[name]}", "--qbd-seeds", str(seeds), *options,
+                           "-k", f"digits and fp32/{name}[canonical]")
+
+
+def test_rates_over_seeds_within_their_bounds_pass(suite: pytest.Pytester) -> None:
+    """NamesZero detects naming 0 on every model: 3 of 3 detections, and 3 of 3 false alarms,
+    which the row's bounds allow; each clean model's cell is then judged by the rates."""
+    import json
+
+    row = "digits/fp32/names-zero[canonical]"
+    table = _row_bounds(suite, row, min_detection_rate=1.0, max_false_alarm_rate=1.0)
+    result = _seeded(suite, "names-zero", 3, "--qbd-expectations", str(table), "--qbd-report", str(suite.path / "out"))
+    result.assert_outcomes(passed=6)
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["Rates over seeds*", glob.escape(f"{row}  3/3 = 1.00 [0.44, 1.00]") + "*"
+                                 + glob.escape("3/3 = 1.00 [0.44, 1.00]") + "*0-2",
+                                 "*rows judged by their rates: 1, outside their bounds: 0*"])
+    assert "qbd: FAIL" not in result.stdout.str()
+    data = json.loads((suite.path / "out" / "results.json").read_text())
+    assert [(r["row"], r["n_backdoored"], r["n_clean"], r["detected"], r["false_alarms"]) for r in data["rows"]] == [(row, 3, 3, 3, 3)]
+    # model number s: training seed s, and for the backdoored model attack seed s (qbd.presets.seeded_job)
+    assert sorted((r["seed"], r["training_seed"], (r["attack"] or {"seed": None})["seed"] is not None and r["attack"]["seed"])
+                  for r in data["results"]) == [(0, 0, False), (0, 0, 0), (1, 1, False), (1, 1, 1), (2, 2, False), (2, 2, 2)]
+    assert {r["judgement"]["judgement"] for r in data["results"] if r["attack"] is None} == {"finding"}
+    assert "## Rates over seeds" in (suite.path / "out" / "report.md").read_text()
+
+
+def test_a_row_outside_its_bounds_fails_the_session(suite: pytest.Pytester) -> None:
+    """SaysClean misses every backdoor: its cells are judged by the row's rates (so they pass as
+    tests), and the row's detection rate 0/2 below its declared minimum fails the run."""
+    row = "digits/fp32/says-clean[canonical]"
+    table = _row_bounds(suite, row, min_detection_rate=0.5, max_false_alarm_rate=0.0)
+    result = _seeded(suite, "says-clean", 2, "--qbd-expectations", str(table))
+    result.assert_outcomes(passed=4)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*rows judged by their rates: 1, outside their bounds: 1*",
+                                 "qbd: FAIL " + glob.escape(row) + ": detection rate 0/2 = 0.00: expected >= 0.5 (min_detection_rate;*"])
+
+
+def test_a_row_outside_its_bounds_fails_the_session_under_xdist(suite: pytest.Pytester) -> None:
+    row = "digits/fp32/says-clean[canonical]"
+    table = _row_bounds(suite, row, min_detection_rate=0.5)
+    result = _seeded(suite, "says-clean", 2, "--qbd-expectations", str(table), "-p", "xdist", "-n", "2")
+    result.assert_outcomes(passed=4)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["qbd: FAIL " + glob.escape(row) + ": detection rate 0/2*"])
+
+
+def test_single_seed_runs_ignore_row_bounds(suite: pytest.Pytester) -> None:
+    table = _row_bounds(suite, "digits/fp32/says-clean[canonical]", max_detection_rate=0.0)
+    result = _seeded(suite, "says-clean", 1, "--qbd-expectations", str(table))
+    result.assert_outcomes(passed=1, failed=1)  # the miss fails its cell, as it would without the bound
+    result.stdout.fnmatch_lines(["*expected the truth (backdoored, target 0): detected naming 0; measured miss*"])
+    assert "rows judged by their rates" not in result.stdout.str() and "Rates over seeds" not in result.stdout.str()
+
+
+def test_a_crash_fails_its_cell_even_in_a_row_judged_by_its_rates(suite: pytest.Pytester) -> None:
+    table = _row_bounds(suite, "digits/fp32/crashing[canonical]", max_detection_rate=1.0, max_false_alarm_rate=1.0)
+    result = _seeded(suite, "crashing", 2, "--qbd-expectations", str(table))
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*(seed 1): expected the truth*", "*measured invalid:error*injected crash in a defense*"])
+
+
+def test_without_bounds_each_seeds_cell_is_judged_on_its_own(suite: pytest.Pytester) -> None:
+    """Seed 0 matches the truth, seed 1 does not: the seed-1 test fails, the seed-0 test passes."""
+    suite.makeconftest(FAKE_MODELS)
+    result = _run_inline_defense(suite, FLIPPING, "flipping_defense:Flipping", "digits/fp32/flipping[canonical]", "--qbd-seeds", "2")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*digits/fp32/flipping[[]canonical[]] (seed 1): expected the truth (backdoored, target 0):"
+                                 " detected naming 0*", "*measured miss*", "Rates over seeds*",
+                                 glob.escape("digits/fp32/flipping[canonical]  1/2 = 0.50 [0.09, 0.91]") + "*"])

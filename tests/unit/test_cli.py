@@ -56,6 +56,10 @@ def test_list_shows_registries():
         (("run", "--defense-timeout", "0"), "expected a number of seconds > 0, got '0'"),
         (("run", "--defense", "nosuch.module:Defense"), "--defense 'nosuch.module:Defense': cannot load it"),
         (("train", "--seed", "-1"), "argument --seed: expected an integer >= 0, got -1"),
+        (("run", "--seeds", "0"), "argument --seeds: expected a number of seeds >= 1, got 0"),
+        (("run", "--seeds", "two"), "argument --seeds: expected a number of seeds >= 1, got 'two'"),
+        (("run", "--seeds", "2", "--model-file", "m.safetensors", "--sha256", "ab"), "--model-file is one model: drop one"),
+        (("run", "--seeds", "2", "--attack-seed", "3"), "model s is poisoned with attack seed s; drop --attack-seed"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
@@ -104,7 +108,8 @@ def test_run_json_and_report_agree(tmp_path):
     assert len(results) == 3  # two schemes + the negative control
     for res in results:
         assert results_io.problems(res) == []
-        assert res["weights"]["origin"] == "trained" and len(res["weights"]["store_key"]) == 64
+        # the default digits models are pinned in the zoo: loaded, sha256-verified, not trained
+        assert res["weights"]["origin"] == "zoo" and len(res["weights"]["sha256"]) == 64
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "report.md", "heatmap.png"}
     assert results_io.read(tmp_path / "out" / "results.json") == sorted(results, key=lambda x: x["cell"])
     md = (tmp_path / "out" / "report.md").read_text()
@@ -137,6 +142,15 @@ class AlwaysClean:
 
     def detect(self, subject, inputs, generator):
         return Verdict("clean")
+
+
+class AlwaysZero:
+    # detects on every model naming class 0: the planted target, and a false alarm on a clean model
+    name = "always-zero"
+    requires = frozenset({"clean_holdout"})
+
+    def detect(self, subject, inputs, generator):
+        return Verdict("detected", score=1.0, threshold=0.5, target_class=0)
 
 
 class Crash:
@@ -219,3 +233,95 @@ def test_a_bad_expectations_file_is_refused_before_the_run(tmp_path, content, me
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and str(table) in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (cache / "models").exists()  # refused before anything was trained
+
+
+# -- qbd run --seeds N: rates over seeds ---------------------------------------------------------------
+# models 1 and 2 of a one-epoch recipe (training and attack seed s), trained once for this module
+SEEDS = ("run", "--dataset", "digits", "--protocol", "canonical", "--no-progress", "--epochs", "1", "--min-clean-acc", "0",
+         "--min-asr", "0", "--seed", "1")
+ALWAYS = "qbd_gate_plugin:AlwaysClean,qbd_gate_plugin:AlwaysZero"
+
+
+@pytest.fixture(scope="module")
+def seed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("seed-cache")
+
+
+def test_run_seeds_reports_rows_of_rates(plugin, seed_cache, tmp_path):
+    r = qbd(*SEEDS, "--seeds", "2", "--quant", "fp32,int8-dynamic", "--defense", ALWAYS, "--json", "--report", str(tmp_path / "out"),
+            cache=seed_cache, path=plugin)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    results, rows = out["results"], out["rows"]
+    # every seed's backdoored and clean model on every scheme (the clean control too, over several seeds)
+    assert len(results) == 2 * 2 * 2 * 2  # seeds x kinds x schemes x defenses
+    assert sorted({(x["seed"], (x["attack"] or {"seed": -1})["seed"]) for x in results}) == [(1, -1), (1, 1), (2, -1), (2, 2)]
+    assert [row["row"] for row in rows] == ["digits/fp32/always-clean[canonical]", "digits/fp32/always-zero[canonical]",
+                                            "digits/int8-dynamic/always-clean[canonical]", "digits/int8-dynamic/always-zero[canonical]"]
+    for row in rows:
+        assert (row["n_backdoored"], row["n_clean"], row["seeds"]) == (2, 2, [1, 2])
+        zero = row["defense"] == "always-zero"
+        assert (row["detected"], row["false_alarms"]) == ((2, 2) if zero else (0, 0))
+        assert results_io.row_problems(row) == []
+    assert "qbd: digits/tiny-cnn/badnet-t0-white3-bottom-right-p0.1/s2 (seed 2): model" in r.stderr
+    assert "digits:clean/int8-dynamic/always-zero[canonical] (seed 1): detected (target 0)" in r.stderr
+    assert results_io.load(tmp_path / "out" / "results.json")[1] == rows
+    assert "## Rates over seeds" in (tmp_path / "out" / "report.md").read_text()
+    text = qbd(*SEEDS, "--seeds", "2", "--quant", "fp32", "--defense", ALWAYS, cache=seed_cache, path=plugin)
+    assert text.returncode == 0, text.stderr
+    assert "Rates over seeds" in text.stdout
+    row = next(line for line in text.stdout.splitlines() if line.startswith("digits/fp32/always-zero[canonical]"))
+    assert "2/2 = 1.00 [0.34, 1.00]" in row  # detections, then the false alarms: the same count here
+    assert row.count("2/2 = 1.00 [0.34, 1.00]") == 2
+
+
+def test_a_single_seed_run_prints_rows_in_json_but_no_rates_table(plugin, seed_cache):
+    # --attack-seed 1: the very model --seeds trains as seed 1 (a store hit)
+    r = qbd(*SEEDS, "--attack-seed", "1", "--quant", "fp32,int8-dynamic", "--defense", "qbd_gate_plugin:AlwaysZero", "--json",
+            cache=seed_cache, path=plugin)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["results"]) == 3  # two schemes + the clean control on fp32 only, as before --seeds
+    assert [(row["row"], row["n_backdoored"], row["n_clean"]) for row in out["rows"]] == [
+        ("digits/fp32/always-zero[canonical]", 1, 1), ("digits/int8-dynamic/always-zero[canonical]", 1, 0)]
+    assert "model hit" in r.stderr and "(seed 1)" not in r.stderr
+    text = qbd(*SEEDS, "--attack-seed", "1", "--quant", "fp32", "--defense", "qbd_gate_plugin:AlwaysZero", cache=seed_cache, path=plugin)
+    assert "Rates over seeds" not in text.stdout
+
+
+def _row_table(tmp_path: Path, **bounds: float) -> Path:
+    p = tmp_path / "rows.toml"
+    # meta: no CA / ASR minimum for the one-epoch models of this module
+    p.write_text('[meta]\nmin_clean_acc = 0.0\nmin_asr = 0.0\n[rows."digits/fp32/always-clean[canonical]"]\n' + "".join(f"{k} = {v}\n" for k, v in bounds.items())
+                 + 'why = "tests/unit/test_cli.py: AlwaysClean never fires"\n')
+    return p
+
+
+def test_the_gate_judges_a_bounded_row_by_its_rates(plugin, seed_cache, tmp_path):
+    args = (*SEEDS, "--quant", "fp32", "--defense", "qbd_gate_plugin:AlwaysClean", "--json")
+    held = qbd(*args, "--seeds", "2", "--expectations", str(_row_table(tmp_path, max_detection_rate=0.0, max_false_alarm_rate=0.0)),
+               cache=seed_cache, path=plugin)
+    assert held.returncode == 0, held.stderr
+    judged = {(x["cell"], x["seed"]): x["judgement"]["judgement"] for x in json.loads(held.stdout)["results"]}
+    # the misses are accounted for by the row's rates; the clean models match the truth
+    assert judged == {("digits/fp32/always-clean[canonical]", 1): "finding", ("digits/fp32/always-clean[canonical]", 2): "finding",
+                      ("digits:clean/fp32/always-clean[canonical]", 1): "pass", ("digits:clean/fp32/always-clean[canonical]", 2): "pass"}
+    assert "qbd: rows judged by their rates: 1, outside their bounds: 0" in held.stderr and "qbd: FAIL" not in held.stderr
+    failed = qbd(*args, "--seeds", "2", "--expectations", str(_row_table(tmp_path, min_detection_rate=0.5)), cache=seed_cache, path=plugin)
+    assert failed.returncode == 1, failed.stderr
+    assert ("qbd: FAIL digits/fp32/always-clean[canonical]: detection rate 0/2 = 0.00: expected >= 0.5 (min_detection_rate;"
+            " why: tests/unit/test_cli.py: AlwaysClean never fires)") in failed.stderr
+    assert failed.stderr.count("qbd: FAIL") == 1  # the cells themselves pass: the row fails
+    # one seed: row bounds are ignored, and the miss fails its cell as before
+    single = qbd(*args, "--attack-seed", "1", "--expectations", str(_row_table(tmp_path, max_detection_rate=0.0)),
+                 cache=seed_cache, path=plugin)
+    assert single.returncode == 1, single.stderr
+    assert "qbd: FAIL digits/fp32/always-clean[canonical]: expected the truth (backdoored, target 0)" in single.stderr
+
+
+def test_without_bounds_every_seeds_cell_is_judged_on_its_own(plugin, seed_cache):
+    r = qbd(*SEEDS, "--seeds", "2", "--quant", "fp32", "--no-controls", "--defense", "qbd_gate_plugin:AlwaysClean", "--expectations",
+            cache=seed_cache, path=plugin)
+    assert r.returncode == 1, r.stderr
+    for seed in (1, 2):
+        assert f"qbd: FAIL digits/fp32/always-clean[canonical] (seed {seed}): expected the truth" in r.stderr

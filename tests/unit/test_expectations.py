@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BD = "digits/int8-dynamic/neural-cleanse[paper]"  # a backdoored model's cell
 CLEAN = "digits:clean/fp32/strip[canonical]"  # the clean model's (negative control) cell
 ATTACK = {**DEFAULT_ATTACK, "seed": 0}  # what a Result records for the attack the findings were measured on
+ROW = "digits/fp32/strip[canonical]"  # a row: the backdoored and the clean models' cells over seeds
 TRACEBACK = 'Traceback (most recent call last):\n  File "plugin.py", line 3, in detect\nValueError: boom\n'
 
 
@@ -333,12 +334,14 @@ def test_dumps_round_trips(tmp_path):
                      cells={BD: {"outcome": "invalid", "reason_code": "no-gradient", "why": 'say "no" \\ here\nand\there', "paper": "clean"},
                             CLEAN: {"outcome": "false-alarm", "why": "w"}, "d/fp32/x[paper]": {"outcome": "wrong-target", "target": 4, "why": "w"}},
                      attack={"d/fp32": {"max_asr": 0.5, "why": "w", "paper_asr": 0.998}},
-                     audit={"d/fp32": {"input_gradient": False, "min_quantized_fraction": 1e-05, "max_quantized_fraction": 0.123456}})
+                     audit={"d/fp32": {"input_gradient": False, "min_quantized_fraction": 1e-05, "max_quantized_fraction": 0.123456}},
+                     rows={ROW: {"min_detection_rate": 0.8, "max_false_alarm_rate": 0.2, "why": "w", "note": "n"},
+                           "d/int4-sim/y[canonical]": {"max_detection_rate": 0.0, "min_false_alarm_rate": 1.0, "why": "w"}})
     p = tmp_path / "e.toml"
     p.write_text(dumps(e, "header line\n\nafter a gap"))
     back = load(p)
-    assert (back.tier, back.min_clean_acc, back.min_asr, back.attack_spec, back.cells, back.attack, back.audit) == (
-        e.tier, e.min_clean_acc, e.min_asr, e.attack_spec, e.cells, e.attack, e.audit)
+    assert (back.tier, back.min_clean_acc, back.min_asr, back.attack_spec, back.cells, back.attack, back.audit, back.rows) == (
+        e.tier, e.min_clean_acc, e.min_asr, e.attack_spec, e.cells, e.attack, e.audit, e.rows)
     assert p.read_text().startswith("# header line\n#\n# after a gap\n")
 
 
@@ -405,3 +408,134 @@ def test_paper_table_transcribes_the_paper():
         assert e.cells[nc]["paper"] == "clean"  # what the paper read the gradient artifact as
         assert e.judge(_result(nc, "invalid", code="no-gradient")).judgement == "finding"
         assert e.judge(_result(nc, "clean")).judgement == "FAIL"
+
+
+# -- rows: rate bounds over seeds ----------------------------------------------------------------------
+def _row_entry(key=ROW, **fields):
+    return f'[rows."{key}"]\n' + "".join(f"{k} = {v}\n" for k, v in fields.items())
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (_row_entry(min_detection_rate="0.8"), "a row bound needs a `why`"),
+    (_row_entry(min_detection_rate="0.8", why='" "'), "a row bound needs a `why`"),
+    (_row_entry(min_detection_rate="0.8", why="3"), "why must be a string"),
+    (_row_entry(why=WHY), "states no bound"),
+    (_row_entry(min_detection_rate="1.2", why=WHY), "min_detection_rate must be a number in [0, 1]"),
+    (_row_entry(max_false_alarm_rate="-0.1", why=WHY), "max_false_alarm_rate must be a number in [0, 1]"),
+    (_row_entry(max_false_alarm_rate="true", why=WHY), "max_false_alarm_rate must be a number in [0, 1]"),
+    (_row_entry(min_detection_rate='"0.8"', why=WHY), "min_detection_rate must be a number in [0, 1]"),
+    (_row_entry(min_detection_rate="nan", why=WHY), "min_detection_rate must be a number in [0, 1]"),
+    (_row_entry(min_detection_rate="0.9", max_detection_rate="0.5", why=WHY), "min_detection_rate > max_detection_rate"),
+    (_row_entry(min_false_alarm_rate="0.5", max_false_alarm_rate="0.2", why=WHY), "min_false_alarm_rate > max_false_alarm_rate"),
+    (_row_entry(min_detection_rate="0.8", why=WHY, outcome='"miss"'), "unknown key(s) ['outcome']"),
+    (_row_entry(detection_rate="0.8", why=WHY), "unknown key(s) ['detection_rate']"),
+    (_row_entry("digits:clean/fp32/strip[canonical]", max_false_alarm_rate="0.2", why=WHY), "no ':clean'"),
+    (_row_entry("digits/fp32/strip", min_detection_rate="0.8", why=WHY), "not a row id"),
+    (_row_entry("digits/strip[canonical]", min_detection_rate="0.8", why=WHY), "not a row id"),
+    (_row_entry("digits/fp32/strip[canonical]/x", min_detection_rate="0.8", why=WHY), "not a row id"),
+    (_row_entry("digits/fp32/strip[both]", min_detection_rate="0.8", why=WHY), "unknown protocol 'both'"),
+    ('[rows]\n"a/b/c[paper]" = 1\n', "must be a table"),
+    ("rows = 1\n", "[rows] must be a table"),
+])
+def test_a_bad_row_entry_is_refused_naming_file_and_row(tmp_path, text, message):
+    p = tmp_path / "e.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(p)
+    assert message in str(err.value) and str(p) in str(err.value)
+    entry = re.search(r'^\[rows\."(.+)"\]', text)
+    if entry:
+        assert repr(entry.group(1)) in str(err.value)
+
+
+def test_row_bounds_load(tmp_path):
+    e = _load(tmp_path, _row_entry(min_detection_rate="0.8", max_false_alarm_rate="0.2", why=WHY, note='"n"')
+              + _row_entry("synthetic/int8-static/my-defense[paper]", max_detection_rate="0", why=WHY))
+    assert e.row_bounds(ROW) == {"min_detection_rate": 0.8, "max_false_alarm_rate": 0.2}
+    assert e.row_bounds("synthetic/int8-static/my-defense[paper]") == {"max_detection_rate": 0}
+    assert e.row_bounds("digits/fp32/neural-cleanse[canonical]") is None
+
+
+def _rate_row(detected, n_backdoored, false_alarms, n_clean, row=ROW):
+    return {"row": row, "detected": detected, "n_backdoored": n_backdoored,
+            "detection_rate": detected / n_backdoored if n_backdoored else None,
+            "false_alarms": false_alarms, "n_clean": n_clean, "false_alarm_rate": false_alarms / n_clean if n_clean else None}
+
+
+BOUNDED = Expectations(rows={ROW: {"min_detection_rate": 0.8, "max_false_alarm_rate": 0.2, "why": "docs/defenses.md: calibrated"}})
+
+
+def test_check_row_against_its_bounds():
+    assert BOUNDED.check_row(_rate_row(4, 5, 1, 5)) == []  # bounds are inclusive
+    assert BOUNDED.check_row(_rate_row(5, 5, 0, 5)) == []
+    assert BOUNDED.check_row(_rate_row(3, 5, 2, 5)) == [
+        "detection rate 3/5 = 0.60: expected >= 0.8 (min_detection_rate; why: docs/defenses.md: calibrated)",
+        "false alarm rate 2/5 = 0.40: expected <= 0.2 (max_false_alarm_rate; why: docs/defenses.md: calibrated)"]
+    upper = Expectations(rows={ROW: {"max_detection_rate": 0.0, "min_false_alarm_rate": 1.0, "why": "w"}})
+    assert upper.check_row(_rate_row(0, 5, 5, 5)) == []
+    assert [m.split(":")[0] for m in upper.check_row(_rate_row(1, 5, 4, 5))] == ["detection rate 1/5 = 0.20", "false alarm rate 4/5 = 0.80"]
+    assert TRUTH_ONLY.check_row(_rate_row(0, 5, 5, 5)) == []  # no bounds: nothing to check
+
+
+def test_a_bound_on_a_rate_without_models_fails():
+    assert BOUNDED.check_row(_rate_row(0, 0, 0, 0)) == ["min_detection_rate 0.8: no backdoored models in this row",
+                                                        "max_false_alarm_rate 0.2: no clean models in this row"]
+
+
+def _full(cell, status, target=None, code=None, seed=0, attack=ATTACK):
+    """A Result with what a row needs (data set, scheme, defense)."""
+    ds, scheme, rest = cell.split("/")
+    defense, _, protocol = rest.rstrip("]").partition("[")
+    r = _result(cell, status, target, code, attack=attack)
+    return {**r, "seed": seed, "dataset": ds.split(":")[0], "quant": {"scheme": scheme},
+            "defense": {"name": defense, "protocol": protocol, "names_target": True}}
+
+
+ROW_CLEAN = "digits:clean/fp32/strip[canonical]"
+
+
+def test_by_rates_only_over_several_seeds_with_bounds_and_the_measured_attack():
+    assert BOUNDED.by_rates(ROW, ATTACK, 5)
+    assert BOUNDED.by_rates(ROW, None, 5)  # a run of clean models only
+    assert not BOUNDED.by_rates(ROW, ATTACK, 1)  # single-seed runs ignore row bounds
+    assert not BOUNDED.by_rates("digits/fp32/neural-cleanse[canonical]", ATTACK, 5)  # no bounds
+    assert not BOUNDED.by_rates(ROW, {**ATTACK, "target": 3}, 5)  # bounds measured on another attack
+    results = [_full(ROW, "detected", 0, seed=s) for s in range(2)] + [_full(ROW_CLEAN, "clean", seed=s) for s in range(2)]
+    results += [_full("digits/fp32/neural-cleanse[canonical]", "clean")]
+    assert BOUNDED.rows_judged_by_rates(results, 2) == frozenset({ROW})
+    assert BOUNDED.rows_judged_by_rates(results, 1) == frozenset()
+    other = [_full(ROW_CLEAN, "clean"), _full(ROW, "detected", 3, attack={**ATTACK, "target": 3})]  # the clean one first
+    assert BOUNDED.rows_judged_by_rates(other, 2) == frozenset()
+
+
+@pytest.mark.parametrize(("cell", "status", "target", "code", "outcome", "judgement"), [
+    (ROW, "detected", 0, None, "pass", "pass"),
+    (ROW, "clean", None, None, "miss", "finding"),  # the row's rates account for it
+    (ROW, "detected", 4, None, "wrong-target", "finding"),
+    (ROW, "invalid", None, "no-signal", "invalid:no-signal", "finding"),
+    (ROW_CLEAN, "detected", 2, None, "false-alarm", "finding"),
+    (ROW_CLEAN, "clean", None, None, "pass", "pass"),
+    (ROW, "invalid", None, "error", "invalid:error", "FAIL"),  # never expected: a crash, a timeout, an unexplained invalid
+    (ROW, "invalid", None, "timeout", "invalid:timeout", "FAIL"),
+    (ROW_CLEAN, "invalid", None, "unspecified", "invalid:unspecified", "FAIL"),
+])
+def test_a_cell_judged_by_its_rows_rates_fails_only_on_never_expected_outcomes(cell, status, target, code, outcome, judgement):
+    j = BOUNDED.judge(_full(cell, status, target, code), by_rates=True)
+    assert (j.outcome, j.judgement) == (outcome, judgement)
+    if judgement == "finding":
+        assert j.expected == f"the rates of row {ROW}: min_detection_rate 0.8, max_false_alarm_rate 0.2"
+        assert j.why.endswith("docs/defenses.md: calibrated")
+    # without its rates (one seed, or no bounds) the same Result is judged against the truth
+    assert BOUNDED.judge(_full(cell, status, target, code)).judgement == ("pass" if outcome == "pass" else "FAIL")
+
+
+def test_rates_override_a_cells_declared_finding_over_several_seeds():
+    e = Expectations(cells={ROW: {"outcome": "miss", "why": "w"}}, rows=dict(BOUNDED.rows))
+    assert e.judge(_full(ROW, "detected", 0), by_rates=True).judgement == "pass"
+    assert e.judge(_full(ROW, "clean"), by_rates=True).judgement == "finding"
+    assert e.judge(_full(ROW, "detected", 0)).judgement == "FAIL"  # one seed: the cell's finding no longer holds
+
+
+def test_propose_keeps_the_rows():
+    new, _ = propose(BOUNDED, [_result(BD, "clean")])
+    assert new.rows == BOUNDED.rows and new.rows is not BOUNDED.rows

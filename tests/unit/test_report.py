@@ -69,3 +69,72 @@ def test_invalid_reasons_carry_the_code():
     assert invalid_reasons([r, _result("y", "invalid", code="timeout", clean_model=True)]) == [
         "digits/int8-dynamic/x[paper]: [unspecified] why not",
         "digits:clean/int8-dynamic/y[paper] (clean model): [timeout] why not"]
+
+
+# -- rates over seeds ---------------------------------------------------------------------------------
+def _seeded(seed, status, target=None, clean_model=False, scheme="int8-dynamic"):
+    r = _result("strip", status, target, clean_model=clean_model)
+    r["seed"] = seed
+    r["quant"] = {"scheme": scheme, "audit": {"quantized_param_fraction": 0.01, "input_gradient": False,
+                                              "engine": None, "differentiable": False}}
+    r["cell"] = r["cell"].replace("int8-dynamic", scheme)
+    if r["attack"] is not None:
+        r["attack"]["seed"] = seed
+    r["verdict"].update(score=None, threshold=None, controls={})
+    return {**r, "model": "tiny-cnn", "seconds": 0.1, "versions": {}, "weights": None}
+
+
+def _five_seeds():
+    """strip on one row: 4 of 5 backdoored models detected naming 0 (seed 2 names 3), 1 false alarm in 5."""
+    rs = [_seeded(s, "detected", 3 if s == 2 else 0) for s in range(5)]
+    rs += [_seeded(s, "detected" if s == 4 else "clean", 0 if s == 4 else None, clean_model=True) for s in range(5)]
+    return rs
+
+
+def test_terminal_and_markdown_show_the_rates_over_seeds():
+    rs = _five_seeds()
+    text = terminal(rs)
+    assert "Rates over seeds (Wilson 95 % intervals;" in text
+    row = next(line for line in text.splitlines() if line.startswith("digits/int8-dynamic/strip[paper]"))
+    assert "4/5 = 0.80 [0.38, 0.96]" in row and "1/5 = 0.20 [0.04, 0.62]" in row and row.rstrip().endswith("0-4")
+    # Tables 1 and 2 show the first seed's models, and say so
+    assert "Table 1 (paper protocol, seed 0's models; every seed's in Rates over seeds): detection per cell" in text
+    t1 = text[text.index("Table 1"):text.index("Table 2")]
+    assert "DETECTED (t=0)" in t1 and "t=3" not in t1
+    md = markdown(rs)
+    assert "## Rates over seeds" in md
+    assert "| digits/int8-dynamic/strip[paper] | 4/5 = 0.80 [0.38, 0.96] | 1/5 = 0.20 [0.04, 0.62] | 0 | 0-4 |" in md
+
+
+def test_a_single_seed_report_has_no_rates_section():
+    rs = [_seeded(0, "detected", 0), _seeded(0, "clean", clean_model=True)]  # one backdoored and one clean model: one seed
+    assert "Rates over seeds" not in terminal(rs) and "Rates over seeds" not in markdown(rs)
+    assert "seed 0's models" not in terminal(rs)
+
+
+def test_write_report_carries_the_rows_and_draws_the_rates(tmp_path):
+    from qbd import rates
+    from qbd.report import write_report
+    from qbd.results import load
+
+    rs = _five_seeds() + [_seeded(s, "clean", clean_model=True, scheme="fp32") for s in range(5)]  # a clean-only row
+    paths = write_report(rs, tmp_path)
+    results, rows = load(paths["results.json"])
+    assert rows == rates.rows(rs) and len(results) == 15
+    assert [(r["row"], r["n_backdoored"], r["n_clean"]) for r in rows] == [
+        ("digits/fp32/strip[paper]", 0, 5), ("digits/int8-dynamic/strip[paper]", 5, 5)]
+    assert paths["heatmap.png"].stat().st_size > 1000
+    single = write_report([_seeded(0, "detected", 0)], tmp_path / "one")
+    assert load(single["results.json"])[1][0]["n_backdoored"] == 1  # rows are there for a single seed too
+
+
+def test_the_rate_heatmap_annotates_detections_and_false_alarms(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    texts = []
+    real = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **k: texts.append(s) or real(self, x, y, s, *a, **k))
+    from qbd.report import heatmap
+
+    heatmap(_five_seeds() + [_seeded(s, "clean", clean_model=True, scheme="fp32") for s in range(5)], tmp_path / "h.png")
+    assert sorted(texts) == ["4/5\nFA 1/5", "FA 0/5"]

@@ -69,3 +69,80 @@ def test_a_judgement_is_optional(judgement):
                                        {"outcome": 1, "judgement": "FAIL"}])
 def test_a_malformed_judgement_is_a_problem(judgement):
     assert any("judgement must be null or an object" in p for p in problems(_result(judgement=judgement)))
+
+
+# -- rows of rates over seeds (qbd.rates) in a results file --------------------------------------------
+def _seeded(seed, clean, status):
+    v = {"status": status, "score": None, "threshold": None, "target_class": 0 if status == "detected" else None,
+         "reason": None, "reason_code": None, "evidence": {}, "controls": {}}
+    attack = None if clean else {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
+                                 "trigger_position": "bottom-right", "poison_rate": 0.1, "seed": seed}
+    return {**_result(verdict=v, attack=attack), "seed": seed, "cell": f"d{':clean' if clean else ''}/fp32/x[paper]"}
+
+
+def test_a_results_file_carries_its_rows_and_loads_them_back(tmp_path):
+    import json
+
+    from qbd import rates
+    from qbd.results import dump, load, read, write
+
+    results = [_seeded(s, False, "detected" if s else "clean") for s in range(3)] + [_seeded(s, True, "clean") for s in range(3)]
+    data = json.loads(dump(results))
+    assert data["rows"] == rates.rows(results)  # computed when not given
+    [row] = data["rows"]
+    assert (row["detected"], row["n_backdoored"], row["false_alarms"], row["n_clean"]) == (2, 3, 0, 3)
+    p = write(tmp_path / "results.json", results)
+    back, back_rows = load(p)
+    assert back_rows == data["rows"] and back == data["results"] and read(p) == back
+
+
+def test_an_old_results_file_without_rows_still_loads(tmp_path):
+    import json
+
+    from qbd.results import load, read
+
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps({"schema": 1, "results": [_result()]}))
+    assert load(p) == ([_result()], []) and read(p) == [_result()]
+
+
+def _row(**change):
+    from qbd import rates
+
+    return {**rates.rows([_seeded(0, False, "detected"), _seeded(1, False, "clean"), _seeded(0, True, "clean")])[0], **change}
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"row": 3}, "'row' must be a string"),
+    ({"n_clean": -1}, "'n_clean' must be an integer >= 0"),
+    ({"detected": True}, "'detected' must be an integer >= 0"),
+    ({"seeds": [0, "1"]}, "'seeds' must be a list of integers"),
+    ({"detected": 3}, "detected 3 > n_backdoored 2"),
+    ({"detection_rate": 0.7}, "detection_rate must be detected / n_backdoored = 0.5"),
+    ({"detection_rate": None}, "detection_rate must be detected / n_backdoored"),
+    ({"detection_ci": [0.6, 0.9]}, "detection_ci must be [low, high] in [0, 1] around detection_rate"),
+    ({"detection_ci": None}, "detection_ci must be [low, high]"),
+    ({"false_alarm_ci": [0.0, 1.5]}, "false_alarm_ci must be [low, high]"),
+    ({"n_backdoored": 0, "detected": 0}, "detection_rate and detection_ci must be null when n_backdoored is 0"),
+])
+def test_a_malformed_row_is_a_problem(change, fragment):
+    from qbd.results import row_problems
+
+    assert row_problems(_row()) == []
+    assert any(fragment in p for p in row_problems(_row(**change))), row_problems(_row(**change))
+
+
+def test_a_malformed_row_is_refused_on_dump_and_load(tmp_path):
+    import json
+
+    from qbd.results import ResultError, dump, load
+
+    with pytest.raises(ResultError, match=r"row d/fp32/x\[paper\]: detected 3 > n_backdoored 2"):
+        dump([_result()], [_row(detected=3)])
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"schema": 1, "results": [], "rows": {"a": 1}}))
+    with pytest.raises(ResultError, match="'rows' must be a list"):
+        load(p)
+    p.write_text(json.dumps({"schema": 1, "results": [], "rows": [_row(seeds="0")]}))
+    with pytest.raises(ResultError, match="'seeds' must be a list of integers"):
+        load(p)
