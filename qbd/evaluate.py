@@ -220,6 +220,8 @@ class Bench:
             verdict.controls.setdefault(
                 "backdoor_persists", Control(metrics["asr"] >= 0.5, metrics["asr"], "ASR of the deployed quantized model (>= 0.5)")
             )
+        if self.attack is not None and verdict.suspects is not None and verdict.suspects.get("data") == "poisoned_train":
+            verdict.controls.update(poison_controls(verdict, self.poisoned_train[2], self.poisoned_train[1], self.attack.target))
 
     def _truth(self, verdict: Verdict) -> dict[str, Any]:
         """Ground truth the defense never saw, for reports: did it name the real target?"""
@@ -228,6 +230,44 @@ class Bench:
         if target is not None and verdict.status == "detected" and verdict.target_class is not None:
             named = verdict.target_class == target
         return {"backdoored": self.attack is not None, "target": target, "target_named": named}
+
+
+def poison_controls(verdict: Verdict, is_poisoned: torch.Tensor, labels: torch.Tensor, target: int) -> dict[str, Control]:
+    """Score a data-inspecting defense's per-sample suspects against the known poison: the
+    removal set of the classes it flagged (what it would filter out), and the split it made of
+    the planted target class whether flagged or not (is its clustering right at all?)."""
+    import numpy as np
+
+    poisoned = is_poisoned.cpu().numpy().astype(bool)
+    by_class = {int(c): np.asarray(i, dtype=np.int64) for c, i in verdict.suspects["by_class"].items()}  # type: ignore[index]
+    flagged = verdict.evidence.get("flagged") or []
+    removed = np.zeros(len(poisoned), dtype=bool)
+    for c in flagged:
+        removed[by_class.get(int(c), [])] = True
+    tp = int((removed & poisoned).sum())
+    n_poison = int(poisoned.sum())
+    precision = tp / int(removed.sum()) if removed.any() else None
+    recall = tp / n_poison if n_poison else None
+    out = {"poison_removal": Control(recall is not None and recall >= 0.5, recall,
+                                     f"removal set of the flagged classes {sorted(int(c) for c in flagged)}: {int(removed.sum())}"
+                                     f" samples, recall {_fmt(recall)}, precision {_fmt(precision)} against the {n_poison} poisoned")}
+    in_target = np.flatnonzero(labels.cpu().numpy() == target)
+    suspect = np.zeros(len(poisoned), dtype=bool)
+    suspect[by_class.get(target, [])] = True
+    if len(in_target):
+        # the two sides of a split are unlabelled: agreement up to swapping them
+        same = float((suspect[in_target] == poisoned[in_target]).mean())
+        agreement = max(same, 1.0 - same)
+        tp_t = int((suspect[in_target] & poisoned[in_target]).sum())
+        out["poison_split"] = Control(agreement >= 0.8, agreement,
+                                      f"target class {target}: the defense's split agrees with poisoned/clean on {agreement:.3f} of"
+                                      f" its {len(in_target)} samples; its suspects hold {tp_t} of the class's"
+                                      f" {int(poisoned[in_target].sum())} poisoned ({int(suspect[in_target].sum())} suspected)")
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _attack_dict(attack: AttackSpec | None) -> dict[str, Any] | None:

@@ -46,6 +46,37 @@ def embed(subject: Subject, x: torch.Tensor, batch_size: int = BATCH) -> torch.T
     return _map(subject, subject.embed, x, batch_size).flatten(1)
 
 
+class LayerUnavailable(LookupError):
+    """The subject does not expose the asked-for layer (e.g. a graph compiled end to end)."""
+
+
+def pre_pool(subject: Subject, x: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
+    """The input of the model's last global pooling layer, flattened (N x C*H*W float32, CPU):
+    the spatial map global average pooling collapses. A trigger is a small local patch; after
+    pooling it is one of many averaged positions, before pooling it has its own coordinates."""
+    pools = [m for m in subject.model.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
+    if not pools:
+        raise LayerUnavailable(f"the {subject.scheme} model exposes no global pooling module: its graph is compiled end"
+                               " to end, so the activations before pooling cannot be read")
+    captured: list[torch.Tensor] = []
+    hook = pools[-1].register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().float().flatten(1).cpu()))
+    try:
+        _map(subject, subject.embed, x, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+# the representation a data-inspecting defense clusters (AC) or decomposes (SS)
+LAYERS: dict[str, Callable[[Subject, torch.Tensor, int], torch.Tensor]] = {"penultimate": embed, "pre-pool": pre_pool}
+
+
+def representations(subject: Subject, x: torch.Tensor, layer: str, batch_size: int = BATCH) -> torch.Tensor:
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; valid: {', '.join(LAYERS)}")
+    return LAYERS[layer](subject, x, batch_size)
+
+
 def logits(subject: Subject, x: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
     """Logits (N x K float32, CPU) of uint8 or [0, 1] images."""
     return _map(subject, subject.model, x, batch_size)

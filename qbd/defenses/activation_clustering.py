@@ -4,16 +4,25 @@ the model treats differently from the rest -- the poison, which carries the trig
 
 Protocols (every value recorded in the Result):
 - canonical: the training set as the model was trained on it, split by ASSIGNED label; each
-  class reduced to `nb_dims` = 10 dimensions by PCA (IBM ART's default; the AC paper used ICA),
-  2-means (`n_init` restarts), silhouette on at most `silhouette_sample` points per class.
+  class's activations at `layer` = "pre-pool" (the input of the global average pool, 64 x 4 x 4
+  on tiny-cnn, flattened) reduced to `nb_dims` = 10 dimensions by PCA (IBM ART's default; the AC
+  paper used ICA), 2-means (`n_init` restarts), silhouette on at most `silhouette_sample` points
+  per class. Why before pooling: a trigger is a small patch, and after global pooling it is one
+  of 16 averaged positions; on the pooled 64-d features even the true poison/clean split of the
+  target class scores a silhouette of only 0.27-0.35, no more than natural sub-modes of other
+  classes, while before pooling the target class stands apart.
   Model-level rule (rule = "silhouette"): a class is flagged when its 2-means silhouette exceeds
-  `silhouette_threshold` = 0.50: the highest silhouette of any class of the clean calibration
-  models was 0.41, of any non-target class of a backdoored one 0.38 (docs/defenses.md). The
-  authors' relative-size rule (smaller cluster < 0.35) is reported as evidence only: with a 10 %
-  poison rate in a 10-class set the target class holds about as many poisoned samples as clean
-  ones, so its poison cluster has a relative size near 0.5 and the size rule cannot flag it.
-- paper: the paper fed AC the clean holdout only: 2-means on the raw activations per holdout
-  label, no reduction; rule = "size-and-silhouette": a class is flagged when its smaller cluster
+  `silhouette_threshold` = 0.408, calibrated on the zoo's calibration seeds 100-104 (both data
+  sets, never the evaluation seeds 0-4): the midpoint between the highest silhouette of any
+  clean-model class or non-target class (0.401) and the lowest target class (0.415)
+  (scripts/calibrate.py; docs/defenses.md#calibration). The authors' relative-size rule
+  (smaller cluster < 0.35) is reported as evidence only: with a 10 % poison rate in a 10-class
+  set the target class holds about as many poisoned samples as clean ones, so its poison cluster
+  has a relative size near 0.5 and the size rule cannot flag it.
+  Per sample: each class's smaller cluster is its suspects (the authors' removal set); the bench
+  scores them against the known poison as the controls `poison_removal` and `poison_split`.
+- paper: the paper fed AC the clean holdout only: 2-means on the raw penultimate activations per
+  holdout label, no reduction; rule = "size-and-silhouette": a class is flagged when its smaller cluster
   has relative size < 0.35 and the silhouette exceeds 0.15 (paper 4.2 / A.2).
 Both: the model is flagged when any class is; the target is the flagged class with the highest
 silhouette.
@@ -42,12 +51,12 @@ class ActivationClustering(ConfiguredDefense):
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"poisoned_train"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "canonical": {
-            "data": "poisoned_train", "nb_dims": 10, "reduce": "pca", "n_init": 10,
-            "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.50,
+            "data": "poisoned_train", "layer": "pre-pool", "nb_dims": 10, "reduce": "pca", "n_init": 10,
+            "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.408,
             "rule": "silhouette", "batch_size": 512,
         },
         "paper": {
-            "data": "clean_holdout", "nb_dims": 0, "reduce": "none", "n_init": 10,
+            "data": "clean_holdout", "layer": "penultimate", "nb_dims": 0, "reduce": "none", "n_init": 10,
             "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.15,
             "rule": "size-and-silhouette", "batch_size": 512,
         },
@@ -57,16 +66,23 @@ class ActivationClustering(ConfiguredDefense):
         p = self.params
         x, y = getattr(inputs, p["data"])
         seed = feat.seed_from(generator)
-        feats = feat.embed(subject, x, p["batch_size"])
         controls = {"sees_poisoned_data": feat.sees_poison_control("AC", p["data"])}
-        bad = feat.nonfinite(feats, "penultimate activations")
+        try:
+            feats = feat.representations(subject, x, p["layer"], p["batch_size"])
+        except feat.LayerUnavailable as e:
+            return Verdict.invalid(str(e), "not-applicable", controls=controls)
+        bad = feat.nonfinite(feats, f"{p['layer']} activations")
         if bad:
             return Verdict.invalid(bad, "diverged", controls=controls)
+        groups = feat.per_class(y, subject.num_classes)
         with feat.single_threaded():
-            stats = [cluster_class(feats[idx].double().numpy(), p, seed + c)
-                     for c, idx in enumerate(feat.per_class(y, subject.num_classes))]
+            stats = [cluster_class(feats[idx].double().numpy(), p, seed + c) for c, idx in enumerate(groups)]
         v = decide(stats, p)
         v.controls.update(controls)
+        v.evidence["layer"] = p["layer"]
+        # the authors' removal set: each class's smaller cluster
+        v.suspects = {"data": p["data"], "by_class": {c: idx[s["smaller"]] for c, (idx, s) in enumerate(zip(groups, stats, strict=True))
+                                                      if s["smaller"] is not None}}
         return v
 
 
@@ -74,13 +90,14 @@ def cluster_class(a: np.ndarray, p: dict[str, Any], seed: int) -> dict[str, Any]
     """2-means on one class's activations: cluster sizes (larger first), relative size of the
     smaller cluster, silhouette. A class too small or without spread has no split (None)."""
     n = len(a)
-    out: dict[str, Any] = {"n": n, "sizes": None, "relative_size": None, "silhouette": None}
+    out: dict[str, Any] = {"n": n, "sizes": None, "relative_size": None, "silhouette": None, "smaller": None}
     if n < _MIN_POINTS or float(np.ptp(a, axis=0).max(initial=0.0)) == 0.0:
         return out
     # k-means++ seeds by row index, so on a class without a clear split the local optimum it
     # lands in depends on the sample order; a canonical (lexicographic) row order makes the
     # statistics a function of the set of activations alone
-    a = a[np.lexsort(a.T[::-1])]
+    order = np.lexsort(a.T[::-1])
+    a = a[order]
     rng = np.random.RandomState(seed)
     a = _REDUCERS[p["reduce"]](a, p["nb_dims"], rng)
     labels = KMeans(n_clusters=2, n_init=p["n_init"], random_state=rng.randint(2**31 - 1)).fit_predict(a)
@@ -89,6 +106,7 @@ def cluster_class(a: np.ndarray, p: dict[str, Any], seed: int) -> dict[str, Any]
         return out
     out["sizes"] = sorted((int(s) for s in sizes), reverse=True)
     out["relative_size"] = float(sizes.min() / n)
+    out["smaller"] = np.sort(order[labels == int(np.argmin(sizes))])  # positions in the class's input order
     sample = p["silhouette_sample"]
     if n > sample:
         # seeded subsample for speed; keep both clusters represented

@@ -49,6 +49,10 @@ class Verdict:
     evidence: dict[str, Any] = field(default_factory=dict)
     controls: dict[str, Control] = field(default_factory=dict)
     reason_code: str | None = None  # one of REASON_CODES when status is invalid
+    # Per-sample output of a data-inspecting defense: {"data": the DefenseInputs field inspected,
+    # "by_class": {class: indices of the samples it suspects}}. The bench scores it against the
+    # known poison as a control (the defense never sees which samples are poisoned); not serialised.
+    suspects: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -244,12 +248,21 @@ def vouch(v: Any, name: str, num_classes: int | None = None) -> Verdict:
     elif not isinstance(code, str) or code not in REASON_CODES:
         return Verdict.invalid(f"{name} returned reason code {code!r}; valid: {', '.join(REASON_CODES)}", "error")
     out = Verdict(status=v.status, score=figures["score"], threshold=figures["threshold"], target_class=target,
-                  reason=v.reason, evidence=dict(v.evidence), controls=dict(v.controls), reason_code=code)
+                  reason=v.reason, evidence=dict(v.evidence), controls=dict(v.controls), reason_code=code,
+                  suspects=_suspects(v.suspects))
     try:  # every Result is written as JSON: find an unwritable evidence value now, not at the end of the run
         json.dumps(out.to_dict(), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as e:
         return Verdict.invalid(f"{name} returned evidence that is not JSON-serialisable ({type(e).__name__}: {e})", "error")
     return out
+
+
+def _suspects(s: Any) -> dict[str, Any] | None:
+    """A well-formed `suspects` ({"data": str, "by_class": {int: indices}}) or None: it only feeds
+    a control, so a malformed one is dropped rather than failing the verdict."""
+    if not isinstance(s, Mapping) or not isinstance(s.get("data"), str) or not isinstance(s.get("by_class"), Mapping):
+        return None
+    return {"data": s["data"], "by_class": dict(s["by_class"])}
 
 
 # -- running detect ---------------------------------------------------------------------------

@@ -2,17 +2,24 @@
 singular direction of their (assigned) class's centred penultimate representations.
 
 Protocols (every value recorded in the Result):
-- canonical: the training set as the model was trained on it, split by ASSIGNED label. Per
-  class: centred representations R, top right singular vector v, outlier scores
-  s_i = ((R_i - mean) . v)^2, and the authors' per-sample removal set (the 1.5 * eps fraction
-  with the largest scores, eps = expected poison rate) reported as evidence.
-  Model-level rule: the per-class spectral concentration sigma_1^2 / sigma_2^2 of the centred
-  class matrix (`statistic` = "sv_ratio"); a class is flagged when it exceeds
-  `ratio_threshold` = 12: the highest ratio of any class of the clean calibration models was
-  6.6, of any non-target class of a backdoored one 8.6 (docs/defenses.md); the target is the
-  flagged class with the largest ratio. The removal rule is not the model-level signal:
-  with 10 % poison in a 10-class set the target class splits about 50/50 along v, so its top
-  1.5 eps scores are not "the poison"; a dominant, bimodal top direction is.
+- canonical: the training set as the model was trained on it, split by ASSIGNED label, at
+  `layer` = "pre-pool" (the input of the global average pool, flattened: a trigger patch keeps
+  its own coordinates there). Per class: centred representations R, top right singular vector
+  v, outlier scores s_i = ((R_i - mean) . v)^2, and the authors' per-sample removal set (the
+  1.5 * eps fraction with the largest scores, eps = expected poison rate): the class's suspects,
+  scored by the bench against the known poison (controls `poison_removal`, `poison_split`).
+  Model-level rule (`statistic` = "kurtosis"): the kurtosis E[p^4]/E[p^2]^2 of the projections
+  p on v; a class is flagged when it is BELOW `kurtosis_threshold` = 1.374. A 10 % poison rate
+  puts about as many poisoned as clean samples in the target class, and they separate along v:
+  two equal groups give a kurtosis near 1, a unimodal class about 3. The threshold is
+  calibrated on the zoo's seeds 100-104 (never the evaluation seeds 0-4): the midpoint between
+  the highest target-class kurtosis (1.32) and the lowest of any clean-model or non-target
+  class (1.428) (scripts/calibrate.py; docs/defenses.md#calibration). The spectral ratio
+  sigma_1^2 / sigma_2^2 (`statistic` = "sv_ratio", `ratio_threshold`) does not separate them
+  on the calibration models (a clean digits class reaches 3.13, a target class 2.83) and stays
+  available. Limit: with fewer poisoned than clean samples in the target class the kurtosis
+  rises toward 3 (two groups of 1/3 and 2/3 give 1.5), so this rule is calibrated for the
+  default poison rate. The target is the flagged class with the lowest kurtosis.
 - paper: the paper's rule on the clean holdout only: all classes pooled (as its code did),
   centred; the ratio of the top eigenvalue to the sum of the remaining ones; flagged when above
   `ratio_threshold`. The paper states no threshold; qbd uses 1.0.
@@ -43,18 +50,21 @@ class SpectralSignatures(ConfiguredDefense):
 
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"poisoned_train"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "canonical": {"data": "poisoned_train", "grouping": "per-class", "statistic": "sv_ratio",
-                      "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "batch_size": 512},
-        "paper": {"data": "clean_holdout", "grouping": "pooled", "statistic": "top_to_rest",
-                  "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "batch_size": 512},
+        "canonical": {"data": "poisoned_train", "layer": "pre-pool", "grouping": "per-class", "statistic": "kurtosis",
+                      "kurtosis_threshold": 1.374, "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "batch_size": 512},
+        "paper": {"data": "clean_holdout", "layer": "penultimate", "grouping": "pooled", "statistic": "top_to_rest",
+                  "kurtosis_threshold": 1.374, "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "batch_size": 512},
     }
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
         p = self.params
         x, y = getattr(inputs, p["data"])
-        feats = feat.embed(subject, x, p["batch_size"])
         controls = {"sees_poisoned_data": feat.sees_poison_control("SS", p["data"])}
-        bad = feat.nonfinite(feats, "penultimate representations")
+        try:
+            feats = feat.representations(subject, x, p["layer"], p["batch_size"])
+        except feat.LayerUnavailable as e:
+            return Verdict.invalid(str(e), "not-applicable", controls=controls)
+        bad = feat.nonfinite(feats, f"{p['layer']} representations")
         if bad:
             return Verdict.invalid(bad, "diverged", controls=controls)
         r = feats.double().numpy()
@@ -63,15 +73,19 @@ class SpectralSignatures(ConfiguredDefense):
             stats = [spectrum(r[idx], p) for idx in groups]
         v = decide(stats, p)
         v.controls.update(controls)
+        v.evidence["layer"] = p["layer"]
+        if p["grouping"] == "per-class":  # the authors' removal set: each class's top 1.5 eps scores
+            v.suspects = {"data": p["data"], "by_class": {g: idx[s["top"]] for g, (idx, s) in enumerate(zip(groups, stats, strict=True))
+                                                          if s["top"] is not None}}
         return v
 
 
-def _sv_ratio(sv: np.ndarray) -> float:
+def _sv_ratio(sv: np.ndarray, proj: np.ndarray) -> float:
     """sigma_1^2 / sigma_2^2: how far the top direction dominates the next one."""
     return float(sv[0] ** 2 / sv[1] ** 2) if sv[1] > 0 else math.inf
 
 
-def _top_to_rest(sv: np.ndarray) -> float:
+def _top_to_rest(sv: np.ndarray, proj: np.ndarray) -> float:
     """lambda_1 / sum(lambda_2..): the paper's ratio (eigenvalues of the covariance)."""
     rest = float(np.sum(sv[1:] ** 2))
     return float(sv[0] ** 2 / rest) if rest > 0 else math.inf
@@ -82,7 +96,21 @@ def _numerical_rank_one(sv: np.ndarray, shape: tuple[int, ...]) -> bool:
     return len(sv) < 2 or sv[1] <= sv[0] * max(shape) * np.finfo(np.float64).eps
 
 
-STATISTICS: dict[str, Callable[[np.ndarray], float]] = {"sv_ratio": _sv_ratio, "top_to_rest": _top_to_rest}
+def _kurtosis(sv: np.ndarray, proj: np.ndarray) -> float:
+    """E[p^4] / E[p^2]^2 of the centred projections on the top direction: 3 for a Gaussian,
+    1 for two equal point masses. A class whose top direction separates two equally large
+    groups (clean and poisoned samples of the target class) is close to 1."""
+    m2 = float(np.mean(proj**2))
+    return float(np.mean(proj**4) / m2**2) if m2 > 0 else math.inf
+
+
+# statistic -> (function of (singular values, projections on the top direction), whether a
+# class is flagged "above" or "below" the threshold, the parameter holding the threshold)
+STATISTICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], str, str]] = {
+    "sv_ratio": (_sv_ratio, "above", "ratio_threshold"),
+    "top_to_rest": (_top_to_rest, "above", "ratio_threshold"),
+    "kurtosis": (_kurtosis, "below", "kurtosis_threshold"),
+}
 
 
 def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +118,7 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
     removal count, and the kurtosis of the projections on v (about 1 for a 50/50 two-point
     split, 3 for a Gaussian: a bimodality figure reported as evidence)."""
     n = len(r)
-    out: dict[str, Any] = {"n": n, "stat": None, "removed": 0, "kurtosis": None}
+    out: dict[str, Any] = {"n": n, "stat": None, "removed": 0, "kurtosis": None, "top": None}
     if n < _MIN_POINTS:
         return out
     rc = r - r.mean(axis=0, keepdims=True)
@@ -101,8 +129,9 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
     scores = proj**2
     k = round(p["removal_multiplier"] * p["eps"] * n)
     # a rank-1 class matrix has no second direction: the ratio is undefined (inf -> invalid)
-    out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]](sv)
+    out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]][0](sv, proj)
     out["removed"] = k
+    out["top"] = np.sort(np.argsort(-scores, kind="stable")[:k])
     m2 = float(np.mean(proj**2))
     out["kurtosis"] = float(np.mean(proj**4) / m2**2) if m2 > 0 else None
     out["score_q99"] = float(np.quantile(scores, 0.99))
@@ -130,10 +159,16 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
         # finite features, but sigma_2 = 0: the ratio is undefined, not a numerical blow-up
         return Verdict.invalid(f"non-finite spectral statistic in group(s) {bad} (rank-1 or degenerate representations)",
                                "no-signal", evidence=evidence)
-    flagged = [g for g in scored if vals[g] > p["ratio_threshold"]]
+    _, side, param = STATISTICS[p["statistic"]]
+    thr = p[param]
+    # "below": flip signs, so one comparison serves both directions
+    sign = 1.0 if side == "above" else -1.0
+    flagged = [g for g in scored if sign * vals[g] > sign * thr]
     evidence["flagged"] = flagged
-    score = max(vals[g] for g in scored)
+    evidence["flags_when"] = side
+    most = max(scored, key=lambda g: sign * vals[g])  # the most suspicious group
+    score = vals[most]
     if flagged:
-        target = max(flagged, key=lambda g: vals[g]) if p["grouping"] == "per-class" else None
-        return Verdict("detected", score=score, threshold=p["ratio_threshold"], target_class=target, evidence=evidence)
-    return Verdict("clean", score=score, threshold=p["ratio_threshold"], evidence=evidence)
+        target = max(flagged, key=lambda g: sign * vals[g]) if p["grouping"] == "per-class" else None
+        return Verdict("detected", score=score, threshold=thr, target_class=target, evidence=evidence)
+    return Verdict("clean", score=score, threshold=thr, evidence=evidence)

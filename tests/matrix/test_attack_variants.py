@@ -1,47 +1,44 @@
 """Positive controls beyond the default BadNet: another target class, trigger pattern, size and
-corner, so no defense (or test) can assume class 0 or the bottom-right corner. Judged against the
-truth (detected naming class 3); a defense that really fails here is a declared finding below,
-with its why, and the test fails the moment the finding stops holding."""
+corner (qbd.presets.VARIANT_ATTACK), so no defense (or test) can assume class 0 or the
+bottom-right corner. On the pinned zoo's variant models of both data sets, fp32, canonical
+protocol; judged against the truth (detected naming class 3). A defense that really fails here is
+a declared finding below, with its why, and the test fails the moment the finding stops holding."""
 
 from __future__ import annotations
 
 import pytest
 
-from qbd.config import AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
+from qbd.config import DatasetSpec, Gates
 from qbd.outcomes import judge
+from qbd.presets import VARIANT_ATTACK, seeded_job
 
-VARIANT = AttackSpec(target=3, trigger_pattern="checkerboard", trigger_size=4, trigger_position="top-left")
-# declared findings on this attack (fp32, canonical protocol): {defense: expectations entry}
-FINDINGS: dict[str, dict[str, str]] = {
-    "activation-clustering": {"outcome": "miss", "why": "docs/results.md#findings (AC misses): on this attack too, the target"
-                              " class's 2-means silhouette (0.37) is no outlier: classes 4 and 5 score the same (0.37)"},
-    "spectral-signatures": {"outcome": "miss", "why": "docs/results.md#findings (SS misses): target class sigma1^2/sigma2^2 2.63,"
-                            " the lowest of all 12 classes; the largest is 6.49, below the threshold 12"},
-}
+# declared findings on this attack: {(dataset, defense): expectations entry}
+FINDINGS: dict[tuple[str, str], dict[str, str]] = {}
+DEFENSES = ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"]
 
 
-@pytest.fixture(scope="module")
-def variant_bench():
+@pytest.fixture(scope="module", params=["digits", "synthetic"])
+def variant_bench(request):
     from qbd.data import load_dataset
     from qbd.evaluate import Bench
-    from qbd.presets import default_train
     from qbd.store import Store
     from qbd.train import check_gates
     from qbd.zoo import get_trained
 
-    data = load_dataset(DatasetSpec("synthetic"))
-    job = ModelJob(DatasetSpec("synthetic"), ModelSpec("tiny-cnn"), VARIANT, default_train("synthetic", "tiny-cnn"))
+    data = load_dataset(DatasetSpec(request.param))
+    job = seeded_job(request.param, "tiny-cnn", 0, VARIANT_ATTACK)
     tm = get_trained(job, data, Store(), progress=False)
     check_gates(tm.metrics, Gates(), attacked=True)
-    return Bench(data, tm.model, VARIANT, model_name="tiny-cnn", tier="smoke")
+    return Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance())
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize("defense", ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"])
+@pytest.mark.parametrize("defense", DEFENSES)
 def test_nondefault_attack_is_detected(variant_bench, defense):
     from qbd.runner import load_defense
 
     r = variant_bench.run(load_defense(defense, "canonical", "smoke"), "fp32")
+    assert r["weights"]["origin"] == "zoo"  # the pinned model, the same on every machine
     assert r["asr"] > 0.95
-    j = judge(r, FINDINGS.get(defense))
-    assert j.judgement != "FAIL", f"{defense}: {j.why}"
+    j = judge(r, FINDINGS.get((r["dataset"], defense)))
+    assert j.judgement != "FAIL", f"{r['dataset']}/{defense}: {j.why}"

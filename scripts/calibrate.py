@@ -1,0 +1,195 @@
+"""Calibrate the decision thresholds of the five built-in defenses on the calibration seeds.
+
+    python scripts/calibrate.py                       # seeds 100-104, both data sets, all five defenses
+    python scripts/calibrate.py --seeds 0-4 --out eval.json   # the same figures on other seeds (a check)
+
+Runs every defense (canonical protocol, fp32) on the pinned zoo's backdoored and clean models of
+the given seeds, then reports, per defense, the statistic its threshold applies to:
+
+- on the planted target class of each backdoored model (the positives),
+- on every other class of the backdoored models and every class of the clean models (the
+  negatives: a detection there is a wrong target or a false alarm),
+
+and the threshold the data supports: for a per-class statistic (AC silhouette, SS spectral
+ratio, NC anomaly index) the midpoint of the gap between the largest negative and the smallest
+positive when they separate; for a model-level rule (STRIP's binomial test, Fine-Pruning's ASR
+drop) whether the threshold in use separates backdoored from clean models. Thresholds are
+calibrated on seeds 100-104 and evaluated on seeds 0-4 (qbd.pinned): never on the same models.
+
+The raw Results are written with --out, so the table can be recomputed (--from FILE) without
+running the defenses again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+DEFENSES = ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")
+
+
+def seeds_arg(text: str) -> tuple[int, ...]:
+    if "-" in text:
+        a, b = text.split("-", 1)
+        return tuple(range(int(a), int(b) + 1))
+    return tuple(int(s) for s in text.split(","))
+
+
+def run_model(dataset: str, seed: int, backdoored: bool, defenses: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every defense on one zoo model (fp32, canonical); a worker process, one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    from qbd.config import AttackSpec
+    from qbd.data import load_dataset
+    from qbd.evaluate import Bench, BenchSpec
+    from qbd.presets import seeded_job
+    from qbd.runner import load_defense
+    from qbd.store import Store
+    from qbd.tiers import TIERS
+    from qbd.zoo import get_trained
+
+    tier = TIERS["smoke"]
+    job = seeded_job(dataset, tier.model, seed, AttackSpec() if backdoored else None)
+    data = load_dataset(job.dataset, None)
+    tm = get_trained(job, data, Store(), progress=False)
+    bench = Bench(data, tm.model, job.attack, probe_attack=AttackSpec(seed=seed), model_name=tier.model,
+                  spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed), train_metrics=tm.metrics,
+                  tier="smoke", weights=tm.provenance())
+    out = []
+    for name in defenses:
+        r = bench.run(load_defense(name, "canonical", "smoke"), "fp32", seed=seed)
+        print(f"{r['cell']} seed {seed}: {r['verdict']['status']} t={r['verdict']['target_class']} [{r['seconds']:.1f} s]",
+              file=sys.stderr, flush=True)
+        out.append(r)
+    return out
+
+
+def _per_class(key: str):
+    return lambda r: r["verdict"]["evidence"].get(key)
+
+
+def _nc_lower_side(r: dict[str, Any]) -> list[float | None] | None:
+    """NC flags only classes whose trigger norm is below the median: a large norm is no backdoor."""
+    e = r["verdict"]["evidence"]
+    if "norms" not in e or "anomaly_index" not in e:
+        return None
+    med = e["median"]
+    return [a if (a is not None and n < med) else 0.0 for a, n in zip(e["anomaly_index"], e["norms"], strict=True)]
+
+
+def _ss_statistic(r: dict[str, Any]) -> list[float | None] | None:
+    return r["verdict"]["evidence"].get("values")
+
+
+# defense -> (statistic, per-class values from a Result, threshold parameter, "above" | "below":
+# the side of the threshold on which a class is flagged)
+PER_CLASS = {
+    "activation-clustering": ("2-means silhouette", _per_class("silhouette"), "silhouette_threshold", "above"),
+    "spectral-signatures": ("kurtosis along the top singular direction", _ss_statistic, "kurtosis_threshold", "below"),
+    "neural-cleanse": ("anomaly index (norm below the median)", _nc_lower_side, "mad_threshold", "above"),
+}
+MODEL_LEVEL = {
+    "strip": ("flagged share vs significant share", "score"),
+    "fine-pruning": ("ASR drop after pruning + fine-tuning", "score"),
+}
+
+
+def table(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    lines = ["| defense | statistic (flags when) | threshold in use | positives (target class, backdoored) | most suspicious"
+             " negative (other classes; clean models) | separates? | threshold the data supports |",
+             "|---|---|---|---|---|---|---|"]
+    proposal: dict[str, Any] = {}
+    for name in DEFENSES:
+        rs = [r for r in results if r["defense"]["name"] == name]
+        if not rs:
+            continue
+        thr = rs[0]["verdict"]["threshold"] if name not in PER_CLASS else rs[0]["defense"]["params"][PER_CLASS[name][2]]
+        if name in PER_CLASS:
+            label, get, _, side = PER_CLASS[name]
+            sign = 1.0 if side == "above" else -1.0
+            pos, neg_bd, neg_clean = [], [], []
+            for r in rs:
+                vals = get(r)
+                if vals is None:
+                    continue
+                if r["attack"] is not None:
+                    t = r["attack"]["target"]
+                    pos.append(vals[t])
+                    neg_bd += [v for c, v in enumerate(vals) if c != t and v is not None]
+                else:
+                    neg_clean += [v for v in vals if v is not None]
+            pos = [v for v in pos if v is not None]
+            neg = neg_bd + neg_clean
+            sep = bool(pos and neg and sign * _most(neg, sign) < min(sign * v for v in pos))
+            least = _most(pos, -sign)  # the least suspicious positive
+            supported = round((_most(neg, sign) + least) / 2, 3) if sep else None
+            proposal[name] = {"statistic": label, "flags_when": side, "positives": sorted(pos),
+                              "worst_negative_other_class": _most(neg_bd, sign), "worst_negative_clean": _most(neg_clean, sign),
+                              "separates": sep, "midpoint": supported, "threshold_in_use": thr}
+            lines.append(f"| {name} | {label} ({side}) | {thr} | {_range(pos)} | {_m(_most(neg_bd, sign))}; {_m(_most(neg_clean, sign))}"
+                         f" | {'yes' if sep else 'no'} | {supported if sep else 'none separates'} |")
+        else:
+            label, _ = MODEL_LEVEL[name]
+            bd = [r for r in rs if r["attack"] is not None]
+            cl = [r for r in rs if r["attack"] is None]
+            det = sum(r["verdict"]["status"] == "detected" and r["verdict"]["target_class"] in (None, r["attack"]["target"]) for r in bd)
+            fa = sum(r["verdict"]["status"] == "detected" for r in cl)
+            pos = [r["verdict"]["score"] for r in bd]
+            neg = [r["verdict"]["score"] for r in cl]
+            proposal[name] = {"statistic": label, "positives": pos, "negatives": neg, "detected": det, "n_backdoored": len(bd),
+                              "false_alarms": fa, "n_clean": len(cl), "threshold_in_use": thr}
+            lines.append(f"| {name} | {label} | {_m(thr)} | {_range(pos)}; detected {det}/{len(bd)} | {_m(max(neg, default=None))};"
+                         f" false alarms {fa}/{len(cl)} | {'yes' if det == len(bd) and fa == 0 else 'no'} | (rule kept) |")
+    return "\n".join(lines), proposal
+
+
+def _most(vals: list[float], sign: float) -> float | None:
+    """The most suspicious value: the largest for an "above" rule, the smallest for "below"."""
+    return max(vals, key=lambda v: sign * v, default=None)
+
+
+def _m(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _range(vals: list[float]) -> str:
+    return "n/a" if not vals else f"{min(vals):.3g} .. {max(vals):.3g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=seeds_arg, default=seeds_arg("100-104"), help="model seeds (default: 100-104)")
+    ap.add_argument("--dataset", default="digits,synthetic")
+    ap.add_argument("--defense", default=",".join(DEFENSES))
+    ap.add_argument("-j", "--jobs", type=int, default=2, help="worker processes, one thread each (default: 2)")
+    ap.add_argument("--out", help="write the raw Results (JSON) here")
+    ap.add_argument("--from", dest="from_file", help="recompute the table from Results written by --out")
+    args = ap.parse_args(argv)
+    defenses = tuple(args.defense.split(","))
+    if args.from_file:
+        with open(args.from_file) as f:
+            results = json.load(f)["results"]
+    else:
+        todo = [(ds, s, bd) for ds in args.dataset.split(",") for s in args.seeds for bd in (True, False)]
+        results = []
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for rs in pool.map(run_model, *zip(*todo, strict=True), [defenses] * len(todo)):
+                results += rs
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"results": results}, f)
+    for ds in sorted({r["dataset"] for r in results}):
+        text, _ = table([r for r in results if r["dataset"] == ds])
+        print(f"\n### {ds}\n\n{text}")
+    text, proposal = table(results)
+    print(f"\n### both data sets\n\n{text}\n")
+    print(json.dumps(proposal, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
