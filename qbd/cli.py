@@ -84,7 +84,9 @@ def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
     a.add_argument("--trigger-size", type=_positive_int, default=3, help="side in pixels (default: 3)")
     a.add_argument("--trigger-position", default="bottom-right", help=f"{', '.join(CORNERS)} or x,y (default: bottom-right)")
     a.add_argument("--poison-rate", type=float, default=0.10, help="share of training samples poisoned, in (0, 1] (default: 0.1)")
-    a.add_argument("--attack-seed", type=_positive_int, default=0, help="which samples are poisoned; the random pattern")
+    a.add_argument("--attack-seed", type=_positive_int, default=None,
+                   help="which samples are poisoned; the random pattern (default: the training seed, so --seed s is model s"
+                   " of the pinned zoo)")
     a.add_argument("--clean", action="store_true", help="train without poisoning (the negative control)")
     gg = p.add_argument_group("phase-1 gate")
     gg.add_argument("--min-clean-acc", type=_unit_float, default=Gates.min_clean_acc)
@@ -110,7 +112,7 @@ def job_from_args(args: argparse.Namespace) -> ModelJob:
             trigger_size=args.trigger_size,
             trigger_position=args.trigger_position,
             poison_rate=args.poison_rate,
-            seed=args.attack_seed,
+            seed=args.seed if args.attack_seed is None else args.attack_seed,
         )
     precision = "bf16" if _device_type(args.device) == "cuda" else "fp32"
     return ModelJob(
@@ -228,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     n_seeds = args.seeds
     if n_seeds > 1 and args.model_file is not None:
         raise UsageError(f"--seeds {n_seeds} trains {n_seeds} models per data set; --model-file is one model: drop one")
-    if n_seeds > 1 and args.attack_seed != 0:
+    if n_seeds > 1 and args.attack_seed is not None:
         raise UsageError(f"--attack-seed: with --seeds {n_seeds} model s is poisoned with attack seed s; drop --attack-seed")
     # `is not None`: an empty --quant= is a mistake to report, not a request for the default
     datasets = (_csv(args.dataset, DATASETS.names(), "dataset") if args.dataset is not None
@@ -344,7 +346,8 @@ def _model_file_from_args(args: argparse.Namespace, datasets: tuple[str, ...]) -
 
 def _probe_from_args(args: argparse.Namespace) -> AttackSpec:
     return AttackSpec(target=args.target, trigger_pattern=args.trigger_pattern, trigger_size=args.trigger_size,
-                      trigger_position=args.trigger_position, poison_rate=args.poison_rate, seed=args.attack_seed)
+                      trigger_position=args.trigger_position, poison_rate=args.poison_rate,
+                      seed=args.seed if args.attack_seed is None else args.attack_seed)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -233,36 +233,49 @@ class Bench:
 
 
 def poison_controls(verdict: Verdict, is_poisoned: torch.Tensor, labels: torch.Tensor, target: int) -> dict[str, Control]:
-    """Score a data-inspecting defense's per-sample suspects against the known poison: the
-    removal set of the classes it flagged (what it would filter out), and the split it made of
-    the planted target class whether flagged or not (is its clustering right at all?)."""
+    """Score a data-inspecting defense's per-sample suspects against the known poison (the
+    defense never sees it): `poison_removal`, the suspects of the classes it flagged (what it
+    would filter out); `poison_target_class`, its suspects in the planted target class, flagged
+    or not (did it single out the poison at all?). Both are precision / recall of the suspects as
+    labelled; for a two-sided split (AC) the detail adds the agreement up to swapping the sides.
+    Malformed suspects (a third-party defense) give a failed control saying so, never a crash."""
     import numpy as np
 
     poisoned = is_poisoned.cpu().numpy().astype(bool)
-    by_class = {int(c): np.asarray(i, dtype=np.int64) for c, i in verdict.suspects["by_class"].items()}  # type: ignore[index]
-    flagged = verdict.evidence.get("flagged") or []
-    removed = np.zeros(len(poisoned), dtype=bool)
+    n = len(poisoned)
+    try:
+        by_class = {int(c): np.asarray(i, dtype=np.int64).reshape(-1) for c, i in verdict.suspects["by_class"].items()}  # type: ignore[index]
+        flagged = [int(c) for c in (verdict.evidence.get("flagged") or [])]
+        if any(len(i) and (i.min() < 0 or i.max() >= n) for i in by_class.values()):
+            raise ValueError(f"suspect indices outside 0..{n - 1}")
+    except (TypeError, ValueError, KeyError) as e:
+        bad = Control(False, None, f"the defense's per-sample suspects are malformed: {e}")
+        return {"poison_removal": bad, "poison_target_class": bad}
+
+    def scored(mask: np.ndarray, within: np.ndarray) -> tuple[float | None, float | None, int, int]:
+        tp = int((mask & poisoned & within).sum())
+        k, m = int((mask & within).sum()), int((poisoned & within).sum())
+        return (tp / k if k else None), (tp / m if m else None), k, m
+
+    everywhere = np.ones(n, dtype=bool)
+    removed = np.zeros(n, dtype=bool)
     for c in flagged:
-        removed[by_class.get(int(c), [])] = True
-    tp = int((removed & poisoned).sum())
-    n_poison = int(poisoned.sum())
-    precision = tp / int(removed.sum()) if removed.any() else None
-    recall = tp / n_poison if n_poison else None
-    out = {"poison_removal": Control(recall is not None and recall >= 0.5, recall,
-                                     f"removal set of the flagged classes {sorted(int(c) for c in flagged)}: {int(removed.sum())}"
-                                     f" samples, recall {_fmt(recall)}, precision {_fmt(precision)} against the {n_poison} poisoned")}
-    in_target = np.flatnonzero(labels.cpu().numpy() == target)
-    suspect = np.zeros(len(poisoned), dtype=bool)
-    suspect[by_class.get(target, [])] = True
-    if len(in_target):
-        # the two sides of a split are unlabelled: agreement up to swapping them
+        removed[by_class.get(c, np.zeros(0, dtype=np.int64))] = True
+    precision, recall, k, m = scored(removed, everywhere)
+    out = {"poison_removal": Control(bool(recall is not None and recall >= 0.5 and (precision or 0.0) >= 0.5), recall,
+                                     f"suspects of the flagged classes {sorted(flagged)}: {k} samples, precision"
+                                     f" {_fmt(precision)}, recall {_fmt(recall)} against the {m} poisoned")}
+    in_target = labels.cpu().numpy() == target
+    if in_target.any():
+        suspect = np.zeros(n, dtype=bool)
+        suspect[by_class.get(target, np.zeros(0, dtype=np.int64))] = True
+        precision, recall, k, m = scored(suspect, in_target)
         same = float((suspect[in_target] == poisoned[in_target]).mean())
-        agreement = max(same, 1.0 - same)
-        tp_t = int((suspect[in_target] & poisoned[in_target]).sum())
-        out["poison_split"] = Control(agreement >= 0.8, agreement,
-                                      f"target class {target}: the defense's split agrees with poisoned/clean on {agreement:.3f} of"
-                                      f" its {len(in_target)} samples; its suspects hold {tp_t} of the class's"
-                                      f" {int(poisoned[in_target].sum())} poisoned ({int(suspect[in_target].sum())} suspected)")
+        out["poison_target_class"] = Control(
+            bool(recall is not None and recall >= 0.5 and (precision or 0.0) >= 0.5), recall,
+            f"target class {target}: {k} suspects of its {int(in_target.sum())} samples, precision {_fmt(precision)}, recall"
+            f" {_fmt(recall)} against its {m} poisoned; suspects/rest agree with poisoned/clean on {same:.3f} of the class"
+            f" ({max(same, 1.0 - same):.3f} up to swapping the sides)")
     return out
 
 
@@ -282,4 +295,6 @@ def _versions() -> dict[str, str]:
 
     from qbd import __version__
 
-    return {"qbd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    # the thread count too: Fine-Pruning's fine-tuning reduces gradients differently per count
+    return {"qbd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torch_threads": torch.get_num_threads()}

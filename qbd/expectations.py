@@ -48,6 +48,7 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -74,7 +75,10 @@ ROW_BOUNDS = {
     "min_false_alarm_rate": ("false_alarm_rate", "false_alarms", "n_clean", "clean"),
     "max_false_alarm_rate": ("false_alarm_rate", "false_alarms", "n_clean", "clean"),
 }
-_ROW_KEYS = {*ROW_BOUNDS, "why", "note"}
+# also: max_invalid_rate (default 0: an invalid verdict in a bounded row fails it; invalid counts as
+# neither a detection nor a false alarm, so without this a row of invalid clean cells would pass
+# its false-alarm bound) and seeds (the model seeds the bounds were measured on)
+_ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note"}
 _TABLES = ("cells", "attack", "audit", "rows")
 # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
 _ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
@@ -129,18 +133,34 @@ class Expectations:
         bounds = {k: entry[k] for k in ROW_BOUNDS if k in (entry or {})}  # detection first, then false alarms
         return bounds or None
 
-    def by_rates(self, row_id: str, attack: dict[str, Any] | None, seeds: int) -> bool:
-        """Whether the row's cells are judged by its rates: a multi-seed run (`seeds` > 1), bounds
-        declared for the row, and the run's attack (`attack`: as the backdoored models' Results
-        record it; None for a run without one) the one the bounds were measured on."""
-        return seeds > 1 and self.row_bounds(row_id) is not None and self.measured_on({"attack": attack})
+    def by_rates(self, row_id: str, attack: dict[str, Any] | None, seeds: int | Sequence[int]) -> bool:
+        """Whether the row's cells are judged by its rates: a multi-seed run (`seeds`: the model
+        seeds, or their number when they are 0..n-1), bounds declared for the row, the run's attack
+        (`attack`: as the backdoored models' Results record it; None for a run without one) the one
+        the bounds were measured on, and, where the row names its `seeds`, exactly those seeds."""
+        run = list(range(seeds)) if isinstance(seeds, int) else sorted(set(seeds))
+        if len(run) < 2 or self.row_bounds(row_id) is None or not self.measured_on({"attack": attack}):
+            return False
+        declared = self.rows[row_id].get("seeds")
+        return declared is None or sorted(declared) == run
 
     def check_row(self, row: dict[str, Any]) -> list[str]:
         """Failure messages of a row (qbd.rates.rows) against its declared bounds; [] passes
         (also for a row without bounds)."""
         bounds = self.row_bounds(row["row"]) or {}
-        why = self.rows.get(row["row"], {}).get("why")
+        entry = self.rows.get(row["row"], {})
+        why = entry.get("why")
         out = []
+        if not bounds:
+            return out
+        declared = entry.get("seeds")
+        if declared is not None and sorted(declared) != sorted(row.get("seeds") or []):
+            return [f"the bounds were measured on seeds {sorted(declared)}; this row has seeds {sorted(row.get('seeds') or [])}"]
+        n = (row.get("n_backdoored") or 0) + (row.get("n_clean") or 0)
+        invalid_rate = (row.get("invalid") or 0) / n if n else 0.0
+        if invalid_rate > entry.get("max_invalid_rate", 0.0):
+            out.append(f"invalid verdicts {row.get('invalid')}/{n} = {invalid_rate:.2f}: expected <="
+                       f" {entry.get('max_invalid_rate', 0.0)} (max_invalid_rate; an invalid verdict is no answer)")
         for bound, limit in bounds.items():
             rate_key, k_key, n_key, kind = ROW_BOUNDS[bound]
             rate = row.get(rate_key)
@@ -174,7 +194,10 @@ class Expectations:
         for r in results:  # a row's clean models carry no attack: take its backdoored models'
             if attack.get(row_id(r)) is None:
                 attack[row_id(r)] = r.get("attack")
-        return frozenset(rid for rid, a in attack.items() if self.by_rates(rid, a, seeds))
+        seen: dict[str, set[int]] = {}
+        for r in results:
+            seen.setdefault(row_id(r), set()).add(int(r.get("seed", 0)))
+        return frozenset(rid for rid, a in attack.items() if self.by_rates(rid, a, sorted(seen[rid]) if seeds > 1 else 1))
 
     # -- the deployed model's CA / ASR ----------------------------------------------------------
     def attack_bounds(self, key: str, own: bool = True) -> dict[str, float]:
@@ -361,9 +384,13 @@ def _check_row(where: str, key: str, entry: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: not a row id: expected dataset/scheme/defense[protocol]{hint}")
     if m.group(4) not in PROTOCOLS:
         raise ConfigError(f"{where}: unknown protocol {m.group(4)!r}; valid: {', '.join(PROTOCOLS)}")
-    for name in ROW_BOUNDS:
+    for name in (*ROW_BOUNDS, "max_invalid_rate"):
         if name in entry and not _is_fraction(entry[name]):
             raise ConfigError(f"{where}: {name} must be a number in [0, 1], got {entry[name]!r}")
+    seeds = entry.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and len(seeds) >= 2 and len(set(seeds)) == len(seeds)
+                                  and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise ConfigError(f"{where}: seeds must be a list of at least two distinct model seeds >= 0, got {seeds!r}")
     if not any(name in entry for name in ROW_BOUNDS):
         raise ConfigError(f"{where}: states no bound; give any of {', '.join(ROW_BOUNDS)}")
     for kind in ("detection_rate", "false_alarm_rate"):
@@ -391,6 +418,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON escapes are TOML's; TOML also refuses DEL
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 

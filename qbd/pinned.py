@@ -86,7 +86,10 @@ class Pinned:
         return str(self.record["sha256"])
 
     def provenance(self) -> dict[str, Any]:
+        """For every Result: which file, verified against which sha256, from which zoo (the
+        repository's, or a $QBD_ZOO directory, whose manifest vouches for itself)."""
         return {"origin": "zoo", "zoo_key": self.key, "file": self.path.name, "sha256": self.sha256,
+                "zoo": str(self.path.parent), "repository_zoo": self.path.parent.resolve() == DEFAULT_DIR.resolve(),
                 "trained_on": self.record.get("cpu"), "torch": self.record.get("torch")}
 
 
@@ -105,6 +108,14 @@ class Zoo:
             raise ConfigError(f"zoo manifest {path}: unreadable: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("models"), dict):
             raise ConfigError(f"zoo manifest {path}: not a format-{FORMAT} qbd zoo manifest")
+        for key, rec in doc["models"].items():
+            name = rec.get("file") if isinstance(rec, dict) else None
+            # a bare file name inside the zoo: a manifest must not point a load (or a hash) elsewhere
+            if not (isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors") and not name.startswith(".")):
+                raise ConfigError(f"zoo manifest {path}: model {key[:12]}...: 'file' must be a bare *.safetensors name, got {name!r}")
+            missing = {"sha256", "clean_acc", "asr"} - set(rec)
+            if missing:
+                raise ConfigError(f"zoo manifest {path}: model {key[:12]}... lacks {sorted(missing)}")
         return doc
 
     @property
@@ -203,19 +214,29 @@ def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers:
           jobs: list[ModelJob] | None = None, log: Any = print) -> Zoo:
     """Train every zoo job (one thread each, `workers` processes: weights do not depend on
     `workers`) and write the models and the manifest under `out`, replacing what was there."""
+    import shutil
+    import tempfile
     from concurrent.futures import ProcessPoolExecutor
 
     todo = zoo_jobs() if jobs is None else jobs
-    zoo = Zoo(out)
-    zoo.manifest["models"] = {}
-    for old in Path(out).glob("*.safetensors"):
-        old.unlink()
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(_train_one, job, cache_dir) for job in todo]
-        for i, fut in enumerate(futures, 1):
-            job, fingerprint, state, metrics, store_key = fut.result()
-            p = zoo.add(job, fingerprint, state, metrics, store_key)
-            asr = "" if metrics["asr"] is None else f", ASR {metrics['asr']:.4f}"
-            log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}{asr}")
-    zoo.write_manifest()
-    return zoo
+    dest = Path(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    # build beside the zoo and swap in only when every model is there: a failed build leaves
+    # the old zoo (files and manifest) as it was
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.build-") as tmp:
+        zoo = Zoo(tmp)
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(_train_one, job, cache_dir) for job in todo]
+            for i, fut in enumerate(futures, 1):
+                job, fingerprint, state, metrics, store_key = fut.result()
+                p = zoo.add(job, fingerprint, state, metrics, store_key)
+                asr = "" if metrics["asr"] is None else f", ASR {metrics['asr']:.4f}"
+                log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}{asr}")
+        old = Zoo(dest)
+        for rec in old.models.values():  # only what the old manifest listed: never a user's other files
+            (dest / rec["file"]).unlink(missing_ok=True)
+        for rec in zoo.models.values():
+            shutil.move(str(Path(tmp) / rec["file"]), dest / rec["file"])
+        zoo.root = dest
+        zoo.write_manifest()
+    return Zoo(dest)

@@ -257,6 +257,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                     # several seeds on every scheme, so every row has its false-alarm rate
                     cells += [Cell(ds, s, name, proto, "clean") for s in (tier.schemes if state.seeds > 1 else ("fp32",))]
         cells.sort(key=lambda c: c.id)
+        if state.seeds > 1 and "qbd_seed" not in metafunc.fixturenames:
+            # it would run seed 0 alone while the session reports N-seed rows
+            raise pytest.UsageError(f"--qbd-seeds {state.seeds}: {metafunc.definition.nodeid} takes qbd_cell but not"
+                                    " qbd_seed, so it cannot run the other seeds; request qbd_seed too (as qbd.suite.test_cell does)")
         if state.seeds > 1 and "qbd_seed" in metafunc.fixturenames:
             metafunc.parametrize(("qbd_cell", "qbd_seed"), [pytest.param(c, s, id=f"{c.id}-seed{s}", marks=_marks(state, c.dataset))
                                                           for c in cells for s in range(state.seeds)])

@@ -187,7 +187,7 @@ def terminal(results: list[dict[str, Any]]) -> str:
         parts += ["", f"Rates over seeds ({RATES_NOTE})", text_table(*rates_table(rows))]
     reasons = invalid_reasons(results)
     if reasons:
-        parts += ["", "invalid cells (never counted as 'not detected'):", *[f"  {x}" for x in reasons]]
+        parts += ["", "invalid cells (never a miss and never clean: an invalid verdict is not an answer):", *[f"  {x}" for x in reasons]]
     _, rows = outcomes(results)
     if rows:
         parts += ["", "Outcomes against the truth (declared findings and failures):",

@@ -59,11 +59,19 @@ def pre_pool(subject: Subject, x: torch.Tensor, batch_size: int = BATCH) -> torc
         raise LayerUnavailable(f"the {subject.scheme} model exposes no global pooling module: its graph is compiled end"
                                " to end, so the activations before pooling cannot be read")
     captured: list[torch.Tensor] = []
-    hook = pools[-1].register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().float().flatten(1).cpu()))
+
+    def keep(_m: torch.nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        t = inp[0].detach()
+        t = t.dequantize() if t.is_quantized else t  # an FX int8 graph pools quantized tensors
+        captured.append(t.float().flatten(1).cpu())
+
+    hook = pools[-1].register_forward_hook(keep)
     try:
         _map(subject, subject.embed, x, batch_size)
     finally:
         hook.remove()
+    if not captured:
+        raise LayerUnavailable(f"the {subject.scheme} model's global pooling module is not on its embedding path")
     return torch.cat(captured)
 
 

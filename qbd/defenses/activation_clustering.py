@@ -20,7 +20,7 @@ Protocols (every value recorded in the Result):
   set the target class holds about as many poisoned samples as clean ones, so its poison cluster
   has a relative size near 0.5 and the size rule cannot flag it.
   Per sample: each class's smaller cluster is its suspects (the authors' removal set); the bench
-  scores them against the known poison as the controls `poison_removal` and `poison_split`.
+  scores them against the known poison as the controls `poison_removal` and `poison_target_class`.
 - paper: the paper fed AC the clean holdout only: 2-means on the raw penultimate activations per
   holdout label, no reduction; rule = "size-and-silhouette": a class is flagged when its smaller cluster
   has relative size < 0.35 and the silhouette exceeds 0.15 (paper 4.2 / A.2).

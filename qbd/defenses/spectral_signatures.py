@@ -7,7 +7,7 @@ Protocols (every value recorded in the Result):
   its own coordinates there). Per class: centred representations R, top right singular vector
   v, outlier scores s_i = ((R_i - mean) . v)^2, and the authors' per-sample removal set (the
   1.5 * eps fraction with the largest scores, eps = expected poison rate): the class's suspects,
-  scored by the bench against the known poison (controls `poison_removal`, `poison_split`).
+  scored by the bench against the known poison (controls `poison_removal`, `poison_target_class`).
   Model-level rule (`statistic` = "kurtosis"): the kurtosis E[p^4]/E[p^2]^2 of the projections
   p on v; a class is flagged when it is BELOW `kurtosis_threshold` = 1.374. A 10 % poison rate
   puts about as many poisoned as clean samples in the target class, and they separate along v:
@@ -139,8 +139,9 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
-    """Flag groups whose statistic exceeds the threshold; the target is the largest flagged
-    group when the groups are classes (a pooled matrix names none)."""
+    """Flag groups whose statistic is on the flagging side of the threshold (above for the ratios,
+    below for the kurtosis: STATISTICS); the target is the most extreme flagged group when the
+    groups are classes (a pooled matrix names none)."""
     vals = [s["stat"] for s in stats]
     evidence: dict[str, Any] = {
         "statistic": p["statistic"],

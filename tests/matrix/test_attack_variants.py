@@ -13,7 +13,11 @@ from qbd.outcomes import judge
 from qbd.presets import VARIANT_ATTACK, seeded_job
 
 # declared findings on this attack: {(dataset, defense): expectations entry}
-FINDINGS: dict[tuple[str, str], dict[str, str]] = {}
+FINDINGS: dict[tuple[str, str], dict[str, str]] = {
+    ("digits", "fine-pruning"): {"outcome": "miss", "why": "docs/results.md#findings (FP below the goal): on the digits variant"
+                                 " model pruning 9 of 64 channels cuts the probe ASR from 1.00 to 0.44, fine-tuning brings it"
+                                 " back to 0.78: a drop of 0.22 < 0.5"},
+}
 DEFENSES = ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"]
 
 

@@ -397,6 +397,15 @@ def test_seeds_make_one_test_per_cell_and_seed(suite: pytest.Pytester) -> None:
     assert len([x for x in result.stdout.lines if "::test_attack[" in x]) == 8  # the Table 2 view: seed 0's models
 
 
+def test_a_cell_test_without_qbd_seed_is_refused_over_several_seeds(pytester: pytest.Pytester, _preloaded: None) -> None:
+    """It would run seed 0 alone while the session reports N-seed rows."""
+    pytester.makepyfile(test_mine="def test_mine(qbd_cell):\n    pass\n")
+    result = pytester.runpytest("--collect-only", "-q", "--qbd-seeds", "2")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*takes qbd_cell but not qbd_seed*"])
+    assert pytester.runpytest("--collect-only", "-q").ret == 0  # one seed: fine
+
+
 FAKE_MODELS = """
 import types
 

@@ -11,6 +11,7 @@ import pytest
 
 from qbd import expectations
 from qbd import results as results_io
+from qbd.config import AttackSpec
 from qbd.outcomes import declared_outcome
 
 
@@ -325,3 +326,14 @@ def test_without_bounds_every_seeds_cell_is_judged_on_its_own(plugin, seed_cache
     assert r.returncode == 1, r.stderr
     for seed in (1, 2):
         assert f"qbd: FAIL digits/fp32/always-clean[canonical] (seed {seed}): expected the truth" in r.stderr
+
+
+def test_seed_s_is_model_s_of_the_zoo():
+    """`--seed s` without --attack-seed is the zoo's model s: training seed and attack seed s."""
+    from qbd.cli import build_parser, job_from_args
+    from qbd.presets import seeded_job
+
+    args = build_parser().parse_args(["train", "--dataset", "digits", "--seed", "3"])
+    assert job_from_args(args) == seeded_job("digits", "tiny-cnn", 3, AttackSpec())
+    args = build_parser().parse_args(["train", "--dataset", "digits", "--seed", "3", "--attack-seed", "0"])
+    assert job_from_args(args).attack.seed == 0

@@ -436,6 +436,11 @@ def _row_entry(key=ROW, **fields):
     (_row_entry("digits/fp32/strip[both]", min_detection_rate="0.8", why=WHY), "unknown protocol 'both'"),
     ('[rows]\n"a/b/c[paper]" = 1\n', "must be a table"),
     ("rows = 1\n", "[rows] must be a table"),
+    (_row_entry(min_detection_rate="0.8", max_invalid_rate="2", why=WHY), "max_invalid_rate must be a number in [0, 1]"),
+    (_row_entry(min_detection_rate="0.8", seeds="[0]", why=WHY), "seeds must be a list of at least two"),
+    (_row_entry(min_detection_rate="0.8", seeds="[0, 0]", why=WHY), "seeds must be a list of at least two"),
+    (_row_entry(min_detection_rate="0.8", seeds="[0, -1]", why=WHY), "seeds must be a list of at least two"),
+    (_row_entry(min_detection_rate="0.8", seeds='"0-4"', why=WHY), "seeds must be a list of at least two"),
 ])
 def test_a_bad_row_entry_is_refused_naming_file_and_row(tmp_path, text, message):
     p = tmp_path / "e.toml"
@@ -475,6 +480,36 @@ def test_check_row_against_its_bounds():
     assert upper.check_row(_rate_row(0, 5, 5, 5)) == []
     assert [m.split(":")[0] for m in upper.check_row(_rate_row(1, 5, 4, 5))] == ["detection rate 1/5 = 0.20", "false alarm rate 4/5 = 0.80"]
     assert TRUTH_ONLY.check_row(_rate_row(0, 5, 5, 5)) == []  # no bounds: nothing to check
+
+
+def test_an_invalid_verdict_fails_a_bounded_row_unless_allowed():
+    """Invalid is neither a detection nor a false alarm: a row of invalid clean cells would meet
+    any false-alarm bound, so invalid verdicts are bounded too (default: none)."""
+    row = {**_rate_row(5, 5, 0, 4), "invalid": 1}
+    (msg,) = BOUNDED.check_row(row)
+    assert msg.startswith("invalid verdicts 1/9 = 0.11: expected <= 0.0 (max_invalid_rate")
+    allowing = Expectations(rows={ROW: {**BOUNDED.rows[ROW], "max_invalid_rate": 0.2}})
+    assert allowing.check_row(row) == []
+
+
+def test_rows_bounded_on_named_seeds_are_judged_only_on_those_seeds():
+    e = Expectations(rows={ROW: {**BOUNDED.rows[ROW], "seeds": [0, 1, 2, 3, 4]}})
+    assert e.by_rates(ROW, ATTACK, 5) and e.by_rates(ROW, ATTACK, [4, 3, 2, 1, 0])
+    assert not e.by_rates(ROW, ATTACK, 3)  # seeds 0-2: other models than the bounds describe
+    assert not e.by_rates(ROW, ATTACK, [100, 101, 102, 103, 104])  # the calibration seeds
+    assert e.check_row({**_rate_row(5, 5, 0, 5), "seeds": [0, 1, 2, 3, 4]}) == []
+    (msg,) = e.check_row({**_rate_row(5, 5, 0, 5), "seeds": [100, 101, 102, 103, 104]})
+    assert "measured on seeds [0, 1, 2, 3, 4]" in msg
+    results = [_full(ROW, "detected", 0, seed=s) for s in range(100, 105)]
+    assert e.rows_judged_by_rates(results, 5) == frozenset()
+    assert e.rows_judged_by_rates([_full(ROW, "detected", 0, seed=s) for s in range(5)], 5) == frozenset({ROW})
+    assert load_text_roundtrip(e) == e.rows
+
+
+def load_text_roundtrip(e):
+    import tomllib
+
+    return tomllib.loads(dumps(e))["rows"]
 
 
 def test_a_bound_on_a_rate_without_models_fails():

@@ -121,14 +121,26 @@ def test_a_bad_manifest_is_a_clear_error(tmp_path):
         pinned.Zoo(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["../x.safetensors", "/etc/passwd", "sub/x.safetensors", "x.pt", ".hidden.safetensors", 3])
+def test_a_manifest_cannot_point_outside_the_zoo(tmp_path, name):
+    rec = {"file": name, "sha256": "0" * 64, "clean_acc": 0.9, "asr": None}
+    (tmp_path / pinned.MANIFEST).write_text(json.dumps({"format": pinned.FORMAT, "models": {"k" * 64: rec}}))
+    with pytest.raises(ConfigError, match="bare"):
+        pinned.Zoo(tmp_path)
+
+
 def test_build_retrains_a_pinned_model_within_tolerance(zoo, fingerprints, tmp_path):
     """`qbd zoo build`'s code path, on one model: it trains (never reads the zoo), writes a file
     and a manifest that verify, under the same recipe key; the retrained model's clean accuracy
     and ASR are within the stated tolerances of the pinned one's."""
     job = seeded_job("digits", "tiny-cnn", 0, AttackSpec())
     lines: list[str] = []
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "mine.safetensors").write_bytes(b"a user's file the manifest never listed")
     built = pinned.build(tmp_path / "zoo", cache_dir=str(tmp_path / "store"), workers=1, jobs=[job], log=lines.append)
-    assert built.verify() == [] and len(built.models) == 1 and lines
+    assert len(built.models) == 1 and lines
+    assert built.verify() == ["mine.safetensors: not in the manifest"]  # left alone, and reported
+    assert not list(tmp_path.glob(".zoo.build-*"))  # the build directory is gone
     key = pinned.recipe_key(job, fingerprints["digits"])
     new, old = built.models[key], zoo.models[key]
     assert new["file"] == old["file"] and new["job"] == old["job"]

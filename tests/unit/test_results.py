@@ -18,15 +18,17 @@ def _result(weights=None, verdict=None, **extra):
 
 
 @pytest.mark.parametrize(("weights", "fragment"), [
-    ({"origin": "downloaded"}, "origin 'trained' or 'fetched'"),
-    ("trained", "origin 'trained' or 'fetched'"),
+    ({"origin": "downloaded"}, "origin 'trained', 'fetched' or 'zoo'"),
+    ("trained", "origin 'trained', 'fetched' or 'zoo'"),
     ({"origin": "fetched", "source": "m.pt"}, "fetched weights must record their sha256"),
+    ({"origin": "zoo", "file": "m.safetensors"}, "zoo weights must record their sha256"),
 ])
 def test_bad_provenance_is_a_problem(weights, fragment):
     assert any(fragment in p for p in problems(_result(weights)))
 
 
-@pytest.mark.parametrize("weights", [None, {"origin": "trained", "store_key": "k"}, {"origin": "fetched", "sha256": "ab"}])
+@pytest.mark.parametrize("weights", [None, {"origin": "trained", "store_key": "k"}, {"origin": "fetched", "sha256": "ab"},
+                                     {"origin": "zoo", "sha256": "ab", "file": "m.safetensors"}])
 def test_good_provenance_passes_its_check(weights):
     assert problems(_result(weights)) == []
 

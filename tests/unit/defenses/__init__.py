@@ -17,11 +17,14 @@ class PixelFeatures(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.head = nn.Linear(dim, num_classes)
+        # a global pool that keeps the input's size: the "pre-pool" activations AC and SS read
+        # (through a hook on the model's last AdaptiveAvgPool2d) are the pixels too
+        self.pool = nn.AdaptiveAvgPool2d((None, None))
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(num_classes, dim, generator=g))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
+        return self.pool(x).flatten(1)
 
     def classify(self, f: torch.Tensor) -> torch.Tensor:
         return self.head(f)
@@ -148,6 +151,6 @@ class Constant(nn.Module):
 
 class NaNFeatures(PixelFeatures):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        f = x.flatten(1).clone()
-        f[0, 0] = float("nan")
-        return f
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")  # before the pool, so the pre-pool activations carry it too
+        return self.pool(x).flatten(1)
