@@ -26,14 +26,20 @@ class UsageError(QbdUserError):
     """A user mistake; printed as one line, exit code 2."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(0, "an integer")
 
 
 def _positive_float(text: str) -> float:
@@ -46,14 +52,7 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _seed_count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seeds >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of seeds >= 1, got {v}")
-    return v
+_seed_count = _int_at_least(1, "a number of seeds")
 
 
 def _unit_float(text: str) -> float:
