@@ -148,3 +148,22 @@ def _run_cells(bench: Any, todo: list[Cell], plan: RunPlan, seed: int, progress:
     if bar is not None:
         bar.close()
     return out
+
+
+def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: Any = None) -> Any:
+    """A Bench on model number `seed` of the tier's recipe (qbd.presets.seeded_job: training and
+    attack seed `seed`; the pinned zoo's models first), probed with that seed's trigger and seeded
+    with it: what the rates, the calibration and the sweeps over seeds evaluate."""
+    from qbd.config import AttackSpec
+    from qbd.evaluate import Bench, BenchSpec
+    from qbd.presets import seeded_job
+    from qbd.store import Store
+    from qbd.tiers import TIERS
+    from qbd.zoo import get_trained
+
+    t = TIERS[tier]
+    job = seeded_job(data.name, t.model, seed, attack)
+    tm = get_trained(job, data, store if store is not None else Store(), progress=False)
+    return Bench(data, tm.model, job.attack, probe_attack=job.attack or AttackSpec(seed=seed), model_name=t.model,
+                 spec=BenchSpec(holdout=t.holdout, stream=t.stream, seed=seed), train_metrics=tm.metrics, tier=tier,
+                 weights=tm.provenance())

@@ -43,22 +43,13 @@ def run_model(dataset: str, seed: int, backdoored: bool, defenses: tuple[str, ..
     import torch
 
     torch.set_num_threads(1)
-    from qbd.config import AttackSpec
+    from qbd.config import AttackSpec, DatasetSpec
     from qbd.data import load_dataset
-    from qbd.evaluate import Bench, BenchSpec
-    from qbd.presets import seeded_job
-    from qbd.runner import load_defense
-    from qbd.store import Store
-    from qbd.tiers import TIERS
-    from qbd.zoo import get_trained
+    from qbd.runner import load_defense, seeded_bench
 
-    tier = TIERS["smoke"]
-    job = seeded_job(dataset, tier.model, seed, AttackSpec() if backdoored else None)
-    data = load_dataset(job.dataset, None)
-    tm = get_trained(job, data, Store(), progress=False)
-    bench = Bench(data, tm.model, job.attack, probe_attack=AttackSpec(seed=seed), model_name=tier.model,
-                  spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed), train_metrics=tm.metrics,
-                  tier="smoke", weights=tm.provenance())
+    bench = seeded_bench(load_dataset(DatasetSpec(dataset), None), seed, AttackSpec() if backdoored else None)
+    if bench.weights["origin"] != "zoo":  # calibration is only honest on the pinned models
+        raise SystemExit(f"{dataset} seed {seed}: not in the pinned zoo (qbd zoo build)")
     out = []
     for name in defenses:
         r = bench.run(load_defense(name, "canonical", "smoke"), "fp32", seed=seed)

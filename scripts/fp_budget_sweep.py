@@ -17,26 +17,15 @@ def main(dataset: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from qbd.config import AttackSpec
+    from qbd.config import AttackSpec, DatasetSpec
     from qbd.data import load_dataset
     from qbd.defenses.fine_pruning import FinePruning
-    from qbd.evaluate import Bench, BenchSpec
     from qbd.pinned import CALIBRATION_SEEDS
-    from qbd.presets import seeded_job
-    from qbd.store import Store
-    from qbd.tiers import TIERS
-    from qbd.zoo import get_trained
+    from qbd.runner import seeded_bench
 
-    tier = TIERS["smoke"]
-    data = load_dataset(seeded_job(dataset, tier.model, 0, None).dataset, None)
-    benches = []
-    for seed in CALIBRATION_SEEDS:
-        for attack in (AttackSpec(), None):
-            job = seeded_job(dataset, tier.model, seed, attack)
-            tm = get_trained(job, data, Store(), progress=False)
-            benches.append((seed, attack is not None, Bench(
-                data, tm.model, job.attack, probe_attack=AttackSpec(seed=seed), model_name=tier.model,
-                spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed), train_metrics=tm.metrics, tier="smoke")))
+    data = load_dataset(DatasetSpec(dataset), None)
+    benches = [(seed, attack is not None, seeded_bench(data, seed, attack))
+               for seed in CALIBRATION_SEEDS for attack in (AttackSpec(), None)]
     print(f"{dataset}: defender's clean holdout {len(benches[0][2].holdout[1])} images")
     for epochs, lr, bn in SETTINGS:
         drops, cost, det, fa = [], [], 0, 0

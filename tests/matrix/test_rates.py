@@ -18,22 +18,6 @@ from qbd.pinned import EVAL_SEEDS
 DEFENSES = ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"]
 
 
-def _zoo_bench(data, dataset: str, seed: int, attack: AttackSpec | None):
-    from qbd.evaluate import Bench, BenchSpec
-    from qbd.presets import seeded_job
-    from qbd.store import Store
-    from qbd.tiers import TIERS
-    from qbd.zoo import get_trained
-
-    tier = TIERS["smoke"]
-    job = seeded_job(dataset, tier.model, seed, attack)
-    tm = get_trained(job, data, Store(), progress=False)
-    assert tm.cache == "zoo", f"{job.slug()}: not loaded from the pinned zoo"
-    return Bench(data, tm.model, job.attack, probe_attack=AttackSpec(seed=seed), model_name=tier.model,
-                 spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed), train_metrics=tm.metrics,
-                 tier="smoke", weights=tm.provenance())
-
-
 @pytest.mark.smoke
 @pytest.mark.parametrize("defense", DEFENSES)
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])
@@ -43,7 +27,7 @@ def test_fp32_canonical_row_meets_its_declared_rates(dataset, defense):
     from qbd.data import load_dataset
     from qbd.expectations import load, shipped
     from qbd.rates import fraction, rows
-    from qbd.runner import load_defense
+    from qbd.runner import load_defense, seeded_bench
 
     table = load(shipped("smoke"))
     rid = cell_id(dataset, "fp32", defense, "canonical")
@@ -55,7 +39,9 @@ def test_fp32_canonical_row_meets_its_declared_rates(dataset, defense):
     try:
         for seed in EVAL_SEEDS:
             for attack in (AttackSpec(), None):
-                r = _zoo_bench(data, dataset, seed, attack).run(load_defense(defense, "canonical", "smoke"), "fp32", seed=seed)
+                bench = seeded_bench(data, seed, attack)
+                assert bench.weights["origin"] == "zoo", f"{dataset} seed {seed}: not loaded from the pinned zoo"
+                r = bench.run(load_defense(defense, "canonical", "smoke"), "fp32", seed=seed)
                 code = r["verdict"]["reason_code"]
                 assert code not in ("error", "timeout", "unspecified"), f"{r['cell']} seed {seed}: {r['verdict']['reason']}"
                 results.append(r)
