@@ -178,6 +178,11 @@ def load(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         validate(r)
     for row in rows:
         validate_row(row)
+    if rows:  # the rows are a summary of the results: a file whose two disagree is not trusted
+        from qbd import rates
+
+        if rows != rates.rows(data["results"]):
+            raise ResultError(f"{path}: its 'rows' are not the rates of its 'results' (edited, or written by another version)")
     return data["results"], rows
 
 

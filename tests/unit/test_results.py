@@ -148,3 +148,21 @@ def test_a_malformed_row_is_refused_on_dump_and_load(tmp_path):
     p.write_text(json.dumps({"schema": 1, "results": [], "rows": [_row(seeds="0")]}))
     with pytest.raises(ResultError, match="'seeds' must be a list of integers"):
         load(p)
+
+
+def test_rows_that_disagree_with_their_results_are_refused_on_load(tmp_path):
+    """A well-formed row claiming 2/2 next to Results showing 0/2 is not a results file to trust."""
+    import json
+
+    from qbd import rates
+    from qbd.results import ResultError, load
+
+    results = [_seeded(0, False, "clean"), _seeded(1, False, "clean"), _seeded(0, True, "clean")]
+    row = rates.rows(results)[0]
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"schema": 1, "results": results, "rows": [row]}))
+    assert load(p)[1] == [row]
+    forged = {**row, "detected": 2, "detection_rate": 1.0, "detection_ci": list(rates.wilson(2, 2))}
+    p.write_text(json.dumps({"schema": 1, "results": results, "rows": [forged]}))
+    with pytest.raises(ResultError, match="not the rates of its 'results'"):
+        load(p)
