@@ -159,11 +159,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         "asr": m["asr"],
         "seconds": round(time.perf_counter() - t0, 3),
         "train_seconds": m.get("train_seconds"),
-        "path": str(tm.entry.path),
+        "path": str(tm.entry.path),  # the store entry's directory, or the pinned zoo file
+        "weights": str(tm.weights_file),
         "job": job.to_dict(),
         "metrics": m,
     }
-    return report_model(args, job, tm, out, f"trained in {m.get('train_seconds')} s on {m.get('device')}; this command {out['seconds']} s")
+    detail = (f"pinned in the zoo (sha256-verified), trained on {tm.provenance().get('trained_on')}; this command {out['seconds']} s"
+              if tm.cache == "zoo" else
+              f"trained in {m.get('train_seconds')} s on {m.get('device')}; this command {out['seconds']} s")
+    return report_model(args, job, tm, out, detail)
 
 
 def report_model(args: argparse.Namespace, job: ModelJob, tm: Any, out: dict[str, Any], detail: str | None = None,
@@ -179,7 +183,7 @@ def report_model(args: argparse.Namespace, job: ModelJob, tm: Any, out: dict[str
         print(f"{prefix}{job.slug()}  cache {tm.cache}  clean acc {m['clean_acc']:.4f}  ASR {asr}")
         if detail:
             print(f"  {detail}")
-        print(f"  stored at {tm.entry.path}")
+        print(f"  weights: {tm.weights_file}")
     check_gates(m, Gates(args.min_clean_acc, args.min_asr), attacked=job.attack is not None)
     return EXIT_OK
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,13 @@ class TrainedModel:
         if "zoo" in self.entry.meta:
             return "zoo"
         return "hit" if self.entry.hit else "miss"
+
+    @property
+    def weights_file(self) -> Path:
+        """The safetensors file the weights were loaded from (a zoo file, or the store entry's)."""
+        from qbd.store import WEIGHTS
+
+        return self.entry.path if "zoo" in self.entry.meta else self.entry.path / WEIGHTS
 
     def provenance(self) -> dict[str, Any]:
         """Where the weights came from, for every Result: the pinned zoo, trained by qbd, or

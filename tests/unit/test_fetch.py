@@ -292,7 +292,7 @@ def test_run_with_model_file_end_to_end(tmp_path):
                              timeout=600, check=True)  # the shared store's model (QBD_CACHE_DIR): trained there once
     trained = json.loads(trained.stdout)
     path = tmp_path / "m.safetensors"
-    path.write_bytes((Path(trained["path"]) / "weights.safetensors").read_bytes())
+    path.write_bytes(Path(trained["weights"]).read_bytes())
     cache = tmp_path / "cache"
     r = subprocess.run(
         [sys.executable, "-m", "qbd", *_entry_points(path, _sha(path))["run --model-file"], "--json"],
