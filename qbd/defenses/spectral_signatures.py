@@ -132,8 +132,8 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
     out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]][0](sv, proj)
     out["removed"] = k
     out["top"] = np.sort(np.argsort(-scores, kind="stable")[:k])
-    m2 = float(np.mean(proj**2))
-    out["kurtosis"] = float(np.mean(proj**4) / m2**2) if m2 > 0 else None
+    kurt = _kurtosis(sv, proj)
+    out["kurtosis"] = kurt if math.isfinite(kurt) else None
     out["score_q99"] = float(np.quantile(scores, 0.99))
     return out
 
