@@ -73,7 +73,9 @@ def _stop_before_training(job: ModelJob, data: Any, **kw: Any) -> Any:
 
 def qbd(capsys: pytest.CaptureFixture[str], cache: Path, *argv: str, env: dict[str, str] | None = None) -> Outcome:
     capsys.readouterr()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("QBD_")} | {"QBD_CACHE_DIR": str(cache)} | (env or {})
+    # no pinned zoo either: an accepted `qbd run` must stop where it would train, not run real cells on a pinned model
+    environ = ({k: v for k, v in os.environ.items() if not k.startswith("QBD_")} | {"QBD_CACHE_DIR": str(cache), "QBD_ZOO": "off"}
+               | (env or {}))
     job = data = None
     with mock.patch.dict(os.environ, environ, clear=True), mock.patch("qbd.train.train", _stop_before_training):
         try:
