@@ -55,6 +55,13 @@ def _positive_float(text: str) -> float:
 _seed_count = _int_at_least(1, "a number of seeds")
 
 
+def _workers(text: str) -> int | str:
+    """`auto` or a count of worker processes (1: in this process)."""
+    if text == "auto":
+        return text
+    return _int_at_least(1, "a worker count (or auto)")(text)
+
+
 def _unit_float(text: str) -> float:
     try:
         v = float(text)
@@ -275,7 +282,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = expectations.load_for(tier.name, args.expectations or None)
     if table.tier != tier.name:
         raise ConfigError(f"--expectations {table.path}: a table for the {table.tier!r} tier; this run is the {tier.name!r} tier")
-    results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates)
+    results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates,
+                  workers=args.jobs)
     from qbd import rates
 
     # over several seeds a row with declared rate bounds is judged by its rates (qbd.expectations)
@@ -401,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--seeds", type=_seed_count, default=1, metavar="N",
                      help="run N models per data set, seeds --seed .. --seed+N-1 (training and attack seed s), each with its"
                           " clean control on every scheme, and report each row's detection and false-alarm rates (default: 1)")
+    r.add_argument("-j", "--jobs", type=_workers, default="auto", metavar="N",
+                   help="cells in parallel on N worker processes of one thread each; auto: one per usable core (default)."
+                        " Verdicts do not depend on N")
     r.add_argument("--json", action="store_true", help='print {"schema": 1, "results": [Result, ...], "rows": [row, ...]}')
     r.add_argument("--report", metavar="DIR", default=None, help="write results.json, report.md and heatmap.png to DIR")
     r.set_defaults(func=cmd_run)

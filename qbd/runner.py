@@ -75,14 +75,68 @@ def _instantiate(cls: Any, ref: str, protocol: str, tier: str) -> Any:
 
 
 def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = True,
-        log: Callable[[str], None] | None = None, gates: Any = None) -> list[dict[str, Any]]:
+        log: Callable[[str], None] | None = None, gates: Any = None, workers: int | str = 1) -> list[dict[str, Any]]:
+    """Every cell of the plan; results in the plan's order (data set, seed, kind, scheme, defense,
+    protocol) whatever `workers` is. Models are trained or loaded here first, one after another
+    (training uses every thread); the cells then run on `workers` processes of one thread each
+    (qbd.pool; `auto`: one per usable core), so a verdict does not depend on the worker count."""
+    from qbd.pool import resolve_workers, run_tasks
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    units = _units(plan, data_root, store, progress, log, gates)
+    tasks = [(u, cell) for u, unit in enumerate(units) for cell in unit.cells]
+    n = resolve_workers(workers, len(tasks))
+    if n > 1 and plan.device != "cpu":
+        from qbd.errors import ConfigError
+
+        raise ConfigError(f"-j {workers}: cells run in CPU worker processes; with --device {plan.device} use -j 1")
+    if n > 1:
+        log(f"qbd: {len(tasks)} cells on {n} worker processes (one thread each)")
+    bar = _progress_bar(len(tasks), progress)
+
+    def done(i: int, r: dict[str, Any]) -> None:
+        msg = _cell_line(r, units[tasks[i][0]].seed_note)
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+            bar.update(1)
+        else:
+            log(msg)
+
+    try:
+        return run_tasks(_run_cell, _Context(plan, tuple(units)), tasks, workers=n, order=_longest_first(tasks, plan),
+                         on_done=done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One model and the cells that run on it."""
+
+    bench: Any  # qbd.evaluate.Bench
+    seed: int
+    seed_note: str
+    cells: tuple[Cell, ...]
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a worker needs to run any task: inherited by forked workers, pickled once otherwise."""
+
+    plan: RunPlan
+    units: tuple[_Unit, ...]
+
+
+def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log: Callable[[str], None],
+           gates: Any) -> list[_Unit]:
+    """Load (or train) every model of the plan, gate it, and list its cells."""
     from qbd.data import load_dataset
     from qbd.evaluate import Bench, BenchSpec
     from qbd.train import check_gates
     from qbd.zoo import get_trained
 
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    results: list[dict[str, Any]] = []
+    units: list[_Unit] = []
     loaded: dict[str, Any] = {}  # each data set once, whatever the number of seeds
     for job in plan.jobs:
         ds = job.dataset.name
@@ -115,39 +169,48 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
             bench = Bench(data, tm.model, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
                           spec=BenchSpec(holdout=plan.tier.holdout, stream=plan.tier.stream, seed=seed),
                           train_metrics=tm.metrics, tier=plan.tier.name, weights=tm.provenance())
-            todo = [Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols]
-            results += _run_cells(bench, todo, plan, seed, progress, log)
-    return results
+            cells = tuple(Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols)
+            units.append(_Unit(bench, seed, seed_note, cells))
+    return units
 
 
-def _run_cells(bench: Any, todo: list[Cell], plan: RunPlan, seed: int, progress: bool,
-               log: Callable[[str], None]) -> list[dict[str, Any]]:
-    out = []
-    bar = None
-    seed_note = f" (seed {seed})" if plan.multi_seed else ""
-    if progress:
-        from tqdm.auto import tqdm
+def _run_cell(context: _Context, task: tuple[int, Cell]) -> dict[str, Any]:
+    u, cell = task
+    unit, plan = context.units[u], context.plan
+    defense = load_defense(cell.defense, cell.protocol, plan.tier.name)
+    return unit.bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=unit.seed,
+                          timeout_s=plan.defense_timeout)
 
-        bar = tqdm(total=len(todo), desc=f"cells {todo[0].dataset}/{todo[0].control}{seed_note}" if todo else "cells", unit="cell",
-                   file=sys.stderr, leave=False, dynamic_ncols=True)
-    for cell in todo:
-        defense = load_defense(cell.defense, cell.protocol, plan.tier.name)
-        r = bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=seed,
-                      timeout_s=plan.defense_timeout)
-        out.append(r)
-        v = r["verdict"]
-        msg = f"{r['cell']}{seed_note}: {v['status']}" + (f" (target {v['target_class']})" if v["target_class"] is not None else "")
-        msg += f" [{r['seconds']:.1f} s]"
-        if v["status"] == "invalid":
-            msg += f" - {v['reason']}"
-        if bar is not None:
-            bar.write(msg, file=sys.stderr)
-            bar.update(1)
-        else:
-            log(msg)
-    if bar is not None:
-        bar.close()
-    return out
+
+def _longest_first(tasks: list[tuple[int, Cell]], plan: RunPlan) -> list[int]:
+    """Start order: the optimisation-based defenses (they take input gradients; Neural Cleanse
+    runs for tens of seconds) first, then those that pass the training set through the model,
+    then the rest, so no long cell starts last while the other workers idle. Stable within a
+    rank."""
+    rank: dict[tuple[str, str], int] = {}
+    for d in plan.defenses:
+        for p in plan.protocols:
+            needs = set(getattr(load_defense(d, p, plan.tier.name), "requires", ()))
+            rank[(d, p)] = 0 if "input_gradients" in needs else 1 if "poisoned_train" in needs else 2
+    return sorted(range(len(tasks)), key=lambda i: rank[(tasks[i][1].defense, tasks[i][1].protocol)])
+
+
+def _progress_bar(total: int, progress: bool) -> Any:
+    """One line for the whole run, on a terminal only (a redirected log gets the cell lines)."""
+    if not progress or total == 0 or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="cells", unit="cell", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _cell_line(r: dict[str, Any], seed_note: str) -> str:
+    v = r["verdict"]
+    msg = f"{r['cell']}{seed_note}: {v['status']}" + (f" (target {v['target_class']})" if v["target_class"] is not None else "")
+    msg += f" [{r['seconds']:.1f} s]"
+    if v["status"] == "invalid":
+        msg += f" - {v['reason']}"
+    return msg
 
 
 def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: Any = None) -> Any:

@@ -337,3 +337,29 @@ def test_seed_s_is_model_s_of_the_zoo():
     assert job_from_args(args) == seeded_job("digits", "tiny-cnn", 3, AttackSpec())
     args = build_parser().parse_args(["train", "--dataset", "digits", "--seed", "3", "--attack-seed", "0"])
     assert job_from_args(args).attack.seed == 0
+
+
+def test_cells_on_worker_processes_give_the_same_results_in_the_same_order():
+    """`-j 2` runs the cells on two worker processes of one thread each; `-j 1` in this process,
+    on one thread: the same Results (the timing aside), in the plan's order."""
+    sel = ("run", "--dataset", "digits", "--quant", "fp32,int4-sim", "--defense", "spectral-signatures,strip",
+           "--protocol", "canonical", "--json", "--no-progress")
+    out = {}
+    for j in ("1", "2"):
+        r = qbd(*sel, "-j", j)
+        assert r.returncode == 0, r.stderr
+        out[j] = json.loads(r.stdout)["results"]
+    assert "6 cells on 2 worker processes" in r.stderr
+    assert [x["cell"] for x in out["1"]] == [x["cell"] for x in out["2"]] == [
+        "digits/fp32/spectral-signatures[canonical]", "digits/fp32/strip[canonical]",
+        "digits/int4-sim/spectral-signatures[canonical]", "digits/int4-sim/strip[canonical]",
+        "digits:clean/fp32/spectral-signatures[canonical]", "digits:clean/fp32/strip[canonical]"]
+    for a, b in zip(out["1"], out["2"], strict=True):
+        assert a["verdict"] == b["verdict"] and (a["clean_acc"], a["asr"]) == (b["clean_acc"], b["asr"])
+        assert a["versions"]["torch_threads"] == b["versions"]["torch_threads"] == 1
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_a_bad_worker_count_is_a_usage_error(bad):
+    r = qbd("run", "-j", bad)
+    assert r.returncode == 2 and "a worker count (or auto)" in r.stderr

@@ -1,0 +1,68 @@
+"""qbd.pool: tasks on worker processes of one thread, results in the tasks' order."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from qbd.pool import WorkerDied, resolve_workers, run_tasks, usable_cpus
+
+
+def _square_plus(context: int, task: int) -> tuple[int, int, int]:
+    import torch
+
+    return task * task + context, torch.get_num_threads(), os.getpid()
+
+
+def _fail_on_three(context: None, task: int) -> int:
+    if task == 3:
+        raise ValueError("task three fails")
+    return task
+
+
+def _die(context: None, task: int) -> int:
+    if task == 1:
+        os._exit(3)  # a worker killed mid-task (out of memory, a crash in native code)
+    return task
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_results_come_back_in_task_order_on_one_thread(workers):
+    done = []
+    out = run_tasks(_square_plus, 10, list(range(6)), workers=workers, order=[5, 4, 3, 2, 1, 0],
+                    on_done=lambda i, r: done.append(i))
+    assert [r[0] for r in out] == [t * t + 10 for t in range(6)]
+    assert {r[1] for r in out} == {1}  # every task ran on one intra-op thread
+    assert sorted(done) == list(range(6))
+    pids = {r[2] for r in out}
+    assert (pids == {os.getpid()}) if workers == 1 else (os.getpid() not in pids)
+
+
+def test_the_caller_keeps_its_thread_count():
+    import torch
+
+    before = torch.get_num_threads()
+    run_tasks(_square_plus, 0, [1], workers=1)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_exception_in_a_task_is_raised_to_the_caller(workers):
+    with pytest.raises(ValueError, match="task three fails"):
+        run_tasks(_fail_on_three, None, list(range(5)), workers=workers)
+
+
+def test_a_worker_that_dies_is_an_error_that_says_what_to_do():
+    with pytest.raises(WorkerDied, match=r"-j 1"):
+        run_tasks(_die, None, [0, 1, 2], workers=2)
+
+
+def test_order_must_be_a_permutation():
+    with pytest.raises(ValueError, match="permutation"):
+        run_tasks(_square_plus, 0, [1, 2], order=[0, 0])
+
+
+def test_worker_count():
+    assert resolve_workers("auto", 1000) == usable_cpus()
+    assert resolve_workers(8, 3) == 3 and resolve_workers(2, 0) == 1 and resolve_workers(1, 50) == 1
