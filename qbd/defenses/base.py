@@ -124,6 +124,9 @@ class DefenseInputs:
     poisoned_train: tuple[torch.Tensor, torch.Tensor] | None = None
     triggered_inputs: torch.Tensor | None = None
     triggered_probe: tuple[torch.Tensor, int] | None = None  # (images, target class)
+    # `progress(done, total)`: a long optimisation (Neural Cleanse, Fine-Pruning) reports its steps;
+    # None: nobody is watching. Cheap to call often: the caller throttles what it shows.
+    progress: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
     def require(self, needs: frozenset[str] | set[str]) -> str | None:
         """The name of a missing input, or None."""

@@ -31,13 +31,18 @@ that never reached the threshold ("not-converged"), MAD = 0 ("no-signal"), then 
 
 from __future__ import annotations
 
+import copy
 import math
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
 
 from qbd.defenses._memory import bytes_per_image, images_within
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
@@ -58,7 +63,7 @@ class NeuralCleanse(ConfiguredDefense):
             "schedule": "adaptive", "init_cost": 1e-3, "patience": 5, "cost_multiplier": 2.0,
             "attack_succ_threshold": 0.99, "early_stop": True, "early_stop_threshold": 1.0,
             "early_stop_patience": 25, "select": "best",
-            "mad_threshold": 2.0, "mode": "auto", "class_chunk": 0, "memory_mib": 0, "check_every": 8, "precision": "fp32", "compile": False,
+            "mad_threshold": 2.0, "mode": "auto", "class_chunk": 0, "memory_mib": 0, "check_every": "auto", "precision": "fp32", "compile": False,
         },
         "paper": {
             "activation": "sigmoid", "init": "zeros", "lr": 0.1, "betas": (0.9, 0.999),
@@ -66,7 +71,7 @@ class NeuralCleanse(ConfiguredDefense):
             "schedule": "fixed", "init_cost": 0.01, "patience": 5, "cost_multiplier": 2.0,
             "attack_succ_threshold": 0.99, "early_stop": False, "early_stop_threshold": 1.0,
             "early_stop_patience": 25, "select": "last",
-            "mad_threshold": 2.0, "mode": "auto", "class_chunk": 0, "memory_mib": 0, "check_every": 8, "precision": "fp32", "compile": False,
+            "mad_threshold": 2.0, "mode": "auto", "class_chunk": 0, "memory_mib": 0, "check_every": "auto", "precision": "fp32", "compile": False,
         },
     }
     # the smoke tier runs on 2 CPU cores: fewer, smaller steps (recorded in every Result)
@@ -85,17 +90,24 @@ class NeuralCleanse(ConfiguredDefense):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         k = subject.num_classes
         mode = resolve_mode(p["mode"], subject.device)
+        report = inputs.progress or (lambda done, total: None)
         with _frozen(subject.model), recording_no_autograd_kernel() as torch_notes:
+            net, kernel = fast_view(subject.model)
             if mode == "sequential":
-                parts = [reverse_engineer(subject, x_hold, [c], p, seed) for c in range(k)]
+                groups = [[c] for c in range(k)]
             else:
                 chunk = p["class_chunk"] or _classes_within(subject, x_hold, p, k)
-                parts = [reverse_engineer(subject, x_hold, list(range(s, min(s + chunk, k))), p, seed) for s in range(0, k, chunk)]
+                groups = [list(range(s, min(s + chunk, k))) for s in range(0, k, chunk)]
+            parts = []
+            for n, classes in enumerate(groups):
+                parts.append(reverse_engineer(subject, x_hold, classes, p, seed, forward=net,
+                                              progress=lambda step, n=n: report(n * p["steps"] + step, len(groups) * p["steps"])))
         res = _merge(parts)
         if torch_notes and not res["gradient"]["ok"]:
             res["gradient"]["note"] += " (torch: " + "; ".join(torch_notes) + ")"
         verdict = decide(res, p["mad_threshold"])
         verdict.evidence["mode"] = mode
+        verdict.evidence["compute"] = {**res["compute"], "kernel": kernel}
         if p["memory_mib"] and mode == "batched":
             verdict.evidence["class_chunk"] = chunk
         return verdict
@@ -142,6 +154,7 @@ def decide(res: dict[str, Any], mad_threshold: float) -> Verdict:
         "anomaly_index": [None if not math.isfinite(v) else round(float(v), 4) for v in idx],
         "reached_success": res["reached"], "not_reached": missed, "final_cost": res["cost"], "rounds_run": res["rounds"],
         "iterations": res["iterations"], "mask_peak_rc": res["centroids"],
+        "stopped": res.get("stopped"),  # per class: "early-stop" or "budget" (ran every step)
     }
     if not grad["ok"]:
         return Verdict.invalid(
@@ -188,6 +201,39 @@ def _frozen(model: torch.nn.Module):
         model.train(was_training)
 
 
+def fast_view(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The same function as the frozen, eval-mode `model`, with fewer kernels: every Conv2d
+    followed by a BatchNorm2d in a Sequential is folded into one convolution (the eval-mode
+    affine map applied to the weights once), on a copy in channels_last. Equal to the model up to
+    float rounding (tested). A model with nothing to fold (a quantized graph) is used as it is."""
+
+    def foldable(seq: torch.nn.Sequential, i: int) -> bool:
+        return (type(seq[i]) is torch.nn.Conv2d and type(seq[i + 1]) is torch.nn.BatchNorm2d
+                and seq[i + 1].running_mean is not None)
+
+    if model.training or not any(foldable(m, i) for m in model.modules() if isinstance(m, torch.nn.Sequential)
+                                 for i in range(len(m) - 1)):
+        return model, {"bn_folded": 0, "channels_last": False}
+    view = copy.deepcopy(model)
+    folded = 0
+    for seq in [m for m in view.modules() if isinstance(m, torch.nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if foldable(seq, i):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), torch.nn.Identity()
+                folded += 1
+    for prm in view.parameters():
+        prm.requires_grad_(False)
+    return view.to(memory_format=torch.channels_last), {"bn_folded": folded, "channels_last": True}
+
+
+@contextmanager
+def counting(on: bool) -> Iterator[FlopCounterMode | None]:
+    """torch's FLOP counter (convolutions and matrix products, forward and backward) around one
+    step when `on`: the loop counts its first step and scales by the images it processes."""
+    with FlopCounterMode(display=False) if on else nullcontext() as counter:
+        yield counter
+
+
 def _squash(raw: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "tanh":
         return torch.tanh(raw) / (2 - 1e-7) + 0.5  # the authors' epsilon keeps arctanh finite
@@ -211,8 +257,11 @@ def batch_plan(n: int, batch_size: int, iterations: int, seed: int) -> torch.Ten
     return torch.cat(rows)[:iterations]
 
 
-def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int], p: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Optimise masks and patterns for `classes` together. Returns per-class results."""
+def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int], p: dict[str, Any], seed: int, *,
+                     forward: torch.nn.Module | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Optimise masks and patterns for `classes` together. Returns per-class results.
+    `forward`: what computes the logits (default: the subject's model; `fast_view` gives the same
+    function with fewer kernels). `progress(round)` is called after every round."""
     dev = subject.device
     k = len(classes)
     _, c, h, w = x_hold.shape
@@ -223,10 +272,14 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
     opt = torch.optim.Adam([mask_raw, pat_raw], lr=p["lr"], betas=tuple(p["betas"]), **fused)
     targets = torch.tensor(classes, device=dev)
     plan = batch_plan(len(x_hold), p["batch_size"], p["steps"] * p["mini_batches"], seed).to(dev)
-    x_dev = x_hold.to(dev)
+    x_unit = to_unit(x_hold.to(dev))  # once: the same values the loop would convert batch by batch
     # channels_last input: ~1.35x faster convolutions on CPU (oneDNN) and tensor cores on GPU
     channels_last = True
-    forward = torch.compile(subject.model, dynamic=False) if p["compile"] else subject.model
+    net = forward if forward is not None else subject.model
+    forward = torch.compile(net, dynamic=False) if p["compile"] else net
+    # a stopped class stops costing at the next check: on a CPU a check costs nothing, on a GPU
+    # it is a host synchronisation
+    every = p["check_every"] if p["check_every"] != "auto" else (1 if dev.type == "cpu" else 8)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
 
     fixed = p["schedule"] == "fixed"
@@ -246,6 +299,9 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
     thr = p["attack_succ_threshold"]
     gradient = {"ok": True, "pattern_grad_abs_max": None, "note": "input gradients reach the trigger"}
     iterations = 0
+    images = 0  # images through forward + input-gradient backward (the counted work)
+    flops_per_image: float | None = None
+    t_loop = time.perf_counter()
 
     live: torch.Tensor | None = None  # classes still optimised (None: all); refreshed at checks
     k_live = k
@@ -253,7 +309,7 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
         acc_sum = zeros.clone()
         reg_sum = zeros.clone()
         for _ in range(p["mini_batches"]):
-            xb = to_unit(x_dev[plan[iterations]])  # B C H W
+            xb = x_unit[plan[iterations]]  # B C H W
             m_raw = mask_raw if live is None else mask_raw[live]
             p_raw = pat_raw if live is None else pat_raw[live]
             mask = _squash(m_raw, p["activation"])  # K 1 H W
@@ -263,16 +319,19 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
             x_in = x_adv.reshape(k_live * bsz, c, h, w)
             if channels_last:
                 x_in = x_in.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = forward(x_in)
-            tgt = (targets if live is None else targets[live]).repeat_interleave(bsz)
-            ce = F.cross_entropy(logits.float(), tgt, reduction="none").view(k_live, bsz).mean(1)
-            reg = mask.abs().sum(dim=(1, 2, 3))
-            loss = (ce + (cost if live is None else cost[live]) * reg).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with counting(iterations == 0) as counter:
+                with autocast:
+                    logits = forward(x_in)
+                tgt = (targets if live is None else targets[live]).repeat_interleave(bsz)
+                ce = F.cross_entropy(logits.float(), tgt, reduction="none").view(k_live, bsz).mean(1)
+                reg = mask.abs().sum(dim=(1, 2, 3))
+                loss = (ce + (cost if live is None else cost[live]) * reg).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             if iterations == 0:
                 gradient = _gradient_check(pat_raw.grad, ce)
+                flops_per_image = counter.get_total_flops() / (k_live * bsz) if counter is not None else None
+            images += k_live * bsz
             # classes outside `live` get zero gradients; Adam's momentum may still move their
             # raw parameters, but their schedule, best mask and counters are frozen by `active`
             opt.step()
@@ -309,7 +368,9 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
                 cost, set_ctr, up_ctr, down_ctr, up_flag, down_flag = _schedule(
                     cost, succ, active, set_ctr, up_ctr, down_ctr, up_flag, down_flag, p
                 )
-        if p["early_stop"] and (step + 1) % p["check_every"] == 0:
+        if progress is not None:
+            progress(step + 1)
+        if p["early_stop"] and (step + 1) % every == 0:
             # the loop's only host synchronisation: drop the classes that stopped
             idx = active.nonzero().squeeze(1)
             if len(idx) == 0:
@@ -323,6 +384,8 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
             use_best = torch.isfinite(reg_best)[:, None, None, None]
             final_mask = torch.where(use_best, best_mask, final_mask)
         norms = final_mask.abs().sum(dim=(1, 2, 3))
+        stopped = ["budget" if a else "early-stop" for a in active.cpu().tolist()]
+    seconds = time.perf_counter() - t_loop  # after the reads above: a GPU has finished by then
     return {
         "classes": classes,
         "norms": norms.double().cpu().tolist(),
@@ -334,6 +397,8 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
         "iterations": iterations,
         "centroids": _centroids(final_mask.detach().cpu()),
         "gradient": gradient,
+        "stopped": stopped,
+        "compute": {"images": images, "flops_per_image": flops_per_image, "seconds": seconds},
     }
 
 
@@ -422,4 +487,17 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         grads.append(part["gradient"])
     bad = [g for g in grads if not g["ok"]]
     out["gradient"] = bad[0] if bad else grads[0]
+    out["stopped"] = [s for part in parts for s in part["stopped"]]
+    images = sum(part["compute"]["images"] for part in parts)
+    seconds = sum(part["compute"]["seconds"] for part in parts)
+    counted = [part["compute"]["flops_per_image"] for part in parts]
+    # quantized kernels (the deployed int8 models) are invisible to torch's counter: no figure then
+    flops = (sum(part["compute"]["images"] * part["compute"]["flops_per_image"] for part in parts)
+             if all(c for c in counted) else None)
+    out["compute"] = {
+        "images": images, "seconds": round(seconds, 3), "flops": flops,
+        "gflop_per_s": round(flops / seconds / 1e9, 2) if flops and seconds > 0 else None,
+        "counter": "torch.utils.flop_counter on the first step (convolutions and matrix products, forward and"
+                   " input-gradient backward), times the images processed",
+    }
     return out

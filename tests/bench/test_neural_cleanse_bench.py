@@ -56,3 +56,56 @@ def test_nc_full_run(benchmark, setup, mode):
     _info(benchmark, mode, 100)
     subject, inputs = setup
     benchmark.pedantic(_run, args=(subject, inputs, mode, 100), rounds=3, warmup_rounds=1)
+
+
+# -- the loop against the machine ----------------------------------------------------------------
+# Neural Cleanse's whole optimisation (sequential, one thread) next to a plain PyTorch loop doing
+# only what it must: forward and input-gradient backward of the same shapes, as many times. The
+# gap between `nc-loop` and `plain-fast` is the loop's own overhead (masking, Adam, bookkeeping);
+# `plain` vs `plain-fast` is what folding BatchNorm and channels_last buy (qbd.defenses
+# .neural_cleanse.fast_view). Each entry records its GFLOP/s (torch's FLOP counter).
+STEPS = 20  # per class: 10 classes x 20 steps = 200 forward+backward passes of 32 images
+
+
+def _plain(model: torch.nn.Module, x: torch.Tensor, channels_last: bool) -> None:
+    target = torch.zeros(len(x), dtype=torch.int64)
+    for _ in range(CLASSES * STEPS):
+        xi = x.clone().requires_grad_(True)
+        xin = xi.contiguous(memory_format=torch.channels_last) if channels_last else xi
+        torch.nn.functional.cross_entropy(model(xin), target).backward()
+
+
+def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        xi = x.clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(model(xi), torch.zeros(len(x), dtype=torch.int64)).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("variant", ["nc-loop", "plain", "plain-fast"])
+def test_nc_loop_vs_plain_pytorch(benchmark, setup, variant):
+    from qbd.defenses.neural_cleanse import fast_view
+
+    benchmark.group = "nc-vs-plain"
+    subject, inputs = setup
+    model = subject.model
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    x = inputs.clean_holdout[0][:BATCH].float() / 255
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if variant == "nc-loop":
+            nc = NeuralCleanse("paper", tier="smoke", mode="sequential", steps=STEPS, batch_size=BATCH)
+            benchmark.pedantic(nc.detect, args=(subject, inputs, torch.Generator().manual_seed(0)), rounds=3, warmup_rounds=1)
+        else:
+            net = fast_view(model)[0] if variant == "plain-fast" else model
+            benchmark.pedantic(_plain, args=(net, x, variant == "plain-fast"), rounds=3, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    flops = _flops(model, x) * CLASSES * STEPS
+    benchmark.extra_info.update(classes=CLASSES, batch=BATCH, steps=STEPS, threads=1, model="tiny-cnn", flops=flops,
+                                gflop_per_s=round(flops / benchmark.stats.stats.median / 1e9, 2))

@@ -229,3 +229,85 @@ def test_model_is_left_as_it_was(tiny):
     run_defense(NeuralCleanse("paper", steps=2, batch_size=8), _subject(model), DefenseInputs((x, torch.zeros(64, dtype=torch.int64))), torch.Generator())
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     model.eval()
+
+
+# -- speed without changing the function -----------------------------------------------------------
+def _with_bn_stats(model):
+    model.train()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 3, 32, 32, generator=g))
+    return model.eval()
+
+
+def test_fast_view_is_the_same_function_with_batchnorm_folded():
+    from qbd.defenses.neural_cleanse import fast_view
+
+    model = _with_bn_stats(build_model("tiny-cnn", 10, (0.5,) * 3, (0.25,) * 3, seed=0))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    view, kernel = fast_view(model)
+    assert kernel == {"bn_folded": 4, "channels_last": True}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in view.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 4  # the model itself is untouched
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for net in (model, view):
+        xi = x.clone().requires_grad_(True)
+        out = net(xi.contiguous(memory_format=torch.channels_last))
+        out.logsumexp(1).sum().backward()
+        grads.append((out.detach(), xi.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)  # logits
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)  # input gradients
+
+
+def test_fast_view_leaves_a_model_with_nothing_to_fold_alone():
+    from qbd.defenses.neural_cleanse import fast_view
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    assert fast_view(plain) == (plain, {"bn_folded": 0, "channels_last": False})
+    training = build_model("tiny-cnn", 10, (0.5,) * 3, (0.25,) * 3, seed=0).train()  # batch statistics: not an affine map
+    assert fast_view(training)[0] is training
+
+
+@pytest.mark.parametrize("protocol", ["canonical", "paper"])
+def test_the_verdict_records_its_compute_and_why_each_class_stopped(tiny, protocol):
+    model, x = tiny
+    steps = 40 if protocol == "canonical" else 3
+    budget = {"steps": steps, "batch_size": 8, "mini_batches": 1, "early_stop_patience": 2, "patience": 1} \
+        if protocol == "canonical" else {"steps": steps, "batch_size": 8}
+    v, _ = run_defense(NeuralCleanse(protocol, **budget), _subject(model), DefenseInputs((x, torch.zeros(64, dtype=torch.int64))),
+                       torch.Generator().manual_seed(0))
+    c = v.evidence["compute"]
+    rounds = v.evidence["rounds_run"]
+    assert c["images"] == 8 * sum(rounds)  # one mini-batch of 8 per round, classes one at a time
+    assert c["flops"] > 0 and c["seconds"] > 0 and c["gflop_per_s"] == pytest.approx(c["flops"] / c["seconds"] / 1e9, rel=0.01)
+    # tiny-cnn at 32x32: ~6.8 MFLOP forward per image, about as much again for the input gradient
+    assert 10e6 < c["flops"] / c["images"] < 20e6
+    assert c["kernel"]["bn_folded"] == 4
+    stopped = v.evidence["stopped"]
+    assert len(stopped) == 10 and set(stopped) <= {"early-stop", "budget"}
+    for s, r in zip(stopped, rounds, strict=True):
+        assert (s == "budget") == (r == steps)  # a class stops early only by the early-stop rule
+    if protocol == "paper":
+        assert stopped == ["budget"] * 10  # the paper's loop has no early stop
+
+
+def test_no_flops_are_claimed_when_the_counter_saw_none():
+    """A graph of quantized kernels (int8-static deployed) is invisible to torch's FLOP counter:
+    the Result then records images and seconds, and no FLOPs or GFLOP/s, rather than zero."""
+    from qbd.defenses.neural_cleanse import _merge
+
+    part = {**_res([1.0]), "classes": [0], "stopped": ["budget"], "compute": {"images": 64, "flops_per_image": 0, "seconds": 0.5}}
+    c = _merge([part, {**part, "classes": [1]}])["compute"]
+    assert (c["images"], c["seconds"], c["flops"], c["gflop_per_s"]) == (128, 1.0, None, None)
+
+
+def test_step_progress_is_reported(tiny):
+    model, x = tiny
+    calls = []
+    inputs = DefenseInputs((x, torch.zeros(64, dtype=torch.int64)), progress=lambda done, total: calls.append((done, total)))
+    run_defense(NeuralCleanse("paper", steps=3, batch_size=8), _subject(model), inputs, torch.Generator().manual_seed(0))
+    assert calls[-1] == (30, 30) and len(calls) == 30
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)

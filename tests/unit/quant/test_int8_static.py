@@ -143,3 +143,22 @@ def test_needs_calibration(tiny) -> None:
 def test_refuses_non_cpu(tiny) -> None:
     with pytest.raises(ConfigError, match="CPU"):
         SCHEMES.get("int8-static").apply(copy.deepcopy(tiny).to("meta"), images(4, 0))
+
+
+@needs_torchao
+def test_dequantizing_the_weights_once_changes_nothing(tiny_static, probe, monkeypatch) -> None:
+    """The PT2E twin reads its int8 weights dequantized once (a float buffer) instead of at every
+    forward; outputs and input gradients are the same to the bit as with the per-forward op."""
+    import qbd.quant.surrogate as surrogate_module
+
+    folded = tiny_static.surrogate()
+    monkeypatch.setattr(surrogate_module, "_fold_weight_dequant", lambda gm, targets: None)
+    per_forward = tiny_static.surrogate()
+    if not any("_qbd_dequantized" in n for n, _ in folded.named_buffers()):
+        pytest.skip(f"this engine's twin ({tiny_static.audit.backend}) is not a PT2E graph")
+    grads = []
+    for twin in (folded, per_forward):
+        x = probe.clone().requires_grad_()
+        out = twin(x)
+        grads.append((out.detach(), torch.autograd.grad(out.logsumexp(1).sum(), x)[0]))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

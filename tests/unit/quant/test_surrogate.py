@@ -111,3 +111,22 @@ def test_dynamic_linear_twin_gradient_is_straight_through_per_row() -> None:
     (grad,) = torch.autograd.grad(twin(x).sum(), x)
     # inside every row's own range the input gradient is the float linear's: column sums of W
     torch.testing.assert_close(grad, twin.weight.sum(0).expand_as(x))
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(0, 255), (-128, 127), (0, 127)])
+def test_fake_quant_is_bitwise_atens_with_the_same_gradient(qmin: int, qmax: int) -> None:
+    """qbd's straight-through fake quantization (faster on a CPU) against
+    torch.fake_quantize_per_tensor_affine: the same values to the bit, ties included, and the same
+    gradient (1 inside the range, 0 where clipped)."""
+    g = torch.Generator().manual_seed(qmin + qmax)
+    for _ in range(50):
+        scale = float(torch.rand(1, generator=g)) * 0.2 + 1e-4
+        zp = int(torch.randint(qmin, qmax + 1, (1,), generator=g))
+        x = torch.randn(4000, generator=g) * scale * 150
+        x[:64] = (torch.arange(64) - 32 + 0.5) * scale  # exact halves: round half to even
+        x.requires_grad_(True)
+        ref = torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+        ours = fake_quant_ste(x, scale, zp, qmin, qmax)
+        assert torch.equal(ours, ref)
+        upstream = torch.randn(4000, generator=g)
+        assert torch.equal(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(ref, x, upstream)[0])
