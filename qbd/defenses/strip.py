@@ -117,7 +117,7 @@ def strip_entropy(subject: Subject, x: torch.Tensor, pool: torch.Tensor, n_overl
         for i in range(0, len(x), per):
             xb = x[i : i + per]
             blended = superimpose(xb, pool[picks[i : i + per]])
-            logits = subject.model(blended.flatten(0, 1).to(subject.device)).double().cpu()
+            logits = subject.model(feat.channels_last(blended.flatten(0, 1).to(subject.device))).double().cpu()
             prob = logits.softmax(1)
             ent = torch.special.entr(prob).sum(1) / math.log(2)
             out.append(ent.view(len(xb), n_overlays).mean(1))
