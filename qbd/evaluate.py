@@ -8,7 +8,7 @@ models, their metrics, the poisoned training set): one per (dataset, model, atta
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -174,7 +174,8 @@ class Bench:
 
     # -- a cell -------------------------------------------------------------------------------
     def run(self, defense: Any, scheme: str, *, gradient_path: str | None = None, engine: str | None = None, seed: int = 0,
-            timeout_s: float | None = None) -> dict[str, Any]:
+            timeout_s: float | None = None, progress: Any = None) -> dict[str, Any]:
+        """One cell's Result. `progress(done, total)`: a defense's step progress (DefenseInputs)."""
         protocol = getattr(defense, "protocol", "canonical")
         if gradient_path is None:
             # only gradient-based defenses ever need the surrogate; the others inspect the
@@ -185,7 +186,7 @@ class Bench:
         qm = self.quantized(scheme, engine)
         metrics = self.metrics(scheme, engine)
         subject = self.subject(scheme, gradient_path, engine)
-        inputs = self.inputs(protocol, frozenset(defense.requires))
+        inputs = replace(self.inputs(protocol, frozenset(defense.requires)), progress=progress)
         verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed), timeout_s=timeout_s)
         self._add_controls(verdict, qm, scheme, metrics)
         audit = qm.audit.to_dict()

@@ -15,8 +15,11 @@ worker.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
+import queue
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -62,24 +65,41 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def _init(context: Any) -> None:
+def _init(context: Any, updates: Any) -> None:
     import torch
 
     torch.set_num_threads(1)
     global _CONTEXT  # see _CONTEXT
-    _CONTEXT = context
+    _CONTEXT = (context, updates)
 
 
-def _call(fn: Callable[[Any, Any], Any], task: Any) -> Any:
-    return fn(_CONTEXT, task)
+def _call(fn: Callable[..., Any], i: int, task: Any) -> Any:
+    context, updates = _CONTEXT
+    return fn(context, task, None if updates is None else _Throttled(lambda payload: updates.put((i, payload))))
 
 
-def run_tasks(fn: Callable[[Any, T], R], context: Any, tasks: Sequence[T], *, workers: int = 1,
-              order: Sequence[int] | None = None, on_done: Callable[[int, R], None] | None = None) -> list[R]:
-    """`[fn(context, t) for t in tasks]`, on `workers` processes. `order`: the indices in the
-    order to start them (longest first balances the load); `on_done(i, result)` runs in the
-    caller as each finishes. An exception in a task is raised here, as it would be in-process;
-    pending tasks are cancelled."""
+class _Throttled:
+    """A task's progress reporter: forwards at most one update per `interval` seconds (the last
+    one always gets through at the next call after the interval)."""
+
+    def __init__(self, send: Callable[[Any], None], interval: float = 0.25) -> None:
+        self.send, self.interval, self.last = send, interval, -math.inf
+
+    def __call__(self, payload: Any) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.send(payload)
+
+
+def run_tasks(fn: Callable[..., R], context: Any, tasks: Sequence[T], *, workers: int = 1,
+              order: Sequence[int] | None = None, on_done: Callable[[int, R], None] | None = None,
+              on_progress: Callable[[int, Any], None] | None = None) -> list[R]:
+    """`[fn(context, t, report) for t in tasks]`, on `workers` processes. `order`: the indices in
+    the order to start them (longest first balances the load); `on_done(i, result)` runs in the
+    caller as each finishes; a task may call `report(payload)` (None when nobody listens) and the
+    caller's `on_progress(i, payload)` gets it, throttled. An exception in a task is raised here,
+    as it would be in-process; pending tasks are cancelled."""
     start = list(order) if order is not None else list(range(len(tasks)))
     if sorted(start) != list(range(len(tasks))):
         raise ValueError("order must be a permutation of the task indices")
@@ -87,19 +107,22 @@ def run_tasks(fn: Callable[[Any, T], R], context: Any, tasks: Sequence[T], *, wo
     if workers <= 1:
         with one_thread():
             for i in start:
-                out[i] = fn(context, tasks[i])
+                report = None if on_progress is None else _Throttled(lambda payload, i=i: on_progress(i, payload))
+                out[i] = fn(context, tasks[i], report)
                 if on_done is not None:
                     on_done(i, out[i])
         return out
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
-                             initializer=_init, initargs=(context,)) as pool:
-        futures: dict[Future[Any], int] = {pool.submit(_call, fn, tasks[i]): i for i in start}
+    mp = multiprocessing.get_context(method)
+    updates = mp.Queue() if on_progress is not None else None
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp, initializer=_init, initargs=(context, updates)) as pool:
+        futures: dict[Future[Any], int] = {pool.submit(_call, fn, i, tasks[i]): i for i in start}
         rank = {i: n for n, i in enumerate(start)}
         pending = set(futures)
         try:
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                _drain(updates, on_progress)
                 for f in sorted(done, key=lambda f: rank[futures[f]]):
                     i = futures[f]
                     try:
@@ -113,4 +136,14 @@ def run_tasks(fn: Callable[[Any, T], R], context: Any, tasks: Sequence[T], *, wo
             for f in pending:
                 f.cancel()
             raise
+    _drain(updates, on_progress)
     return out
+
+
+def _drain(updates: Any, on_progress: Callable[[int, Any], None] | None) -> None:
+    while updates is not None and on_progress is not None:
+        try:
+            i, payload = updates.get_nowait()
+        except queue.Empty:
+            return
+        on_progress(i, payload)

@@ -93,18 +93,30 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
     if n > 1:
         log(f"qbd: {len(tasks)} cells on {n} worker processes (one thread each)")
     bar = _progress_bar(len(tasks), progress)
+    steps: dict[int, str] = {}  # running cells' step progress (Neural Cleanse, Fine-Pruning), for the bar
+    finished: set[int] = set()  # a late progress update of a finished cell is dropped
 
     def done(i: int, r: dict[str, Any]) -> None:
         msg = _cell_line(r, units[tasks[i][0]].seed_note)
+        finished.add(i)
+        steps.pop(i, None)
         if bar is not None:
             bar.write(msg, file=sys.stderr)
+            bar.set_postfix_str(" | ".join(steps.values()), refresh=False)
             bar.update(1)
         else:
             log(msg)
 
+    def step(i: int, update: tuple[int, int]) -> None:
+        if bar is None or i in finished:
+            return
+        cell = tasks[i][1]
+        steps[i] = f"{cell.defense}[{cell.protocol}] {cell.scheme}: step {update[0]}/{update[1]}"
+        bar.set_postfix_str(" | ".join(steps.values()))
+
     try:
         return run_tasks(_run_cell, _Context(plan, tuple(units)), tasks, workers=n, order=_longest_first(tasks, plan),
-                         on_done=done)
+                         on_done=done, on_progress=step if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
@@ -174,12 +186,12 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
     return units
 
 
-def _run_cell(context: _Context, task: tuple[int, Cell]) -> dict[str, Any]:
+def _run_cell(context: _Context, task: tuple[int, Cell], report: Callable[[Any], None] | None) -> dict[str, Any]:
     u, cell = task
     unit, plan = context.units[u], context.plan
     defense = load_defense(cell.defense, cell.protocol, plan.tier.name)
     return unit.bench.run(defense, cell.scheme, gradient_path=plan.gradient_path, engine=plan.engine, seed=unit.seed,
-                          timeout_s=plan.defense_timeout)
+                          timeout_s=plan.defense_timeout, progress=None if report is None else lambda d, t: report((d, t)))
 
 
 def _longest_first(tasks: list[tuple[int, Cell]], plan: RunPlan) -> list[int]:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -108,7 +109,7 @@ class FinePruning(ConfiguredDefense):
         res["after"] = res["pruned_only"]
         if p["finetune"]:
             try:
-                repaired, note = fine_tune(subject, mask, x_hold[tune], y_hold[tune], p, generator)
+                repaired, note = fine_tune(subject, mask, x_hold[tune], y_hold[tune], p, generator, progress=inputs.progress)
             except FineTuneDiverged as e:
                 return Verdict.invalid(str(e), "diverged")
             res["fine_tuned"], res["fine_tune_note"] = repaired is not None, note
@@ -187,7 +188,7 @@ def natural_rate(subject: Subject, f: torch.Tensor, y: torch.Tensor, target: int
 
 
 def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor, p: dict[str, Any],
-              generator: torch.Generator) -> tuple[Subject | None, str]:
+              generator: torch.Generator, progress: Callable[[int, int], None] | None = None) -> tuple[Subject | None, str]:
     """Fine-tune a copy of the subject's float model with `mask` applied and baked into its
     head, then re-deploy it through the subject's scheme. Returns (the re-deployed subject or
     None, a note saying what happened); raises FineTuneDiverged on a non-finite loss."""
@@ -207,6 +208,7 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
     # amplifies its weight updates, and at lr 0.01 the loss diverged on the calibration models
     model.train(p["finetune_bn"] != "frozen")
     steps = 0
+    total = p["finetune_epochs"] * -(-len(y) // p["finetune_batch"])
     with torch.enable_grad():
         for _ in range(p["finetune_epochs"]):
             order = torch.randperm(len(y), generator=generator)
@@ -220,6 +222,8 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
                 loss.backward()
                 opt.step()
                 steps += 1
+                if progress is not None:
+                    progress(steps, total)
     model.eval()
     with torch.no_grad():
         head.weight[:, mask == 0] = 0.0  # pruned for good: the re-deployed model carries no pruned channel

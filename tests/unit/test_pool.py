@@ -9,19 +9,19 @@ import pytest
 from qbd.pool import WorkerDied, resolve_workers, run_tasks, usable_cpus
 
 
-def _square_plus(context: int, task: int) -> tuple[int, int, int]:
+def _square_plus(context: int, task: int, report) -> tuple[int, int, int]:
     import torch
 
     return task * task + context, torch.get_num_threads(), os.getpid()
 
 
-def _fail_on_three(context: None, task: int) -> int:
+def _fail_on_three(context: None, task: int, report) -> int:
     if task == 3:
         raise ValueError("task three fails")
     return task
 
 
-def _die(context: None, task: int) -> int:
+def _die(context: None, task: int, report) -> int:
     if task == 1:
         os._exit(3)  # a worker killed mid-task (out of memory, a crash in native code)
     return task
@@ -66,3 +66,23 @@ def test_order_must_be_a_permutation():
 def test_worker_count():
     assert resolve_workers("auto", 1000) == usable_cpus()
     assert resolve_workers(8, 3) == 3 and resolve_workers(2, 0) == 1 and resolve_workers(1, 50) == 1
+
+
+def _count_up(context: None, task: int, report) -> int:
+    import time
+
+    for step in range(1, 4):
+        if report is not None:
+            report((task, step))
+    time.sleep(0.3)  # a queued update reaches the caller while the task is still running
+    return task
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_task_reports_progress_to_the_caller(workers):
+    """The first update always passes (later ones within 0.25 s are dropped: the caller only
+    redraws a line); no listener, no reporter."""
+    seen = []
+    run_tasks(_count_up, None, [0, 1, 2], workers=workers, on_progress=lambda i, payload: seen.append((i, payload)))
+    assert sorted(seen) == [(0, (0, 1)), (1, (1, 1)), (2, (2, 1))]
+    assert run_tasks(_count_up, None, [5], workers=workers) == [5]
