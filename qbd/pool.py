@@ -54,21 +54,30 @@ def resolve_workers(requested: int | str, tasks: int) -> int:
 
 @contextmanager
 def one_thread():
-    """torch on one intra-op thread for the block (restored after)."""
+    """torch, and the BLAS / OpenMP pools numpy, SciPy and scikit-learn use, on one thread for
+    the block (restored after)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1):
+            yield
     finally:
         torch.set_num_threads(before)
 
 
 def _init(context: Any, updates: Any) -> None:
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(limits=1)  # for the life of this worker process
+    if updates is not None:
+        # progress updates are disposable: a worker must never wait at exit for a parent that
+        # stopped reading them (an error or Ctrl-C in the parent)
+        updates.cancel_join_thread()
     global _CONTEXT  # see _CONTEXT
     _CONTEXT = (context, updates)
 
@@ -79,8 +88,8 @@ def _call(fn: Callable[..., Any], i: int, task: Any) -> Any:
 
 
 class _Throttled:
-    """A task's progress reporter: forwards at most one update per `interval` seconds (the last
-    one always gets through at the next call after the interval)."""
+    """A task's progress reporter: forwards the first update and then at most one per `interval`
+    seconds; the others are dropped (the caller only redraws a line)."""
 
     def __init__(self, send: Callable[[Any], None], interval: float = 0.25) -> None:
         self.send, self.interval, self.last = send, interval, -math.inf
@@ -115,29 +124,40 @@ def run_tasks(fn: Callable[..., R], context: Any, tasks: Sequence[T], *, workers
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     mp = multiprocessing.get_context(method)
     updates = mp.Queue() if on_progress is not None else None
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp, initializer=_init, initargs=(context, updates)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp, initializer=_init, initargs=(context, updates))
+    try:
         futures: dict[Future[Any], int] = {pool.submit(_call, fn, i, tasks[i]): i for i in start}
         rank = {i: n for n, i in enumerate(start)}
         pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                _drain(updates, on_progress)
-                for f in sorted(done, key=lambda f: rank[futures[f]]):
-                    i = futures[f]
-                    try:
-                        out[i] = f.result()
-                    except BrokenProcessPool as e:
-                        raise WorkerDied(f"a worker process died while running task {i} ({tasks[i]!r}); run with one"
-                                         " worker (-j 1) to see the failure in this process") from e
-                    if on_done is not None:
-                        on_done(i, out[i])
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            _drain(updates, on_progress)
+            for f in sorted(done, key=lambda f: rank[futures[f]]):
+                i = futures[f]
+                try:
+                    out[i] = f.result()
+                except BrokenProcessPool as e:
+                    running = sorted(futures[g] for g in pending | done if not g.cancelled())
+                    raise WorkerDied(f"a worker process died (killed, out of memory, or a crash in native code) while"
+                                     f" running one of tasks {running}; run with one worker (-j 1) to see the failure in"
+                                     " this process") from e
+                if on_done is not None:
+                    on_done(i, out[i])
+    except BaseException:
+        _stop(pool)  # an error or Ctrl-C: do not wait minutes for the other running cells
+        raise
+    pool.shutdown(wait=True)
     _drain(updates, on_progress)
     return out
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now."""
+    workers = list(getattr(pool, "_processes", {}).values())  # the executor offers no public handle
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        if proc.is_alive():
+            proc.terminate()
 
 
 def _drain(updates: Any, on_progress: Callable[[int, Any], None] | None) -> None:

@@ -81,15 +81,17 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
     (training uses every thread); the cells then run on `workers` processes of one thread each
     (qbd.pool; `auto`: one per usable core), so a verdict does not depend on the worker count."""
     from qbd.pool import resolve_workers, run_tasks
+    from qbd.train import resolve_device
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    units = _units(plan, data_root, store, progress, log, gates)
-    tasks = [(u, cell) for u, unit in enumerate(units) for cell in unit.cells]
-    n = resolve_workers(workers, len(tasks))
-    if n > 1 and plan.device != "cpu":
+    on_cpu = resolve_device(plan.device).type == "cpu"
+    if not on_cpu and workers != "auto" and int(workers) > 1:  # before any training
         from qbd.errors import ConfigError
 
-        raise ConfigError(f"-j {workers}: cells run in CPU worker processes; with --device {plan.device} use -j 1")
+        raise ConfigError(f"-j {workers}: worker processes run cells on the CPU; with --device {plan.device} use -j 1")
+    units = _units(plan, data_root, store, progress, log, gates)
+    tasks = [(u, cell) for u, unit in enumerate(units) for cell in unit.cells]
+    n = resolve_workers(workers, len(tasks)) if on_cpu else 1  # one GPU process: -j auto is 1
     if n > 1:
         log(f"qbd: {len(tasks)} cells on {n} worker processes (one thread each)")
     bar = _progress_bar(len(tasks), progress)
@@ -203,8 +205,12 @@ def _longest_first(tasks: list[tuple[int, Cell]], plan: RunPlan) -> list[int]:
     for d in plan.defenses:
         for p in plan.protocols:
             needs = set(getattr(load_defense(d, p, plan.tier.name), "requires", ()))
-            rank[(d, p)] = 0 if "input_gradients" in needs else 1 if "poisoned_train" in needs else 2
+            rank[(d, p)] = next((r for r, need in enumerate(_SLOW_NEEDS) if need in needs), len(_SLOW_NEEDS))
     return sorted(range(len(tasks)), key=lambda i: rank[(tasks[i][1].defense, tasks[i][1].protocol)])
+
+
+# what makes a defense slow, slowest first (_longest_first)
+_SLOW_NEEDS = ("input_gradients", "poisoned_train")
 
 
 def _progress_bar(total: int, progress: bool) -> Any:

@@ -110,7 +110,7 @@ class NeuralCleanse(ConfiguredDefense):
             res["gradient"]["note"] += " (torch: " + "; ".join(torch_notes) + ")"
         verdict = decide(res, p["mad_threshold"])
         verdict.evidence["mode"] = mode
-        verdict.evidence["compute"] = {**res["compute"], "kernel": kernel}
+        verdict.evidence["compute"] = {**res["compute"], "kernel": kernel, "precision": p["precision"]}
         if p["memory_mib"] and mode == "batched":
             verdict.evidence["class_chunk"] = chunk
         return verdict
@@ -401,7 +401,7 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
         "centroids": _centroids(final_mask.detach().cpu()),
         "gradient": gradient,
         "stopped": stopped,
-        "compute": {"images": images, "flops_per_image": flops_per_image, "seconds": seconds},
+        "compute": {"images": images, "flops_per_image": flops_per_image, "seconds": seconds, "check_every": every},
     }
 
 
@@ -498,9 +498,10 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     flops = (sum(part["compute"]["images"] * part["compute"]["flops_per_image"] for part in parts)
              if all(c for c in counted) else None)
     out["compute"] = {
-        "images": images, "seconds": round(seconds, 3), "flops": flops,
+        "images": images, "seconds": round(seconds, 3), "flops": flops, "check_every": parts[0]["compute"].get("check_every"),
         "gflop_per_s": round(flops / seconds / 1e9, 2) if flops and seconds > 0 else None,
         "counter": "torch.utils.flop_counter on the first step (convolutions and matrix products, forward and"
-                   " input-gradient backward), times the images processed",
+                   " input-gradient backward), times the images processed; quantized kernels are not counted;"
+                   " seconds include compilation when compile is on",
     }
     return out

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -104,13 +104,17 @@ def _kurtosis(sv: np.ndarray, proj: np.ndarray) -> float:
     return float(np.mean(proj**4) / m2**2) if m2 > 0 else math.inf
 
 
-# statistic -> (function of (singular values, projections on the top direction), whether a
-# class is flagged "above" or "below" the threshold, the parameter holding the threshold, whether
-# it reads the whole spectrum or only the top two singular values)
-STATISTICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], str, str, bool]] = {
-    "sv_ratio": (_sv_ratio, "above", "ratio_threshold", False),
-    "top_to_rest": (_top_to_rest, "above", "ratio_threshold", True),
-    "kurtosis": (_kurtosis, "below", "kurtosis_threshold", False),
+class Statistic(NamedTuple):
+    fn: Callable[[np.ndarray, np.ndarray], float]  # of (singular values, projections on the top direction)
+    side: str  # a class is flagged "above" or "below" the threshold
+    param: str  # the parameter holding the threshold
+    whole_spectrum: bool  # reads every singular value, not only the top two
+
+
+STATISTICS: dict[str, Statistic] = {
+    "sv_ratio": Statistic(_sv_ratio, "above", "ratio_threshold", whole_spectrum=False),
+    "top_to_rest": Statistic(_top_to_rest, "above", "ratio_threshold", whole_spectrum=True),
+    "kurtosis": Statistic(_kurtosis, "below", "kurtosis_threshold", whole_spectrum=False),
 }
 
 
@@ -140,14 +144,14 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
     if n < _MIN_POINTS:
         return out
     rc = r - r.mean(axis=0, keepdims=True)
-    sv, top = _svd(rc, STATISTICS[p["statistic"]][3])
+    sv, top = _svd(rc, STATISTICS[p["statistic"]].whole_spectrum)
     if sv[0] == 0.0:
         return out  # no spread at all: nothing to score
     proj = rc @ top
     scores = proj**2
     k = round(p["removal_multiplier"] * p["eps"] * n)
     # a rank-1 class matrix has no second direction: the ratio is undefined (inf -> invalid)
-    out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]][0](sv, proj)
+    out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]].fn(sv, proj)
     out["removed"] = k
     out["top"] = np.sort(np.argsort(-scores, kind="stable")[:k])
     kurt = _kurtosis(sv, proj)
@@ -178,7 +182,7 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
         # finite features, but sigma_2 = 0: the ratio is undefined, not a numerical blow-up
         return Verdict.invalid(f"non-finite spectral statistic in group(s) {bad} (rank-1 or degenerate representations)",
                                "no-signal", evidence=evidence)
-    _, side, param, _ = STATISTICS[p["statistic"]]
+    side, param = STATISTICS[p["statistic"]].side, STATISTICS[p["statistic"]].param
     thr = p[param]
     # "below": flip signs, so one comparison serves both directions
     sign = 1.0 if side == "above" else -1.0

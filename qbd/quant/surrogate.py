@@ -24,9 +24,13 @@ SMALL_SCALE_THRESHOLD = np.float32(6.1e-5)
 
 def fake_quant_ste(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
     """round-to-nearest-even(x / scale) + zero_point, clamped, dequantized; gradient passes
-    straight through inside [quant_min, quant_max]. Bitwise what
-    torch.fake_quantize_per_tensor_affine computes (tested), in about a third of its time on a
-    CPU (its kernel is scalar): the surrogates' activations go through it at every step."""
+    straight through inside [quant_min, quant_max]. For a float32 tensor on a CPU, qbd's own op:
+    bitwise what torch.fake_quantize_per_tensor_affine computes for finite values (tested), in
+    about a third of its time (tests/bench/test_kernels_bench.py): the surrogates' activations go
+    through it at every step. A NaN stays NaN (torch's kernel turns it into quant_min, hiding a
+    divergence) and +-inf clamps to the range's ends. Other dtypes and devices use torch's op."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), int(quant_min), int(quant_max))
     sc = np.float32(scale)
     # ATen multiplies by the float32 reciprocal of the float32 scale; both are exact python floats
     return _FakeQuantSTE.apply(x, float(sc), float(np.float32(1.0) / sc), float(int(zero_point)), float(quant_min), float(quant_max))
@@ -44,7 +48,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None, None  # measured faster than where / masked_fill
+        return grad * inside, None, None, None, None, None  # faster here than where / masked_fill
 
 
 def choose_dynamic_qparams(x: torch.Tensor, reduce_range: bool) -> tuple[torch.Tensor, torch.Tensor, int]:

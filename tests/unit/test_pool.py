@@ -85,4 +85,8 @@ def test_a_task_reports_progress_to_the_caller(workers):
     seen = []
     run_tasks(_count_up, None, [0, 1, 2], workers=workers, on_progress=lambda i, payload: seen.append((i, payload)))
     assert sorted(seen) == [(0, (0, 1)), (1, (1, 1)), (2, (2, 1))]
-    assert run_tasks(_count_up, None, [5], workers=workers) == [5]
+    assert run_tasks(_report_given, None, [5], workers=workers) == [False]  # no listener: no reporter
+
+
+def _report_given(context: None, task: int, report) -> bool:
+    return report is not None

@@ -70,3 +70,33 @@ def test_params_overrides_and_needs():
     assert SpectralSignatures("paper").requires == frozenset({"clean_holdout"})
     with pytest.raises(ConfigError):
         SpectralSignatures("paper", threshold=2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_two_by_arpack_agree_with_the_whole_svd(seed):
+    """The kurtosis and sv_ratio rules read sigma_1, sigma_2 and the top direction only, which
+    ARPACK computes (qbd.defenses.spectral_signatures._svd): on a class matrix of the pre-pool
+    shape (a few strong directions plus noise) they agree with LAPACK's whole SVD."""
+    from qbd.defenses.spectral_signatures import _kurtosis, _svd
+
+    rng = np.random.default_rng(seed)
+    r = rng.normal(size=(600, 4)) * [8.0, 4.0, 2.0, 1.0] @ rng.normal(size=(4, 1024)) + rng.normal(size=(600, 1024))
+    rc = r - r.mean(axis=0, keepdims=True)
+    sv_top, v_top = _svd(rc, whole=False)
+    sv_all, v_all = _svd(rc, whole=True)
+    assert len(sv_top) == 2 and len(sv_all) == 600
+    np.testing.assert_allclose(sv_top, sv_all[:2], rtol=1e-10)
+    assert abs(abs(float(v_top @ v_all)) - 1.0) < 1e-10  # the same direction, up to its sign
+    assert _kurtosis(sv_top, rc @ v_top) == pytest.approx(_kurtosis(sv_all, rc @ v_all), rel=1e-10)
+
+
+def test_a_large_rank_one_class_is_still_rank_one_by_arpack():
+    from qbd.defenses.spectral_signatures import _numerical_rank_one, _svd
+
+    rng = np.random.default_rng(3)
+    rc = np.outer(rng.normal(size=500), rng.normal(size=1024))
+    rc -= rc.mean(axis=0, keepdims=True)
+    sv, _ = _svd(rc, whole=False)
+    assert _numerical_rank_one(sv, rc.shape)
+    zero, _ = _svd(np.zeros((40, 64)), whole=False)  # ARPACK cannot start on it: LAPACK answers
+    assert zero[0] == 0.0

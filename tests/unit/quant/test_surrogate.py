@@ -130,3 +130,18 @@ def test_fake_quant_is_bitwise_atens_with_the_same_gradient(qmin: int, qmax: int
         assert torch.equal(ours, ref)
         upstream = torch.randn(4000, generator=g)
         assert torch.equal(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(ref, x, upstream)[0])
+
+
+def test_fake_quant_keeps_a_nan_and_clamps_infinities() -> None:
+    """torch's kernel turns NaN into quant_min (a diverged activation would look like a valid
+    one); qbd's keeps it NaN, so a defense sees the divergence, and clamps +-inf to the ends."""
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3])
+    out = fake_quant_ste(x, 0.1, 3, 0, 255)
+    assert torch.isnan(out[0]) and out[1] == pytest.approx((255 - 3) * 0.1) and out[2] == pytest.approx(-3 * 0.1)
+    assert out[3] == pytest.approx(0.3)
+
+
+def test_fake_quant_of_another_dtype_is_torchs() -> None:
+    """bf16 activations (autocast) go through torch's op, which computes in float32."""
+    x = (torch.randn(2000, generator=torch.Generator().manual_seed(9)) * 40).to(torch.bfloat16)
+    assert torch.equal(fake_quant_ste(x, 0.37, 7, 0, 255), torch.fake_quantize_per_tensor_affine(x, 0.37, 7, 0, 255))
