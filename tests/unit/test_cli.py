@@ -25,6 +25,9 @@ def qbd(*args: str, cache: Path | None = None, check: bool = False, timeout: flo
         env["QBD_CACHE_DIR"] = str(cache)
     if path is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH")) if p)
+    if args[:1] == ("run",) and not any(a == "-j" or a.startswith(("-j", "--jobs")) for a in args):
+        # the suite's xdist workers already use the cores: a run here stays in its process
+        args = (*args, "-j", "1")
     return subprocess.run([sys.executable, "-m", "qbd", *args], capture_output=True, text=True, env=env, check=check, timeout=timeout)
 
 
@@ -277,7 +280,10 @@ def test_run_seeds_reports_rows_of_rates(plugin, seed_cache, tmp_path):
 
 
 def test_a_single_seed_run_prints_rows_in_json_but_no_rates_table(plugin, seed_cache):
-    # --attack-seed 1: the very model --seeds trains as seed 1 (a store hit)
+    # --attack-seed 1: the very model --seeds trains as seed 1 (a store hit). The --seeds run first, here:
+    # under xdist the test that also runs it may be on another worker, with its own store
+    warm = qbd(*SEEDS, "--seeds", "2", "--quant", "fp32", "--defense", ALWAYS, "--no-controls", cache=seed_cache, path=plugin)
+    assert warm.returncode == 0, warm.stderr
     r = qbd(*SEEDS, "--attack-seed", "1", "--quant", "fp32,int8-dynamic", "--defense", "qbd_gate_plugin:AlwaysZero", "--json",
             cache=seed_cache, path=plugin)
     assert r.returncode == 0, r.stderr
