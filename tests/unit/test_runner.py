@@ -47,3 +47,47 @@ def test_auto_device_on_a_cpu_machine_uses_the_cores(monkeypatch):
     monkeypatch.setattr("qbd.pool.run_tasks", lambda fn, ctx, tasks, **kw: seen.update(kw) or [])
     runner.run(_plan("auto"), data_root=None, store=None, workers="auto", progress=False, log=lambda m: None)
     assert seen["workers"] == 2
+
+
+class _Terminal:
+    """A stand-in for a terminal's stderr (tqdm writes its frames there)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("tty", [True, False])
+def test_step_progress_only_on_a_terminal(monkeypatch, tmp_path, workers, tty):
+    """Fine-Pruning's fine-tuning steps reach the run's one progress line on a terminal, from this
+    process or from a worker; a redirected log gets the cell lines and no bar frames."""
+    import sys
+
+    from qbd.config import AttackSpec
+    from qbd.presets import seeded_job
+    from qbd.store import Store
+
+    err = _Terminal(tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    logged = []
+    plan = runner.RunPlan(jobs=(seeded_job("digits", "tiny-cnn", 0, AttackSpec()),), tier=TIERS["smoke"], schemes=("fp32",),
+                          defenses=("fine-pruning",), protocols=("canonical",), controls=False)
+    out = runner.run(plan, data_root=None, store=Store(tmp_path), workers=workers, log=logged.append)
+    assert [r["cell"] for r in out] == ["digits/fp32/fine-pruning[canonical]"]
+    text = "".join(err.text)
+    if tty:
+        assert "fine-pruning[canonical] fp32: step" in text and "cells:" in text
+        assert "digits/fp32/fine-pruning[canonical]: detected" in text  # the cell line, above the bar
+    else:
+        assert "cells:" not in text and "step" not in text
+        assert any(m.startswith("digits/fp32/fine-pruning[canonical]: detected") for m in logged)
