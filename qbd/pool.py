@@ -103,12 +103,13 @@ class _Throttled:
 
 def run_tasks(fn: Callable[..., R], context: Any, tasks: Sequence[T], *, workers: int = 1,
               order: Sequence[int] | None = None, on_done: Callable[[int, R], None] | None = None,
-              on_progress: Callable[[int, Any], None] | None = None) -> list[R]:
+              on_progress: Callable[[int, Any], None] | None = None, start_method: str | None = None) -> list[R]:
     """`[fn(context, t, report) for t in tasks]`, on `workers` processes. `order`: the indices in
     the order to start them (longest first balances the load); `on_done(i, result)` runs in the
     caller as each finishes; a task may call `report(payload)` (None when nobody listens) and the
     caller's `on_progress(i, payload)` gets it, throttled. An exception in a task is raised here,
-    as it would be in-process; pending tasks are cancelled."""
+    as it would be in-process; pending tasks are cancelled. `start_method`: default fork where
+    the platform has it, else spawn."""
     start = list(order) if order is not None else list(range(len(tasks)))
     if sorted(start) != list(range(len(tasks))):
         raise ValueError("order must be a permutation of the task indices")
@@ -121,7 +122,7 @@ def run_tasks(fn: Callable[..., R], context: Any, tasks: Sequence[T], *, workers
                 if on_done is not None:
                     on_done(i, out[i])
         return out
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     mp = multiprocessing.get_context(method)
     updates = mp.Queue() if on_progress is not None else None
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp, initializer=_init, initargs=(context, updates))

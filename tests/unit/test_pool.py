@@ -90,3 +90,10 @@ def test_a_task_reports_progress_to_the_caller(workers):
 
 def _report_given(context: None, task: int, report) -> bool:
     return report is not None
+
+
+def test_spawned_workers_get_the_context_pickled():
+    """Where there is no fork (macOS, Windows) the workers are spawned: the context is pickled to
+    each, and the results are the same."""
+    out = run_tasks(_square_plus, 7, [1, 2, 3], workers=2, start_method="spawn")
+    assert [r[0] for r in out] == [8, 11, 16] and {r[1] for r in out} == {1}
