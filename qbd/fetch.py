@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
     from qbd.data.base import DataSplit
+    from qbd.remote_store import UrlStore
     from qbd.store import Store
     from qbd.zoo import TrainedModel
 
@@ -217,7 +218,7 @@ def get_fetched(
     source: Source,
     job: ModelJob,
     data: DataSplit,
-    store: Store,
+    store: Store | UrlStore,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> TrainedModel:
@@ -283,12 +284,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     f.set_defaults(func=cmd_fetch)
 
     ls = commands.add_parser("list", help="list the stored models")
-    ls.add_argument("--cache-dir", default=None, help="model store (else $QBD_CACHE_DIR, else the user cache)")
+    ls.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
     ls.add_argument("--json", action="store_true", help="print a JSON list")
     ls.set_defaults(func=cmd_list)
 
     v = commands.add_parser("verify", help="re-hash and parse every entry; exit 1 if any is corrupt")
-    v.add_argument("--cache-dir", default=None, help="model store (else $QBD_CACHE_DIR, else the user cache)")
+    v.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
     v.add_argument("--quarantine", action="store_true", help="move corrupt entries to quarantine/")
     v.set_defaults(func=cmd_verify)
     return store
@@ -297,14 +298,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def cmd_fetch(args: argparse.Namespace) -> int:
     from qbd.cli import job_from_args, report_model
     from qbd.data import load_dataset
-    from qbd.store import Store
+    from qbd.remote_store import open_store
 
     source = Source(args.source, args.sha256, args.format)
     job = job_from_args(args)
     data = load_dataset(job.dataset, args.data_root)
     if job.attack is not None:
         job.attack.check_fits(*data.image_size, data.num_classes)
-    tm = get_fetched(source, job, data, Store(args.cache_dir), device=args.device)
+    tm = get_fetched(source, job, data, open_store(args.cache_dir), device=args.device)
     m = tm.metrics
     out = {"key": tm.entry.key, "slug": job.slug(), "cache": tm.cache, "clean_acc": m["clean_acc"], "asr": m["asr"],
            "path": str(tm.entry.path), "fetched": tm.entry.meta["fetched"], "job": tm.entry.meta["job"]}
@@ -312,9 +313,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from qbd.store import CorruptEntryError, Store
+    from qbd.remote_store import open_store
+    from qbd.store import CorruptEntryError
 
-    store = Store(args.cache_dir)
+    store = open_store(args.cache_dir)
     rows: list[dict[str, Any]] = []
     stored = store.keys()
     for key in stored:
@@ -342,14 +344,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from qbd.store import Store
+    from qbd.remote_store import open_store
 
-    store = Store(args.cache_dir)
+    store = open_store(args.cache_dir)
     report = store.verify(quarantine=args.quarantine)
     bad = {k: v for k, v in report.items() if v is not None}
     for name, problem in bad.items():
         print(f"{name}: {'quarantined: ' if args.quarantine else ''}{problem}")
-    stale = list((store.root / "tmp").iterdir()) if (store.root / "tmp").is_dir() else []
+    stale = store.stale_tmp()
     print(f"{store.root}: {len(report) - len(bad)} intact, {len(bad)} corrupt"
-          + (f", {len(stale)} unfinished write(s) in tmp/ (removed when their key is next created)" if stale else ""))
+          + (f", {len(stale)} unfinished write(s) (removed when their key is next created)" if stale else ""))
     return 1 if bad else 0

@@ -202,11 +202,11 @@ def default_zoo() -> Zoo | None:
 def _train_one(job: ModelJob, cache_dir: str | None) -> tuple[ModelJob, str, dict[str, Any], dict[str, Any], str]:
     """In a worker process: train `job` (or take it from the store), never from the zoo."""
     from qbd.data import load_dataset
-    from qbd.store import Store
+    from qbd.remote_store import open_store
     from qbd.zoo import get_trained
 
     data = load_dataset(job.dataset, None)
-    tm = get_trained(job, data, Store(cache_dir), progress=False, zoo=None)
+    tm = get_trained(job, data, open_store(cache_dir), progress=False, zoo=None)
     return job, data.fingerprint(), tm.model.state_dict(), tm.metrics, tm.entry.key
 
 

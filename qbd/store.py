@@ -54,10 +54,11 @@ class CorruptEntryError(StoreError):
 @dataclass
 class Entry:
     key: str
-    path: Path
+    path: Path | str  # the entry's directory (a URL for qbd.remote_store), or a pinned zoo file
     state_dict: dict[str, Any]
     meta: dict[str, Any]
     hit: bool
+    weights: Path | str | None = None  # the file (or URL) the weights were read from
 
 
 def default_root() -> Path:
@@ -82,19 +83,11 @@ class Store:
         self.root = Path(root).expanduser() if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"model cache {self.root} is not a directory (--cache-dir / ${CACHE_ENV})")
-        if lock_timeout is None:
-            raw = os.environ.get(LOCK_TIMEOUT_ENV)
-            try:
-                lock_timeout = DEFAULT_LOCK_TIMEOUT if raw is None else float(raw)
-            except ValueError:
-                lock_timeout = math.nan
-            if not (math.isfinite(lock_timeout) and lock_timeout > 0):
-                raise ConfigError(f"${LOCK_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
-        self.lock_timeout = lock_timeout
+        self.lock_timeout = seconds_setting(lock_timeout, LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT)
 
     # -- paths -------------------------------------------------------------------------------
     def entry_dir(self, key: str) -> Path:
-        _check_key(key)
+        check_key(key)
         return self.root / "models" / key
 
     def _lock(self, key: str) -> FileLock:
@@ -140,7 +133,7 @@ class Store:
             state = load_file(str(d / WEIGHTS))
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptEntryError(f"store entry {key}: cannot parse weights: {e}") from e
-        return Entry(key=key, path=d, state_dict=state, meta=meta, hit=True)
+        return Entry(key=key, path=d, state_dict=state, meta=meta, hit=True, weights=d / WEIGHTS)
 
     # -- write -------------------------------------------------------------------------------
     def save(self, key: str, state_dict: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -197,6 +190,11 @@ class Store:
                 shutil.rmtree(p, ignore_errors=True)
 
     # -- maintenance -------------------------------------------------------------------------
+    def stale_tmp(self) -> list[str]:
+        """Leftovers of writers that died mid-write (removed by the next holder of their key's lock)."""
+        d = self.root / "tmp"
+        return sorted(str(p) for p in d.iterdir()) if d.is_dir() else []
+
     def entry_names(self) -> list[str]:
         """Every directory under models/, valid entry or not (a key's dir without meta.json is
         damage: entries only appear by atomic rename)."""
@@ -211,7 +209,7 @@ class Store:
             out[name] = self._problem(name)
             if out[name] is None or not quarantine:
                 continue
-            if not _is_key(name):  # nothing of ours; no lock to take
+            if not is_key(name):  # nothing of ours; no lock to take
                 self._move_aside(self.root / "models" / name, name, out[name] or "")
                 continue
             lock = self._lock(name)
@@ -229,7 +227,7 @@ class Store:
         return out
 
     def _problem(self, name: str) -> str | None:
-        if not _is_key(name):
+        if not is_key(name):
             return "not a store key (64 lowercase hex digits)"
         if not (self.entry_dir(name) / META).is_file():
             return f"no {META}"
@@ -252,7 +250,7 @@ class Store:
 
         A corrupt entry is quarantined and recreated; with `refuse_corrupt` (the reason, shown to
         the user) it is quarantined and CorruptEntryError is raised instead."""
-        log = log or _stderr
+        log = log or stderr_log
         if self.has(key):
             try:
                 return self.load(key)
@@ -291,6 +289,20 @@ class Store:
             lock.release()
 
 
+def seconds_setting(value: float | None, env: str, default: float) -> float:
+    """`value`, else $env, else `default`: a number of seconds > 0."""
+    if value is not None:
+        return value
+    raw = os.environ.get(env)
+    try:
+        out = default if raw is None else float(raw)
+    except ValueError:
+        out = math.nan
+    if not (math.isfinite(out) and out > 0):
+        raise ConfigError(f"${env} must be a number of seconds > 0, got {raw!r}")
+    return out
+
+
 def versions() -> dict[str, str]:
     import platform
 
@@ -304,12 +316,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _is_key(key: str) -> bool:
+def is_key(key: str) -> bool:
     return len(key) == 64 and all(c in "0123456789abcdef" for c in key)
 
 
-def _check_key(key: str) -> None:
-    if not _is_key(key):
+def check_key(key: str) -> None:
+    if not is_key(key):
         raise StoreError(f"invalid store key {key!r}: expected 64 lowercase hex digits")
 
 
@@ -327,5 +339,5 @@ def _fsync_dir_files(d: Path) -> None:
     _fsync_path(d)
 
 
-def _stderr(msg: str) -> None:
+def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

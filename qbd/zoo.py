@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,9 @@ from qbd.config import ModelJob
 from qbd.data.base import DataSplit
 from qbd.models import Classifier, build_model
 from qbd.store import CorruptEntryError, Entry, Store
+
+if TYPE_CHECKING:
+    from qbd.remote_store import UrlStore
 
 
 @dataclass
@@ -30,11 +33,10 @@ class TrainedModel:
         return "hit" if self.entry.hit else "miss"
 
     @property
-    def weights_file(self) -> Path:
-        """The safetensors file the weights were loaded from (a zoo file, or the store entry's)."""
-        from qbd.store import WEIGHTS
-
-        return self.entry.path if "zoo" in self.entry.meta else self.entry.path / WEIGHTS
+    def weights_file(self) -> Path | str:
+        """The safetensors file the weights were loaded from (a zoo file, or the store entry's;
+        a URL for a store on a URL)."""
+        return self.entry.path if "zoo" in self.entry.meta else (self.entry.weights or self.entry.path)
 
     def provenance(self) -> dict[str, Any]:
         """Where the weights came from, for every Result: the pinned zoo, trained by qbd, or
@@ -57,7 +59,7 @@ def load_weights(job: ModelJob, data: DataSplit, state_dict: dict[str, torch.Ten
 def get_trained(
     job: ModelJob,
     data: DataSplit,
-    store: Store,
+    store: Store | UrlStore,
     device: str | torch.device | None = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,

@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     audit.add_argument("--num-classes", type=int, default=10, metavar="N", help="classes with --untrained (default 10)")
     audit.add_argument("--seed", type=int, default=0, help="training seed with --dataset (default 0)")
     audit.add_argument("--data-root", default=None, help="where CIFAR-10 / GTSRB live (else $QBD_DATA_ROOT)")
-    audit.add_argument("--cache-dir", default=None, help="model store (else $QBD_CACHE_DIR, else the user cache)")
+    audit.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
     audit.add_argument("--json", action="store_true", help="print the audit as JSON")
     audit.set_defaults(func=run)
     return quant
@@ -93,13 +93,13 @@ def _trained_report(args: argparse.Namespace) -> dict[str, Any]:
     from qbd.data import load_dataset
     from qbd.evaluate import Bench
     from qbd.presets import default_train
-    from qbd.store import Store
+    from qbd.remote_store import open_store
     from qbd.zoo import get_trained
 
     spec = DatasetSpec(args.dataset)
     job = ModelJob(spec, ModelSpec(args.model), AttackSpec(), default_train(args.dataset, args.model, seed=args.seed))
     data = load_dataset(spec, args.data_root)
-    tm = get_trained(job, data, Store(args.cache_dir), progress=False)
+    tm = get_trained(job, data, open_store(args.cache_dir), progress=False)
     bench = Bench(data, tm.model, job.attack, model_name=args.model, train_metrics=tm.metrics)
     qm = bench.quantized(args.scheme, args.engine)
     m = bench.metrics(args.scheme, args.engine)
