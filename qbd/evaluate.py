@@ -49,11 +49,15 @@ class Bench:
         train_metrics: dict[str, Any] | None = None,
         tier: str = "smoke",
         weights: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         """`attack` is what the model was trained with (None: a clean model). `probe_attack`
-        is the trigger used to probe a clean model (its natural ASR, STRIP's stream)."""
+        is the trigger used to probe a clean model (its natural ASR, STRIP's stream). `device`:
+        where the defenses run; models are quantized on the CPU, and a deployed model whose
+        scheme runs only there (torch's int8 kernels) stays there: its Result says so."""
         self.data = data
-        self.model = model.eval()
+        self.model = model.cpu().eval()
+        self.device = torch.device(device)
         self.attack = attack
         self.probe = attack or probe_attack or AttackSpec()
         self.probe.check_fits(*data.image_size, data.num_classes)
@@ -124,8 +128,21 @@ class Bench:
 
         key = (scheme, engine)
         if key not in self._quantized:
-            self._quantized[key] = SCHEMES.get(scheme).apply(self.model, self.calib(), engine=engine)
+            self._quantized[key] = _place(SCHEMES.get(scheme), SCHEMES.get(scheme).apply(self.model, self.calib(), engine=engine),
+                                          self.device)
         return self._quantized[key]
+
+    def placement(self, scheme: str, engine: str | None = None) -> dict[str, str]:
+        """Where the cell's deployed model and its surrogate run, and why the former is not on the
+        bench's device when it is not."""
+        from qbd.quant import SCHEMES
+
+        deployed = str(_device_of(self.quantized(scheme, engine).model))
+        out = {"device": str(self.device), "deployed": deployed, "surrogate": str(self.device)}
+        if deployed != str(self.device):
+            runs_on = "/".join(getattr(SCHEMES.get(scheme), "devices", ("cpu",)))
+            out["note"] = f"{scheme} runs on {runs_on} only: the deployed model stays on {deployed}"
+        return out
 
     def metrics(self, scheme: str, engine: str | None = None) -> dict[str, float]:
         """Clean accuracy and ASR of the deployed quantized model on the evaluation split."""
@@ -133,9 +150,10 @@ class Bench:
         if key not in self._metrics:
             qm = self.quantized(scheme, engine)
             x, y = self.eval_set
+            dev = _device_of(qm.model)
             self._metrics[key] = {
-                "clean_acc": accuracy(qm.model, x, y, device="cpu"),
-                "asr": attack_success_rate(qm.model, self.triggered_eval, self.probe.target, device="cpu"),
+                "clean_acc": accuracy(qm.model, x, y, device=dev),
+                "asr": attack_success_rate(qm.model, self.triggered_eval, self.probe.target, device=dev),
             }
         return self._metrics[key]
 
@@ -147,18 +165,20 @@ class Bench:
             m = qm.model
         else:
             if (scheme, engine) not in self._surrogates:
-                self._surrogates[(scheme, engine)] = qm.surrogate()
+                self._surrogates[(scheme, engine)] = qm.surrogate().to(self.device)  # a float twin runs anywhere
             m = self._surrogates[(scheme, engine)]
         return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path=gradient_path,
-                       float_model=self.model, redeploy=lambda edited: self.redeploy(edited, scheme, engine))
+                       device=_device_of(m), float_model=self.model,
+                       redeploy=lambda edited: self.redeploy(edited, scheme, engine))
 
     def redeploy(self, model: Classifier, scheme: str, engine: str | None = None) -> Subject:
         """An edited copy of the float model (a repair), deployed through the same scheme and
         calibration data as the cell's model."""
         from qbd.quant import SCHEMES
 
-        m = SCHEMES.get(scheme).apply(model, self.calib(), engine=engine).model
-        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path="deployed")
+        s = SCHEMES.get(scheme)
+        m = _place(s, s.apply(model.cpu(), self.calib(), engine=engine), self.device).model  # quantized on the CPU
+        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path="deployed", device=_device_of(m))
 
     def inputs(self, protocol: str, requires: frozenset[str]) -> DefenseInputs:
         hold = self.holdout
@@ -199,6 +219,7 @@ class Bench:
             "tier": self.tier,
             "attack": _attack_dict(self.attack),
             "quant": {"scheme": scheme, "audit": audit},
+            "placement": self.placement(scheme, engine),
             "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params_of(defense),
                         # a detection must name the planted target unless the defense declares it names none
                         "names_target": getattr(defense, "names_target", True) is not False},
@@ -231,6 +252,20 @@ class Bench:
         if target is not None and verdict.status == "detected" and verdict.target_class is not None:
             named = verdict.target_class == target
         return {"backdoored": self.attack is not None, "target": target, "target_named": named}
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for t in model.state_dict().values():
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def _place(scheme: Any, qm: Any, device: torch.device) -> Any:
+    """Move the deployed model to `device` where its scheme runs there (`Scheme.devices`)."""
+    if device.type != "cpu" and device.type in getattr(scheme, "devices", ("cpu",)):
+        qm.model.to(device)
+    return qm
 
 
 def poison_controls(verdict: Verdict, is_poisoned: torch.Tensor, labels: torch.Tensor, target: int) -> dict[str, Control]:

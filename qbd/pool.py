@@ -15,6 +15,7 @@ worker.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -103,19 +104,22 @@ class _Throttled:
 
 def run_tasks(fn: Callable[..., R], context: Any, tasks: Sequence[T], *, workers: int = 1,
               order: Sequence[int] | None = None, on_done: Callable[[int, R], None] | None = None,
-              on_progress: Callable[[int, Any], None] | None = None, start_method: str | None = None) -> list[R]:
+              on_progress: Callable[[int, Any], None] | None = None, start_method: str | None = None,
+              one_thread_in_process: bool = True) -> list[R]:
     """`[fn(context, t, report) for t in tasks]`, on `workers` processes. `order`: the indices in
     the order to start them (longest first balances the load); `on_done(i, result)` runs in the
     caller as each finishes; a task may call `report(payload)` (None when nobody listens) and the
     caller's `on_progress(i, payload)` gets it, throttled. An exception in a task is raised here,
     as it would be in-process; pending tasks are cancelled. `start_method`: default fork where
-    the platform has it, else spawn."""
+    the platform has it, else spawn. `one_thread_in_process`: with one worker, run on one thread
+    too (CPU verdicts must not depend on -j); False keeps torch's threads (a GPU run, whose
+    CPU-only int8 cells would otherwise crawl)."""
     start = list(order) if order is not None else list(range(len(tasks)))
     if sorted(start) != list(range(len(tasks))):
         raise ValueError("order must be a permutation of the task indices")
     out: list[Any] = [None] * len(tasks)
     if workers <= 1:
-        with one_thread():
+        with one_thread() if one_thread_in_process else contextlib.nullcontext():
             for i in start:
                 report = None if on_progress is None else _Throttled(lambda payload, i=i: on_progress(i, payload))
                 out[i] = fn(context, tasks[i], report)

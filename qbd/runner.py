@@ -28,7 +28,7 @@ class RunPlan:
     controls: bool = True  # also run the cells on a clean model (negative control)
     gradient_path: str | None = None  # None: per protocol (deployed for paper, surrogate for canonical)
     engine: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # concrete: "cpu" or "cuda:N" (qbd.devices.resolve)
     # several model seeds (rates over seeds): the clean control runs on every scheme, so every row
     # has as many clean models as backdoored ones, and log lines name the seed
     multi_seed: bool = False
@@ -118,7 +118,7 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
 
     try:
         return run_tasks(_run_cell, _Context(plan, tuple(units)), tasks, workers=n, order=_longest_first(tasks, plan),
-                         on_done=done, on_progress=step if bar is not None else None)
+                         on_done=done, on_progress=step if bar is not None else None, one_thread_in_process=on_cpu)
     finally:
         if bar is not None:
             bar.close()
@@ -182,7 +182,7 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
                 check_gates(tm.metrics, gates, attacked=j.attack is not None)
             bench = Bench(data, tm.model, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
                           spec=BenchSpec(holdout=plan.tier.holdout, stream=plan.tier.stream, seed=seed),
-                          train_metrics=tm.metrics, tier=plan.tier.name, weights=tm.provenance())
+                          train_metrics=tm.metrics, tier=plan.tier.name, weights=tm.provenance(), device=plan.device)
             cells = tuple(Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols)
             units.append(_Unit(bench, seed, seed_note, cells))
     return units
@@ -238,13 +238,13 @@ def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: 
     from qbd.config import AttackSpec
     from qbd.evaluate import Bench, BenchSpec
     from qbd.presets import seeded_job
-    from qbd.store import Store
+    from qbd.remote_store import open_store
     from qbd.tiers import TIERS
     from qbd.zoo import get_trained
 
     t = TIERS[tier]
     job = seeded_job(data.name, t.model, seed, attack)
-    tm = get_trained(job, data, store if store is not None else Store(), progress=False)
+    tm = get_trained(job, data, store if store is not None else open_store(), progress=False)
     return Bench(data, tm.model, job.attack, probe_attack=job.attack or AttackSpec(seed=seed), model_name=t.model,
                  spec=BenchSpec(holdout=t.holdout, stream=t.stream, seed=seed), train_metrics=tm.metrics, tier=tier,
                  weights=tm.provenance())

@@ -194,7 +194,7 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
     None, a note saying what happened); raises FineTuneDiverged on a non-finite loss."""
     if subject.float_model is None or subject.redeploy is None:
         return None, "the subject has no float model to fine-tune and re-deploy"
-    model = copy.deepcopy(subject.float_model)
+    model = copy.deepcopy(subject.float_model).to(subject.device)
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear) or head.in_features != len(mask):
         return None, f"the float model's head is not a Linear over the {len(mask)} pruned features, so the mask cannot be baked in"

@@ -114,6 +114,9 @@ class Scheme(Protocol):
     name: str
     differentiable: bool  # do input gradients flow through the deployed model
     engines: tuple[str, ...]  # accepted `engine` values; () when the scheme takes none
+    # device types the deployed model runs on (qbd.evaluate places it; a scheme without the
+    # attribute is taken as CPU-only). The model is quantized on the CPU either way.
+    devices: tuple[str, ...]
 
     def apply(
         self,

@@ -16,6 +16,7 @@ class FP32:
     name = "fp32"
     differentiable = True
     engines: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu", "cuda")  # where the deployed model can run
 
     def apply(
         self,

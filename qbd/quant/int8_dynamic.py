@@ -54,6 +54,7 @@ class Int8Dynamic:
     name = "int8-dynamic"
     differentiable = False
     engines: tuple[str, ...] = ("x86", "qnnpack", "fbgemm")  # default first; the paper used qnnpack
+    devices: tuple[str, ...] = ("cpu",)  # torch's int8 kernels are CPU-only; the surrogate can move
 
     def apply(
         self,

@@ -42,6 +42,7 @@ class Int8Static:
     name = "int8-static"
     differentiable = False
     engines: tuple[str, ...] = ("x86", "fbgemm", "qnnpack")  # default first
+    devices: tuple[str, ...] = ("cpu",)  # torch's int8 kernels are CPU-only; the surrogate can move
 
     def apply(
         self,

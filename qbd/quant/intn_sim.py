@@ -45,6 +45,7 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 class IntNSim:
     differentiable = True
     engines: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu", "cuda")  # float weights on an integer grid run anywhere
 
     def __init__(self, bits: int) -> None:
         if not MIN_BITS <= bits <= MAX_BITS:

@@ -97,3 +97,23 @@ def test_spawned_workers_get_the_context_pickled():
     each, and the results are the same."""
     out = run_tasks(_square_plus, 7, [1, 2, 3], workers=2, start_method="spawn")
     assert [r[0] for r in out] == [8, 11, 16] and {r[1] for r in out} == {1}
+
+
+def _threads(context, task, report):
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_in_process_thread_limit_is_for_cpu_runs_only():
+    import torch
+
+    before = torch.get_num_threads()
+    if before < 2:
+        torch.set_num_threads(2)
+    try:
+        assert run_tasks(_threads, None, [0], workers=1) == [1]
+        assert run_tasks(_threads, None, [0], workers=1, one_thread_in_process=False) == [torch.get_num_threads()]
+        assert torch.get_num_threads() >= 2
+    finally:
+        torch.set_num_threads(before)
