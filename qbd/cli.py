@@ -80,9 +80,10 @@ def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
         g.add_argument("--tier", choices=TIERS, default="smoke", help="default settings tier (default: smoke)")
     g.add_argument("--seed", type=_positive_int, default=0, help="training seed (default: 0)")
     g.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    g.add_argument("--device", default=None, help="where to train and run the defenses: auto (CUDA when present), cpu, cuda or"
+                   " cuda:N (default: the tier's: cpu for smoke, auto for paper)")
     g.add_argument("--data-root", default=None, help="where CIFAR-10 / GTSRB live (else $QBD_DATA_ROOT)")
-    g.add_argument("--cache-dir", default=None, help="model store (else $QBD_CACHE_DIR, else the user cache)")
+    g.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.add_argument_group("attack (BadNet)")
     a.add_argument("--target", type=_positive_int, default=0, help="target class (default: 0)")
@@ -120,7 +121,8 @@ def job_from_args(args: argparse.Namespace) -> ModelJob:
             poison_rate=args.poison_rate,
             seed=args.seed if args.attack_seed is None else args.attack_seed,
         )
-    precision = "bf16" if _device_type(args.device) == "cuda" else "fp32"
+    args.device = device_from_args(args)
+    precision = "fp32" if args.device == "cpu" else "bf16"
     return ModelJob(
         dataset=DatasetSpec(args.dataset),
         model=ModelSpec(model),
@@ -129,25 +131,17 @@ def job_from_args(args: argparse.Namespace) -> ModelJob:
     )
 
 
-def _device_type(device: str) -> str:
-    if device == "auto":
-        import torch
+def device_from_args(args: argparse.Namespace) -> str:
+    """--device resolved on this host (qbd.devices): a concrete "cpu" or "cuda:N"."""
+    from qbd import devices
+    from qbd.tiers import TIERS
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
-    if kind == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: torch sees no CUDA device here (use cpu or auto)")
-    return kind
+    return devices.resolve(args.device or TIERS[getattr(args, "tier", "smoke")].device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qbd.data import load_dataset
-    from qbd.store import Store
+    from qbd.remote_store import open_store
     from qbd.zoo import get_trained
 
     t0 = time.perf_counter()
@@ -155,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_dataset(job.dataset, args.data_root)
     # with --clean the BadNet options still name a trigger (the probe): check it all the same
     (job.attack or _probe_from_args(args)).check_fits(*data.image_size, data.num_classes)
-    store = Store(args.cache_dir)
+    store = open_store(args.cache_dir)
     tm = get_trained(job, data, store, device=args.device, progress=not args.no_progress)
     m = tm.metrics
     out = {
@@ -232,8 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qbd.data import DATASETS
     from qbd.defenses import DEFENSES
     from qbd.quant import SCHEMES
+    from qbd.remote_store import open_store
     from qbd.runner import RunPlan, load_defense, run
-    from qbd.store import Store
     from qbd.tiers import TIERS
 
     tier = TIERS[args.tier]
@@ -256,6 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if args.engine not in supported_engines():
             raise ConfigError(f"quantized engine {args.engine!r} is not available in this torch build; valid: {', '.join(supported_engines())}")
+    args.device = device_from_args(args)  # before any training: a missing GPU fails here
     jobs = []
     for ds in datasets:
         args_ds = argparse.Namespace(**{**vars(args), "dataset": ds, "model": args.model or tier.model})
@@ -282,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = expectations.load_for(tier.name, args.expectations or None)
     if table.tier != tier.name:
         raise ConfigError(f"--expectations {table.path}: a table for the {table.tier!r} tier; this run is the {tier.name!r} tier")
-    results = run(plan, data_root=args.data_root, store=Store(args.cache_dir), progress=not args.no_progress, gates=gates,
+    results = run(plan, data_root=args.data_root, store=open_store(args.cache_dir), progress=not args.no_progress, gates=gates,
                   workers=args.jobs)
     from qbd import rates
 
@@ -463,6 +458,9 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
             print(f"qbd: {e}", file=sys.stderr)
             return EXIT_FAIL
         raise
+    except OSError as e:  # a store on a URL that cannot be reached, a full disk: the environment's, not a bug
+        print(f"qbd: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

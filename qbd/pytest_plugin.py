@@ -33,6 +33,7 @@ MARKERS = {
 RESULT_PROPERTY = "qbd_result"
 ATTACK_PROPERTY = "qbd_attack"
 AUDIT_PROPERTY = "qbd_audit"
+LOAD_PROPERTY = "qbd_load"  # a worker loaded a model (its data, weights, quantized copies)
 _STATE = pytest.StashKey["QbdState"]()
 
 
@@ -47,6 +48,7 @@ class QbdState:
     seeds: int
     model_files: dict[str, Any]  # data set -> qbd.fetch.Source
     defense_timeout: float | None
+    device: str  # as asked (auto, cpu, cuda, cuda:N); each worker resolves it (qbd.devices)
     cache_dir: str | None
     data_root: str | None
     report_dir: str | None
@@ -59,6 +61,8 @@ class QbdState:
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
     row_failures: list[str] = field(default_factory=list)  # "row: message", computed at session end
     rows_by_rates: int = 0  # how many rows were judged by their rates
+    pending_loads: list[dict[str, Any]] = field(default_factory=list)  # worker side, until the next report
+    loads: list[dict[str, Any]] = field(default_factory=list)  # controller side: every worker's loads
 
     def by_rates(self, row_id: str) -> bool:
         """Whether the row's cells are judged by its rates (qbd.expectations.Expectations.by_rates):
@@ -71,7 +75,7 @@ class QbdState:
 # -- options ------------------------------------------------------------------------------------
 _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("tier", {"choices": ("smoke", "paper")}, "matrix tier: smoke (CPU, embedded data) or paper (default: smoke)"),
-    ("cache-dir", {}, "model store directory (default: $QBD_CACHE_DIR, else the user cache)"),
+    ("cache-dir", {}, "model store: a directory or a URL (s3://bucket/prefix, file:///path) shared by workers and hosts (default: $QBD_CACHE_DIR, else the user cache)"),
     ("data-root", {}, "where CIFAR-10 / GTSRB live for the paper tier (default: $QBD_DATA_ROOT)"),
     ("defense", {"action": "append"}, "add a third-party defense 'module:Class' to the matrix (repeatable)"),
     ("protocol", {"choices": ("canonical", "paper", "both")}, "protocol(s) to run (default: both)"),
@@ -84,6 +88,8 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("model-file", {"action": "append"}, "DATASET=PATH@SHA256: use these (untrusted) weights as DATASET's backdoored model"
      " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
     ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
+    ("device", {}, "where models train and defenses run: auto (CUDA when present), cpu, cuda or cuda:N; under xdist a bare"
+     " cuda (or auto on a GPU host) gives worker k cuda:{k mod GPUs} (default: the tier's: cpu for smoke, auto for paper)"),
 ]
 
 
@@ -123,12 +129,44 @@ def _model_files(specs: list[str]) -> dict[str, Any]:
     return out
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """`pytest -n N` without --dist: schedule by xdist_group (loadgroup) instead of test by test
+    (load), so one worker gets all the cells of a (data set, model, seed, scheme) and loads that
+    model once and quantizes it once. Ungrouped tests are spread as before; an explicit --dist wins."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadgroup (the default above): qbd's cases grouped by model and scheme
+    (qbd.xdist_groups), whatever pytest version xdist runs under."""
+    state = config.stash.get(_STATE, None)
+    if state is None or config.getvalue("dist") != "loadgroup":
+        return None
+    from qbd.xdist_groups import GroupScheduling
+
+    return GroupScheduling(config, log, groups_by_param_id(state))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    # xdist registers it; without xdist, --strict-markers must still accept the cells' groups
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs tests of one group on one worker")
     tier = _opt(config, "tier", "smoke")
     if tier not in TIERS:
         raise pytest.UsageError(f"--qbd-tier {tier!r}: valid: {', '.join(TIERS)}")
+    from qbd import devices
+    from qbd.errors import ConfigError
+    from qbd.tiers import TIERS as TIER_TABLE
+
+    device = _opt(config, "device", TIER_TABLE[tier].device)
+    try:
+        devices.check(device)
+    except ConfigError as e:
+        raise pytest.UsageError(f"--qbd-device: {e}") from None
     proto = _opt(config, "protocol", "both")
     if proto not in (*PROTOCOLS, "both"):
         raise pytest.UsageError(f"--qbd-protocol {proto!r}: valid: canonical, paper, both")
@@ -172,6 +210,7 @@ def pytest_configure(config: pytest.Config) -> None:
         seeds=seeds,
         model_files=model_files,
         defense_timeout=timeout,
+        device=device,
         cache_dir=_opt(config, "cache-dir"),
         data_root=_opt(config, "data-root"),
         report_dir=_opt(config, "report"),
@@ -228,8 +267,54 @@ def _data_missing(dataset: str, root: str | None) -> str | None:
     return None
 
 
-def _marks(state: QbdState, dataset: str) -> list[Any]:
+def _group(dataset: str, kind: str, seed: int, scheme: str) -> str:
+    """The scheduling group of a case: its model and scheme. Under xdist (qbd.xdist_groups) a
+    worker loads a model at most once and each (model, scheme) is quantized by one worker only;
+    grouping by model alone would leave all but 4 workers idle on the one-seed matrix (2 data
+    sets x 2 kinds)."""
+    return f"qbd:{dataset}:{kind}:seed{seed}:{scheme}"
+
+
+def _cases(state: QbdState) -> dict[str, list[tuple[str, tuple[Any, ...], str]]]:
+    """Every parametrized qbd argument's cases: {argname: [(param id, values, group)]}. The same
+    list parametrizes the tests (workers) and groups them for scheduling (controller)."""
+    from qbd.tiers import TIERS as TIER_TABLE
+    from qbd.tiers import Cell
+
+    tier = TIER_TABLE[state.tier]
+    cells = []
+    for ds in tier.datasets:
+        for ref in state.defenses:
+            name = state.defense_names[ref]
+            for proto in state.protocols:
+                cells += [Cell(ds, s, name, proto) for s in tier.schemes]
+                # the negative control: on fp32, where a false alarm cannot be blamed on quantization; over
+                # several seeds on every scheme, so every row has its false-alarm rate
+                cells += [Cell(ds, s, name, proto, "clean") for s in (tier.schemes if state.seeds > 1 else ("fp32",))]
+    cells.sort(key=lambda c: c.id)
+    pairs = sorted((ds, s) for ds in tier.datasets for s in tier.schemes)
+    attack = [(f"{ds}/{s}", ((ds, s),), _group(ds, "backdoored", 0, s)) for ds, s in pairs]
+    return {
+        # one seed: seed 0 (the qbd_seed fixture), today's ids
+        "qbd_cell": [(c.id, (c,), _group(c.dataset, c.control, 0, c.scheme)) for c in cells],
+        "qbd_cell+qbd_seed": [(f"{c.id}-seed{s}", (c, s), _group(c.dataset, c.control, s, c.scheme))
+                              for c in cells for s in range(state.seeds)],
+        "qbd_attack_case": attack,
+        "qbd_audit_case": attack,
+    }
+
+
+def groups_by_param_id(state: QbdState) -> dict[str, str]:
+    """{param id: group} of every case this session parametrizes (for qbd.xdist_groups)."""
+    several = state.seeds > 1
+    return {pid: group for arg, cases in _cases(state).items() if arg != ("qbd_cell" if several else "qbd_cell+qbd_seed")
+            for pid, _, group in cases}
+
+
+def _marks(state: QbdState, dataset: str, group: str | None = None) -> list[Any]:
     marks: list[Any] = [getattr(pytest.mark, state.tier)]
+    if group is not None:
+        marks.append(pytest.mark.xdist_group(group))
     if state.tier == "paper":
         marks.append(pytest.mark.gpu)
         why = _data_missing(dataset, state.data_root)
@@ -242,34 +327,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     state: QbdState | None = metafunc.config.stash.get(_STATE, None)
     if state is None:
         return
-    from qbd.tiers import TIERS as TIER_TABLE
-    from qbd.tiers import Cell
+    cases = _cases(state)
 
-    tier = TIER_TABLE[state.tier]
+    def params(arg: str) -> list[Any]:
+        return [pytest.param(*values, id=pid, marks=_marks(state, values[0][0] if arg.endswith("_case") else values[0].dataset, group))
+                for pid, values, group in cases[arg]]
+
     if "qbd_cell" in metafunc.fixturenames:
-        cells = []
-        for ds in tier.datasets:
-            for ref in state.defenses:
-                name = state.defense_names[ref]
-                for proto in state.protocols:
-                    cells += [Cell(ds, s, name, proto) for s in tier.schemes]
-                    # the negative control: on fp32, where a false alarm cannot be blamed on quantization; over
-                    # several seeds on every scheme, so every row has its false-alarm rate
-                    cells += [Cell(ds, s, name, proto, "clean") for s in (tier.schemes if state.seeds > 1 else ("fp32",))]
-        cells.sort(key=lambda c: c.id)
         if state.seeds > 1 and "qbd_seed" not in metafunc.fixturenames:
             # it would run seed 0 alone while the session reports N-seed rows
             raise pytest.UsageError(f"--qbd-seeds {state.seeds}: {metafunc.definition.nodeid} takes qbd_cell but not"
                                     " qbd_seed, so it cannot run the other seeds; request qbd_seed too (as qbd.suite.test_cell does)")
-        if state.seeds > 1 and "qbd_seed" in metafunc.fixturenames:
-            metafunc.parametrize(("qbd_cell", "qbd_seed"), [pytest.param(c, s, id=f"{c.id}-seed{s}", marks=_marks(state, c.dataset))
-                                                          for c in cells for s in range(state.seeds)])
-        else:  # one seed: seed 0 (the qbd_seed fixture), today's ids
-            metafunc.parametrize("qbd_cell", [pytest.param(c, id=c.id, marks=_marks(state, c.dataset)) for c in cells])
+        if state.seeds > 1:
+            metafunc.parametrize(("qbd_cell", "qbd_seed"), params("qbd_cell+qbd_seed"))
+        else:
+            metafunc.parametrize("qbd_cell", params("qbd_cell"))
     for argname in ("qbd_attack_case", "qbd_audit_case"):
         if argname in metafunc.fixturenames:
-            cases = sorted((ds, s) for ds in tier.datasets for s in tier.schemes)
-            metafunc.parametrize(argname, [pytest.param(c, id=f"{c[0]}/{c[1]}", marks=_marks(state, c[0])) for c in cases])
+            metafunc.parametrize(argname, params(argname))
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -281,6 +356,25 @@ class Session:
         self.state = state
         self._benches: dict[tuple[str, str, int], Any] = {}
         self._data: dict[str, Any] = {}
+        self._device: str | None = None
+
+    @property
+    def device(self) -> str:
+        """This worker's device (qbd.devices.resolve of --qbd-device). The paper tier on `auto`
+        without a GPU skips: ResNet-18 at the paper's scale is not practical on a CPU unless the
+        user asks for it (--qbd-device cpu)."""
+        if self._device is None:
+            from qbd import devices
+            from qbd.errors import ConfigError
+
+            try:
+                device = devices.resolve(self.state.device)
+            except ConfigError as e:
+                pytest.fail(f"--qbd-device: {e}", pytrace=False)
+            if self.state.tier == "paper" and self.state.device == "auto" and devices.is_cpu(device):
+                pytest.skip("the paper tier trains ResNet-18 at the paper's scale: no CUDA device here (--qbd-device cpu to insist)")
+            self._device = device
+        return self._device
 
     @property
     def expectations(self) -> Any:
@@ -294,6 +388,8 @@ class Session:
         key = (dataset, kind, seed)
         if key not in self._benches:
             self._benches[key] = self._make_bench(dataset, kind, seed)
+            self.state.pending_loads.append({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                                             "model": f"{dataset}/{kind}/seed{seed}", "device": self.device})
         return self._benches[key]
 
     def job(self, dataset: str, kind: str = "backdoored", seed: int = 0, device: str = "cpu") -> Any:
@@ -305,7 +401,7 @@ class Session:
 
         model = TIER_TABLE[self.state.tier].model
         return seeded_job(dataset, model, seed, AttackSpec() if kind == "backdoored" else None,
-                          precision="bf16" if device == "cuda" else "fp32")
+                          precision="fp32" if device.startswith("cpu") else "bf16")
 
     def by_rates(self, result: dict[str, Any]) -> bool:
         from qbd.rates import row_id
@@ -315,21 +411,20 @@ class Session:
     def _make_bench(self, dataset: str, kind: str, seed: int) -> Any:
         import torch
 
-        _single_thread(torch)
+        from qbd import devices
+
+        device = self.device
+        if devices.is_cpu(device):  # thread limits are for CPU verdicts; a GPU run keeps torch's default
+            _single_thread(torch)
         from qbd.config import DatasetSpec, Gates
         from qbd.data import load_dataset
         from qbd.evaluate import Bench, BenchSpec
-        from qbd.store import Store
+        from qbd.remote_store import open_store
         from qbd.tiers import TIERS as TIER_TABLE
         from qbd.train import check_gates
         from qbd.zoo import get_trained
 
         tier = TIER_TABLE[self.state.tier]
-        device = "cpu"
-        if self.state.tier == "paper":
-            if not torch.cuda.is_available():
-                pytest.skip("the paper tier trains ResNet-18 at the paper's scale: no CUDA device here")
-            device = "cuda"
         if dataset not in self._data:
             self._data[dataset] = load_dataset(DatasetSpec(dataset), self.state.data_root)
         data = self._data[dataset]
@@ -339,14 +434,14 @@ class Session:
         if source is not None:  # the user's weights stand in for the trained backdoored model
             from qbd.fetch import get_fetched
 
-            tm = get_fetched(source, job, data, Store(self.state.cache_dir), device=device)
+            tm = get_fetched(source, job, data, open_store(self.state.cache_dir), device=device)
         else:
-            tm = get_trained(job, data, Store(self.state.cache_dir), device=device, progress=False)
+            tm = get_trained(job, data, open_store(self.state.cache_dir), device=device, progress=False)
         check_gates(tm.metrics, Gates(), attacked=attack is not None)
         # the clean model is probed with the trigger its seed's backdoored model carries
         return Bench(data, tm.model, attack, probe_attack=self.job(dataset, "backdoored", seed).attack, model_name=tier.model,
                      spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed),
-                     train_metrics=tm.metrics, tier=self.state.tier, weights=tm.provenance())
+                     train_metrics=tm.metrics, tier=self.state.tier, weights=tm.provenance(), device=device)
 
     def defense(self, name: str, protocol: str) -> Any:
         from qbd.runner import load_defense
@@ -409,11 +504,21 @@ class Collector:
     def is_worker(self) -> bool:
         return hasattr(self.config, "workerinput")
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """Ship this worker's model loads with the report of the test that caused them."""
+        report = yield
+        while self.state.pending_loads:
+            report.user_properties.append((LOAD_PROPERTY, json.dumps(self.state.pending_loads.pop(0))))
+        return report
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call" or self.is_worker:
+        if self.is_worker:
             return
         for key, value in report.user_properties:
-            if key not in (RESULT_PROPERTY, ATTACK_PROPERTY, AUDIT_PROPERTY):
+            if key == LOAD_PROPERTY:  # from whichever phase loaded it
+                self.state.loads.append(json.loads(value))
+            if report.when != "call" or key not in (RESULT_PROPERTY, ATTACK_PROPERTY, AUDIT_PROPERTY):
                 continue
             payload = json.loads(value)
             if key == RESULT_PROPERTY:
@@ -486,9 +591,22 @@ class Collector:
         tr.write_line("budgets used:")
         for line in budgets(state.results):
             tr.write_line(f"  {line}")
+        for line in loads_summary(state.loads):
+            tr.write_line(line)
         if state.report_dir:
             tr.write_line(f"report written to {state.report_dir}")
         if state.accept:
             tr.write_line(f"expectations: findings proposed in {state.expectations_path} (write each proposed why):")
             for line in state.accept_notes:
                 tr.write_line(f"  {line}")
+
+
+def loads_summary(loads: list[dict[str, Any]]) -> list[str]:
+    """Which worker loaded which model, on which device: one line per model (a model loaded by
+    several workers was split across groups: each paid for its data and quantized copies)."""
+    by_model: dict[str, list[str]] = {}
+    for load in loads:
+        by_model.setdefault(load["model"], []).append(f"{load['worker']} ({load['device']})")
+    if not by_model:
+        return []
+    return ["models loaded:"] + [f"  {model}: {', '.join(sorted(w))}" for model, w in sorted(by_model.items())]

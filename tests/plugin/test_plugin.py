@@ -530,3 +530,50 @@ def test_without_bounds_each_seeds_cell_is_judged_on_its_own(suite: pytest.Pytes
     result.stdout.fnmatch_lines(["*digits/fp32/flipping[[]canonical[]] (seed 1): expected the truth (backdoored, target 0):"
                                  " detected naming 0*", "*measured miss*", "Rates over seeds*",
                                  glob.escape("digits/fp32/flipping[canonical]  1/2 = 0.50 [0.09, 0.91]") + "*"])
+
+
+def test_qbd_device_is_checked_before_anything_runs(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--qbd-device", "gpu0", "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--qbd-device: unknown device 'gpu0'; valid: auto, cpu, cuda or cuda:N*"])
+
+
+def test_asking_for_a_missing_gpu_fails_the_cells_saying_so(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                             outer_store: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device")
+    _shared_cache(monkeypatch, outer_store)
+    result = suite.runpytest("--qbd-device", "cuda", "-k", "digits/fp32/strip[paper]")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*--qbd-device: device 'cuda': torch sees no CUDA device here*"])
+
+
+def test_each_model_and_scheme_is_loaded_by_one_worker(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                       outer_store: str) -> None:
+    """`pytest -n 2` (no --dist): the plugin schedules by xdist_group, one group per (data set, model
+    kind, seed, scheme), so every test of a group runs on one worker, and no worker loads a model
+    twice (the session's "models loaded" lines, reported by the workers themselves)."""
+    import re
+
+    _shared_cache(monkeypatch, outer_store)
+    result = suite.runpytest_subprocess("-n", "2", "-v", "-p", "no:randomly", "--qbd-protocol", "paper",
+                                        "-k", "digits and (strip or test_attack)")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-3000:]
+    out = result.stdout.str()
+    ran = re.findall(r"\[(gw\d)\] \[ *\d+%\] PASSED test_qbd\.py::(test_\w+)\[(digits(?::clean)?)/([\w-]+)", out)
+    assert len(ran) == 9, out[-3000:]  # 4 schemes x (STRIP cell + attack) on the backdoored model, fp32 on the clean one
+    workers_of: dict[tuple[str, str], set[str]] = {}
+    for worker, _test, model, scheme in ran:
+        workers_of.setdefault((model, scheme), set()).add(worker)
+    assert len(workers_of) == 5 and all(len(w) == 1 for w in workers_of.values()), workers_of
+    assert {w for ws in workers_of.values() for w in ws} == {"gw0", "gw1"}, "one worker did everything"
+    loads = dict(re.findall(r"^  (digits/\w+/seed0): (.+)$", out, flags=re.M))
+    assert set(loads) == {"digits/backdoored/seed0", "digits/clean/seed0"}, out[-3000:]
+    for model, where in loads.items():
+        workers = [w.split(" ")[0] for w in where.split(", ")]
+        assert len(workers) == len(set(workers)), f"{model} loaded twice by one worker: {where}"
+        assert all(w.endswith("(cpu)") for w in where.split(", "))
+    # the clean model's only group ran on one worker, so only that worker loaded it
+    assert loads["digits/clean/seed0"].split(" ")[0] == next(iter(workers_of[("digits:clean", "fp32")]))
