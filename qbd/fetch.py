@@ -353,5 +353,5 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{name}: {'quarantined: ' if args.quarantine else ''}{problem}")
     stale = store.stale_tmp()
     print(f"{store.root}: {len(report) - len(bad)} intact, {len(bad)} corrupt"
-          + (f", {len(stale)} unfinished write(s) (removed when their key is next created)" if stale else ""))
+          + (f", {len(stale)} unfinished write(s) of writers that died (harmless)" if stale else ""))
     return 1 if bad else 0

@@ -1,4 +1,5 @@
-"""The model store on a URL (s3://bucket/prefix, gs://..., file:///...), through fsspec.
+"""The model store on a URL (s3://bucket/prefix, file:///...; any fsspec filesystem that honours
+create-only writes, checked once per store), through fsspec.
 
 Twin of qbd.store.Store with the same interface and errors. Object stores have neither rename
 nor flock, so the protocol rests on create-only puts (S3's If-None-Match; a hard link locally):
@@ -25,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -53,6 +55,7 @@ from qbd.store import (
 STALE_AFTER_ENV = "QBD_LOCK_STALE_AFTER"
 DEFAULT_STALE_AFTER = 60.0
 ORPHAN = f"no {META} (a writer died before publishing)"
+_CONFLICT_RETRIES = 6
 
 
 def open_store(root: str | os.PathLike[str] | None = None, lock_timeout: float | None = None) -> Store | UrlStore:
@@ -69,6 +72,7 @@ class UrlStore:
         self.lock_timeout = seconds_setting(lock_timeout, LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT)
         self.stale_after = seconds_setting(stale_after, STALE_AFTER_ENV, DEFAULT_STALE_AFTER)
         self.fs, self._base = _filesystem(self.root)
+        self._create_only_checked = False
 
     # -- paths: `_path` for fsspec, `_url` for people -------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -155,8 +159,44 @@ class UrlStore:
         put = _PUTS.get(_protocol(self.fs))
         if put is not None:
             put(path, data, create)
-        else:
-            self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
+            return
+        if create:
+            self._check_create_only()
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
+                return
+            except StoreUnreachable as e:
+                answer = _conditional_answer(e.__cause__)
+                if create and answer == "exists":  # a 412 the backend did not map to FileExistsError
+                    raise FileExistsError(path) from e
+                if answer != "conflict" or attempt == _CONFLICT_RETRIES:
+                    raise
+                # S3 answers 409 to simultaneous conditional writes of one key: retry, as AWS advises
+                time.sleep(random.uniform(0.05, 0.1) * 2**attempt)
+
+    def _check_create_only(self) -> None:
+        """Once per store: a backend that ignores create-only writes (some S3-compatible servers
+        drop If-None-Match) would let racing publishers overwrite each other: refuse it."""
+        if self._create_only_checked:
+            return
+        probe = self._path("locks", f"probe-{uuid.uuid4().hex}")
+        self.fs.pipe_file(probe, b"1", mode="create")
+        try:
+            self.fs.pipe_file(probe, b"2", mode="create")
+        except FileExistsError:
+            self._create_only_checked = True
+            return
+        except StoreUnreachable as e:
+            if _conditional_answer(e.__cause__) == "exists":
+                self._create_only_checked = True
+                return
+            raise
+        finally:
+            self._rm(probe)
+        raise ConfigError(f"model store {self.root}: the backend ignores create-only writes (If-None-Match), so racing"
+                          " publishers could overwrite each other's entries; use a backend that honours them (AWS S3,"
+                          " MinIO, a local or mounted path)")
 
     def _rm(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -225,7 +265,17 @@ class UrlStore:
                     beat = 0.0  # our writes are whole: an unparsable lease is damage, not a write in flight
                 if time.time() - beat <= self.stale_after:
                     return None
-                self._rm(path)  # stale: its holder died
+                # stale: its holder died. Of the waiters that saw it, only the one whose create-only
+                # marker for this lease lands breaks it; a late one cannot delete its successor
+                try:
+                    gone = json.loads(raw)["owner"]
+                except (ValueError, KeyError, TypeError):
+                    gone = hashlib.sha256(raw).hexdigest()[:32]
+                try:
+                    self._put(self._path("locks", f"{key}.broken-{gone}"), b"", create=True)
+                except FileExistsError:
+                    return None
+                self._rm(path)
                 continue
             lease.start()
             return lease
@@ -257,7 +307,8 @@ class UrlStore:
 
     # -- maintenance -------------------------------------------------------------------------
     def stale_tmp(self) -> list[str]:
-        """Objects of writers that died before publishing (removed by the next creator of their key)."""
+        """Objects of writers that died before publishing: harmless (named by their content), moved
+        aside by `verify(quarantine=True)`."""
         return [self._url(f) for n, files in sorted(self._tree().items())
                 if is_key(n) and self._path("models", n, META) not in files for f in files]
 
@@ -330,8 +381,8 @@ class UrlStore:
                     if refuse_corrupt is not None:
                         raise CorruptEntryError(f"{e}; moved to {dest}; {refuse_corrupt}") from None
                     log(f"qbd: {e}; moved to {dest}, recreating it")
-            for f in self._files("models", key):  # a dead writer's unpublished weights
-                self._rm(f)
+            # a dead writer's unpublished weights stay (content-named, so harmless; `verify --quarantine`
+            # clears them): deleting here could remove a live writer's, were two to hold the lease
             state, meta = create()
             return self._publish(key, state, meta)
         finally:
@@ -460,3 +511,18 @@ class _Guarded:
                 raise StoreUnreachable(f"model store {self._url}: {type(e).__name__}: {e}") from e
 
         return call
+
+
+def _conditional_answer(error: BaseException | None) -> str | None:
+    """How a failed conditional put was answered: "exists" (412 Precondition Failed), "conflict"
+    (409, simultaneous conditional writes: retry), or None (something else)."""
+    import errno
+
+    text = f"{type(error).__name__} {error}"
+    code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
+    if code == "PreconditionFailed" or "PreconditionFailed" in text or "412" in text.split():
+        return "exists"
+    if (code == "ConditionalRequestConflict" or "ConditionalRequestConflict" in text
+            or (isinstance(error, OSError) and error.errno == errno.EBUSY)):
+        return "conflict"
+    return None

@@ -29,8 +29,8 @@ def _state(seed: int = 0):
 def s3_bucket():
     """A moto S3 server on a free local port (one per xdist worker), with the AWS_* environment
     pointing at it (inherited by subprocesses) and one bucket."""
-    pytest.importorskip("s3fs", reason="s3fs is not installed")
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    import moto.server as server_mod  # the test extra installs them: a missing one fails, never skips
+    import s3fs
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -270,16 +270,16 @@ def test_a_stale_lease_is_broken(url):
 
 def test_a_live_lease_makes_others_wait_then_hit(url, tmp_path):
     log = tmp_path / "creates.log"
-    holder = _worker(url, log, pause=2.0, QBD_LOCK_STALE_AFTER="1")  # heartbeats every 0.25 s
+    holder = _worker(url, log, pause=3.0, QBD_LOCK_STALE_AFTER="2")  # heartbeats every 0.5 s, outliving stale_after
     try:
         assert holder.stdout.readline().strip() == "ready"
         holder.stdin.write("go\n")
         holder.stdin.flush()
         assert holder.stdout.readline().strip() == "creating"
         with pytest.raises(StoreError, match=r"timed out after 0 s waiting for the lock on .*locks/a+\.json"):
-            UrlStore(url, lock_timeout=0.4, stale_after=1).get_or_create(KEY, lambda: pytest.fail("held"), log=lambda m: None)
+            UrlStore(url, lock_timeout=0.4, stale_after=2).get_or_create(KEY, lambda: pytest.fail("held"), log=lambda m: None)
         logs = []
-        e = UrlStore(url, lock_timeout=30, stale_after=1).get_or_create(KEY, lambda: pytest.fail("lease is live"), log=logs.append)
+        e = UrlStore(url, lock_timeout=30, stale_after=2).get_or_create(KEY, lambda: pytest.fail("lease is live"), log=logs.append)
         assert e.hit and len(logs) == 1
         assert json.loads(holder.communicate(timeout=60)[0])["hit"] is False
     finally:
@@ -374,8 +374,71 @@ def test_an_unreachable_store_is_one_line_not_a_traceback(tmp_path):
 
     env = {**os.environ, "QBD_ZOO": "off", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1", "AWS_DEFAULT_REGION": "us-east-1"}
-    pytest.importorskip("s3fs", reason="s3fs is not installed")
     r = subprocess.run([sys.executable, "-m", "qbd", "store", "list", "--cache-dir", "s3://nobucket/x"], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.startswith("qbd: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_stale_lease_is_broken_by_one_waiter_only(url, monkeypatch):
+    """Two waiters saw the same dead lease: the first breaks it and holds the key; the second,
+    late, must not delete the first's new lease (its create-only break marker already exists)."""
+    a, b = UrlStore(url, stale_after=1), UrlStore(url, stale_after=1)
+    path = _lease_path(a)
+    dead = json.dumps({"owner": "dead", "heartbeat": time.time() - 3600}).encode()
+    a._put(path, dead)
+    held = a._try_lease(KEY)
+    try:
+        assert held is not None and held._mine()
+        real_read = b._read
+        monkeypatch.setattr(b, "_read", lambda p: dead if p == path else real_read(p))  # b read before a broke it
+        assert b._try_lease(KEY) is None
+        assert held._mine(), "the late waiter deleted the lease its predecessor holds"
+    finally:
+        held.release()
+
+
+def _memory_backend(name, pipe_file):
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    cls = type(f"{name}FS", (MemoryFileSystem,), {"protocol": name, "pipe_file": pipe_file})
+    fsspec.register_implementation(name, cls, clobber=True)
+    return f"{name}://{uuid.uuid4().hex}"
+
+
+def test_a_backend_ignoring_create_only_writes_is_refused():
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    def ignores_mode(self, path, value, mode="overwrite", **kw):
+        return MemoryFileSystem.pipe_file(self, path, value, mode="overwrite", **kw)
+
+    store = UrlStore(_memory_backend("qbdnocreate", ignores_mode))
+    with pytest.raises(ConfigError, match="ignores create-only writes"):
+        store.get_or_create(KEY, lambda: (_state(), {}), log=lambda m: None)
+    assert store.keys() == []
+
+
+def test_conditional_write_conflicts_are_retried_and_412_means_taken():
+    """S3 answers 409 to simultaneous conditional writes (retry) and 412 when the object exists;
+    a backend that does not map 412 to FileExistsError is still read right."""
+    import errno
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    calls = {"busy": 0}
+
+    def s3_like(self, path, value, mode="overwrite", **kw):
+        if mode == "create" and path.endswith("meta.json") and calls["busy"] < 2:
+            calls["busy"] += 1
+            raise OSError(errno.EBUSY, "ConditionalRequestConflict")
+        if mode == "create" and self.exists(path):
+            raise RuntimeError("An error occurred (PreconditionFailed) when calling the PutObject operation")
+        return MemoryFileSystem.pipe_file(self, path, value, mode="overwrite", **kw)
+
+    store = UrlStore(_memory_backend("qbds3like", s3_like))
+    entry = store.get_or_create(KEY, lambda: (_state(), {}), log=lambda m: None)
+    assert not entry.hit and calls["busy"] == 2 and store.keys() == [KEY]
+    with pytest.raises(FileExistsError):  # the 412 read as "taken"
+        store.save(KEY, _state(1), {})
+    assert torch.equal(store.load(KEY).state_dict["w"], _state()["w"])  # the first publisher's entry stands
