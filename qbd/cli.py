@@ -458,9 +458,6 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
             print(f"qbd: {e}", file=sys.stderr)
             return EXIT_FAIL
         raise
-    except OSError as e:  # a store on a URL that cannot be reached, a full disk: the environment's, not a bug
-        print(f"qbd: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -132,6 +132,16 @@ class Bench:
                                           self.device)
         return self._quantized[key]
 
+    @cached_property
+    def float_on_device(self) -> Classifier:
+        """The float model on the bench's device, for repairs that fine-tune it (Fine-Pruning): on a
+        GPU run they train there even when the deployed int8 model runs on the CPU."""
+        if self.device.type == "cpu":
+            return self.model
+        import copy
+
+        return copy.deepcopy(self.model).to(self.device)
+
     def placement(self, scheme: str, engine: str | None = None) -> dict[str, str]:
         """Where the cell's deployed model and its surrogate run, and why the former is not on the
         bench's device when it is not."""
@@ -168,7 +178,7 @@ class Bench:
                 self._surrogates[(scheme, engine)] = qm.surrogate().to(self.device)  # a float twin runs anywhere
             m = self._surrogates[(scheme, engine)]
         return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path=gradient_path,
-                       device=_device_of(m), float_model=self.model,
+                       device=_device_of(m), float_model=self.float_on_device,
                        redeploy=lambda edited: self.redeploy(edited, scheme, engine))
 
     def redeploy(self, model: Classifier, scheme: str, engine: str | None = None) -> Subject:

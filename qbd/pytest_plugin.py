@@ -129,19 +129,10 @@ def _model_files(specs: list[str]) -> dict[str, Any]:
     return out
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    """`pytest -n N` without --dist: schedule by xdist_group (loadgroup) instead of test by test
-    (load), so one worker gets all the cells of a (data set, model, seed, scheme) and loads that
-    model once and quantizes it once. Ungrouped tests are spread as before; an explicit --dist wins."""
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
-        config.option.dist = "loadgroup"
-
-
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """--dist loadgroup (the default above): qbd's cases grouped by model and scheme
-    (qbd.xdist_groups), whatever pytest version xdist runs under."""
+    """`--dist loadgroup`: qbd's cases grouped by model and scheme (qbd.xdist_groups), whatever
+    pytest version xdist runs under. Opt-in: plain `-n` keeps xdist's own scheduling."""
     state = config.stash.get(_STATE, None)
     if state is None or config.getvalue("dist") != "loadgroup":
         return None
@@ -414,8 +405,11 @@ class Session:
         from qbd import devices
 
         device = self.device
-        if devices.is_cpu(device):  # thread limits are for CPU verdicts; a GPU run keeps torch's default
+        if devices.is_cpu(device):  # one thread: CPU verdicts must not depend on the worker count
             _single_thread(torch)
+        else:  # the CPU-only int8 cells share the host's cores among the GPU workers
+            _share_cores(torch)
+            devices.prepare(device)
         from qbd.config import DatasetSpec, Gates
         from qbd.data import load_dataset
         from qbd.evaluate import Bench, BenchSpec

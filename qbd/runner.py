@@ -89,6 +89,9 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
         from qbd.errors import ConfigError
 
         raise ConfigError(f"-j {workers}: worker processes run cells on the CPU; with --device {plan.device} use -j 1")
+    from qbd import devices
+
+    devices.prepare(plan.device)
     units = _units(plan, data_root, store, progress, log, gates)
     tasks = [(u, cell) for u, unit in enumerate(units) for cell in unit.cells]
     n = resolve_workers(workers, len(tasks)) if on_cpu else 1  # one GPU process: -j auto is 1

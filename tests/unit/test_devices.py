@@ -118,3 +118,15 @@ def test_on_a_gpu_the_surrogate_and_float_schemes_move_and_int8_stays() -> None:
     assert bench.subject("int8-static", "deployed").device.type == "cpu"
     m = bench.metrics("int4-sim")  # measured where the deployed model runs
     assert 0.0 <= m["clean_acc"] <= 1.0
+    from qbd.quant.audit import measure_input_gradient
+
+    for scheme in ("fp32", "int4-sim", "int8-dynamic", "int8-static"):  # what test_audit does, on the device
+        s = bench.subject(scheme, "surrogate")
+        ok, note = measure_input_gradient(s.model, tuple(bench.calib().shape[1:]), s.device)
+        assert ok, f"{scheme}: {note}"
+    from qbd.runner import load_defense
+
+    for name in ("fine-pruning", "neural-cleanse", "strip"):  # FP fine-tunes on the GPU, re-deploys to the CPU
+        r = bench.run(load_defense(name, "canonical", "smoke"), "int8-static", seed=0)
+        assert r["verdict"]["reason_code"] not in ("error", "timeout", "unspecified"), r["verdict"]["reason"]
+        assert r["placement"]["surrogate"] == "cuda:0"

@@ -44,3 +44,14 @@ def test_several_seeds_group_each_seed_apart() -> None:
     assert groups["digits/fp32/strip[paper]-seed2"] == "qbd:digits:backdoored:seed2:fp32"
     assert groups["digits:clean/int4-sim/strip[paper]-seed1"] == "qbd:digits:clean:seed1:int4-sim"
     assert len(set(groups.values())) == 2 * 2 * 3 * 4  # data sets x kinds x seeds x schemes (clean on every scheme)
+
+
+def test_scheduler_scopes_qbd_cases_by_group_and_others_alone() -> None:
+    from qbd.xdist_groups import GroupScheduling
+
+    sched = GroupScheduling.__new__(GroupScheduling)  # _split_scope needs only the groups
+    sched.groups = groups_by_param_id(_state())
+    cell, attack = "t.py::test_cell[digits/int8-static/strip[paper]]", "t.py::test_attack[digits/int8-static]"
+    assert sched._split_scope(cell) == sched._split_scope(attack) == "qbd:digits:backdoored:seed0:int8-static"
+    assert sched._split_scope("t.py::test_other[3]") == "t.py::test_other[3]"  # not a qbd case: a scope of its own
+    assert sched._split_scope("t.py::test_x[1]@mygroup") == "mygroup"  # xdist's own suffix, where pytest keeps it
