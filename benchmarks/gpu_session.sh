@@ -9,7 +9,7 @@
 #   setup        qbd's pytest plugin registered (pip install -e . offline when it is not); wheels in .whl/ if any
 #   stand_in     (in the background from the start, CPU only) stand-in CIFAR-10 and GTSRB in $WORK/data
 #   environment  nvidia-smi -L, torch / CUDA / device name, the packages qbd needs (one JSON line)
-#   gpu_test     pytest -m gpu tests/unit/test_devices.py (models placed where their scheme runs)
+#   gpu_test     pytest -m qbd_gpu tests/unit/test_devices.py (models placed where their scheme runs)
 #   paper_tier   benchmarks/paper_tier.py --device cuda --compile --skip-sequential (training + NC timings)
 #   paper_suite  pytest --pyargs qbd.suite --qbd-tier paper on the stand-in data, timed, with pass/fail counts
 #
@@ -205,7 +205,7 @@ print(json.dumps(info))
 run_step environment "$CAP_ENV" "$PY" -c "$ENV_PY"
 
 # --- gpu_test: the placement test on a real GPU (skips on the CPU) --------------------------------
-run_step gpu_test "$CAP_GPU_TEST" "$PY" -m pytest -q -p no:xdist -p no:randomly -m gpu "${PLUGIN_ARGS[@]}" \
+run_step gpu_test "$CAP_GPU_TEST" "$PY" -m pytest -q -p no:xdist -p no:randomly -m qbd_gpu "${PLUGIN_ARGS[@]}" \
     tests/unit/test_devices.py
 selected gpu_test && printf '{"step":"gpu_test","figure":"pytest_counts",%s}\n' "$(pytest_counts "$LOGS/gpu_test.log")" \
     >> "$OUT/figures.jsonl"

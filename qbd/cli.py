@@ -17,7 +17,7 @@ from typing import Any
 from qbd import __version__
 from qbd.config import CORNERS, TIERS, TRIGGER_PATTERNS, AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
 from qbd.errors import ConfigError, QbdUserError
-from qbd.registry import UnknownNameError
+from qbd.registry import UnknownNameError, unknown_message
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -190,19 +190,34 @@ def report_model(args: argparse.Namespace, job: ModelJob, tm: Any, out: dict[str
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Everything a run can name; `--json` for scripts."""
+    from qbd.config import PROTOCOLS
     from qbd.data import DATASETS
+    from qbd.defenses import available
     from qbd.models import MODELS
+    from qbd.quant import SCHEMES
+    from qbd.tiers import TIERS
 
-    print("datasets:", ", ".join(DATASETS.names()))
-    print("models:  ", ", ".join(MODELS.names()))
-    for label, modname in (("schemes:  ", "qbd.quant"), ("defenses: ", "qbd.defenses")):
-        try:
-            mod = __import__(modname, fromlist=["*"])
-        except ImportError:
-            continue
-        reg = getattr(mod, "SCHEMES", None) or getattr(mod, "DEFENSES", None)
-        if reg is not None:
-            print(label, ", ".join(reg.names()))
+    defenses = available()
+    out = {
+        "datasets": DATASETS.names(),
+        "models": MODELS.names(),
+        "schemes": SCHEMES.names(),
+        "defenses": [{"name": a.name, "ref": a.ref, "origin": a.origin} for a in defenses],
+        "protocols": list(PROTOCOLS),
+        "attacks": ["badnet"],
+        "tiers": {t.name: {"datasets": list(t.datasets), "model": t.model, "schemes": list(t.schemes), "device": t.device}
+                  for t in TIERS.values()},
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    print("datasets: ", ", ".join(out["datasets"]))
+    print("models:   ", ", ".join(out["models"]))
+    print("schemes:  ", ", ".join(out["schemes"]))
+    print("defenses: ", ", ".join(a.name if a.builtin else f"{a.name} ({a.origin})" for a in defenses))
+    print("protocols:", ", ".join(out["protocols"]))
+    print("attacks:  ", ", ".join(out["attacks"]))
     return EXIT_OK
 
 
@@ -217,14 +232,14 @@ def _csv(text: str | None, valid: list[str] | None, label: str) -> tuple[str, ..
         raise ConfigError(f"--{label}: empty list")
     for it in items:
         if valid is not None and it not in valid and ":" not in it:
-            raise UnknownNameError(f"unknown {label} {it!r}; valid: {', '.join(valid)}")
+            raise UnknownNameError(unknown_message(label, it, list(valid)))
     return tuple(dict.fromkeys(items))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from qbd.config import PROTOCOLS
     from qbd.data import DATASETS
-    from qbd.defenses import DEFENSES
+    from qbd.defenses import available
     from qbd.quant import SCHEMES
     from qbd.remote_store import open_store
     from qbd.runner import RunPlan, load_defense, run
@@ -240,7 +255,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     datasets = (_csv(args.dataset, DATASETS.names(), "dataset") if args.dataset is not None
                 else ("synthetic",) if args.tier == "smoke" else tier.datasets)
     schemes = _csv(args.quant, SCHEMES.names(), "quant") if args.quant is not None else tier.schemes
-    defenses = _csv(args.defense, DEFENSES.names(), "defense") if args.defense is not None else tuple(DEFENSES.names())
+    names = [a.name for a in available()]  # built-ins and the qbd.defenses entry points, as in the pytest matrix
+    defenses = _csv(args.defense, names, "defense") if args.defense is not None else tuple(names)
     protocols = _csv(args.protocol, list(PROTOCOLS), "protocol") if args.protocol is not None else tuple(PROTOCOLS)
     for ref in defenses:  # fail on a bad --defense before any training
         for protocol in protocols:
@@ -411,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", metavar="DIR", default=None, help="write results.json, report.md and heatmap.png to DIR")
     r.set_defaults(func=cmd_run)
 
-    ls = sub.add_parser("list", help="list data sets, models, schemes and defenses")
+    ls = sub.add_parser("list", help="list data sets, models, schemes, defenses (built-in and installed), protocols, attacks")
+    ls.add_argument("--json", action="store_true", help="one JSON object: names, each defense's origin, each tier's settings")
     ls.set_defaults(func=cmd_list)
 
     _add_optional_parsers(sub)

@@ -24,11 +24,11 @@ import pytest
 
 from qbd.config import PROTOCOLS, TIERS
 
+# prefixed: the plugin is installed in every project of the environment, whose own markers it must not claim
 MARKERS = {
-    "smoke": "the smoke matrix on the embedded data sets (CPU, tiny model)",
-    "paper": "the paper tier: ResNet-18 on CIFAR-10 / GTSRB (needs the data, practical on a GPU)",
-    "gpu": "needs a CUDA device",
-    "bench": "pytest-benchmark timings (run with -p no:xdist)",
+    "qbd_smoke": "qbd's smoke matrix on the embedded data sets (CPU, tiny model)",
+    "qbd_paper": "qbd's paper tier: ResNet-18 on CIFAR-10 / GTSRB (needs the data, practical on a GPU)",
+    "qbd_gpu": "needs a CUDA device",
 }
 RESULT_PROPERTY = "qbd_result"
 ATTACK_PROPERTY = "qbd_attack"
@@ -43,7 +43,7 @@ class QbdState:
 
     tier: str
     protocols: tuple[str, ...]
-    defenses: list[str]  # registry names and module:Class references, sorted by cell name
+    defenses: list[str]  # built-in names and --qbd-defense module:Class references, sorted by cell name
     defense_names: dict[str, str]  # reference -> the defense's `name`
     seeds: int
     model_files: dict[str, Any]  # data set -> qbd.fetch.Source
@@ -62,6 +62,31 @@ class QbdState:
     row_failures: list[str] = field(default_factory=list)  # "row: message", computed at session end
     rows_by_rates: int = 0  # how many rows were judged by their rates
     pending_loads: list[dict[str, Any]] = field(default_factory=list)  # worker side, until the next report
+    datasets: tuple[str, ...] | None = None  # --qbd-dataset: a subset of the tier's (None: all)
+    schemes: tuple[str, ...] | None = None  # --qbd-scheme: a subset of the tier's (None: all)
+    _matrix: dict[str, str] | None = None  # ref -> name with the entry points, once the matrix is built
+
+    def matrix(self) -> dict[str, str]:
+        """Every defense of the matrix, ref -> cell name, sorted by name: the built-ins and the
+        --qbd-defense references, then the `qbd.defenses` entry points, read from package
+        metadata when the matrix is first parametrized (never at configure time, so a project
+        without qbd tests never touches them) and imported only when one of their cells runs."""
+        if self._matrix is None:
+            import warnings
+
+            from qbd.defenses import available
+
+            names = dict(self.defense_names)
+            for a in available():
+                if a.builtin:
+                    continue
+                if a.name in names.values():
+                    warnings.warn(f"qbd: the defense {a.name!r} of the {a.origin} is skipped: --qbd-defense names one"
+                                  " with that name", pytest.PytestWarning, stacklevel=2)
+                    continue
+                names[a.name] = a.name  # load_defense resolves entry-point names
+            self._matrix = dict(sorted(names.items(), key=lambda kv: kv[1]))
+        return self._matrix
     loads: list[dict[str, Any]] = field(default_factory=list)  # controller side: every worker's loads
 
     def by_rates(self, row_id: str) -> bool:
@@ -88,6 +113,9 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("model-file", {"action": "append"}, "DATASET=PATH@SHA256: use these (untrusted) weights as DATASET's backdoored model"
      " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
     ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
+    ("dataset", {}, "run only these of the tier's data sets, comma-separated (default: all of them)"),
+    ("scheme", {}, "run only these of the tier's schemes, comma-separated (default: all of them; the clean model's control"
+     " runs on fp32, so leaving fp32 out drops it)"),
     ("device", {}, "where models train and defenses run: auto (CUDA when present), cpu, cuda or cuda:N; under xdist a bare"
      " cuda (or auto on a GPU host) gives worker k cuda:{k mod GPUs} (default: the tier's: cpu for smoke, auto for paper)"),
 ]
@@ -176,6 +204,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--qbd-seeds {seeds} evaluates {seeds} models per data set; --qbd-model-file is one model: drop one")
     refs = list(_opt(config, "defense", []) or [])
     defense_names = _resolve_defenses(refs)
+    subset = {k: _subset(_opt(config, k), getattr(TIER_TABLE[tier], f"{k}s"), k) for k in ("dataset", "scheme")}
     exp = _opt(config, "expectations")
     exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
     accept = bool(_opt(config, "accept", False))
@@ -208,23 +237,33 @@ def pytest_configure(config: pytest.Config) -> None:
         accept=accept,
         expectations_path=exp_path,
         expectations=table,
+        datasets=subset["dataset"],
+        schemes=subset["scheme"],
     )
     config.stash[_STATE] = state
     config.pluginmanager.register(Collector(state, config), "qbd-collector")
 
 
-def _resolve_defenses(refs: list[str]) -> dict[str, str]:
-    """Built-ins, the `qbd.defenses` entry points and --qbd-defense references -> names.
-    A broken third-party reference is a usage error naming it, not a crash."""
-    from importlib.metadata import entry_points
+def _subset(text: str | None, valid: tuple[str, ...], option: str) -> tuple[str, ...] | None:
+    """--qbd-dataset / --qbd-scheme "a,b" -> ("a", "b"), each one of the tier's (did-you-mean otherwise)."""
+    if not text:
+        return None
+    from qbd.registry import unknown_message
 
+    items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    for it in items:
+        if it not in valid:
+            raise pytest.UsageError(f"--qbd-{option}: {unknown_message(option + ' of this tier', it, list(valid))}")
+    return tuple(v for v in valid if v in items) or None
+
+
+def _resolve_defenses(refs: list[str]) -> dict[str, str]:
+    """Built-ins and --qbd-defense references -> names. A reference the user typed is imported now,
+    so a broken one is a usage error naming it; the entry points wait (QbdState.matrix)."""
     from qbd.defenses import BUILTIN
     from qbd.registry import load_ref
 
     names = {n: n for n in BUILTIN}
-    for ep in sorted(entry_points(group="qbd.defenses"), key=lambda e: e.name):
-        if ep.name not in names:
-            refs.append(ep.value)
     for ref in refs:
         if ":" not in ref:
             raise pytest.UsageError(f"--qbd-defense {ref!r}: expected 'package.module:Class'")
@@ -273,17 +312,18 @@ def _cases(state: QbdState) -> dict[str, list[tuple[str, tuple[Any, ...], str]]]
     from qbd.tiers import Cell
 
     tier = TIER_TABLE[state.tier]
+    datasets, schemes = state.datasets or tier.datasets, state.schemes or tier.schemes
     cells = []
-    for ds in tier.datasets:
-        for ref in state.defenses:
-            name = state.defense_names[ref]
+    for ds in datasets:
+        for name in state.matrix().values():
             for proto in state.protocols:
-                cells += [Cell(ds, s, name, proto) for s in tier.schemes]
+                cells += [Cell(ds, s, name, proto) for s in schemes]
                 # the negative control: on fp32, where a false alarm cannot be blamed on quantization; over
                 # several seeds on every scheme, so every row has its false-alarm rate
-                cells += [Cell(ds, s, name, proto, "clean") for s in (tier.schemes if state.seeds > 1 else ("fp32",))]
+                controls = schemes if state.seeds > 1 else tuple(s for s in ("fp32",) if s in schemes)
+                cells += [Cell(ds, s, name, proto, "clean") for s in controls]
     cells.sort(key=lambda c: c.id)
-    pairs = sorted((ds, s) for ds in tier.datasets for s in tier.schemes)
+    pairs = sorted((ds, s) for ds in datasets for s in schemes)
     attack = [(f"{ds}/{s}", ((ds, s),), _group(ds, "backdoored", 0, s)) for ds, s in pairs]
     return {
         # one seed: seed 0 (the qbd_seed fixture), today's ids
@@ -303,11 +343,11 @@ def groups_by_param_id(state: QbdState) -> dict[str, str]:
 
 
 def _marks(state: QbdState, dataset: str, group: str | None = None) -> list[Any]:
-    marks: list[Any] = [getattr(pytest.mark, state.tier)]
+    marks: list[Any] = [getattr(pytest.mark, f"qbd_{state.tier}")]
     if group is not None:
         marks.append(pytest.mark.xdist_group(group))
     if state.tier == "paper":
-        marks.append(pytest.mark.gpu)
+        marks.append(pytest.mark.qbd_gpu)
         why = _data_missing(dataset, state.data_root)
         if why:
             marks.append(pytest.mark.skip(reason=why))
@@ -336,6 +376,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for argname in ("qbd_attack_case", "qbd_audit_case"):
         if argname in metafunc.fixturenames:
             metafunc.parametrize(argname, params(argname))
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str]:
+    """The run's qbd settings, shown only when qbd cases were collected (an unrelated project sees nothing)."""
+    state: QbdState | None = config.stash.get(_STATE, None)
+    qbd_args = ("qbd_cell", "qbd_attack_case", "qbd_audit_case")
+    n = sum(1 for it in items if any(a in getattr(getattr(it, "callspec", None), "params", {}) for a in qbd_args))
+    if state is None or n == 0:
+        return []
+    from qbd.defenses import BUILTIN
+    from qbd.store import CACHE_ENV, default_root
+    from qbd.tiers import TIERS as TIER_TABLE
+
+    tier = TIER_TABLE[state.tier]
+    store = state.cache_dir or os.environ.get(CACHE_ENV) or str(default_root())
+    table = state.expectations_path or (state.expectations.path if state.expectations is not None else None)
+    third = [name for name in state.matrix().values() if name not in BUILTIN]
+    return [
+        f"qbd: {n} cases, tier {state.tier} ({tier.model}; data sets {', '.join(state.datasets or tier.datasets)};"
+        f" schemes {', '.join(state.schemes or tier.schemes)}; protocols {', '.join(state.protocols)}; seeds {state.seeds})",
+        f"qbd: device {state.device}, store {store}, expectations {table or 'the truth alone'}"
+        + (f", third-party defenses: {', '.join(third)}" if third else ""),
+    ]
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -440,7 +503,7 @@ class Session:
     def defense(self, name: str, protocol: str) -> Any:
         from qbd.runner import load_defense
 
-        ref = next(r for r, n in self.state.defense_names.items() if n == name)
+        ref = next(r for r, n in self.state.matrix().items() if n == name)
         return load_defense(ref, protocol, self.state.tier)
 
 

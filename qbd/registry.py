@@ -6,6 +6,7 @@ An entry may be the object itself or a lazy reference "package.module:attr", imp
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -52,8 +53,7 @@ class Registry(Generic[T]):
         try:
             obj = self._items[name]
         except KeyError:
-            valid = ", ".join(self.names()) or "(none)"
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+            raise UnknownNameError(unknown_message(self.kind, name, self.names())) from None
         if isinstance(obj, _Lazy):
             obj = obj.resolve()
             self._items[name] = obj
@@ -91,3 +91,22 @@ def load_ref(ref: str) -> object:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def suggestion(name: str, valid: list[str]) -> str | None:
+    """The valid name the user most likely meant: a close spelling ("papr" -> "paper"), the
+    initials of a hyphenated name ("nc" -> "neural-cleanse"), or a unique prefix."""
+    key = name.strip().lower()
+    initials = [v for v in valid if "-" in v and "".join(p[0] for p in v.split("-") if p) == key]
+    prefixed = [v for v in valid if v.startswith(key)] if key else []
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    for candidates in (initials, close, prefixed):
+        if len(candidates) == 1:
+            return candidates[0]
+    return None
+
+
+def unknown_message(kind: str, name: str, valid: list[str]) -> str:
+    """ "unknown defense 'nc' (did you mean 'neural-cleanse'?); valid: ..." """
+    hint = suggestion(name, valid)
+    return f"unknown {kind} {name!r}" + (f" (did you mean {hint!r}?)" if hint else "") + f"; valid: {', '.join(valid) or '(none)'}"

@@ -38,18 +38,29 @@ class RunPlan:
 
 
 def load_defense(ref: str, protocol: str, tier: str) -> Any:
-    """A registry name or a "module:Class" reference, instantiated for the protocol."""
-    from qbd.defenses import DEFENSES
+    """A defense by name (built-in or `qbd.defenses` entry point: qbd.defenses.available) or by a
+    "module:Class" reference, instantiated for the protocol."""
+    from qbd.defenses import DEFENSES, available
     from qbd.errors import ConfigError
-    from qbd.registry import load_ref
+    from qbd.registry import UnknownNameError, load_ref, unknown_message
 
+    origin = None
     if ":" not in ref:
-        return _instantiate(DEFENSES.get(ref), ref, protocol, tier)  # unknown names list the valid ones
+        if ref in DEFENSES:
+            return _instantiate(DEFENSES.get(ref), ref, protocol, tier)
+        entries = {a.name: a for a in available()}
+        if ref not in entries:
+            raise UnknownNameError(unknown_message("defense", ref, sorted(entries)))
+        name, ref, origin = ref, entries[ref].ref, entries[ref].origin
     try:
         cls = load_ref(ref)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"--defense {ref!r}: cannot load it ({type(e).__name__}: {e})") from None
-    return _instantiate(cls, ref, protocol, tier)
+        where = f"the {origin} ({ref})" if origin else repr(ref)
+        raise ConfigError(f"defense {where}: cannot load it ({type(e).__name__}: {e})") from None
+    obj = _instantiate(cls, ref, protocol, tier)
+    if origin and getattr(obj, "name", None) != name:  # cells are named after the entry point
+        raise ConfigError(f"defense {name!r} of the {origin}: the class it names says its name is {obj.name!r}")
+    return obj
 
 
 def _instantiate(cls: Any, ref: str, protocol: str, tier: str) -> Any:

@@ -215,7 +215,11 @@ def check_gates(metrics: dict[str, Any], gates: Gates, attacked: bool) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):  # -> tqdm | None
+    """A bar on a terminal; a redirected log (CI) gets one line instead of hundreds of frames."""
     if not enabled:
+        return None
+    if not sys.stderr.isatty():
+        print(f"qbd: {desc}: {total} steps ...", file=sys.stderr, flush=True)
         return None
     from tqdm.auto import tqdm
 

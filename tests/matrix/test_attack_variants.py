@@ -36,7 +36,7 @@ def variant_bench(request):
     return Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance())
 
 
-@pytest.mark.smoke
+@pytest.mark.qbd_smoke
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_nondefault_attack_is_detected(variant_bench, defense):
     from qbd.runner import load_defense

@@ -18,7 +18,7 @@ from qbd.pinned import EVAL_SEEDS
 DEFENSES = ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"]
 
 
-@pytest.mark.smoke
+@pytest.mark.qbd_smoke
 @pytest.mark.parametrize("defense", DEFENSES)
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])
 def test_fp32_canonical_row_meets_its_declared_rates(dataset, defense):

@@ -44,7 +44,9 @@ def test_registered_once_through_the_entry_point(suite: pytest.Pytester) -> None
     result.stdout.fnmatch_lines(["*--qbd-tier*", "*--qbd-defense*", "*--qbd-accept*", "*--qbd-seeds*"])
     assert "already registered" not in result.stdout.str() + result.stderr.str()
     res = suite.runpytest("--markers")
-    res.stdout.fnmatch_lines(["@pytest.mark.smoke:*", "@pytest.mark.paper:*", "@pytest.mark.gpu:*", "@pytest.mark.bench:*"])
+    res.stdout.fnmatch_lines(["@pytest.mark.qbd_smoke:*", "@pytest.mark.qbd_paper:*", "@pytest.mark.qbd_gpu:*"])
+    # the plugin lives in every project of the environment: it claims no unprefixed marker
+    assert not [line for line in res.stdout.lines if line.startswith(("@pytest.mark.smoke:", "@pytest.mark.gpu:", "@pytest.mark.bench:"))]
 
 
 def test_smoke_matrix_ids_sorted_and_counted(suite: pytest.Pytester) -> None:
@@ -578,3 +580,61 @@ def test_each_model_and_scheme_is_loaded_by_one_worker(suite: pytest.Pytester, m
         assert all(w.endswith("(cpu)") for w in where.split(", "))
     # the clean model's only group ran on one worker, so only that worker loaded it
     assert loads["digits/clean/seed0"].split(" ")[0] == next(iter(workers_of[("digits:clean", "fp32")]))
+
+
+
+def _dist(suite: pytest.Pytester, name: str, entry_points: str) -> None:
+    """An installed distribution (a .dist-info on sys.path) declaring `qbd.defenses` entry points."""
+    dist = suite.path / "site" / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[qbd.defenses]\n{entry_points}\n")
+    suite.syspathinsert(suite.path / "site")
+
+
+def test_an_unrelated_project_never_loads_entry_points_or_torch(pytester: pytest.Pytester) -> None:
+    """A project without qbd tests, in an environment with a third-party defense installed: no
+    torch, no entry-point import, no qbd header, and a broken entry point changes nothing."""
+    _dist(pytester, "qbd-ep-demo", "corner-patch-probe = qbd_example_defense:CornerPatchProbe\n"
+                                   "broken = no_such_module_xyz:Thing")
+    pytester.syspathinsert(EXAMPLE)
+    pytester.makepyfile(test_plain="def test_x():\n    assert 1 + 1 == 2\n")
+    pytester.makeconftest(
+        "import sys\n"
+        "def pytest_sessionfinish(session):\n"
+        "    assert 'torch' not in sys.modules, 'torch imported'\n"
+        "    assert 'qbd_example_defense' not in sys.modules, 'an entry point was imported'\n"
+    )
+    result = pytester.runpytest_subprocess("-W", "error::pytest.PytestWarning")
+    result.assert_outcomes(passed=1)
+    assert "qbd:" not in result.stdout.str()
+
+
+def test_a_broken_entry_point_fails_only_its_own_cells_naming_its_distribution(suite: pytest.Pytester,
+                                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                                 outer_store: str) -> None:
+    _shared_cache(monkeypatch, outer_store)
+    _dist(suite, "qbd-broken-demo", "broken-probe = no_such_module_xyz:Thing")
+    collected = suite.runpytest("--collect-only", "-q")
+    assert collected.ret == pytest.ExitCode.OK  # never a usage error for every run
+    assert len([x for x in collected.stdout.lines if "::test_cell[" in x and "broken-probe" in x]) == 2 * 2 * 5
+    result = suite.runpytest("-k", "digits/fp32/broken-probe[paper] or digits/fp32/strip[paper]")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*entry point of qbd-broken-demo*cannot load it*no_such_module_xyz*"])
+
+
+def test_scheme_and_dataset_options_narrow_the_matrix(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--collect-only", "-q", "--qbd-dataset", "digits", "--qbd-scheme", "fp32,int8-static")
+    cells = [x for x in result.stdout.lines if "::test_cell[" in x]
+    assert len(cells) == 1 * 5 * 2 * (2 + 1)  # digits x defenses x protocols x (2 schemes + the fp32 clean control)
+    assert all("digits" in c and ("/fp32/" in c or "/int8-static/" in c) for c in cells)
+    assert len([x for x in result.stdout.lines if "::test_attack[" in x]) == 2
+    bad = suite.runpytest("--collect-only", "--qbd-scheme", "int8-statc")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--qbd-scheme: unknown scheme of this tier 'int8-statc' (did you mean 'int8-static'?)*"])
+
+
+def test_the_report_header_says_what_runs(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--collect-only", "-q", "--qbd-protocol", "paper", "-k", "digits")
+    result.stdout.fnmatch_lines(["qbd: * cases, tier smoke (tiny-cnn; data sets digits, synthetic; *protocols paper; seeds 1)",
+                                 "qbd: device cpu, store *, expectations *smoke.toml*"])

@@ -369,3 +369,48 @@ def test_cells_on_worker_processes_give_the_same_results_in_the_same_order():
 def test_a_bad_worker_count_is_a_usage_error(bad):
     r = qbd("run", "-j", bad)
     assert r.returncode == 2 and "a worker count (or auto)" in r.stderr
+
+
+def test_list_json_names_everything_a_run_can_use():
+    r = qbd("list", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"datasets", "models", "schemes", "defenses", "protocols", "attacks", "tiers"} <= set(out)
+    assert {d["name"] for d in out["defenses"]} >= {"neural-cleanse", "strip", "fine-pruning", "activation-clustering",
+                                                   "spectral-signatures"}
+    assert all(d["origin"] == "built-in" for d in out["defenses"] if d["name"] == "strip")
+    assert out["protocols"] == ["canonical", "paper"] and "int8-static" in out["schemes"]
+    assert out["tiers"]["smoke"]["device"] == "cpu" and out["tiers"]["paper"]["device"] == "auto"
+
+
+@pytest.mark.parametrize(("option", "value", "hint"), [
+    ("--defense", "nc", "neural-cleanse"),
+    ("--protocol", "papr", "paper"),
+    ("--quant", "int8-statc", "int8-static"),
+    ("--dataset", "digit", "digits"),
+])
+def test_unknown_names_suggest_the_likely_one(option, value, hint):
+    r = qbd("run", option, value, "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert f"(did you mean {hint!r}?)" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_sees_entry_point_defenses(tmp_path):
+    """`qbd list` and `qbd run --defense` know the `qbd.defenses` entry points, as the pytest matrix does."""
+    import os
+
+    site = tmp_path / "site"
+    dist = site / "qbd_ep_demo-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-ep-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[qbd.defenses]\ncorner-patch-probe = qbd_example_defense:CornerPatchProbe\n")
+    example = Path(__file__).resolve().parents[2] / "examples" / "qbd-example-defense"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(example)])}
+    listed = subprocess.run([sys.executable, "-m", "qbd", "list"], capture_output=True, text=True, env=env, timeout=300)
+    assert "corner-patch-probe (entry point of qbd-ep-demo)" in listed.stdout, listed.stdout + listed.stderr
+    r = subprocess.run([sys.executable, "-m", "qbd", "run", *FAST, "--quant", "fp32", "--defense", "corner-patch-probe",
+                        "--protocol", "canonical", "--no-controls", "--json", "-j", "1"],
+                       capture_output=True, text=True, env={**env, "QBD_CACHE_DIR": str(tmp_path / "store")}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (res,) = json.loads(r.stdout)["results"]
+    assert res["defense"]["name"] == "corner-patch-probe" and res["cell"] == "digits/fp32/corner-patch-probe[canonical]"

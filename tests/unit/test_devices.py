@@ -107,7 +107,7 @@ def test_cpu_placement_is_recorded() -> None:
     assert bench.subject("int8-static", "surrogate").device == torch.device("cpu")
 
 
-@pytest.mark.gpu
+@pytest.mark.qbd_gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_the_surrogate_and_float_schemes_move_and_int8_stays() -> None:
     bench = _bench("cuda:0")

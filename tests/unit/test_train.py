@@ -104,3 +104,12 @@ def test_bad_thread_setting_is_a_config_error(monkeypatch):
     monkeypatch.setenv("QBD_TRAIN_THREADS", "zero")
     with pytest.raises(ConfigError, match="QBD_TRAIN_THREADS"):
         train(_job(epochs=1), toy_split(), progress=False)
+
+
+def test_training_progress_is_one_line_in_a_redirected_log(capsys):
+    from qbd.train import _progress
+
+    assert _progress(120, "train digits-x", enabled=True) is None  # stderr is captured: not a terminal
+    assert _progress(120, "train digits-x", enabled=False) is None
+    err = capsys.readouterr().err
+    assert err == "qbd: train digits-x: 120 steps ...\n"
