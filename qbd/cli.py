@@ -302,10 +302,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in results:
         r["judgement"] = table.judge(r, by_rates=rates.row_id(r) in by_rates).to_dict()
     rows = rates.rows(results)
+    from qbd.report import run_facts, run_metadata
+
+    # the same "run" in --json, results.json and report.md: the Results' facts (model, attack, seeds), then ours
+    run_info = run_metadata(**{**run_facts(results), "tier": tier.name, "device": plan.device,
+                               "expectations": str(table.path) if table.path else None, "gate": args.expectations is not None})
     if args.json:
         from qbd import results as results_io
 
-        print(results_io.dump(results, rows))
+        print(results_io.dump(results, rows, run=run_info))
     else:
         from qbd.report import terminal
 
@@ -313,7 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.report:
         from qbd.report import write_report
 
-        paths = write_report(results, args.report, title=f"qbd {args.tier} matrix")
+        paths = write_report(results, args.report, title=f"qbd {args.tier} matrix", run=run_info)
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     row_failures = [f"{row['row']}: {m}" for row in rows if row["row"] in by_rates for m in table.check_row(row)]
     return _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=len(by_rates),

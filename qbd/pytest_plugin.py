@@ -590,9 +590,11 @@ class Collector:
         if self.is_worker:
             return
         if state.report_dir and state.results:
-            from qbd.report import write_report
+            from qbd.report import run_metadata, write_report
 
-            write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix")
+            table = state.expectations_path or (state.expectations.path if state.expectations is not None else None)
+            write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix",
+                         run=run_metadata(tier=state.tier, device=state.device, expectations=str(table) if table else None))
         if state.accept:
             if state.results or state.attack or state.audit:
                 self.accept()

@@ -2,7 +2,12 @@
 validation. Torch-free.
 
 A results file (results.json, `qbd run --json`) is `{"schema": 1, "results": [Result, ...],
-"rows": [row, ...]}`; a file written before rows existed has no "rows" and still loads."""
+"rows": [row, ...], "run": {...}}`; "run" (the run's metadata: versions, command, tier, device...,
+qbd.report.run_metadata) is optional, and a file written before rows existed has no "rows": both
+still load, under the same schema version (a reader that ignores unknown keys reads them all).
+
+qbd/schema/result.schema.json is the JSON Schema (draft 2020-12) of one Result, for readers outside
+qbd (schema()); problems() is the check qbd itself runs, and the tests keep the two in agreement."""
 
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from qbd.outcomes import JUDGEMENTS
 from qbd.reason_codes import REASON_CODES
 
 STATUSES = ("detected", "clean", "invalid")
+WEIGHT_ORIGINS = ("trained", "fetched", "zoo")
 SCHEMA_VERSION = 1
+SCHEMA_FILE = "result.schema.json"
 
 # key -> accepted types (None = JSON null allowed)
 _TOP: dict[str, tuple[type, ...]] = {
@@ -86,7 +93,7 @@ def problems(result: Any) -> list[str]:
     if j is not None and not (isinstance(j, dict) and j.get("judgement") in JUDGEMENTS and isinstance(j.get("outcome"), str)):
         out.append(f"judgement must be null or an object with judgement pass|finding|FAIL and an outcome, got {j!r}")
     w = result.get("weights")  # optional provenance: trained by qbd or fetched (pinned sha256)
-    if w is not None and not (isinstance(w, dict) and w.get("origin") in ("trained", "fetched", "zoo")):
+    if w is not None and not (isinstance(w, dict) and w.get("origin") in WEIGHT_ORIGINS):
         out.append(f"weights must be null or an object with origin 'trained', 'fetched' or 'zoo', got {w!r}")
     elif w is not None and w["origin"] in ("fetched", "zoo") and not isinstance(w.get("sha256"), str):
         out.append(f"{w['origin']} weights must record their sha256")
@@ -144,8 +151,10 @@ def validate_row(row: Any) -> None:
         raise ResultError(f"row {rid}: " + "; ".join(p))
 
 
-def dump(results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> str:
-    """The results file's text; `rows` default to qbd.rates.rows(results)."""
+def dump(results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = None,
+         run: dict[str, Any] | None = None) -> str:
+    """The results file's text; `rows` default to qbd.rates.rows(results); `run`, the run's
+    metadata, is written under "run" when given."""
     from qbd import rates
 
     rs = sorted(results, key=lambda r: (r["cell"], r.get("seed", 0)))
@@ -154,26 +163,43 @@ def dump(results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = 
     rows = rates.rows(rs) if rows is None else rows
     for row in rows:
         validate_row(row)
-    return json.dumps({"schema": SCHEMA_VERSION, "results": rs, "rows": rows}, indent=2, allow_nan=False)
+    doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "results": rs, "rows": rows}
+    if run is not None:
+        if not isinstance(run, dict):
+            raise ResultError(f"the run's metadata is a JSON object, got {type(run).__name__}")
+        doc["run"] = run
+    try:
+        return json.dumps(doc, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:  # a Path or a NaN in the metadata (ResultError is a ValueError too)
+        raise ResultError(f"the results file is not plain JSON: {e}") from None
 
 
-def write(path: str | Path, results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> Path:
+def write(path: str | Path, results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = None,
+          run: dict[str, Any] | None = None) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(dump(results, rows) + "\n")
+    tmp.write_text(dump(results, rows, run) + "\n")
     tmp.replace(p)
     return p
 
 
-def load(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(results, rows) of a results file, both validated; rows are [] in a file that has none."""
+def _document(path: str | Path) -> dict[str, Any]:
+    """A results file's top-level object, its shape checked (not yet its Results and rows)."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ResultError(f"{path}: expected an object with a 'results' list")
-    rows = data.get("rows", [])
-    if not isinstance(rows, list):
+    if not isinstance(data.get("rows", []), list):
         raise ResultError(f"{path}: 'rows' must be a list")
+    if not isinstance(data.get("run", {}), dict):
+        raise ResultError(f"{path}: 'run' must be an object")
+    return data
+
+
+def load(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(results, rows) of a results file, both validated; rows are [] in a file that has none."""
+    data = _document(path)
+    rows = data.get("rows", [])
     for r in data["results"]:
         validate(r)
     for row in rows:
@@ -189,3 +215,15 @@ def load(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def read(path: str | Path) -> list[dict[str, Any]]:
     """The Results of a results file (load() for its rows too)."""
     return load(path)[0]
+
+
+def read_run(path: str | Path) -> dict[str, Any] | None:
+    """The run's metadata of a results file (None in a file written without it)."""
+    return _document(path).get("run")
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of one Result, as shipped with the package."""
+    from importlib import resources
+
+    return json.loads((resources.files("qbd") / "schema" / SCHEMA_FILE).read_text(encoding="utf-8"))

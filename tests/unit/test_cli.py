@@ -117,6 +117,12 @@ def test_run_json_and_report_agree(tmp_path):
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "report.md", "heatmap.png"}
     assert results_io.read(tmp_path / "out" / "results.json") == sorted(results, key=lambda x: x["cell"])
     md = (tmp_path / "out" / "report.md").read_text()
+    # the run's metadata, in the JSON, results.json and report.md, with the picture linked
+    run = json.loads(r.stdout)["run"]
+    assert run == json.loads((tmp_path / "out" / "results.json").read_text())["run"]
+    assert run["tier"] == "smoke" and run["device"] == "cpu" and run["expectations"].endswith("smoke.toml")
+    assert " run " in f" {run['command']} " and run["versions"]["qbd"] and run["date"]
+    assert "![heatmap](heatmap.png)" in md and run["command"] in md
     table = expectations.load(expectations.shipped("smoke"))  # `qbd run` judges against it by default
     for res in results:
         finding = table.finding(res)

@@ -166,3 +166,165 @@ def test_rows_that_disagree_with_their_results_are_refused_on_load(tmp_path):
     p.write_text(json.dumps({"schema": 1, "results": results, "rows": [forged]}))
     with pytest.raises(ResultError, match="not the rates of its 'results'"):
         load(p)
+
+
+# -- the Result's JSON Schema (qbd/schema/result.schema.json) ---------------------------------------------
+def _validator():
+    import jsonschema
+
+    from qbd.results import schema
+
+    s = schema()
+    jsonschema.Draft202012Validator.check_schema(s)  # a well-formed draft 2020-12 schema
+    return jsonschema.Draft202012Validator(s)
+
+
+def test_the_schemas_enums_and_required_keys_are_the_codes():
+    """The schema and problems() cannot drift apart: same statuses, reason codes, judgements,
+    weight origins and required keys."""
+    from qbd.outcomes import JUDGEMENTS
+    from qbd.reason_codes import REASON_CODES
+    from qbd.results import _ATTACK, _AUDIT, _TOP, _VERDICT, STATUSES, WEIGHT_ORIGINS, schema
+
+    s = schema()
+    assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    defs = s["$defs"]
+    verdict = defs["verdict"]
+    assert verdict["properties"]["status"]["enum"] == list(STATUSES)
+    assert verdict["properties"]["reason_code"]["enum"] == [None, *REASON_CODES]
+    assert defs["judgement"]["properties"]["judgement"]["enum"] == list(JUDGEMENTS)
+    assert defs["weights"]["oneOf"][1]["properties"]["origin"]["enum"] == list(WEIGHT_ORIGINS)
+    assert set(s["required"]) == set(_TOP)
+    assert set(verdict["required"]) == set(_VERDICT)
+    assert set(defs["audit"]["required"]) == set(_AUDIT)
+    assert set(defs["attack"]["required"]) == set(_ATTACK)
+    assert {"placement", "judgement", "truth", "weights", "tier"} <= set(s["properties"]) - set(s["required"])  # optional
+
+
+class _Says:
+    """A defense that answers what it is told (the built-in ones rarely detect on an untrained model)."""
+
+    requires = frozenset()
+
+    def __init__(self, name, verdict, protocol="canonical"):
+        self.name, self.protocol, self._verdict = name, protocol, verdict
+
+    def detect(self, subject, inputs, generator):
+        if self._verdict is None:
+            raise RuntimeError("boom")  # a crash: invalid, code error, the traceback in the evidence
+        return self._verdict
+
+
+@pytest.fixture(scope="module")
+def real_results():
+    """Results as Bench.run produces them: an untrained tiny-cnn on the toy data, backdoored and
+    clean, through fp32 and int8-dynamic, with real defenses and stand-ins for the other verdicts."""
+    from qbd.config import AttackSpec
+    from qbd.evaluate import Bench
+    from qbd.models import build_model
+    from qbd.outcomes import judge
+    from qbd.runner import load_defense
+    from tests.toy import toy_split
+
+    data = toy_split(n_train=200, n_test=120)
+    model = build_model("tiny-cnn", 4, data.mean, data.std, seed=0).eval()
+    out = []
+    for attack in (AttackSpec(), None):
+        bench = Bench(data, model, attack, model_name="tiny-cnn", weights={"origin": "trained", "store_key": "k"})
+        out.append(bench.run(load_defense("spectral-signatures", "canonical", "smoke"), "int8-dynamic"))
+        out.append(bench.run(load_defense("strip", "paper", "smoke"), "fp32"))
+        out.append(bench.run(_Says("names-one", Verdict("detected", score=2.5, threshold=1.0, target_class=1)), "fp32"))
+        out.append(bench.run(_Says("crashes", None), "int8-dynamic"))
+    for r in out:
+        r["judgement"] = judge(r, None).to_dict()
+    return out
+
+
+def test_real_results_satisfy_the_schema(real_results):
+    v = _validator()
+    statuses = {r["verdict"]["status"] for r in real_results}
+    assert statuses == {"detected", "clean", "invalid"}, statuses  # every kind of verdict is checked
+    assert any(r["attack"] is None for r in real_results) and any(r["verdict"]["controls"] for r in real_results)
+    assert any((r["verdict"]["evidence"] or {}).get("traceback") for r in real_results)
+    for r in real_results:
+        assert problems(r) == []
+        errors = [e.message for e in v.iter_errors(r)]
+        assert errors == [], (r["cell"], errors)
+
+
+def _broken(result, path, value=KeyError):
+    """A deep copy of `result` with the key at `path` set to `value` (KeyError: removed)."""
+    import copy
+
+    r = copy.deepcopy(result)
+    *parents, last = path
+    node = r
+    for k in parents:
+        node = node[k]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return r
+
+
+BROKEN = [  # (path, value): each makes a Result that both the schema and problems() refuse
+    (("cell",), KeyError), (("verdict",), KeyError), (("versions",), KeyError), (("clean_acc",), KeyError),
+    (("verdict", "status"), "maybe"), (("verdict", "status"), KeyError), (("verdict", "reason_code"), KeyError),
+    (("verdict", "controls"), KeyError), (("clean_acc",), 1.5), (("asr",), "high"), (("seed",), "0"),
+    (("quant", "audit", "input_gradient"), KeyError), (("defense", "protocol"), KeyError),
+    (("attack", "target"), KeyError), (("weights",), {"origin": "fetched"}), (("weights",), {"origin": "downloaded"}),
+    (("judgement",), {"judgement": "maybe", "outcome": "pass"}), (("judgement",), {"judgement": "pass"}),
+]
+
+
+@pytest.mark.parametrize(("path", "value"), BROKEN, ids=lambda x: "/".join(x) if isinstance(x, tuple) else repr(x))
+def test_a_broken_result_fails_the_schema_and_the_check(real_results, path, value):
+    backdoored = next(r for r in real_results if r["attack"] is not None)
+    assert not list(_validator().iter_errors(backdoored))
+    r = _broken(backdoored, path, value)
+    assert list(_validator().iter_errors(r)), f"the schema accepts {path}={value!r}"
+    assert problems(r), f"problems() accepts {path}={value!r}"
+
+
+@pytest.mark.parametrize(("status", "code", "reason"), [
+    ("invalid", None, "r"),  # an invalid verdict without its code
+    ("invalid", "bogus", "r"),
+    ("invalid", "error", None),  # without its reason
+    ("clean", "no-signal", None),  # a code on a verdict that is not invalid
+    ("detected", "error", None),
+])
+def test_a_verdicts_conditions_are_in_the_schema(status, code, reason):
+    r = _result(verdict=_verdict(status, code, reason))
+    assert list(_validator().iter_errors(r)) and problems(r)
+
+
+@pytest.mark.parametrize("result", [
+    _result(), _result({"origin": "zoo", "sha256": "ab", "file": "m.safetensors"}),
+    _result(judgement={"outcome": "invalid:no-gradient", "judgement": "finding"}),
+    _result(verdict=Verdict.invalid("a third-party defense said invalid").to_dict()),
+    _seeded(1, False, "detected"),
+])
+def test_what_the_check_accepts_the_schema_accepts(result):
+    assert problems(result) == [] and not list(_validator().iter_errors(result))
+
+
+# -- the run's metadata in a results file ------------------------------------------------------------------
+def test_a_results_file_carries_the_runs_metadata(tmp_path):
+    import json
+
+    from qbd.results import ResultError, dump, load, read_run, write
+
+    run = {"command": "qbd run --tier smoke", "tier": "smoke", "seeds": [0]}
+    p = write(tmp_path / "r.json", [_result()], run=run)
+    data = json.loads(p.read_text())
+    assert data["schema"] == 1 and data["run"] == run  # next to the keys existing readers use
+    assert load(p) == ([_result()], data["rows"]) and read_run(p) == run
+    assert read_run(write(tmp_path / "old.json", [_result()])) is None  # written without: none
+    with pytest.raises(ResultError, match="the run's metadata is a JSON object"):
+        dump([_result()], run=["smoke"])
+    with pytest.raises(ResultError, match="not plain JSON"):
+        dump([_result()], run={"expectations": tmp_path})
+    p.write_text(json.dumps({**data, "run": "smoke"}))
+    with pytest.raises(ResultError, match="'run' must be an object"):
+        load(p)
