@@ -1,5 +1,5 @@
 """Run cells end to end: quantize a trained model, measure CA/ASR, feed a defense the data its
-protocol gives it, and record a Result (the contract in DESIGN.md).
+protocol gives it, and record a Result (the contract in docs/architecture.md#contracts).
 
 A `Bench` holds one trained model with its data and caches what its cells share (quantized
 models, their metrics, the poisoned training set): one per (dataset, model, attack, seed).

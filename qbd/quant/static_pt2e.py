@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
@@ -47,6 +49,30 @@ class OneDNNInt8(nn.Module):
 
     def lowered_ops(self) -> list[str]:
         return [str(n.target) for n in self._lowered.graph.nodes if n.op == "call_function"]
+
+
+# torch's structured-trace channel (TORCH_TRACE / tlparse): always at DEBUG, never propagates, and
+# torch builds and logs an event for every export step whenever the logger has any handler.
+TRACE_LOGGER = "torch.__trace"
+
+
+@contextmanager
+def torch_trace_to_torch_only() -> Iterator[None]:
+    """Inside the body, torch.__trace keeps only torch's own handler (the TORCH_TRACE file).
+    pytest attaches its log capture to every non-propagating logger, so without this a failing
+    int8-static cell printed hundreds of `DEBUG torch.__trace` lines (and every export paid for
+    building them); the detached handlers come back afterwards."""
+    from torch._logging._internal import LazyTraceHandler
+
+    logger = logging.getLogger(TRACE_LOGGER)
+    foreign = [h for h in logger.handlers if not isinstance(h, LazyTraceHandler)]
+    for h in foreign:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in foreign:
+            logger.addHandler(h)
 
 
 def _batch_dim() -> tuple[dict[int, object]]:
@@ -142,14 +168,14 @@ def quantize_part(part: nn.Module, inputs: Sequence[torch.Tensor], engine: str) 
         if e.name is None or not e.name.startswith("torchao"):
             raise
         raise ConfigError(
-            "int8-static with engine x86 needs torchao (pip install 'qbd[int8]');"
-            " engine fbgemm or qnnpack runs the torch.ao FX flow without it"
+            "int8-static with engine x86 needs torchao, a dependency of qbd that this environment lacks"
+            " (pip install torchao); engine fbgemm or qnnpack runs the torch.ao FX flow without it"
         ) from e
 
     example = example_batch(inputs[0])
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    with torch.no_grad():
+    with torch.no_grad(), torch_trace_to_torch_only():
         prepared = _prepare(prepare_pt2e, _export(part, example).module(), quantizer)
         for x in inputs:
             prepared(x)
