@@ -6,10 +6,11 @@ and keep them in the store beside the trained models. Also the `qbd store` comma
     qbd store list [--json]
     qbd store verify [--quarantine]
 
-Trust boundary: the bytes are read once into memory, hashed, and compared with the pinned
-sha256 before anything parses them. Only two formats are parsed: safetensors (tensors and a
-JSON header, no code) and a plain state dict through torch.load(weights_only=True), whose
-unpickler refuses every global outside torch's tensor allowlist; nothing else is unpickled.
+Trust boundary: the bytes are hashed and compared with the pinned sha256 before anything
+parses them (a download streams to a temporary file first, hashed as it arrives, removed
+after). Only two formats are parsed: safetensors (tensors and a JSON header, no code) and a
+plain state dict through torch.load(weights_only=True), whose unpickler refuses every global
+outside torch's tensor allowlist; nothing else is unpickled.
 The state dict must then match the architecture exactly (same keys, same shapes, finite floats).
 Any failure raises FetchError (exit status 2) before the store is touched.
 
@@ -24,12 +25,16 @@ Torch is imported only when a command runs (this module is imported to build the
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import hashlib
+import http.client
 import io
-import json
+import os
 import pickle
 import re
+import sys
+import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,7 +42,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from qbd.config import ModelJob, canonical_json, sha256_text, to_dict
 from qbd.errors import QbdUserError
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
 MAX_BYTES = 4 << 30  # refuse larger downloads before they exhaust memory (ResNet-18: 45 MB)
 URL_TIMEOUT_S = 60.0
+CHUNK_BYTES = 1 << 20  # a download's read size: its memory use, whatever the file's size
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 REFETCH_HINT = "fetched weights are never recreated automatically: fetch them again with their pinned --sha256"
 
@@ -107,25 +113,115 @@ def weights_format(source: Source) -> str:
     return fmt
 
 
-def read_source(source: Source, max_bytes: int = MAX_BYTES) -> bytes:
-    """The file's bytes, from a local path, file:// or http(s):// URL, at most `max_bytes`."""
+def read_source(source: Source, max_bytes: int = MAX_BYTES, log: Callable[[str], None] | None = None) -> bytes:
+    """The file's bytes, from a local path, file:// or http(s):// URL, at most `max_bytes`, once
+    their sha256 is the pinned one (FetchError otherwise): nothing can parse unverified bytes.
+
+    A download streams to a temporary file, hashed as the chunks arrive, and stops as soon as it
+    passes `max_bytes` (at once if the server declares a larger size); the file is read back only
+    once its hash matched, and removed whatever happens. Progress: a tqdm bar on stderr when it
+    is a terminal, else a start and an end line to `log` (none without it)."""
     loc = source.location
     if "://" not in loc:
-        return _read_local(Path(loc).expanduser(), loc, max_bytes)
+        return _verified(_read_local(Path(loc).expanduser(), loc, max_bytes), source)
     parts = urllib.parse.urlsplit(loc)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise FetchError(f"{loc}: file:// URLs must name a local file (file:///path)")
-        return _read_local(Path(urllib.request.url2pathname(parts.path)), loc, max_bytes)
+        return _verified(_read_local(Path(urllib.request.url2pathname(parts.path)), loc, max_bytes), source)
     if scheme not in ("http", "https"):
         raise FetchError(f"{source.display()}: unsupported URL scheme {scheme!r}; use a path, file://, http:// or https://")
+    fd, tmp = tempfile.mkstemp(prefix="qbd-fetch-", suffix=".part")
     try:
-        with urllib.request.urlopen(loc, timeout=URL_TIMEOUT_S) as resp:  # scheme checked above
-            return _read_capped(resp, source.display(), max_bytes)
-    except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError, DNS, refused, timeout
+        with os.fdopen(fd, "wb") as out:
+            digest = _download(source, out, max_bytes, log)
+        _check_sha256(digest, source)
+        return Path(tmp).read_bytes()  # get_fetched hashes these very bytes again before parsing them
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _verified(raw: bytes, source: Source) -> bytes:
+    _check_sha256(hashlib.sha256(raw).hexdigest(), source)
+    return raw
+
+
+def _check_sha256(digest: str, source: Source) -> None:
+    if digest != source.sha256:
+        raise FetchError(f"{source.display()}: sha256 is {digest}, expected {source.sha256}; refusing it")
+
+
+def _download(source: Source, out: BinaryIO, max_bytes: int, log: Callable[[str], None] | None) -> str:
+    """Stream the URL into `out`; the sha256 of what arrived."""
+    shown = source.display()
+    try:
+        with urllib.request.urlopen(source.location, timeout=URL_TIMEOUT_S) as resp:  # scheme checked by the caller
+            declared = _declared_size(resp)
+            if declared is not None and declared > max_bytes:
+                raise FetchError(f"{shown}: larger than {max_bytes} bytes ({declared} declared); refusing it")
+            with _Progress(shown, declared, log) as progress:
+                digest, received = _copy_hashed(resp, out, shown, max_bytes, progress)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # HTTPError, DNS, refused, timeout
         reason = getattr(e, "reason", None) or e
-        raise FetchError(f"cannot fetch {source.display()}: {reason}") from None
+        raise FetchError(f"cannot fetch {shown}: {reason}") from None
+    if declared is not None and received != declared:
+        raise FetchError(f"cannot fetch {shown}: the connection closed after {received} of {declared} bytes")
+    return digest
+
+
+def _declared_size(resp: Any) -> int | None:
+    value = resp.headers.get("Content-Length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _copy_hashed(resp: Any, out: BinaryIO, shown: str, max_bytes: int, progress: _Progress) -> tuple[str, int]:
+    """Copy chunk by chunk, as they arrive (read1: a slow server's bytes are on disk at once)."""
+    digest, received = hashlib.sha256(), 0
+    read = getattr(resp, "read1", resp.read)
+    while chunk := read(CHUNK_BYTES):
+        received += len(chunk)
+        if received > max_bytes:
+            raise FetchError(f"{shown}: larger than {max_bytes} bytes; refusing it")
+        digest.update(chunk)
+        try:
+            out.write(chunk)
+        except OSError as e:  # the disk, not the network: say so
+            raise FetchError(f"cannot store the download of {shown} in {tempfile.gettempdir()}: {e.strerror or e}") from None
+        progress.update(len(chunk))
+    return digest.hexdigest(), received
+
+
+class _Progress:
+    """A download's progress: a tqdm bar on a terminal's stderr; else `log` gets a start line,
+    and an end line if it completes (a redirected log wants no bar redrawn thousands of times)."""
+
+    def __init__(self, shown: str, total: int | None, log: Callable[[str], None] | None) -> None:
+        self.shown, self.total, self.log, self.bar, self.done = shown, total, log, None, 0
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=f"fetching {Path(urllib.parse.urlsplit(self.shown).path).name}",
+                            unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False, dynamic_ncols=True)
+        elif self.log is not None:
+            size = "size unknown" if self.total is None else f"{self.total} bytes"
+            self.log(f"fetching {self.shown} ({size})")
+        return self
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.log is not None and kind is None:
+            self.log(f"fetched {self.shown}: {self.done} bytes in {time.perf_counter() - self.t0:.1f} s")
 
 
 def _read_local(path: Path, shown: str, max_bytes: int) -> bytes:
@@ -229,7 +325,7 @@ def get_fetched(
     from qbd.zoo import TrainedModel, load_weights
 
     fmt = weights_format(source)
-    raw = read_source(source)
+    raw = read_source(source, log=log)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != source.sha256:
         raise FetchError(f"{source.display()}: sha256 is {digest}, expected {source.sha256}; refusing it")
@@ -263,95 +359,3 @@ def get_fetched(
         raise CorruptEntryError(f"store entry {entry.key} does not record the fetched file {digest}; remove it")
     return TrainedModel(job=job, model=load_weights(job, data, entry.state_dict),
                         metrics=dict(entry.meta["metrics"]), entry=entry)
-
-
-# -- `qbd store` ------------------------------------------------------------------------------
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from qbd.cli import add_model_options
-
-    store = subparsers.add_parser("store", help="the model store: fetch untrusted weights, list, verify")
-    commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
-    f = commands.add_parser(
-        "fetch", help="store weights from a path or URL, pinned by sha256 (safetensors or a plain .pt state dict)",
-        description="Verify a weights file against its sha256, check it fits the architecture, measure its clean"
-                    " accuracy and ASR, and store it under its own 'fetched' key. Nothing is stored on failure.",
-    )
-    f.add_argument("source", metavar="URL_OR_PATH", help="local path, file:// or http(s):// URL")
-    f.add_argument("--sha256", required=True, help="the file's sha256 (64 hex digits)")
-    f.add_argument("--format", choices=("safetensors", "pt"), default=None, help="default: from the file name's suffix")
-    f.add_argument("--json", action="store_true", help="print one JSON object")
-    add_model_options(f)
-    f.set_defaults(func=cmd_fetch)
-
-    ls = commands.add_parser("list", help="list the stored models")
-    ls.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
-    ls.add_argument("--json", action="store_true", help="print a JSON list")
-    ls.set_defaults(func=cmd_list)
-
-    v = commands.add_parser("verify", help="re-hash and parse every entry; exit 1 if any is corrupt")
-    v.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
-    v.add_argument("--quarantine", action="store_true", help="move corrupt entries to quarantine/")
-    v.set_defaults(func=cmd_verify)
-    return store
-
-
-def cmd_fetch(args: argparse.Namespace) -> int:
-    from qbd.cli import job_from_args, report_model
-    from qbd.data import load_dataset
-    from qbd.remote_store import open_store
-
-    source = Source(args.source, args.sha256, args.format)
-    job = job_from_args(args)
-    data = load_dataset(job.dataset, args.data_root)
-    if job.attack is not None:
-        job.attack.check_fits(*data.image_size, data.num_classes)
-    tm = get_fetched(source, job, data, open_store(args.cache_dir), device=args.device)
-    m = tm.metrics
-    out = {"key": tm.entry.key, "slug": job.slug(), "cache": tm.cache, "clean_acc": m["clean_acc"], "asr": m["asr"],
-           "path": str(tm.entry.path), "fetched": tm.entry.meta["fetched"], "job": tm.entry.meta["job"]}
-    return report_model(args, job, tm, out, prefix="fetched ")
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from qbd.remote_store import open_store
-    from qbd.store import CorruptEntryError
-
-    store = open_store(args.cache_dir)
-    rows: list[dict[str, Any]] = []
-    stored = store.keys()
-    for key in stored:
-        try:
-            meta = store.read_meta(key)
-        except CorruptEntryError as e:
-            rows.append({"key": key, "problem": str(e)})
-            continue
-        rows.append({"key": key, "slug": meta.get("slug"), "kind": "fetched" if "fetched" in meta else "trained",
-                     "clean_acc": meta.get("metrics", {}).get("clean_acc"), "asr": meta.get("metrics", {}).get("asr"),
-                     "created": meta.get("created"), "fetched": meta.get("fetched")})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{store.root}: {len(rows)} model(s)")
-    for r in rows:
-        if "problem" in r:
-            print(f"  {r['key'][:12]}  CORRUPT  {r['problem']}")
-            continue
-        asr = "-" if r["asr"] is None else f"{r['asr']:.3f}"
-        ca = "-" if r["clean_acc"] is None else f"{r['clean_acc']:.3f}"
-        src = f"  from {r['fetched']['source']}" if r["fetched"] else ""
-        print(f"  {r['key'][:12]}  {r['kind']:<7}  {r['slug']}  CA {ca}  ASR {asr}  {r['created']}{src}")
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from qbd.remote_store import open_store
-
-    store = open_store(args.cache_dir)
-    report = store.verify(quarantine=args.quarantine)
-    bad = {k: v for k, v in report.items() if v is not None}
-    for name, problem in bad.items():
-        print(f"{name}: {'quarantined: ' if args.quarantine else ''}{problem}")
-    stale = store.stale_tmp()
-    print(f"{store.root}: {len(report) - len(bad)} intact, {len(bad)} corrupt"
-          + (f", {len(stale)} unfinished write(s) of writers that died (harmless)" if stale else ""))
-    return 1 if bad else 0

@@ -6,15 +6,20 @@ gradient-based defense that received no input gradient. It is never `clean`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import numbers
+import pickle
+import signal
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
@@ -172,7 +177,8 @@ def run_defense(
     """Run `detect` and vouch for the answer: a crash, a hang past `timeout_s`, a wrong type, an
     unknown status, a non-finite or non-numeric figure or a target outside the model's classes
     is an `invalid` verdict with the reason, never a silent `clean` and never a crash of the
-    run. `timeout_s=None` (the default) sets no limit. Returns (verdict, seconds)."""
+    run. `timeout_s=None` (the default) sets no limit and runs detect here; with a limit, detect
+    runs in a forked child process, killed past it (see "running detect"). Returns (verdict, seconds)."""
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not math.isfinite(timeout_s) or timeout_s <= 0):
         from qbd.errors import ConfigError
@@ -187,24 +193,51 @@ def run_defense(
     if missing:
         return Verdict.invalid(f"{name} requires {missing}, which this protocol does not provide", "not-applicable"), 0.0
     t0 = time.perf_counter()
+    thread_why = None
     if timeout_s is None:
         outcome = _call(defense, subject, inputs, generator)
     else:
-        outcome = _call_with_timeout(defense, subject, inputs, generator, float(timeout_s), name)
+        outcome, thread_why = _call_with_timeout(defense, subject, inputs, generator, float(timeout_s), name)
     seconds = time.perf_counter() - t0
+    verdict = _judge(outcome, name, subject.num_classes, timeout_s)
+    if thread_why is not None:  # say that a native call past the limit could not have been stopped
+        verdict.evidence["timeout_isolation"] = f"thread: {thread_why}"
+    return verdict, seconds
+
+
+def _judge(outcome: Any, name: str, num_classes: int, timeout_s: float | None) -> Verdict:
+    """The verdict for what running detect gave: its answer, vouched for, or why there is none."""
     if isinstance(outcome, _TimedOut):
         reason = f"{name} timed out after {timeout_s:g} s"
         if outcome.still_running:
             reason += (" and is still running: Python cannot stop a thread inside native code or one that"
                        " swallows the stop, so it may keep using CPU (and the model) in the background")
-        return Verdict.invalid(reason, "timeout", evidence={"timeout_s": timeout_s, "still_running": outcome.still_running}), seconds
+        return Verdict.invalid(reason, "timeout", evidence={"timeout_s": timeout_s, "still_running": outcome.still_running})
     if isinstance(outcome, BaseException):
-        tb = traceback.format_exception_only(type(outcome), outcome)[-1].strip()
+        outcome = _Crash.of(outcome)
+    if isinstance(outcome, _Crash):
         # the whole traceback goes into the Result: a crash fails its cell, and the report shows where
-        full = "".join(traceback.format_exception(type(outcome), outcome, outcome.__traceback__))
-        return Verdict.invalid(f"{name} raised {tb}", "error",
-                               evidence={"exception": type(outcome).__name__, "traceback": full[-_TRACEBACK_CHARS:]}), seconds
-    return vouch(outcome, name, subject.num_classes), seconds
+        return Verdict.invalid(f"{name} raised {outcome.line}", "error",
+                               evidence={"exception": outcome.exception, "traceback": outcome.traceback})
+    if isinstance(outcome, _Died):
+        code = outcome.exit_code
+        if code is None:
+            how, evidence = "closed its result pipe and was stopped", {}
+        elif code < 0:
+            sig = _signal_name(-code)
+            how = f"was killed by {sig}" + (" (the kernel's out-of-memory killer sends it)" if -code == signal.SIGKILL else "")
+            evidence = {"exit_code": code, "signal": sig}
+        else:
+            how, evidence = f"exited with status {code}", {"exit_code": code}
+        return Verdict.invalid(f"{name}'s process {how} before answering", "error", evidence=evidence)
+    return vouch(outcome, name, num_classes)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def vouch(v: Any, name: str, num_classes: int | None = None) -> Verdict:
@@ -269,9 +302,14 @@ def _suspects(s: Any) -> dict[str, Any] | None:
 
 
 # -- running detect ---------------------------------------------------------------------------
+# With a timeout, detect runs in a forked child process, which can be killed wherever it is (a
+# long BLAS call, a C-extension loop, code that swallows every exception). fork, not spawn: the
+# child inherits the subject, inputs and generator as they are, with nothing pickled. Without
+# fork (not Linux, CUDA already initialised, a daemonic worker) it runs in a thread, as before,
+# and the verdict's evidence says so ("timeout_isolation").
 class DefenseTimeout(BaseException):
-    """Raised inside a defense's thread when it runs past its timeout. A BaseException, so a
-    defense's own `except Exception` cannot swallow it."""
+    """Raised inside a defense's thread (the thread fallback) when it runs past its timeout. A
+    BaseException, so a defense's own `except Exception` cannot swallow it."""
 
 
 @dataclass(frozen=True)
@@ -279,9 +317,37 @@ class _TimedOut:
     still_running: bool
 
 
+@dataclass(frozen=True)
+class _Crash:
+    """An exception detect raised, as text: it crosses the process boundary whatever its type."""
+
+    exception: str  # the type's name
+    line: str  # format_exception_only's last line: "ValueError: bad shape"
+    traceback: str
+
+    @classmethod
+    def of(cls, e: BaseException) -> _Crash:
+        full = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        return cls(type(e).__name__, traceback.format_exception_only(type(e), e)[-1].strip(), full[-_TRACEBACK_CHARS:])
+
+
+@dataclass(frozen=True)
+class _Died:
+    """The child process ended without answering: killed by a signal, or exited."""
+
+    exit_code: int | None
+
+
 _TRACEBACK_CHARS = 4000  # the end of a traceback (where it raised) is what a reader needs
-_GRACE_S = 1.0  # how long a timed-out defense gets to unwind after it is told to stop
+_GRACE_S = 1.0  # how long a stopped defense gets to end (thread: unwind; process: SIGTERM before SIGKILL)
+_PROGRESS_EVERY_S = 0.05  # a child forwards at most this often (plus the first and last step)
 _NOT_A_NUMBER = object()
+# Why a timed defense cannot run in a forked child: (test, reason); the first that holds wins.
+_NO_FORK: tuple[tuple[Callable[[], bool], str], ...] = (
+    (lambda: "fork" not in multiprocessing.get_all_start_methods(), "this platform cannot fork"),
+    (lambda: bool(multiprocessing.current_process().daemon), "a daemonic multiprocessing worker may not start processes"),
+    (lambda: torch.cuda.is_initialized(), "CUDA is initialised in this process and a forked child cannot use it"),
+)
 
 
 def _name_of(defense: Any) -> str:
@@ -298,8 +364,164 @@ def _call(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torc
         return e
 
 
+def _why_not_fork() -> str | None:
+    return next((why for test, why in _NO_FORK if test()), None)
+
+
 def _call_with_timeout(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torch.Generator,
-                       timeout_s: float, name: str) -> Any:
+                       timeout_s: float, name: str) -> tuple[Any, str | None]:
+    """(`_call`'s outcome, a _Crash, a _Died or a _TimedOut; why it ran in a thread, or None)."""
+    why = _why_not_fork()
+    if why is None:
+        return _call_in_process(defense, subject, inputs, generator, timeout_s, name), None
+    return _call_in_thread(defense, subject, inputs, generator, timeout_s, name), why
+
+
+# -- in a forked child process ------------------------------------------------------------------
+def _call_in_process(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torch.Generator,
+                     timeout_s: float, name: str) -> Any:
+    """The child's answer (a vouched Verdict or a _Crash), a _Died, or a _TimedOut. Ctrl-C (or
+    an error in the caller's progress callback) stops the child and is raised here."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, name=f"qbd-defense-{name}",
+                        args=(send, defense, subject, inputs, generator, name, torch.get_num_threads(), torch.is_grad_enabled()))
+    child.start()
+    send.close()  # the child holds the only writer: its death reads as end-of-file here
+    try:
+        return _await(child, receive, inputs.progress, time.monotonic() + timeout_s)
+    finally:
+        receive.close()
+        if _end(child):
+            child.close()
+
+
+def _await(child: Any, receive: Any, progress: Callable[[int, int], None] | None, deadline: float) -> Any:
+    """Forward the child's progress until it answers, dies or runs past `deadline`."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return _TimedOut(still_running=not _end(child))
+        multiprocessing.connection.wait([receive, child.sentinel], timeout=left)
+        if receive.poll():  # read before judging the sentinel: an answer may precede the exit
+            try:
+                data = receive.recv_bytes()
+            except EOFError:
+                return _died(child)
+            try:
+                kind, payload = pickle.loads(data)
+            except Exception as e:  # e.g. an object of a class the defense built only in the child
+                return Verdict.invalid(f"the defense's answer could not be read back from its process ({type(e).__name__}: {e})", "error")
+            if kind == "progress":
+                if progress is not None:
+                    progress(*payload)
+                continue
+            if kind == "interrupt":
+                raise payload
+            child.join(_GRACE_S)  # let it exit by itself: it flushes what the defense printed
+            return payload
+        if not child.is_alive():
+            return _died(child)
+
+
+def _died(child: Any) -> _Died:
+    child.join(_GRACE_S)
+    code = child.exitcode
+    if code is None:  # closed the pipe yet still running: not to be trusted either
+        _end(child)
+    return _Died(code)
+
+
+def _end(child: Any) -> bool:
+    """Stop the child if it still runs (SIGTERM, then SIGKILL) and reap it. True if it ended."""
+    if child.is_alive():
+        child.terminate()
+        child.join(_GRACE_S)
+    if child.is_alive():
+        child.kill()
+        child.join(_GRACE_S)
+    return not child.is_alive()  # False: uninterruptible (a hung device or file system)
+
+
+def _child_main(send: Any, defense: Any, subject: Subject, inputs: DefenseInputs, generator: torch.Generator,
+                name: str, threads: int, grad: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a handler inherited from the parent would wait for Python
+    _die_with_parent()
+    torch.set_num_threads(threads)  # the caller's: float reductions, hence verdicts, depend on it
+    lock = threading.Lock()  # one message at a time, whichever thread of the defense reports
+    if inputs.progress is not None:
+        inputs = replace(inputs, progress=_Forward(send, lock))
+    box: list[Any] = []
+
+    def work() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                box.append(_call(defense, subject, inputs, generator))
+        except BaseException as e:  # KeyboardInterrupt raised by the defense: hand it over
+            box.append(e)
+
+    # A fresh thread: GNU OpenMP's pool belongs to the thread that started it, and in the forked
+    # copy of the caller's thread it refers to the parent's workers, which were not forked: the
+    # first multi-threaded op would wait for them forever.
+    worker = threading.Thread(target=work, name="detect", daemon=True)
+    worker.start()
+    worker.join()
+    answer = _answer(box[0] if box else RuntimeError("detect ended without a result"), name, subject.num_classes)
+    with lock:
+        send.send_bytes(answer)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child if the parent dies (SIGKILL, OOM) before reaping it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class _Forward:
+    """DefenseInputs.progress in the child: (done, total) to the parent, at most every
+    _PROGRESS_EVERY_S (the first and the last step always): the caller only redraws a line."""
+
+    def __init__(self, send: Any, lock: threading.Lock) -> None:
+        self.send, self.lock, self.last = send, lock, -math.inf
+
+    def __call__(self, done: int, total: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last >= _PROGRESS_EVERY_S or done >= total:
+                self.last = now
+                self.send.send_bytes(pickle.dumps(("progress", (done, total))))
+
+
+def _answer(outcome: Any, name: str, num_classes: int) -> bytes:
+    """The message for the parent. A verdict is vouched for here, where its objects exist (the
+    parent vouches again): what cannot be pickled is judged, not lost in transit."""
+    if isinstance(outcome, BaseException) and not isinstance(outcome, (Exception, SystemExit)):
+        try:
+            return pickle.dumps(("interrupt", outcome))
+        except Exception:
+            return pickle.dumps(("interrupt", KeyboardInterrupt(str(outcome))))
+    if isinstance(outcome, BaseException):
+        return pickle.dumps(("answer", _Crash.of(outcome)))
+    v = vouch(outcome, name, num_classes)
+    for candidate in (v, _portable(v)):
+        try:
+            return pickle.dumps(("answer", candidate))
+        except Exception as e:
+            error = e
+    return pickle.dumps(("answer", Verdict.invalid(
+        f"{name} returned a verdict that cannot be sent back from its process ({type(error).__name__}: {error})", "error")))
+
+
+def _portable(v: Verdict) -> Verdict:
+    """`v` as plain JSON values (what its Result records anyway), without `suspects`."""
+    return replace(v, evidence=_jsonable(v.evidence), suspects=None,
+                   controls={k: Control(bool(c.passed), _jsonable(c.value), str(c.detail)) for k, c in v.controls.items()})
+
+
+# -- in a thread (no fork) ----------------------------------------------------------------------
+def _call_in_thread(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torch.Generator,
+                    timeout_s: float, name: str) -> Any:
     """`_call` in a worker thread, waiting at most `timeout_s`.
 
     Threads cannot be killed. On timeout the worker is sent DefenseTimeout with
@@ -307,9 +529,6 @@ def _call_with_timeout(defense: Any, subject: Subject, inputs: DefenseInputs, ge
     runs, which stops a Python loop or a loop of torch calls between two ops, but not one
     long native call (a sleep, a lock, a single huge matmul) nor code that catches
     BaseException. Such a worker is left running as a daemon thread and the verdict says so.
-    A process or a signal would be the alternatives: a process would have to pickle the model
-    and inputs (and fork with torch's thread pools is unsafe); SIGALRM only reaches the main
-    thread and would clash with pytest-timeout's own alarm.
     """
     result: list[Any] = []
     lock = threading.Lock()

@@ -3,9 +3,16 @@ with a clear reason: never a crash of the whole run, never `clean`."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import json
+import os
+import signal
+import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -106,9 +113,12 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["inline", "timed"])
 @pytest.mark.parametrize(("value", "words", "code"), MALFORMED, ids=[f"{i}-{w[0][:32]}" for i, (_, w, _) in enumerate(MALFORMED)])
-def test_a_malformed_answer_is_invalid(cell, value, words, code):
-    v = run(cell, returning(value))
+def test_a_malformed_answer_is_invalid(cell, value, words, code, timeout_s):
+    """The same judgement in-process and from a timed defense's child process (vouched there
+    and again here, whatever could or could not be pickled)."""
+    v = run(cell, returning(value), timeout_s)
     assert_invalid(v, *words)
     assert v.reason_code == code
 
@@ -149,7 +159,7 @@ def _raise(exc: BaseException) -> Any:
     return behave
 
 
-@pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["inline", "threaded"])
+@pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["inline", "timed"])
 @pytest.mark.parametrize(
     ("behave", "words"),
     [
@@ -171,7 +181,7 @@ def test_an_exception_is_invalid_with_its_message(cell, behave, words, timeout_s
     assert tb.rstrip().splitlines()[-1].startswith(v.evidence["exception"])
 
 
-@pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["inline", "threaded"])
+@pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["inline", "timed"])
 def test_keyboard_interrupt_still_stops_the_run(cell, timeout_s):
     with pytest.raises(KeyboardInterrupt):
         run(cell, Fake(_raise(KeyboardInterrupt())), timeout_s)
@@ -204,8 +214,23 @@ def test_a_missing_input_is_invalid(cell):
 
 
 # -- hangs --------------------------------------------------------------------------------------
+# With a timeout, detect runs in a forked child process that is killed past its time (and, where
+# fork is unusable, in a thread as before: see the fallback tests below).
 def _defense_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("qbd-defense-")]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _report_pid(i: DefenseInputs) -> None:
+    """Tell the test which process runs detect, through the progress channel: (pid, 0)."""
+    i.progress(os.getpid(), 0)
 
 
 def _spin_forward(s: Subject, i: DefenseInputs) -> Any:
@@ -223,24 +248,261 @@ def _spin_swallowing(s: Subject, i: DefenseInputs) -> Any:
             pass
 
 
+def _native_sleep(s: Subject, i: DefenseInputs) -> Any:
+    _report_pid(i)
+    ctypes.CDLL(None).sleep(60)  # one C call: no Python bytecode runs, no async exception lands
+
+
+def _swallow_everything(s: Subject, i: DefenseInputs) -> Any:
+    _report_pid(i)
+    while True:
+        with contextlib.suppress(BaseException):  # even the thread fallback's DefenseTimeout
+            time.sleep(0.01)
+
+
+def _ignore_sigterm(s: Subject, i: DefenseInputs) -> Any:
+    # as a C library might (signal.signal works only on the main thread): terminate() is then not enough, kill() follows
+    ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN
+    _native_sleep(s, i)
+
+
+def _with_pid_recorder(cell: tuple[Subject, DefenseInputs]) -> tuple[tuple[Subject, DefenseInputs], list[tuple[int, int]]]:
+    seen: list[tuple[int, int]] = []
+    subject, inputs = cell
+    return (subject, replace(inputs, progress=lambda d, t: seen.append((d, t)))), seen
+
+
 @pytest.mark.parametrize("behave", [_spin_forward, _spin_swallowing])
 def test_a_python_loop_that_never_ends_is_stopped_and_invalid(cell, behave):
     t0 = time.perf_counter()
     v = run(cell, Fake(behave, name="spinner"), timeout_s=0.3)
     assert_invalid(v, "spinner timed out after 0.3 s")
     assert v.reason_code == "timeout"
-    assert "still running" not in v.reason and v.evidence["still_running"] is False
+    assert "still running" not in v.reason and v.evidence == {"timeout_s": 0.3, "still_running": False}
     assert time.perf_counter() - t0 < 30  # it did come back (generous: 2 shared cores)
     assert _defense_threads() == []
 
 
-def test_a_defense_stuck_in_native_code_is_reported_still_running(cell):
+@pytest.mark.skipif(sys.platform != "linux", reason="the child process needs fork; ctypes.CDLL(None) needs libc")
+@pytest.mark.parametrize("behave", [_native_sleep, _swallow_everything, _ignore_sigterm])
+def test_a_defense_stuck_in_native_code_is_stopped(cell, behave):
+    """A 60 s C call, a loop catching BaseException, a process ignoring SIGTERM: each is
+    killed within the timeout plus the grace period (1 s) and some slack, and its process is gone."""
+    timed, seen = _with_pid_recorder(cell)
+    t0 = time.perf_counter()
+    v = run(timed, Fake(behave, name="stuck"), timeout_s=0.5)
+    elapsed = time.perf_counter() - t0
+    assert_invalid(v, "stuck timed out after 0.5 s")
+    assert v.reason_code == "timeout" and "still running" not in v.reason
+    assert v.evidence == {"timeout_s": 0.5, "still_running": False}
+    assert elapsed < 0.5 + 1.0 * 2 + 10, elapsed  # terminate's and kill's grace, slack for a loaded machine; far below 60
+    (pid, _), = seen
+    assert pid != os.getpid() and _gone(pid)  # stopped and reaped: no zombie, nothing left running
+    assert _defense_threads() == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs fork")
+@pytest.mark.parametrize(
+    ("behave", "words", "evidence"),
+    [
+        (lambda s, i: os._exit(3), ("fake's process exited with status 3 before answering",), {"exit_code": 3}),
+        (lambda s, i: os.kill(os.getpid(), signal.SIGSEGV), ("fake's process was killed by SIGSEGV before answering",),
+         {"exit_code": -signal.SIGSEGV, "signal": "SIGSEGV"}),
+        (lambda s, i: os.kill(os.getpid(), signal.SIGKILL), ("killed by SIGKILL", "out-of-memory killer"),
+         {"exit_code": -signal.SIGKILL, "signal": "SIGKILL"}),
+        (lambda s, i: os._exit(0), ("fake's process exited with status 0 before answering",), {"exit_code": 0}),
+    ],
+    ids=["exit-3", "segfault", "oom-kill", "exit-0"],
+)
+def test_a_child_that_dies_is_invalid_with_the_reason(cell, behave, words, evidence):
+    """Never clean, never a hang: the parent sees the child's exit, not a missing answer."""
+    with faulthandler_off():  # pytest's faulthandler would print the segfault's stack to the log
+        v = run(cell, Fake(behave), timeout_s=60)
+    assert_invalid(v, *words)
+    assert v.reason_code == "error" and v.evidence == evidence
+
+
+@contextlib.contextmanager
+def faulthandler_off():
+    import faulthandler
+
+    was = faulthandler.is_enabled()
+    faulthandler.disable()
+    try:
+        yield
+    finally:
+        if was:
+            faulthandler.enable()
+
+
+def _deterministic(s: Subject, i: DefenseInputs, g: torch.Generator) -> Verdict:
+    """A verdict computed from the model, the inputs and the generator, with tensors in it."""
+    x = i.clean_holdout[0].float() / 255
+    noise = torch.rand(x.shape, generator=g)
+    logits = s(x * 0.9 + noise * 0.1)
+    score = logits.softmax(1).max(1).values.mean()
+    return Verdict("detected", score=score, threshold=torch.tensor(0.05), target_class=int(logits.sum(0).argmax()),
+                   evidence={"logits": logits.detach(), "draw": float(torch.rand(1, generator=g))},
+                   controls={"positive": Control(True, score.item(), "fired")},
+                   suspects={"data": "clean_holdout", "by_class": {0: np.array([1, 2])}})
+
+
+class Computing(Fake):
+    def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Any:
+        return _deterministic(subject, inputs, generator)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_within_its_time_a_defense_answers_as_it_would_without_a_timeout(cell, grad):
+    """The same verdict, figures, evidence and suspects as in-process: the child has the same
+    model, inputs, generator state, grad mode and thread count."""
+    with torch.set_grad_enabled(grad):
+        inline = run(cell, Computing(None))
+        timed = run(cell, Computing(None), timeout_s=60)
+    assert timed.to_dict() == inline.to_dict()
+    assert "timeout_isolation" not in timed.evidence
+    assert timed.suspects["data"] == "clean_holdout" and list(timed.suspects["by_class"][0]) == [1, 2]
+    assert _defense_threads() == []
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_child_keeps_the_callers_grad_mode(cell, grad):
+    # grad mode is thread-local in torch; a gradient-based defense must see the caller's
+    d = Fake(lambda s, i: Verdict("clean", score=float(torch.is_grad_enabled())))
+    with torch.set_grad_enabled(grad):
+        assert run(cell, d, timeout_s=60).score == float(grad)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_child_runs_with_the_callers_thread_count_and_can_use_it(cell, threads):
+    """After the caller has run multi-threaded OpenMP ops, a forked child's first parallel op
+    in the copied thread waits forever for the caller's (unforked) workers (GNU libgomp): detect
+    runs on a fresh thread in the child, and must finish well within its time."""
+    def behave(s: Subject, i: DefenseInputs) -> Verdict:
+        a = torch.randn(400, 400)
+        (a @ a + torch.randn(2_000_000)[:160_000].view(400, 400)).sum()  # parallel matmul and elementwise ops
+        return Verdict("clean", score=float(torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(400, 400)
+        (a @ a + 1).sum()  # the caller's OpenMP pool now exists
+        v = run(cell, Fake(behave), timeout_s=20)  # a hang shows as a timeout
+    finally:
+        torch.set_num_threads(before)
+    assert (v.status, v.score) == ("clean", float(threads)), v
+
+
+def test_progress_reaches_the_caller(cell):
+    seen: list[tuple[int, int]] = []
+    subject, inputs = cell
+
+    def behave(s: Subject, i: DefenseInputs) -> Verdict:
+        for k in range(1, 201):
+            i.progress(k, 200)
+        return Verdict("clean")
+
+    v = run((subject, replace(inputs, progress=lambda d, t: seen.append((d, t)))), Fake(behave), timeout_s=60)
+    assert v.status == "clean"
+    # throttled in the child (the caller only redraws a line), but the first and the last arrive, in order
+    assert seen[0] == (1, 200) and seen[-1] == (200, 200) and seen == sorted(seen)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs fork")
+def test_ctrl_c_while_waiting_stops_the_child(cell):
+    """KeyboardInterrupt in the caller (here from its progress callback) ends the run and the
+    child: nothing keeps running detect in the background."""
+    pids: list[int] = []
+    subject, inputs = cell
+
+    def interrupt(done: int, total: int) -> None:
+        pids.append(done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run((subject, replace(inputs, progress=interrupt)), Fake(_native_sleep), timeout_s=60)
+    (pid,) = pids
+    assert _gone(pid)
+
+
+def test_what_the_defense_prints_is_not_lost(cell, capfd):
+    def behave(s: Subject, i: DefenseInputs) -> Verdict:
+        # a fully buffered stdout, as when it is a file: flushed only when the child exits
+        sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=False)  # noqa: SIM115
+        print("a defense's debug line")
+        return Verdict("clean")
+
+    assert run(cell, Fake(behave), timeout_s=60).status == "clean"
+    assert "a defense's debug line" in capfd.readouterr().out
+
+
+def _unpicklable_verdict(s: Subject, i: DefenseInputs) -> Verdict:
+    lock = threading.Lock()  # cannot be pickled; `suspects` is not checked for JSON, so vouch keeps it
+    return Verdict("clean", score=1.0, evidence={"n": torch.tensor(3)},
+                   suspects={"data": "clean_holdout", "by_class": {0: [1], "lock": lock}})
+
+
+def test_a_verdict_that_cannot_be_pickled_comes_back_as_its_json_form(cell):
+    """`suspects` only feeds a control: it is dropped rather than losing the verdict."""
+    v = run(cell, Fake(_unpicklable_verdict), timeout_s=60)
+    assert (v.status, v.score, v.evidence, v.suspects) == ("clean", 1.0, {"n": 3}, None)
+
+
+def test_an_answer_that_cannot_be_read_back_is_invalid(cell):
+    def behave(s: Subject, i: DefenseInputs) -> Verdict:
+        # a class that exists only in the child's copy of this module: pickled by name there,
+        # not found by name here
+        made_in_the_child = type("NotHere", (), {"__module__": __name__})
+        sys.modules[__name__].NotHere = made_in_the_child
+        return Verdict("clean", suspects={"data": "clean_holdout", "by_class": {0: made_in_the_child()}})
+
+    v = run(cell, Fake(behave), timeout_s=60)
+    assert_invalid(v, "the defense's answer could not be read back from its process (AttributeError")
+    assert v.reason_code == "error" and not hasattr(sys.modules[__name__], "NotHere")
+
+
+def _pooled(context: tuple[Subject, DefenseInputs], task: str, report: Any) -> dict[str, Any]:
+    subject, inputs = context
+    behave = {"stuck": _native_sleep, "spinner": _spin_forward, "good": lambda s, i: Verdict("clean", score=2.0)}[task]
+    inputs = replace(inputs, progress=lambda d, t: None)
+    v, _ = run_defense(Fake(behave, name=task), subject, inputs, torch.Generator().manual_seed(0), timeout_s=0.5)
+    return v.to_dict()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs fork")
+def test_a_timed_defense_inside_a_pool_worker(cell):
+    """`qbd run -j N`: run_defense in a forked pool worker forks its own child, and kills it."""
+    from qbd.pool import run_tasks
+
+    out = run_tasks(_pooled, cell, ["stuck", "spinner", "good"], workers=2)
+    assert [(d["status"], d["reason_code"]) for d in out] == [("invalid", "timeout"), ("invalid", "timeout"), ("clean", None)]
+    assert out[0]["evidence"] == {"timeout_s": 0.5, "still_running": False}
+    assert out[2]["score"] == 2.0
+
+
+# -- without fork: the thread fallback ----------------------------------------------------------
+@pytest.fixture
+def no_fork(monkeypatch):
+    from qbd.defenses import base
+
+    monkeypatch.setattr(base, "_NO_FORK", ((lambda: True, "testing the fallback"),))
+
+
+def test_the_fallback_stops_a_python_loop(cell, no_fork):
+    v = run(cell, Fake(_spin_swallowing, name="spinner"), timeout_s=0.3)
+    assert_invalid(v, "spinner timed out after 0.3 s")
+    assert v.evidence == {"timeout_s": 0.3, "still_running": False, "timeout_isolation": "thread: testing the fallback"}
+    assert _defense_threads() == []
+
+
+def test_the_fallback_reports_a_defense_stuck_in_native_code_still_running(cell, no_fork):
     release = threading.Event()
     try:
         v = run(cell, Fake(lambda s, i: release.wait(), name="stuck"), timeout_s=0.2)
         assert_invalid(v, "stuck timed out after 0.2 s", "still running")
         assert v.reason_code == "timeout"
-        assert v.evidence == {"timeout_s": 0.2, "still_running": True}
+        assert v.evidence == {"timeout_s": 0.2, "still_running": True, "timeout_isolation": "thread: testing the fallback"}
     finally:
         release.set()  # Event.wait is one native call: the worker ends only when released
     for t in _defense_threads():
@@ -248,19 +510,28 @@ def test_a_defense_stuck_in_native_code_is_reported_still_running(cell):
     assert _defense_threads() == []
 
 
-def test_within_its_time_a_defense_answers_normally(cell):
-    good = Verdict("detected", score=3.0, threshold=2.0, target_class=1)
-    v = run(cell, returning(good), timeout_s=60)
-    assert v.to_dict() == good.to_dict()
-    assert _defense_threads() == []
-
-
 @pytest.mark.parametrize("grad", [True, False])
-def test_the_worker_thread_keeps_the_callers_grad_mode(cell, grad):
-    # grad mode is thread-local in torch; a gradient-based defense must see the caller's
-    d = Fake(lambda s, i: Verdict("clean", score=float(torch.is_grad_enabled())))
+def test_the_fallback_answers_normally_and_says_how_it_ran(cell, no_fork, grad):
     with torch.set_grad_enabled(grad):
-        assert run(cell, d, timeout_s=60).score == float(grad)
+        inline = run(cell, Computing(None))
+        timed = run(cell, Computing(None), timeout_s=60)
+    assert timed.evidence.pop("timeout_isolation") == "thread: testing the fallback"
+    assert timed.to_dict() == inline.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("patch", "words"),
+    [
+        (("multiprocessing.get_all_start_methods", lambda: ["spawn"]), "this platform cannot fork"),
+        (("torch.cuda.is_initialized", lambda: True), "CUDA is initialised in this process"),
+    ],
+    ids=["no-fork", "cuda"],
+)
+def test_when_the_fallback_is_used(cell, monkeypatch, patch, words):
+    """A forked child cannot use CUDA once the parent has initialised it: a GPU run falls back."""
+    monkeypatch.setattr(*patch)
+    v = run(cell, returning(Verdict("clean")), timeout_s=60)
+    assert v.status == "clean" and words in v.evidence["timeout_isolation"]
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "5"])

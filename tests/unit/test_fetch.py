@@ -5,12 +5,20 @@ refusal is one line, exit status 2, with nothing left in the store."""
 from __future__ import annotations
 
 import hashlib
+import http.server
+import io
 import json
 import os
 import pickle
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +27,7 @@ from safetensors.torch import save_file
 from qbd import results as results_io
 from qbd.cli import main
 from qbd.config import AttackSpec, DatasetSpec, ModelJob
-from qbd.fetch import fetched_key
+from qbd.fetch import FetchError, Source, fetched_key, read_source
 from qbd.models import build_model
 from qbd.store import Store
 
@@ -311,3 +319,186 @@ def test_run_with_model_file_end_to_end(tmp_path):
     store = Store(cache)
     (key,) = store.keys()  # only the fetched model: nothing was trained
     assert store.read_meta(key)["fetched"]["sha256"] == _sha(path)
+
+
+# -- downloads: streamed to a temporary file, hashed as they arrive, capped ------------------------
+@dataclass
+class Route:
+    """What the test server sends for one path: `body` in `chunk`-sized writes, with or without a
+    Content-Length (`declare`: True, False, or a number to lie with); `before(offset)` runs
+    before each write. `sent` counts what reached the socket; `ended` is set when it stops."""
+
+    body: bytes
+    chunk: int = 64 << 10
+    declare: bool | int = True
+    before: Callable[[int], None] | None = None
+    sent: int = 0
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        route = self.server.routes.get(self.path)  # type: ignore[attr-defined]
+        if route is None:
+            self.send_error(404)
+            return
+        try:
+            self.send_response(200)
+            if route.declare is not False:
+                self.send_header("Content-Length", str(len(route.body) if route.declare is True else route.declare))
+            self.end_headers()
+            for offset in range(0, len(route.body), route.chunk):
+                if route.before is not None:
+                    route.before(offset)
+                self.wfile.write(route.body[offset:offset + route.chunk])
+                self.wfile.flush()
+                route.sent += len(route.body[offset:offset + route.chunk])
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up: what the cap does
+            pass
+        finally:
+            route.ended.set()
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server in a thread: `server.routes[path] = Route(...)`, `server.url(path)`."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.routes = {}
+    srv.url = lambda path: f"http://127.0.0.1:{srv.server_address[1]}{path}"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(10)
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """Where read_source puts its partial download (tempfile's directory), empty to start with."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def _source(url: str, body: bytes) -> Source:
+    return Source(url, hashlib.sha256(body).hexdigest())
+
+
+def test_a_download_streams_to_a_temporary_file_and_returns_the_verified_bytes(server, temp_dir, capsys):
+    body = os.urandom(3 << 20)
+    half = len(body) // 2
+    seen: list[int] = []
+
+    def pause_at_half(offset: int) -> None:
+        # the server holds back the second half until the first is on disk, in the temporary file
+        if offset == half:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                sizes = [p.stat().st_size for p in temp_dir.glob("qbd-fetch-*.part")]
+                if sizes and sizes[0] > 0:
+                    seen.append(sizes[0])
+                    return
+                time.sleep(0.01)
+
+    server.routes["/m.safetensors"] = Route(body, before=pause_at_half)
+    assert read_source(_source(server.url("/m.safetensors"), body)) == body
+    assert seen and 0 < seen[0] <= half, seen  # written while the download was still under way
+    assert list(temp_dir.iterdir()) == []
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar, and no log given
+
+
+@pytest.mark.parametrize("declare", [False, True], ids=["undeclared", "declared"])
+def test_the_size_cap_stops_a_download_at_once(server, temp_dir, declare):
+    """Over the cap, the download ends: after the first chunk past it (no size given), or before
+    the body (a declared Content-Length over the cap). The rest is never read."""
+    body = bytes(64 << 20)
+    server.routes["/big.pt"] = Route(body, declare=declare)
+    with pytest.raises(FetchError, match="larger than 1048576 bytes" + (r" \(67108864 declared\)" if declare else "")):
+        read_source(_source(server.url("/big.pt"), body), max_bytes=1 << 20)
+    assert server.routes["/big.pt"].ended.wait(20)
+    assert server.routes["/big.pt"].sent < len(body) // 4  # only what the socket buffers held when the client hung up
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_a_wrong_sha256_is_refused_and_nothing_is_left(server, temp_dir):
+    body = b"weights" * 1000
+    server.routes["/m.pt"] = Route(body)
+    wrong = hashlib.sha256(b"other").hexdigest()
+    url = server.url("/m.pt")
+    with pytest.raises(FetchError, match=f"{url}: sha256 is {hashlib.sha256(body).hexdigest()}, expected {wrong}; refusing it"):
+        read_source(Source(url, wrong))
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_a_connection_closed_early_is_refused(server, temp_dir):
+    body = b"x" * 10_000
+    server.routes["/short.pt"] = Route(body, declare=20_000)  # promises more than it sends
+    with pytest.raises(FetchError, match="the connection closed after 10000 of 20000 bytes"):
+        read_source(_source(server.url("/short.pt"), body))
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_an_interrupted_download_leaves_no_temporary_file(server, temp_dir, monkeypatch):
+    from qbd import fetch
+
+    body = bytes(1 << 20)
+    server.routes["/m.pt"] = Route(body)
+
+    def interrupt(self: Any, n: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetch._Progress, "update", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        read_source(_source(server.url("/m.pt"), body))
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_a_redirected_log_gets_one_start_and_one_end_line(server, temp_dir, capsys):
+    body = os.urandom(3 << 20)
+    server.routes["/m.pt"] = Route(body)
+    lines: list[str] = []
+    url = server.url("/m.pt")
+    assert read_source(_source(url, body), log=lines.append) == body
+    assert len(lines) == 2, lines
+    assert lines[0] == f"fetching {url} ({len(body)} bytes)"
+    assert lines[1].startswith(f"fetched {url}: {len(body)} bytes in ")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_terminal_gets_a_progress_bar(server, temp_dir, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    body = os.urandom(2 << 20)
+    server.routes["/m.safetensors"] = Route(body)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    lines: list[str] = []
+    assert read_source(_source(server.url("/m.safetensors"), body), log=lines.append) == body
+    assert "fetching m.safetensors" in term.getvalue() and "2.00M" in term.getvalue()
+    assert lines == []  # the bar replaces the lines
+
+
+def test_fetch_over_http_stores_the_model(server, temp_dir, cache, capsys, tmp_path):
+    path = _save(tmp_path / "m.safetensors", _state())
+    server.routes["/m.safetensors"] = Route(path.read_bytes())
+    url = server.url("/m.safetensors")
+    assert main(["store", "fetch", url, "--sha256", _sha(path), "--json", *DIGITS]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fetched"] == {"source": url, "sha256": _sha(path), "format": "safetensors", "bytes": path.stat().st_size}
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_a_hostile_download_with_a_wrong_sha256_is_never_parsed(server, temp_dir, cache, capsys, tmp_path):
+    """The hash is checked before any parser sees the bytes: a wrong pin refuses even a file the
+    restricted unpickler would have refused anyway, and nothing runs."""
+    marker = tmp_path / "PWNED"
+    server.routes["/m.pt"] = Route(pickle.dumps(Evil(marker)))
+    _refused(["store", "fetch", server.url("/m.pt"), "--sha256", "0" * 64, *DIGITS], capsys, cache, "; refusing it")
+    assert not marker.exists() and list(temp_dir.iterdir()) == []

@@ -268,3 +268,36 @@ def test_trace_guard_keeps_torchs_own_trace_handler() -> None:
     finally:
         logger.removeHandler(own)
         logger.removeHandler(foreign)
+
+
+def test_the_untrusted_weights_loader_sits_below_the_cli():
+    """qbd.fetch (which reads untrusted weights) and the runner never import the CLI, directly or
+    through another qbd module, at module level or inside a function."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "qbd"
+    graph: dict[str, set[str]] = {}
+    for p in root.rglob("*.py"):
+        name = ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qbd"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("qbd")}
+        graph[name] = deps
+
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for d in graph.get(todo.pop(), ()):
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    assert "qbd.fetch" in graph and "qbd.runner" in reach("qbd.cli")  # the graph was read: the CLI reaches the runner
+    for low in ("qbd.fetch", "qbd.runner", "qbd.zoo", "qbd.store", "qbd.remote_store"):
+        assert "qbd.cli" not in reach(low), f"{low} reaches qbd.cli"
