@@ -239,7 +239,7 @@ def _csv(text: str | None, valid: list[str] | None, label: str) -> tuple[str, ..
 def cmd_run(args: argparse.Namespace) -> int:
     from qbd.config import PROTOCOLS
     from qbd.data import DATASETS
-    from qbd.defenses import available
+    from qbd.defenses import BUILTIN, available
     from qbd.quant import SCHEMES
     from qbd.remote_store import open_store
     from qbd.runner import RunPlan, load_defense, run
@@ -258,9 +258,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = [a.name for a in available()]  # built-ins and the qbd.defenses entry points, as in the pytest matrix
     defenses = _csv(args.defense, names, "defense") if args.defense is not None else tuple(names)
     protocols = _csv(args.protocol, list(PROTOCOLS), "protocol") if args.protocol is not None else tuple(PROTOCOLS)
+    usable = []
     for ref in defenses:  # fail on a bad --defense before any training
-        for protocol in protocols:
-            load_defense(ref, protocol, tier.name)
+        try:
+            for protocol in protocols:
+                load_defense(ref, protocol, tier.name)
+        except ConfigError as e:
+            if args.defense is not None or ref in BUILTIN:  # the user named it: their error to fix
+                raise
+            # an installed third-party defense the user did not ask for: say so, run the others
+            print(f"qbd: skipped {e}", file=sys.stderr)
+            continue
+        usable.append(ref)
+    defenses = tuple(usable)
     if args.engine is not None:
         from qbd.quant.engine import supported_engines
 

@@ -66,10 +66,10 @@ def prepare(device: str) -> None:
     use the current one open no stray context on cuda:0) and turn TF32 off, so float models and
     surrogates compute in full fp32 (TF32's ~1e-3 relative error is the size of the quantization
     effects qbd measures). Training keeps its bf16 autocast. Nothing on a CPU."""
-    if is_cpu(device):
-        return
     import torch
 
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return
     torch.cuda.set_device(torch.device(device))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -1,5 +1,6 @@
 """Untrusted model weights: fetch them with a pinned sha256, check they fit the architecture,
-and keep them in the store beside the trained models. Also the `qbd store` command.
+and keep them in the store beside the trained models. The `qbd store` commands (qbd/cli.py)
+call it; this module never imports the CLI.
 
     qbd store fetch URL_OR_PATH --sha256 HEX [--dataset digits --model tiny-cnn --target 0 ...]
     qbd run --model-file PATH --sha256 HEX [--dataset digits ...]   (uses it instead of training)
@@ -20,7 +21,7 @@ data set, model and attack specs, the data's fingerprint}; the training spec is 
 The entry's meta.json has "fetched": {"source", "sha256", "format", "bytes"}. A corrupt fetched
 entry is quarantined and refused, never recreated behind the user's back: fetch it again.
 
-Torch is imported only when a command runs (this module is imported to build the CLI parser).
+Torch is imported only when weights are parsed.
 """
 
 from __future__ import annotations

@@ -114,8 +114,8 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
      " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
     ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
     ("dataset", {}, "run only these of the tier's data sets, comma-separated (default: all of them)"),
-    ("scheme", {}, "run only these of the tier's schemes, comma-separated (default: all of them; the clean model's control"
-     " runs on fp32, so leaving fp32 out drops it)"),
+    ("scheme", {}, "run only these of the tier's schemes, comma-separated (default: all of them; the clean model's"
+     " negative control runs on fp32 whatever this says)"),
     ("device", {}, "where models train and defenses run: auto (CUDA when present), cpu, cuda or cuda:N; under xdist a bare"
      " cuda (or auto on a GPU host) gives worker k cuda:{k mod GPUs} (default: the tier's: cpu for smoke, auto for paper)"),
 ]
@@ -320,7 +320,7 @@ def _cases(state: QbdState) -> dict[str, list[tuple[str, tuple[Any, ...], str]]]
                 cells += [Cell(ds, s, name, proto) for s in schemes]
                 # the negative control: on fp32, where a false alarm cannot be blamed on quantization; over
                 # several seeds on every scheme, so every row has its false-alarm rate
-                controls = schemes if state.seeds > 1 else tuple(s for s in ("fp32",) if s in schemes)
+                controls = schemes if state.seeds > 1 else ("fp32",)  # kept whatever --qbd-scheme says, as in `qbd run`
                 cells += [Cell(ds, s, name, proto, "clean") for s in controls]
     cells.sort(key=lambda c: c.id)
     pairs = sorted((ds, s) for ds in datasets for s in schemes)
@@ -356,8 +356,9 @@ def _marks(state: QbdState, dataset: str, group: str | None = None) -> list[Any]
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     state: QbdState | None = metafunc.config.stash.get(_STATE, None)
-    if state is None:
-        return
+    qbd_args = ("qbd_cell", "qbd_attack_case", "qbd_audit_case")
+    if state is None or not any(a in metafunc.fixturenames for a in qbd_args):
+        return  # not a qbd test: nothing is read (entry points included)
     cases = _cases(state)
 
     def params(arg: str) -> list[Any]:
@@ -385,6 +386,10 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
     n = sum(1 for it in items if any(a in getattr(getattr(it, "callspec", None), "params", {}) for a in qbd_args))
     if state is None or n == 0:
         return []
+    return _header(state, n)
+
+
+def _header(state: QbdState, n: int) -> list[str]:
     from qbd.defenses import BUILTIN
     from qbd.store import CACHE_ENV, default_root
     from qbd.tiers import TIERS as TIER_TABLE
@@ -501,10 +506,19 @@ class Session:
                      train_metrics=tm.metrics, tier=self.state.tier, weights=tm.provenance(), device=device)
 
     def defense(self, name: str, protocol: str) -> Any:
+        from qbd.errors import ConfigError
         from qbd.runner import load_defense
 
         ref = next(r for r, n in self.state.matrix().items() if n == name)
-        return load_defense(ref, protocol, self.state.tier)
+        if ref in self.state.defense_names:  # a built-in, or a --qbd-defense the user named: errors are theirs
+            return load_defense(ref, protocol, self.state.tier)
+        try:
+            return load_defense(ref, protocol, self.state.tier)
+        except ConfigError as e:  # an installed entry point nobody named: a warning and skipped cells, as in `qbd run`
+            import warnings
+
+            warnings.warn(f"qbd: skipped {e}", pytest.PytestWarning, stacklevel=2)
+            pytest.skip(f"qbd: skipped {e}")
 
 
 def _share_cores(torch: Any) -> None:
@@ -556,10 +570,27 @@ class Collector:
     def __init__(self, state: QbdState, config: pytest.Config) -> None:
         self.state = state
         self.config = config
+        self._header_shown = False
 
     @property
     def is_worker(self) -> bool:
         return hasattr(self.config, "workerinput")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        """Under xdist the controller collects nothing itself: the header comes from the first
+        worker's collection (every worker collects the same ids)."""
+        if self._header_shown:
+            return
+        self._header_shown = True
+        from qbd.xdist_groups import param_id
+
+        groups = groups_by_param_id(self.state)
+        n = sum(1 for i in ids if (param_id(i) or "") in groups)
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if n and tr is not None:
+            for line in _header(self.state, n):
+                tr.write_line(line)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
@@ -593,8 +624,9 @@ class Collector:
             from qbd.report import run_metadata, write_report
 
             table = state.expectations_path or (state.expectations.path if state.expectations is not None else None)
+            # the device each cell ran on comes from its Result (placement); the option may say "auto"
             write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix",
-                         run=run_metadata(tier=state.tier, device=state.device, expectations=str(table) if table else None))
+                         run=run_metadata(tier=state.tier, device_option=state.device, expectations=str(table) if table else None))
         if state.accept:
             if state.results or state.attack or state.audit:
                 self.accept()

@@ -316,8 +316,9 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    return {"qbd": __version__, "torch": version("torch"), "torchvision": version("torchvision"),
-            "python": platform.python_version()}
+    # the libraries a verdict depends on (kernels, quantization flows, clustering, SVD)
+    libs = ("torch", "torchvision", "torchao", "numpy", "scipy", "scikit-learn")
+    return {"qbd": __version__, **{lib: version(lib) for lib in libs}, "python": platform.python_version()}
 
 
 def _platform() -> dict[str, Any]:

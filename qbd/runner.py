@@ -95,14 +95,17 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
     from qbd.train import resolve_device
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    on_cpu = resolve_device(plan.device).type == "cpu"
+    device = resolve_device(plan.device)  # "auto" -> a concrete device, once
+    on_cpu = device.type == "cpu"
     if not on_cpu and workers != "auto" and int(workers) > 1:  # before any training
         from qbd.errors import ConfigError
 
         raise ConfigError(f"-j {workers}: worker processes run cells on the CPU; with --device {plan.device} use -j 1")
-    from qbd import devices
+    plan = replace(plan, device=str(device))
+    if not on_cpu:
+        from qbd import devices
 
-    devices.prepare(plan.device)
+        devices.prepare(plan.device)
     units = _units(plan, data_root, store, progress, log, gates)
     tasks = [(u, cell) for u, unit in enumerate(units) for cell in unit.cells]
     n = resolve_workers(workers, len(tasks)) if on_cpu else 1  # one GPU process: -j auto is 1

@@ -60,6 +60,3 @@ def available() -> list[Available]:
         out[ep.name] = Available(ep.name, ep.value, f"entry point of {dist}")
     return sorted(out.values(), key=lambda a: a.name)
 
-
-def find(name: str) -> Available | None:
-    return next((a for a in available() if a.name == name), None)

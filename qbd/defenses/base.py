@@ -373,8 +373,15 @@ def _call_with_timeout(defense: Any, subject: Subject, inputs: DefenseInputs, ge
     """(`_call`'s outcome, a _Crash, a _Died or a _TimedOut; why it ran in a thread, or None)."""
     why = _why_not_fork()
     if why is None:
-        return _call_in_process(defense, subject, inputs, generator, timeout_s, name), None
+        try:
+            return _call_in_process(defense, subject, inputs, generator, timeout_s, name), None
+        except _ForkFailed as e:  # out of memory or processes: still a verdict, through the thread path
+            why = f"fork failed: {e}"
     return _call_in_thread(defense, subject, inputs, generator, timeout_s, name), why
+
+
+class _ForkFailed(Exception):
+    pass
 
 
 # -- in a forked child process ------------------------------------------------------------------
@@ -383,10 +390,18 @@ def _call_in_process(defense: Any, subject: Subject, inputs: DefenseInputs, gene
     """The child's answer (a vouched Verdict or a _Crash), a _Died, or a _TimedOut. Ctrl-C (or
     an error in the caller's progress callback) stops the child and is raised here."""
     ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
+    try:
+        receive, send = ctx.Pipe(duplex=False)
+    except OSError as e:
+        raise _ForkFailed(e) from e
     child = ctx.Process(target=_child_main, name=f"qbd-defense-{name}",
                         args=(send, defense, subject, inputs, generator, name, torch.get_num_threads(), torch.is_grad_enabled()))
-    child.start()
+    try:
+        child.start()
+    except OSError as e:
+        receive.close()
+        send.close()
+        raise _ForkFailed(e) from e
     send.close()  # the child holds the only writer: its death reads as end-of-file here
     try:
         return _await(child, receive, inputs.progress, time.monotonic() + timeout_s)
@@ -406,7 +421,7 @@ def _await(child: Any, receive: Any, progress: Callable[[int, int], None] | None
         if receive.poll():  # read before judging the sentinel: an answer may precede the exit
             try:
                 data = receive.recv_bytes()
-            except EOFError:
+            except (EOFError, OSError):  # nothing, or a message cut off by the child's death
                 return _died(child)
             try:
                 kind, payload = pickle.loads(data)

@@ -420,3 +420,22 @@ def test_cli_sees_entry_point_defenses(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (res,) = json.loads(r.stdout)["results"]
     assert res["defense"]["name"] == "corner-patch-probe" and res["cell"] == "digits/fp32/corner-patch-probe[canonical]"
+
+
+def test_a_broken_installed_defense_is_skipped_by_default_but_an_error_when_named(tmp_path):
+    import os
+
+    site = tmp_path / "site"
+    dist = site / "qbd_broken_demo-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-broken-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[qbd.defenses]\nbroken-probe = no_such_module_xyz:Thing\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "QBD_CACHE_DIR": str(tmp_path / "store")}
+    args = [sys.executable, "-m", "qbd", "run", *FAST, "--quant", "fp32", "--protocol", "paper", "--no-controls", "--json", "-j", "1"]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "qbd: skipped defense the entry point of qbd-broken-demo" in r.stderr
+    assert {res["defense"]["name"] for res in json.loads(r.stdout)["results"]} == {
+        "activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"}
+    named = subprocess.run([*args, "--defense", "broken-probe"], capture_output=True, text=True, env=env, timeout=600)
+    assert named.returncode == 2 and "qbd-broken-demo" in named.stderr and "no_such_module_xyz" in named.stderr
