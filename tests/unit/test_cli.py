@@ -401,15 +401,20 @@ def test_unknown_names_suggest_the_likely_one(option, value, hint):
     assert f"(did you mean {hint!r}?)" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def _installed(site: Path, name: str, entry_point: str) -> Path:
+    """A distribution `name` declaring one `qbd.defenses` entry point, visible with `site` on PYTHONPATH."""
+    dist = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[qbd.defenses]\n{entry_point}\n")
+    return site
+
+
 def test_cli_sees_entry_point_defenses(tmp_path):
     """`qbd list` and `qbd run --defense` know the `qbd.defenses` entry points, as the pytest matrix does."""
     import os
 
-    site = tmp_path / "site"
-    dist = site / "qbd_ep_demo-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-ep-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[qbd.defenses]\ncorner-patch-probe = qbd_example_defense:CornerPatchProbe\n")
+    site = _installed(tmp_path / "site", "qbd-ep-demo", "corner-patch-probe = qbd_example_defense:CornerPatchProbe")
     example = Path(__file__).resolve().parents[2] / "examples" / "qbd-example-defense"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(example)])}
     listed = subprocess.run([sys.executable, "-m", "qbd", "list"], capture_output=True, text=True, env=env, timeout=300)
@@ -425,11 +430,7 @@ def test_cli_sees_entry_point_defenses(tmp_path):
 def test_a_broken_installed_defense_is_skipped_by_default_but_an_error_when_named(tmp_path):
     import os
 
-    site = tmp_path / "site"
-    dist = site / "qbd_broken_demo-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-broken-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[qbd.defenses]\nbroken-probe = no_such_module_xyz:Thing\n")
+    site = _installed(tmp_path / "site", "qbd-broken-demo", "broken-probe = no_such_module_xyz:Thing")
     env = {**os.environ, "PYTHONPATH": str(site), "QBD_CACHE_DIR": str(tmp_path / "store")}
     args = [sys.executable, "-m", "qbd", "run", *FAST, "--quant", "fp32", "--protocol", "paper", "--no-controls", "--json", "-j", "1"]
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
