@@ -55,8 +55,8 @@ def load_defense(ref: str, protocol: str, tier: str) -> Any:
     try:
         cls = load_ref(ref)
     except (ImportError, AttributeError, ValueError) as e:
-        where = f"the {origin} ({ref})" if origin else repr(ref)
-        raise ConfigError(f"defense {where}: cannot load it ({type(e).__name__}: {e})") from None
+        where = f"defense the {origin} ({ref})" if origin else f"--defense {ref!r}"
+        raise ConfigError(f"{where}: cannot load it ({type(e).__name__}: {e})") from None
     obj = _instantiate(cls, ref, protocol, tier)
     if origin and getattr(obj, "name", None) != name:  # cells are named after the entry point
         raise ConfigError(f"defense {name!r} of the {origin}: the class it names says its name is {obj.name!r}")
