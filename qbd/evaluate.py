@@ -20,6 +20,7 @@ from qbd.data.base import DataSplit
 from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of, run_defense
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models.base import Classifier
+from qbd.quant.common import model_device
 
 # Each protocol's data diet. `paper`: what the paper fed every defense (a clean holdout only).
 # `canonical`: what each method was designed for (see DEFENSES.md).
@@ -147,7 +148,7 @@ class Bench:
         bench's device when it is not."""
         from qbd.quant import SCHEMES
 
-        deployed = str(_device_of(self.quantized(scheme, engine).model))
+        deployed = str(model_device(self.quantized(scheme, engine).model))
         out = {"device": str(self.device), "deployed": deployed, "surrogate": str(self.device)}
         if deployed != str(self.device):
             runs_on = "/".join(getattr(SCHEMES.get(scheme), "devices", ("cpu",)))
@@ -160,7 +161,7 @@ class Bench:
         if key not in self._metrics:
             qm = self.quantized(scheme, engine)
             x, y = self.eval_set
-            dev = _device_of(qm.model)
+            dev = model_device(qm.model)
             self._metrics[key] = {
                 "clean_acc": accuracy(qm.model, x, y, device=dev),
                 "asr": attack_success_rate(qm.model, self.triggered_eval, self.probe.target, device=dev),
@@ -178,7 +179,7 @@ class Bench:
                 self._surrogates[(scheme, engine)] = qm.surrogate().to(self.device)  # a float twin runs anywhere
             m = self._surrogates[(scheme, engine)]
         return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path=gradient_path,
-                       device=_device_of(m), float_model=self.float_on_device,
+                       device=model_device(m), float_model=self.float_on_device,
                        redeploy=lambda edited: self.redeploy(edited, scheme, engine))
 
     def redeploy(self, model: Classifier, scheme: str, engine: str | None = None) -> Subject:
@@ -188,7 +189,7 @@ class Bench:
 
         s = SCHEMES.get(scheme)
         m = _place(s, s.apply(model.cpu(), self.calib(), engine=engine), self.device).model  # quantized on the CPU
-        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path="deployed", device=_device_of(m))
+        return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path="deployed", device=model_device(m))
 
     def inputs(self, protocol: str, requires: frozenset[str]) -> DefenseInputs:
         hold = self.holdout
@@ -262,13 +263,6 @@ class Bench:
         if target is not None and verdict.status == "detected" and verdict.target_class is not None:
             named = verdict.target_class == target
         return {"backdoored": self.attack is not None, "target": target, "target_named": named}
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for t in model.state_dict().values():
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
 
 
 def _place(scheme: Any, qm: Any, device: torch.device) -> Any:

@@ -33,6 +33,7 @@ MARKERS = {
 RESULT_PROPERTY = "qbd_result"
 ATTACK_PROPERTY = "qbd_attack"
 AUDIT_PROPERTY = "qbd_audit"
+QBD_ARGS = ("qbd_cell", "qbd_attack_case", "qbd_audit_case")  # the arguments qbd parametrizes
 LOAD_PROPERTY = "qbd_load"  # a worker loaded a model (its data, weights, quantized copies)
 _STATE = pytest.StashKey["QbdState"]()
 
@@ -356,8 +357,7 @@ def _marks(state: QbdState, dataset: str, group: str | None = None) -> list[Any]
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     state: QbdState | None = metafunc.config.stash.get(_STATE, None)
-    qbd_args = ("qbd_cell", "qbd_attack_case", "qbd_audit_case")
-    if state is None or not any(a in metafunc.fixturenames for a in qbd_args):
+    if state is None or not any(a in metafunc.fixturenames for a in QBD_ARGS):
         return  # not a qbd test: nothing is read (entry points included)
     cases = _cases(state)
 
@@ -382,8 +382,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str]:
     """The run's qbd settings, shown only when qbd cases were collected (an unrelated project sees nothing)."""
     state: QbdState | None = config.stash.get(_STATE, None)
-    qbd_args = ("qbd_cell", "qbd_attack_case", "qbd_audit_case")
-    n = sum(1 for it in items if any(a in getattr(getattr(it, "callspec", None), "params", {}) for a in qbd_args))
+    n = sum(1 for it in items if any(a in getattr(getattr(it, "callspec", None), "params", {}) for a in QBD_ARGS))
     if state is None or n == 0:
         return []
     return _header(state, n)

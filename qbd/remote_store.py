@@ -260,17 +260,15 @@ class UrlStore:
                 if raw is None:
                     continue  # released meanwhile: try again
                 try:
-                    beat = float(json.loads(raw)["heartbeat"])
+                    held = json.loads(raw)
+                    beat = float(held["heartbeat"])
                 except (ValueError, KeyError, TypeError):
-                    beat = 0.0  # our writes are whole: an unparsable lease is damage, not a write in flight
+                    held, beat = {}, 0.0  # our writes are whole: an unparsable lease is damage, not a write in flight
                 if time.time() - beat <= self.stale_after:
                     return None
                 # stale: its holder died. Of the waiters that saw it, only the one whose create-only
                 # marker for this lease lands breaks it; a late one cannot delete its successor
-                try:
-                    gone = json.loads(raw)["owner"]
-                except (ValueError, KeyError, TypeError):
-                    gone = hashlib.sha256(raw).hexdigest()[:32]
+                gone = held.get("owner") or hashlib.sha256(raw).hexdigest()[:32]
                 try:
                     self._put(self._path("locks", f"{key}.broken-{gone}"), b"", create=True)
                 except FileExistsError:

@@ -23,8 +23,11 @@ def eval_copy(model: Classifier) -> Classifier:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Where the model's tensors live (its first tensor's device); a quantized model's state dict
+    also holds non-tensors (packed params, dtypes), skipped."""
     for t in model.state_dict().values():
-        return t.device
+        if isinstance(t, torch.Tensor):
+            return t.device
     return torch.device("cpu")
 
 
