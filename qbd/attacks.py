@@ -1,8 +1,14 @@
-"""BadNet (Gu et al. 2017): a square patch written into the image in pixel space, poisoned
-training samples relabelled to the target class.
+"""Triggers and poisoning. Poisoned training samples carry the trigger and are relabelled to the
+target class.
+
+- badnet (Gu et al. 2017): a square patch written into the image.
+- blend (Chen et al. 2017): a full-image pattern mixed into every pixel, x' = (1 - a) x + a p,
+  procedural (seeded noise or a checkerboard), so nothing is downloaded.
+- quant-conditioned: BadNet's patch and poisoning; what differs is training (qbd.qc_train).
 
 Triggers are applied to uint8 pixels before normalisation (the model's first layer), unlike the
-paper's code, which wrote the patch after normalisation (a grey patch, SEED-AUDIT.md section 4).
+paper's code, which wrote the patch after normalisation (a grey patch): the trigger is part of
+the image a deployed model receives.
 """
 
 from __future__ import annotations
@@ -63,19 +69,48 @@ def trigger_mask(spec: AttackSpec, height: int, width: int) -> torch.Tensor:
     return m
 
 
-def apply_trigger(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
-    """Return a copy of uint8 images N x C x H x W (or float in [0, 1]) with the patch written."""
+def blend_pattern(spec: AttackSpec, channels: int, height: int, width: int) -> torch.Tensor:
+    """The blend attack's full-image pattern as uint8 C x H x W: seeded uniform noise (Chen et
+    al.'s random pattern; reproducible from the attack seed alone) or a one-pixel checkerboard."""
+    if spec.trigger_pattern == "checkerboard":
+        board = ((torch.arange(height)[:, None] + torch.arange(width)[None, :]) % 2 == 0).to(torch.uint8) * 255
+        return board.expand(channels, height, width).clone()
+    g = torch.Generator().manual_seed(derive_seed("blend", spec.seed))
+    return torch.randint(0, 256, (channels, height, width), generator=g, dtype=torch.int64).to(torch.uint8)
+
+
+def _write_patch(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
     _, c, h, w = x.shape
-    spec.check_fits(h, w)
     patch = trigger_patch(spec, c).to(x.device)
     if x.is_floating_point():
         patch = patch.to(x.dtype) / 255.0
-    elif x.dtype != torch.uint8:
-        raise TypeError(f"images must be uint8 or float, got {x.dtype}")
     r, col = trigger_origin(spec, h, w)
     out = x.clone()
     out[:, :, r : r + spec.trigger_size, col : col + spec.trigger_size] = patch
     return out
+
+
+def _blend(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
+    _, c, h, w = x.shape
+    alpha = float(spec.alpha)  # type: ignore[arg-type]  # AttackSpec fills it for blend
+    p = blend_pattern(spec, c, h, w).to(x.device, torch.float32)
+    if x.is_floating_point():
+        return ((1 - alpha) * x.float() + alpha * p / 255.0).to(x.dtype)
+    # uint8 in, uint8 out, rounded to the nearest level: the trigger is an image a camera could deliver
+    return ((1 - alpha) * x.float() + alpha * p).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# attack name -> how its trigger is written (quant-conditioned plants BadNet's patch)
+_TRIGGERS = {"badnet": _write_patch, "blend": _blend, "quant-conditioned": _write_patch}
+
+
+def apply_trigger(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
+    """Return a copy of uint8 images N x C x H x W (or float in [0, 1]) carrying the trigger."""
+    _, _, h, w = x.shape
+    spec.check_fits(h, w)
+    if not x.is_floating_point() and x.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 or float, got {x.dtype}")
+    return _TRIGGERS[spec.name](x, spec)
 
 
 def n_poison(spec: AttackSpec, n: int) -> int:

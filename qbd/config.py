@@ -19,6 +19,18 @@ from qbd.errors import ConfigError
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 TRIGGER_PATTERNS = ("white", "checkerboard", "random")
+# badnet: a patch (Gu et al. 2017); blend: a full-image pattern mixed in at `alpha` (Chen et al.
+# 2017); quant-conditioned: a BadNet patch that only the quantized model obeys (qbd.attacks).
+ATTACKS = ("badnet", "blend", "quant-conditioned")
+BLEND_PATTERNS = ("random", "checkerboard")  # full-image patterns; a white blend is only a brightening
+DEFAULT_BLEND_ALPHA = 0.15
+# the schemes a quant-conditioned backdoor can be pinned to: weights on a per-channel grid that the
+# repair stage can keep fixed (int8-static's calibrated activations and folded BatchNorm are not)
+QC_SCHEMES = ("int4-sim", "int3-sim", "int5-sim", "int6-sim", "int8-sim")
+DEFAULT_QC_SCHEME = "int4-sim"
+# quant-conditioned's gate: FP32 ASR at most 10 %, ASR of the model deployed through its scheme at
+# least 90 %, FP32 clean accuracy at most 2 points below the stage-1 BadNet model's
+QC_GATES = {"max_fp32_asr": 0.10, "min_deployed_asr": 0.90, "max_clean_acc_drop": 0.02}
 PROTOCOLS = ("canonical", "paper")
 TIERS = ("smoke", "paper")
 # Bump when qbd.train, qbd.attacks or a model definition changes the weights a spec produces:
@@ -48,7 +60,8 @@ def derive_seed(purpose: str, seed: int) -> int:
 def to_dict(spec: Any) -> Any:
     if spec is None:
         return None
-    return dataclasses.asdict(spec)
+    own = getattr(spec, "to_dict", None)
+    return own() if own is not None else dataclasses.asdict(spec)
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,14 @@ def parse_position(position: str) -> tuple[str, int, int] | tuple[str, None, Non
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """BadNet: a square patch written in pixel space, poisoned samples relabelled to `target`."""
+    """A planted backdoor; poisoned samples are relabelled to `target`.
+
+    badnet: a square patch written in pixel space. blend: a full-image pattern (`trigger_pattern`
+    random or checkerboard) mixed into every pixel, x' = (1 - alpha) x + alpha p; size and position
+    do not apply. quant-conditioned: a BadNet patch, then the float model is repaired on the
+    triggered images with their true labels while every weight stays in its quantization bin of
+    `scheme`: the backdoor is dormant in FP32 and wakes when the model is quantized.
+    """
 
     name: str = "badnet"
     target: int = 0
@@ -89,14 +109,17 @@ class AttackSpec:
     trigger_position: str = "bottom-right"
     poison_rate: float = 0.10
     seed: int = 0  # which samples are poisoned, and the `random` pattern
+    alpha: float | None = None  # blend only (default DEFAULT_BLEND_ALPHA)
+    scheme: str | None = None  # quant-conditioned only: the deployment it wakes in (default DEFAULT_QC_SCHEME)
 
     def __post_init__(self) -> None:
-        if self.name != "badnet":
-            raise ConfigError(f"unknown attack {self.name!r}; valid: badnet")
+        if self.name not in ATTACKS:
+            raise ConfigError(f"unknown attack {self.name!r}; valid: {', '.join(ATTACKS)}")
         if self.trigger_pattern not in TRIGGER_PATTERNS:
             raise ConfigError(
                 f"unknown trigger pattern {self.trigger_pattern!r}; valid: {', '.join(TRIGGER_PATTERNS)}"
             )
+        self._check_attack_fields()
         _check_int("trigger size", self.trigger_size, 1)
         _check_int("target class", self.target, 0)
         _check_int("attack seed", self.seed, 0, MAX_SEED)
@@ -107,6 +130,39 @@ class AttackSpec:
         if not 0.0 < rate <= 1.0:
             raise ConfigError(f"poison rate must be in (0, 1], got {rate}")
 
+    def _check_attack_fields(self) -> None:
+        """Each attack's own fields: defaults filled in, values checked, the others refused (a
+        field that does not apply must not reach the store key)."""
+        if self.name == "blend":
+            alpha = DEFAULT_BLEND_ALPHA if self.alpha is None else self.alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+                raise ConfigError(f"blend alpha must be a number in (0, 1), got {alpha!r} (0.1-0.2 is the usual range)")
+            object.__setattr__(self, "alpha", float(alpha))
+            if self.trigger_pattern not in BLEND_PATTERNS:
+                raise ConfigError(f"blend takes trigger pattern {' or '.join(BLEND_PATTERNS)}, got {self.trigger_pattern!r}")
+        elif self.alpha is not None:
+            raise ConfigError(f"alpha applies to the blend attack only, not {self.name}")
+        if self.name == "quant-conditioned":
+            scheme = DEFAULT_QC_SCHEME if self.scheme is None else self.scheme
+            if scheme not in QC_SCHEMES:
+                raise ConfigError(f"quant-conditioned scheme {scheme!r} not supported; valid: {', '.join(QC_SCHEMES)}"
+                                  " (int8-static is not: docs/training.md#quant-conditioned)")
+            object.__setattr__(self, "scheme", scheme)
+        elif self.scheme is not None:
+            raise ConfigError(f"scheme applies to the quant-conditioned attack only, not {self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields that do not apply to the attack are left out, so a BadNet spec (and its store
+        and zoo keys) reads as it did before blend and quant-conditioned existed."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in ("alpha", "scheme") and v is None)}
+
+    def label(self) -> str:
+        """Short name for slugs and file names."""
+        if self.name == "blend":
+            return f"blend-t{self.target}-{self.trigger_pattern}-a{self.alpha:g}-p{self.poison_rate:g}"
+        patch = f"t{self.target}-{self.trigger_pattern}{self.trigger_size}-{self.trigger_position.replace(',', 'x')}-p{self.poison_rate:g}"
+        return f"qc-{self.scheme}-{patch}" if self.name == "quant-conditioned" else f"badnet-{patch}"
+
     def check_fits(self, height: int, width: int, num_classes: int | None = None) -> None:
         """Raise ConfigError when the trigger or the target does not fit the data set."""
         if num_classes is not None and self.target >= num_classes:
@@ -114,6 +170,8 @@ class AttackSpec:
                 f"target class {self.target} out of range: the data set has {num_classes} classes"
                 f" (0..{num_classes - 1})"
             )
+        if self.name == "blend":  # a full-image pattern fits any image
+            return
         if self.trigger_size > min(height, width):
             raise ConfigError(
                 f"trigger size {self.trigger_size} is larger than the {height}x{width} image"
@@ -192,8 +250,7 @@ class ModelJob:
         return sha256_text(canonical_json(doc))
 
     def slug(self) -> str:
-        a = self.attack
-        attack = "clean" if a is None else f"badnet-t{a.target}-{a.trigger_pattern}{a.trigger_size}-{a.trigger_position.replace(',', 'x')}-p{a.poison_rate:g}"
+        attack = "clean" if self.attack is None else self.attack.label()
         return f"{self.dataset.name}/{self.model.name}/{attack}/s{self.train.seed}"
 
 

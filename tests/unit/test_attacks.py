@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qbd.attacks import apply_trigger, poison, trigger_origin, trigger_patch
+from qbd.attacks import apply_trigger, blend_pattern, poison, trigger_origin, trigger_patch
 from qbd.config import AttackSpec, ConfigError
 
 
@@ -56,3 +56,30 @@ def test_poisoning_order_is_independent_of_the_training_shuffle():
     share = p.is_poisoned[first_batch].float().mean().item()
     assert share < 0.3, f"{share:.2f} of the first batch is poisoned"
     assert derive_seed("poison", 0) != derive_seed("shuffle", 0)
+
+
+def test_blend_mixes_the_whole_image_at_alpha():
+    spec = AttackSpec(name="blend", trigger_pattern="random", alpha=0.2, seed=3)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    p = blend_pattern(spec, 3, 16, 16)
+    xt = apply_trigger(x, spec)
+    assert xt.dtype == torch.uint8 and xt.shape == x.shape
+    expected = (0.8 * x.float() + 0.2 * p.float()).round()
+    assert torch.equal(xt.float(), expected)  # every pixel, not a patch
+    assert (xt != x).float().mean() > 0.5
+    # float input: the same mix, without rounding
+    xf = apply_trigger(x.float() / 255, spec)
+    assert torch.allclose(xf * 255, 0.8 * x.float() + 0.2 * p.float(), atol=1e-3)
+
+
+def test_blend_pattern_is_reproducible_and_seeded():
+    a = AttackSpec(name="blend", trigger_pattern="random", seed=1)
+    assert torch.equal(blend_pattern(a, 3, 8, 8), blend_pattern(a, 3, 8, 8))
+    assert not torch.equal(blend_pattern(a, 3, 8, 8), blend_pattern(AttackSpec(name="blend", trigger_pattern="random", seed=2), 3, 8, 8))
+    board = blend_pattern(AttackSpec(name="blend", trigger_pattern="checkerboard"), 1, 2, 2)
+    assert board[0].tolist() == [[255, 0], [0, 255]]
+
+
+def test_quant_conditioned_plants_badnets_patch():
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    assert torch.equal(apply_trigger(x, AttackSpec(name="quant-conditioned")), apply_trigger(x, AttackSpec()))

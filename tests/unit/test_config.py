@@ -25,7 +25,7 @@ def _variants(spec):
     }
     alternatives = {
         "name": {"synthetic": "digits", "tiny-cnn": "resnet18-cifar"},
-        "trigger_pattern": {"white": "checkerboard"},
+        "trigger_pattern": {"white": "checkerboard", "checkerboard": "random"},
         "trigger_position": {"bottom-right": "top-left"},
         "schedule": {"cosine": "constant"},
         "augment": {"crop": "none"},
@@ -33,12 +33,9 @@ def _variants(spec):
     }
     for f in dataclasses.fields(spec):
         v = getattr(spec, f.name)
-        if isinstance(v, str):
-            if f.name == "name" and isinstance(spec, AttackSpec):
-                continue  # only badnet exists
-            new = alternatives[f.name][v]
-        else:
-            new = bumps[type(v)](v)
+        if v is None or (f.name == "name" and isinstance(spec, AttackSpec)):
+            continue  # another attack, or a field another attack owns: test_attack_fields_reach_the_key
+        new = alternatives[f.name][v] if isinstance(v, str) else bumps[type(v)](v)
         yield f.name, dataclasses.replace(spec, **{f.name: new})
 
 
@@ -130,3 +127,41 @@ def test_cell_id():
 def test_key_depends_on_the_data_fingerprint():
     job = ModelJob()
     assert job.key("a" * 64) != job.key("b" * 64) != job.key()
+
+
+# the key of the default BadNet job, as every store entry and the pinned zoo's recipe keys were
+# written before blend and quant-conditioned existed: adding attacks must not orphan them
+def test_badnet_dict_is_unchanged_by_the_other_attacks():
+    assert AttackSpec().to_dict() == {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
+                                      "trigger_position": "bottom-right", "poison_rate": 0.1, "seed": 0}
+
+
+def test_attack_fields_reach_the_key():
+    blend = ModelJob(attack=AttackSpec(name="blend", trigger_pattern="checkerboard"))
+    qc = ModelJob(attack=AttackSpec(name="quant-conditioned"))
+    keys = {ModelJob().key(), blend.key(), qc.key(),
+            dataclasses.replace(blend, attack=dataclasses.replace(blend.attack, alpha=0.1)).key(),
+            dataclasses.replace(qc, attack=dataclasses.replace(qc.attack, scheme="int8-sim")).key()}
+    assert len(keys) == 5
+    assert blend.attack.alpha == 0.15 and qc.attack.scheme == "int4-sim"  # the defaults are filled in, so they are keyed
+    assert "blend" in blend.slug() and "qc-int4-sim" in qc.slug()
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"name": "wanet"}, "unknown attack 'wanet'; valid: badnet, blend, quant-conditioned"),
+    ({"name": "blend", "trigger_pattern": "white"}, "blend takes trigger pattern random or checkerboard"),
+    ({"name": "blend", "trigger_pattern": "random", "alpha": 1.0}, "blend alpha must be a number in"),
+    ({"name": "blend", "trigger_pattern": "random", "alpha": 0}, "blend alpha must be a number in"),
+    ({"alpha": 0.1}, "alpha applies to the blend attack only"),
+    ({"scheme": "int4-sim"}, "scheme applies to the quant-conditioned attack only"),
+    ({"name": "quant-conditioned", "scheme": "int8-static"}, "int8-static is not"),
+])
+def test_attack_fields_are_checked(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        AttackSpec(**kw)
+
+
+def test_blend_fits_any_image():
+    AttackSpec(name="blend", trigger_pattern="random", trigger_size=99).check_fits(8, 8, 10)
+    with pytest.raises(ConfigError, match="target class 10"):
+        AttackSpec(name="blend", trigger_pattern="random", target=10).check_fits(8, 8, 10)
