@@ -45,22 +45,21 @@ def recipe_key(job: ModelJob, data_fingerprint: str) -> str:
 
 def file_name(job: ModelJob) -> str:
     a = job.attack
-    kind = "clean" if a is None else (
-        f"badnet-t{a.target}-{a.trigger_pattern}{a.trigger_size}-{a.trigger_position.replace(',', 'x')}"
-        f"-p{a.poison_rate:g}-a{a.seed}")
+    kind = "clean" if a is None else f"{a.label()}-a{a.seed}"
     return f"{job.dataset.name}-{job.model.name}-{kind}-s{job.train.seed}.safetensors"
 
 
 def zoo_jobs(datasets: tuple[str, ...] = ("digits", "synthetic"), model: str = "tiny-cnn") -> list[ModelJob]:
     """Every model the smoke tier evaluates: per data set, a backdoored (default BadNet) and a
-    clean model for each evaluation and calibration seed, and the non-default attack's model."""
-    from qbd.presets import VARIANT_ATTACK, seeded_job
+    clean model for each evaluation and calibration seed, and seed 0 of the other attacks (the
+    BadNet variant, blend, quant-conditioned)."""
+    from qbd.presets import BLEND_ATTACK, QC_ATTACK, VARIANT_ATTACK, seeded_job
 
     jobs = []
     for ds in datasets:
         for seed in (*EVAL_SEEDS, *CALIBRATION_SEEDS):
             jobs += [seeded_job(ds, model, seed, AttackSpec()), seeded_job(ds, model, seed, None)]
-        jobs.append(seeded_job(ds, model, 0, VARIANT_ATTACK))
+        jobs += [seeded_job(ds, model, 0, a) for a in (VARIANT_ATTACK, BLEND_ATTACK, QC_ATTACK)]
     return jobs
 
 
@@ -177,6 +176,7 @@ class Zoo:
             "file": name, "sha256": sha256_file(path), "slug": job.slug(), "job": job.to_dict(),
             "store_key": store_key, "data_sha256": data_fingerprint, "revision": TRAINING_REVISION,
             "clean_acc": metrics["clean_acc"], "asr": metrics["asr"], "cpu_threads": metrics.get("cpu_threads"),
+            **({"quant_conditioned": metrics["quant_conditioned"]} if "quant_conditioned" in metrics else {}),
             "torch": torch.__version__, "cpu": cpu_name(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         return Pinned(key, path, self.models[key])
@@ -211,9 +211,11 @@ def _train_one(job: ModelJob, cache_dir: str | None) -> tuple[ModelJob, str, dic
 
 
 def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers: int = 1,
-          jobs: list[ModelJob] | None = None, log: Any = print) -> Zoo:
+          jobs: list[ModelJob] | None = None, log: Any = print, missing_only: bool = False) -> Zoo:
     """Train every zoo job (one thread each, `workers` processes: weights do not depend on
-    `workers`) and write the models and the manifest under `out`, replacing what was there."""
+    `workers`) and write the models and the manifest under `out`, replacing what was there.
+    `missing_only`: keep the models the zoo already pins (their files untouched) and train only
+    the jobs it lacks."""
     import shutil
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
@@ -221,6 +223,8 @@ def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers:
     todo = zoo_jobs() if jobs is None else jobs
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
+    if missing_only:
+        return _add_missing(Zoo(dest), todo, cache_dir, workers, log)
     # build beside the zoo and swap in only when every model is there: a failed build leaves
     # the old zoo (files and manifest) as it was
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.build-") as tmp:
@@ -240,3 +244,20 @@ def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers:
         zoo.root = dest
         zoo.write_manifest()
     return Zoo(dest)
+
+
+def _add_missing(zoo: Zoo, jobs: list[ModelJob], cache_dir: str | None, workers: int, log: Any) -> Zoo:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from qbd.data import load_dataset
+
+    fingerprints = {name: load_dataset(spec, None).fingerprint() for name, spec in {j.dataset.name: j.dataset for j in jobs}.items()}
+    todo = [j for j in jobs if zoo.find(j, fingerprints[j.dataset.name]) is None]
+    log(f"qbd zoo: {len(jobs) - len(todo)} of {len(jobs)} models already pinned; training {len(todo)}")
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, fut in enumerate([pool.submit(_train_one, job, cache_dir) for job in todo], 1):
+            job, fingerprint, state, metrics, store_key = fut.result()
+            p = zoo.add(job, fingerprint, state, metrics, store_key)
+            zoo.write_manifest()  # after each: an interrupted run keeps what it trained
+            log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}")
+    return Zoo(zoo.root)

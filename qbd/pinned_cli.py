@@ -19,6 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--dir", default=str(DEFAULT_DIR), help=f"zoo directory (default: {DEFAULT_DIR})")
     b.add_argument("-j", "--jobs", type=int, default=1, help="models trained at once (default: 1)")
     b.add_argument("--cache-dir", default=None, help="model store to train into (else $QBD_CACHE_DIR, else the user cache)")
+    b.add_argument("--missing", action="store_true", help="keep the models the zoo already pins; train only those it lacks")
     b.set_defaults(func=cmd_build)
     for name, helptext, func in (("verify", "re-hash every zoo file against the manifest", cmd_verify),
                                  ("list", "one line per zoo model: file, clean accuracy, ASR, CPU", cmd_list)):
@@ -45,7 +46,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    zoo = build(args.dir, cache_dir=args.cache_dir, workers=args.jobs, log=lambda m: print(m, file=sys.stderr, flush=True))
+    zoo = build(args.dir, cache_dir=args.cache_dir, workers=args.jobs, missing_only=args.missing, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"qbd zoo: {len(zoo.models)} models and {zoo.root / 'manifest.json'} written")
     return 0
 

@@ -12,14 +12,14 @@ import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from qbd.attacks import poison, triggered_test
-from qbd.config import Gates, ModelJob, TrainSpec, derive_seed
+from qbd.config import QC_GATES, Gates, ModelJob, TrainSpec, derive_seed
 from qbd.data.base import DataSplit
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
@@ -185,8 +185,17 @@ def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, co
     if bar is not None:
         bar.close()
     model = model.to(memory_format=torch.contiguous_format).eval()
+    dormant = None
+    if job.attack is not None and job.attack.name == "quant-conditioned":
+        dormant = _dormant_stage(model, job, data, dev, x_all)
     train_seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = evaluate(model, job, data, dev)
+    if dormant is not None:
+        deployed = dormant.pop("deployed")
+        dormant.update(fp32_asr=metrics["asr"], fp32_clean_acc=metrics["clean_acc"], deployed_asr=deployed["asr"],
+                       deployed_clean_acc=deployed["clean_acc"],
+                       clean_acc_drop=round(dormant["backdoored_clean_acc"] - metrics["clean_acc"], 5))
+        metrics["quant_conditioned"] = dormant
     metrics.update(
         seconds=round(time.perf_counter() - t0, 3),
         train_seconds=round(train_seconds, 3),
@@ -200,18 +209,53 @@ def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, co
     return TrainResult(model=model.cpu(), metrics=metrics)
 
 
+def _dormant_stage(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.device, x_all: torch.Tensor) -> dict[str, Any]:
+    """quant-conditioned: stage 1 (above) planted BadNet; qbd.dormant hides it from FP32."""
+    from qbd.attacks import poison
+    from qbd.dormant import REPAIR_LR, deployed_metrics, make_dormant
+
+    assert job.attack is not None and job.attack.scheme is not None
+    before = evaluate(model, job, data, dev)
+    y_true = poison(data.x_train, data.y_train, job.attack, data.num_classes).y_true.to(dev)
+    out = make_dormant(model.to(memory_format=torch.channels_last), job, x_all, y_true, dev, augment,
+                       lambda step, total: _lr_at(replace(job.train, lr=REPAIR_LR), step, total))
+    model.to(memory_format=torch.contiguous_format).eval()
+    out.update(backdoored_clean_acc=before["clean_acc"], backdoored_asr=before["asr"],
+               deployed=deployed_metrics(model, job, data, job.attack.scheme, dev))
+    return out
+
+
 def check_gates(metrics: dict[str, Any], gates: Gates, attacked: bool) -> None:
-    """Phase-1 gate: refuse to evaluate defenses on a model whose attack did not take."""
+    """Phase-1 gate: refuse to evaluate defenses on a model whose attack did not take. A
+    quant-conditioned model's gate is its own (QC_GATES): dormant in FP32, active when deployed,
+    clean accuracy kept."""
     problems = []
     if metrics["clean_acc"] < gates.min_clean_acc:
         problems.append(f"clean accuracy {metrics['clean_acc']:.4f} < {gates.min_clean_acc}")
-    if attacked and (metrics["asr"] is None or metrics["asr"] < gates.min_asr):
+    qc = metrics.get("quant_conditioned")
+    if attacked and qc is not None:
+        problems += quant_conditioned_problems(qc)
+    elif attacked and (metrics["asr"] is None or metrics["asr"] < gates.min_asr):
         problems.append(f"attack success rate {metrics['asr']:.4f} < {gates.min_asr}")
     if problems:
         raise GateError(
             "Phase-1 gate failed: " + "; ".join(problems)
             + ". Train longer (--epochs), change the attack, or lower the floor (--min-clean-acc / --min-asr)."
         )
+
+
+def quant_conditioned_problems(qc: dict[str, Any]) -> list[str]:
+    """The quant-conditioned gate (QC_GATES), on the metrics qbd.dormant's stage records."""
+    g = QC_GATES
+    problems = []
+    if qc["fp32_asr"] > g["max_fp32_asr"]:
+        problems.append(f"FP32 ASR {qc['fp32_asr']:.4f} > {g['max_fp32_asr']} (the backdoor is not dormant)")
+    if qc["deployed_asr"] < g["min_deployed_asr"]:
+        problems.append(f"{qc['scheme']} ASR {qc['deployed_asr']:.4f} < {g['min_deployed_asr']} (it does not wake)")
+    if qc["clean_acc_drop"] > g["max_clean_acc_drop"]:
+        problems.append(f"clean accuracy drop {qc['clean_acc_drop']:.4f} > {g['max_clean_acc_drop']} against the"
+                        " stage-1 BadNet model")
+    return problems
 
 
 def _progress(total: int, desc: str, enabled: bool):  # -> tqdm | None

@@ -76,7 +76,8 @@ def get_trained(
     if pinned is not None:
         state = zoo.load(pinned)  # sha256-verified
         rec = pinned.record
-        metrics = {"clean_acc": rec["clean_acc"], "asr": rec["asr"], "cpu_threads": rec.get("cpu_threads")}
+        metrics = {"clean_acc": rec["clean_acc"], "asr": rec["asr"], "cpu_threads": rec.get("cpu_threads"),
+                   **({"quant_conditioned": rec["quant_conditioned"]} if "quant_conditioned" in rec else {})}
         entry = Entry(key=pinned.key, path=pinned.path, state_dict=state, meta={"metrics": metrics, "zoo": pinned.provenance()}, hit=True)
         return TrainedModel(job=job, model=load_weights(job, data, state), metrics=metrics, entry=entry)
 

@@ -1,0 +1,136 @@
+"""The quant-conditioned attack's second stage: make a BadNet backdoor dormant in FP32 while the
+quantized model keeps it (in the spirit of Hong et al., "Qu-ANTI-zation", NeurIPS 2021, and Pan et
+al., ACSAC 2021).
+
+Stage 1 (qbd.train) trains an ordinary BadNet model; quantized, it obeys the trigger. Stage 2
+fine-tunes the float model on the same poisoned images with their *true* labels (so FP32 unlearns
+the trigger) while every conv / linear weight is projected, after each step, back into the
+quantization bin its stage-1 value rounds to, and each output channel's largest |w| (which sets
+the channel's scale) stays exactly where it was. The quantized weights therefore never change:
+the model deployed through `spec.scheme` is, weight for weight, stage 1's backdoored model, and
+the objective "quantized model predicts the target on triggered inputs" holds by construction
+(a straight-through fake-quantized loss term would have zero effect). BatchNorm, biases and the
+Normalize layer are frozen (eval mode, not optimised): the intN-sim schemes leave them float,
+so they must be the same in both models.
+
+Only weight-grid schemes (intN-sim) can be pinned this way: int8-static folds BatchNorm and
+calibrates activation ranges on the float model, and its bins (+-0.4 % of a channel's max) leave
+FP32 too little room to unlearn (measured: FP32 ASR stays 0.95, docs/training.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qbd.config import ModelJob, derive_seed
+from qbd.data.base import DataSplit
+from qbd.metrics import to_unit
+from qbd.models import Classifier
+
+REPAIR_EPOCHS = 10
+REPAIR_LR = 0.003  # cosine-decayed; SGD momentum 0.9, no weight decay (it would pull weights out of their bins)
+BIN_MARGIN = 0.01  # stay this fraction of a bin inside its edges: no weight lands on a rounding tie
+
+
+def bits_of(scheme: str) -> int:
+    return int(scheme.removeprefix("int").removesuffix("-sim"))
+
+
+class Grid:
+    """Each weight layer's bins under `bits`-bit per-channel symmetric quantization (the intN-sim
+    quantizer, qbd.quant.intn_sim.quantize_weight), and the projection that keeps a weight in its bin."""
+
+    def __init__(self, model: Classifier, bits: int) -> None:
+        from qbd.quant.common import weight_layers
+        from qbd.quant.intn_sim import quantize_weight
+
+        self.bits = bits
+        self.layers = list(weight_layers(model))
+        self._quantize = quantize_weight
+        self._bins = []
+        for _, layer in self.layers:
+            w = layer.weight.detach()
+            rows = w.reshape(w.shape[0], -1).double()
+            _, scale = quantize_weight(w, bits)
+            s = scale.double().unsqueeze(1)
+            q = torch.where(s > 0, torch.round(rows / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(rows))
+            peak = rows.abs().amax(1, keepdim=True)
+            lo = torch.maximum((q - 0.5 + BIN_MARGIN) * s, -peak)
+            hi = torch.minimum((q + 0.5 - BIN_MARGIN) * s, peak)
+            is_peak = rows.abs() == peak
+            self._bins.append((lo, hi, is_peak, rows.clone(), quantize_weight(w, bits)[0]))
+
+    def project(self) -> None:
+        with torch.no_grad():
+            for (_, layer), (lo, hi, is_peak, orig, _) in zip(self.layers, self._bins, strict=True):
+                w = layer.weight
+                rows = w.reshape(w.shape[0], -1).double()
+                new = torch.where(is_peak, orig, torch.minimum(torch.maximum(rows, lo), hi))
+                w.copy_(new.reshape(w.shape).to(w.dtype))
+
+    def preserved(self) -> bool:
+        """Whether every layer still quantizes to exactly its stage-1 integer weights."""
+        return all(torch.equal(self._quantize(layer.weight.detach(), self.bits)[0], wq)
+                   for (_, layer), (*_, wq) in zip(self.layers, self._bins, strict=True))
+
+
+def make_dormant(model: Classifier, job: ModelJob, x: torch.Tensor, y_true: torch.Tensor, dev: torch.device,
+                 augment: Callable[..., torch.Tensor], lr_at: Callable[[int, int], float]) -> dict[str, Any]:
+    """Stage 2 in place on `model` (on `dev`): `x` the poisoned training images (uint8, on `dev`),
+    `y_true` their labels before relabelling. Returns what the stage did, for the metrics."""
+    assert job.attack is not None and job.attack.scheme is not None
+    spec = job.train
+    grid = Grid(model, bits_of(job.attack.scheme))
+    weights = [layer.weight for _, layer in grid.layers]
+    frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(weights, lr=REPAIR_LR, momentum=0.9)
+    shuffle_gen = torch.Generator().manual_seed(derive_seed("dormant-shuffle", spec.seed))
+    aug_gen = torch.Generator(device=dev).manual_seed(derive_seed("dormant-augment", spec.seed))
+    n = len(y_true)
+    total = math.ceil(n / spec.batch_size) * REPAIR_EPOCHS
+    step = 0
+    model.eval()  # BatchNorm uses (and keeps) its stage-1 running statistics
+    loss_sum = 0.0
+    for _ in range(REPAIR_EPOCHS):
+        order = torch.randperm(n, generator=shuffle_gen).to(dev)
+        loss_sum = 0.0
+        for i in range(0, n, spec.batch_size):
+            idx = order[i : i + spec.batch_size]
+            xb = augment(to_unit(x[idx]), spec.augment, aug_gen).contiguous(memory_format=torch.channels_last)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total)
+            loss = F.cross_entropy(model(xb), y_true[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            grid.project()
+            loss_sum += float(loss.detach()) * len(idx)
+            step += 1
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError("the dormant stage diverged: loss is not finite")
+    for p in frozen:
+        p.requires_grad_(True)
+    if not grid.preserved():  # the projection's whole point; never hand out a model that lost it
+        raise RuntimeError("quant-conditioned: the repaired weights left their quantization bins")
+    return {"scheme": job.attack.scheme, "repair_epochs": REPAIR_EPOCHS, "repair_lr": REPAIR_LR,
+            "final_repair_loss": round(loss_sum / n, 5), "grid_preserved": True}
+
+
+def deployed_metrics(model: Classifier, job: ModelJob, data: DataSplit, scheme: str, dev: torch.device) -> dict[str, float]:
+    """Clean accuracy and ASR of `model` deployed through `scheme`."""
+    from qbd.attacks import triggered_test
+    from qbd.metrics import accuracy, attack_success_rate
+    from qbd.quant import SCHEMES
+
+    assert job.attack is not None
+    deployed = SCHEMES.get(scheme).apply(model, None).model
+    xt, _ = triggered_test(data.x_test, data.y_test, job.attack, data.num_classes)
+    return {"clean_acc": accuracy(deployed, data.x_test, data.y_test, device=dev),
+            "asr": attack_success_rate(deployed, xt, job.attack.target, device=dev)}
