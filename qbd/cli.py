@@ -15,7 +15,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from qbd import __version__
-from qbd.config import CORNERS, TIERS, TRIGGER_PATTERNS, AttackSpec, DatasetSpec, Gates, ModelJob, ModelSpec
+from qbd.config import (
+    ATTACKS,
+    CORNERS,
+    DEFAULT_BLEND_ALPHA,
+    DEFAULT_QC_SCHEME,
+    QC_SCHEMES,
+    TIERS,
+    TRIGGER_PATTERNS,
+    AttackSpec,
+    DatasetSpec,
+    Gates,
+    ModelJob,
+    ModelSpec,
+)
 from qbd.errors import ConfigError, QbdUserError
 from qbd.registry import UnknownNameError, unknown_message
 
@@ -85,9 +98,16 @@ def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
     g.add_argument("--data-root", default=None, help="where CIFAR-10 / GTSRB live (else $QBD_DATA_ROOT)")
     g.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = p.add_argument_group("attack (BadNet)")
+    a = p.add_argument_group("attack")
+    a.add_argument("--attack", choices=ATTACKS, default="badnet",
+                   help="badnet (a patch), blend (a full-image pattern mixed in at --blend-alpha) or quant-conditioned (a"
+                   " BadNet patch dormant in FP32 that wakes in --qc-scheme) (default: badnet)")
     a.add_argument("--target", type=_positive_int, default=0, help="target class (default: 0)")
-    a.add_argument("--trigger-pattern", choices=TRIGGER_PATTERNS, default="white")
+    a.add_argument("--trigger-pattern", choices=TRIGGER_PATTERNS, default=None,
+                   help="default: white (badnet, quant-conditioned), checkerboard (blend; or random noise)")
+    a.add_argument("--blend-alpha", type=float, default=None, help=f"blend: the pattern's weight, in (0, 1) (default: {DEFAULT_BLEND_ALPHA})")
+    a.add_argument("--qc-scheme", choices=QC_SCHEMES, default=None,
+                   help=f"quant-conditioned: the scheme whose quantized model obeys the trigger (default: {DEFAULT_QC_SCHEME})")
     a.add_argument("--trigger-size", type=_positive_int, default=3, help="side in pixels (default: 3)")
     a.add_argument("--trigger-position", default="bottom-right", help=f"{', '.join(CORNERS)} or x,y (default: bottom-right)")
     a.add_argument("--poison-rate", type=float, default=0.10, help="share of training samples poisoned, in (0, 1] (default: 0.1)")
@@ -111,16 +131,7 @@ def job_from_args(args: argparse.Namespace) -> ModelJob:
     MODELS.get(model)
     if args.epochs == 0:
         raise ConfigError("--epochs must be >= 1")
-    attack = None
-    if not args.clean:
-        attack = AttackSpec(
-            target=args.target,
-            trigger_pattern=args.trigger_pattern,
-            trigger_size=args.trigger_size,
-            trigger_position=args.trigger_position,
-            poison_rate=args.poison_rate,
-            seed=args.seed if args.attack_seed is None else args.attack_seed,
-        )
+    attack = None if args.clean else _probe_from_args(args)
     args.device = device_from_args(args)
     precision = "fp32" if args.device == "cpu" else "bf16"
     return ModelJob(
@@ -164,11 +175,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         "weights": str(tm.weights_file),
         "job": job.to_dict(),
         "metrics": m,
+        "asr_by_scheme": asr_by_scheme(job, data, tm),
     }
     detail = (f"pinned in the zoo (sha256-verified), trained on {tm.provenance().get('trained_on')}; this command {out['seconds']} s"
               if tm.cache == "zoo" else
               f"trained in {m.get('train_seconds')} s on {m.get('device')}; this command {out['seconds']} s")
     return report_model(args, job, tm, out, detail)
+
+
+def asr_by_scheme(job: ModelJob, data: Any, tm: Any) -> dict[str, float] | None:
+    """{scheme: ASR of the model deployed through it} for the smoke tier's schemes (and a
+    quant-conditioned attack's own), measured as the matrix measures it (qbd.evaluate.Bench);
+    None for a clean model."""
+    if job.attack is None:
+        return None
+    from qbd.evaluate import Bench
+    from qbd.tiers import TIERS
+
+    bench = Bench(data, tm.model, job.attack, model_name=job.model.name, tier="smoke")
+    schemes = dict.fromkeys((*TIERS["smoke"].schemes, *((job.attack.scheme,) if job.attack.scheme else ())))
+    return {s: round(bench.metrics(s)["asr"], 5) for s in schemes}
 
 
 def report_model(args: argparse.Namespace, job: ModelJob, tm: Any, out: dict[str, Any], detail: str | None = None,
@@ -184,6 +210,12 @@ def report_model(args: argparse.Namespace, job: ModelJob, tm: Any, out: dict[str
         print(f"{prefix}{job.slug()}  cache {tm.cache}  clean acc {m['clean_acc']:.4f}  ASR {asr}")
         if detail:
             print(f"  {detail}")
+        if out.get("asr_by_scheme"):
+            print("  ASR by scheme: " + ", ".join(f"{k} {v:.4f}" for k, v in out["asr_by_scheme"].items()))
+        qc = m.get("quant_conditioned")
+        if qc:
+            print(f"  quant-conditioned: FP32 ASR {qc['fp32_asr']:.4f}, {qc['scheme']} ASR {qc['deployed_asr']:.4f}, clean acc"
+                  f" {qc['fp32_clean_acc']:.4f} (stage-1 BadNet {qc['backdoored_clean_acc']:.4f})")
         print(f"  weights: {tm.weights_file}")
     check_gates(m, Gates(args.min_clean_acc, args.min_asr), attacked=job.attack is not None)
     return EXIT_OK
@@ -205,7 +237,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         "schemes": SCHEMES.names(),
         "defenses": [{"name": a.name, "ref": a.ref, "origin": a.origin} for a in defenses],
         "protocols": list(PROTOCOLS),
-        "attacks": ["badnet"],
+        "attacks": list(ATTACKS),
         "tiers": {t.name: {"datasets": list(t.datasets), "model": t.model, "schemes": list(t.schemes), "device": t.device}
                   for t in TIERS.values()},
     }
@@ -353,7 +385,8 @@ def _gate(results: list[dict[str, Any]], gating: bool, table: Any, *, row_failur
     for (ds, scheme), r in sorted(deployed.items()):
         key = f"{ds}/{scheme}"
         failing += [f"{key}{seed_note(r)} (deployed model): {m}"
-                    for m in table.check_attack(key, r["clean_acc"], r["asr"], own=table.measured_on(r))]
+                    for m in table.check_attack(key, r["clean_acc"], r["asr"], own=table.measured_on(r),
+                                                          attack=r.get("attack"))]
     failing += row_failures
     source = str(table.path) if table.path else "the truth alone (no table shipped for this tier)"
     print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {source})", file=sys.stderr)
@@ -382,9 +415,12 @@ def _model_file_from_args(args: argparse.Namespace, datasets: tuple[str, ...]) -
 
 
 def _probe_from_args(args: argparse.Namespace) -> AttackSpec:
-    return AttackSpec(target=args.target, trigger_pattern=args.trigger_pattern, trigger_size=args.trigger_size,
+    """The attack the options describe (with --clean: the trigger a clean model is probed with)."""
+    pattern = args.trigger_pattern or ("checkerboard" if args.attack == "blend" else "white")
+    return AttackSpec(name=args.attack, target=args.target, trigger_pattern=pattern, trigger_size=args.trigger_size,
                       trigger_position=args.trigger_position, poison_rate=args.poison_rate,
-                      seed=args.seed if args.attack_seed is None else args.attack_seed)
+                      seed=args.seed if args.attack_seed is None else args.attack_seed,
+                      alpha=args.blend_alpha, scheme=args.qc_scheme)
 
 
 class _Parser(argparse.ArgumentParser):

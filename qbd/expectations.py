@@ -54,7 +54,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from qbd.config import PROTOCOLS
+from qbd.config import PROTOCOLS, QC_GATES
 from qbd.errors import ConfigError
 from qbd.outcomes import Counts, Judgement, judge, outcome, split, verdict_word
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
@@ -82,6 +82,17 @@ _ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note"}
 _TABLES = ("cells", "attack", "audit", "rows")
 # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
 _ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
+
+
+def dormant_asr_bounds(attack: dict[str, Any], scheme: str) -> dict[str, float]:
+    """The truth about a quant-conditioned backdoor's ASR: dormant in FP32 (at most the attack's
+    gate, 10 %), active in the scheme it was conditioned on (at least 90 %); in any other scheme
+    whether it wakes is what qbd measures, not something known in advance (no bound)."""
+    if scheme == "fp32":
+        return {"max_asr": QC_GATES["max_fp32_asr"]}
+    if scheme == attack.get("scheme"):
+        return {"min_asr": QC_GATES["min_deployed_asr"]}
+    return {}
 
 
 def shipped(tier: str) -> Path:
@@ -200,20 +211,25 @@ class Expectations:
         return frozenset(rid for rid, a in attack.items() if self.by_rates(rid, a, sorted(seen[rid]) if seeds > 1 else 1))
 
     # -- the deployed model's CA / ASR ----------------------------------------------------------
-    def attack_bounds(self, key: str, own: bool = True) -> dict[str, float]:
+    def attack_bounds(self, key: str, own: bool = True, attack: dict[str, Any] | None = None) -> dict[str, float]:
         """meta's minimum for each quantity, unless the entry bounds that quantity itself (`own`:
-        the model carries the attack the entries were measured on)."""
+        the model carries the attack the entries were measured on). A quant-conditioned model's
+        ASR is bounded by its truth instead (dormant_asr_bounds)."""
         entry = self.attack.get(key, {}) if own else {}
         out: dict[str, float] = {}
         for kind, default in (("clean_acc", self.min_clean_acc), ("asr", self.min_asr)):
             own = {b: entry[b] for b in (f"min_{kind}", f"max_{kind}") if b in entry}
             out.update(own or {f"min_{kind}": default})
+        if attack is not None and attack.get("name") == "quant-conditioned":
+            out = {k: v for k, v in out.items() if not k.endswith("_asr")}
+            out.update(dormant_asr_bounds(attack, key.rsplit("/", 1)[-1]))
         return out
 
-    def check_attack(self, key: str, clean_acc: float, asr: float | None, own: bool = True) -> list[str]:
+    def check_attack(self, key: str, clean_acc: float, asr: float | None, own: bool = True,
+                     attack: dict[str, Any] | None = None) -> list[str]:
         out = []
         why = self.attack.get(key, {}).get("why")
-        for bound, value in sorted(self.attack_bounds(key, own).items()):
+        for bound, value in sorted(self.attack_bounds(key, own, attack).items()):
             name = bound.split("_", 1)[1]
             measured = clean_acc if name == "clean_acc" else asr
             if measured is None:

@@ -387,6 +387,23 @@ def test_list_json_names_everything_a_run_can_use():
     assert all(d["origin"] == "built-in" for d in out["defenses"] if d["name"] == "strip")
     assert out["protocols"] == ["canonical", "paper"] and "int8-static" in out["schemes"]
     assert out["tiers"]["smoke"]["device"] == "cpu" and out["tiers"]["paper"]["device"] == "auto"
+    assert out["attacks"] == ["badnet", "blend", "quant-conditioned"]
+    assert {"onnx-int8-static", "onnx-int8-dynamic", "int4-sim", "fp32"} <= set(out["schemes"])
+
+
+def test_train_json_reports_asr_by_scheme_and_the_dormant_gate(tmp_path):
+    """The pinned quant-conditioned digits model (no training): dormant in FP32, awake in int4-sim,
+    and --json says so per scheme; the same command with a BadNet model reports every scheme too."""
+    r = qbd("train", "--dataset", "digits", "--attack", "quant-conditioned", "--json", cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["cache"] == "zoo" and set(out["asr_by_scheme"]) == {"fp32", "int4-sim", "int8-dynamic", "int8-static"}
+    assert out["asr_by_scheme"]["fp32"] <= 0.10 and out["asr_by_scheme"]["int4-sim"] >= 0.90
+    assert out["metrics"]["quant_conditioned"]["grid_preserved"] is True
+    blend = json.loads(qbd("train", "--dataset", "digits", "--attack", "blend", "--json", cache=tmp_path, check=True).stdout)
+    assert blend["job"]["attack"]["name"] == "blend" and blend["asr_by_scheme"]["fp32"] >= 0.95
+    bad = qbd("train", "--dataset", "digits", "--attack", "blend", "--blend-alpha", "1.5", cache=tmp_path)
+    assert bad.returncode == 2 and "blend alpha must be a number in (0, 1)" in bad.stderr
 
 
 @pytest.mark.parametrize(("option", "value", "hint"), [

@@ -574,3 +574,22 @@ def test_rates_override_a_cells_declared_finding_over_several_seeds():
 def test_propose_keeps_the_rows():
     new, _ = propose(BOUNDED, [_result(BD, "clean")])
     assert new.rows == BOUNDED.rows and new.rows is not BOUNDED.rows
+
+
+def test_a_quant_conditioned_models_asr_is_bounded_by_its_truth():
+    """Dormant in FP32, awake in its own scheme, unknown elsewhere: the deployed-model check of
+    `qbd run --attack quant-conditioned` holds it to that, not to BadNet's ASR floor."""
+    from qbd.expectations import Expectations, dormant_asr_bounds
+
+    qc = {"name": "quant-conditioned", "scheme": "int4-sim", "target": 0}
+    assert dormant_asr_bounds(qc, "fp32") == {"max_asr": 0.10}
+    assert dormant_asr_bounds(qc, "int4-sim") == {"min_asr": 0.90}
+    assert dormant_asr_bounds(qc, "int8-static") == {}
+    table = Expectations()
+    assert table.check_attack("digits/fp32", 0.99, 0.01, own=False, attack=qc) == []
+    assert table.check_attack("digits/fp32", 0.99, 0.5, own=False, attack=qc) == ["asr: expected <= 0.1, measured 0.5000"]
+    assert table.check_attack("digits/int4-sim", 0.99, 0.5, own=False, attack=qc) == ["asr: expected >= 0.9, measured 0.5000"]
+    assert table.check_attack("digits/int8-static", 0.99, 0.0, own=False, attack=qc) == []
+    assert table.check_attack("digits/int8-static", 0.5, 0.0, own=False, attack=qc) != []  # clean accuracy still bounded
+    # BadNet keeps meta's floor
+    assert table.check_attack("digits/fp32", 0.99, 0.5, own=False, attack={"name": "badnet"}) != []
