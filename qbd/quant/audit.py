@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,7 +124,11 @@ def build_audit(
     surrogate_rel_tolerance: float | None,
     kernel_ops: dict[str, int],
     device: torch.device,
+    model_bytes: int | None = None,
+    surrogate_agreement: dict[str, Any] | None = None,
 ) -> Audit:
+    """`model_bytes`: the deployed artefact's size where it is not the state dict (an ONNX
+    model); None measures torch.save(deployed.state_dict())."""
     total = float_tensor_count(fp32_model)
     flows, note = measure_input_gradient(deployed, input_shape, device)
     return Audit(
@@ -140,7 +145,8 @@ def build_audit(
         quantized_param_fraction=quantized_params / total if total else 0.0,
         max_levels_per_channel=max_levels,
         max_rel_error=max_rel_err,
-        model_bytes=state_dict_bytes(deployed),
+        model_bytes=state_dict_bytes(deployed) if model_bytes is None else model_bytes,
         surrogate_rel_tolerance=surrogate_rel_tolerance,
         kernel_ops=kernel_ops,
+        surrogate_agreement=surrogate_agreement,
     )

@@ -47,6 +47,10 @@ class Audit:
     # None where the surrogate is the deployed model itself.
     surrogate_rel_tolerance: float | None = None
     kernel_ops: dict[str, int] = field(default_factory=dict)  # quantized op / module -> count
+    # Surrogate vs deployed logits measured at apply time on the calibration images (JSON-able:
+    # n_images, max_abs_logit_delta, max_rel_logit_delta, top1_agreement, ...); None where not
+    # measured (a scheme whose surrogate is the deployed model, or one that does not measure it).
+    surrogate_agreement: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

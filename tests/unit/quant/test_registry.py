@@ -30,7 +30,7 @@ AUDIT_KEYS = {
 
 
 def test_names() -> None:
-    expected = {"fp32", "int8-dynamic", "int8-static"} | {f"int{n}-sim" for n in range(2, 9)}
+    expected = {"fp32", "int8-dynamic", "int8-static", "onnx-int8-static", "onnx-int8-dynamic"} | {f"int{n}-sim" for n in range(2, 9)}
     assert set(SCHEMES.names()) == expected
     assert SCHEMES.names() == sorted(SCHEMES.names())
 
