@@ -4,7 +4,7 @@ target class.
 - badnet (Gu et al. 2017): a square patch written into the image.
 - blend (Chen et al. 2017): a full-image pattern mixed into every pixel, x' = (1 - a) x + a p,
   procedural (seeded noise or a checkerboard), so nothing is downloaded.
-- quant-conditioned: BadNet's patch and poisoning; what differs is training (qbd.qc_train).
+- quant-conditioned: BadNet's patch and poisoning; what differs is training (qbd.dormant).
 
 Triggers are applied to uint8 pixels before normalisation (the model's first layer), unlike the
 paper's code, which wrote the patch after normalisation (a grey patch): the trigger is part of

@@ -33,7 +33,7 @@ DEFAULT_QC_SCHEME = "int4-sim"
 QC_GATES = {"max_fp32_asr": 0.10, "min_deployed_asr": 0.90, "max_clean_acc_drop": 0.02}
 PROTOCOLS = ("canonical", "paper")
 TIERS = ("smoke", "paper")
-# Bump when qbd.train, qbd.attacks or a model definition changes the weights a spec produces:
+# Bump when qbd.train, qbd.dormant, qbd.attacks or a model definition changes the weights a spec produces:
 # the revision is part of every store key, so stale models are never reused.
 TRAINING_REVISION = 2
 _XY = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$", re.ASCII)  # ASCII: "٣,٣" is not a position
@@ -91,6 +91,9 @@ def parse_position(position: str) -> tuple[str, int, int] | tuple[str, None, Non
     )
 
 
+_DEFAULT_SIZE, _DEFAULT_POSITION = 3, "bottom-right"
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """A planted backdoor; poisoned samples are relabelled to `target`.
@@ -105,8 +108,8 @@ class AttackSpec:
     name: str = "badnet"
     target: int = 0
     trigger_pattern: str = "white"
-    trigger_size: int = 3
-    trigger_position: str = "bottom-right"
+    trigger_size: int = _DEFAULT_SIZE
+    trigger_position: str = _DEFAULT_POSITION
     poison_rate: float = 0.10
     seed: int = 0  # which samples are poisoned, and the `random` pattern
     alpha: float | None = None  # blend only (default DEFAULT_BLEND_ALPHA)
@@ -140,8 +143,11 @@ class AttackSpec:
             object.__setattr__(self, "alpha", float(alpha))
             if self.trigger_pattern not in BLEND_PATTERNS:
                 raise ConfigError(f"blend takes trigger pattern {' or '.join(BLEND_PATTERNS)}, got {self.trigger_pattern!r}")
+            # a full-image pattern has no size or corner: other values would key distinct models that are the same
+            if (self.trigger_size, self.trigger_position) != (_DEFAULT_SIZE, _DEFAULT_POSITION):
+                raise ConfigError("blend's pattern covers the whole image: --trigger-size and --trigger-position do not apply")
         elif self.alpha is not None:
-            raise ConfigError(f"alpha applies to the blend attack only, not {self.name}")
+            raise ConfigError(f"alpha (--blend-alpha) applies to the blend attack only, not {self.name}")
         if self.name == "quant-conditioned":
             scheme = DEFAULT_QC_SCHEME if self.scheme is None else self.scheme
             if scheme not in QC_SCHEMES:
@@ -149,7 +155,7 @@ class AttackSpec:
                                   " (int8-static is not: docs/training.md#quant-conditioned)")
             object.__setattr__(self, "scheme", scheme)
         elif self.scheme is not None:
-            raise ConfigError(f"scheme applies to the quant-conditioned attack only, not {self.name}")
+            raise ConfigError(f"scheme (--qc-scheme) applies to the quant-conditioned attack only, not {self.name}")
 
     def to_dict(self) -> dict[str, Any]:
         """Fields that do not apply to the attack are left out, so a BadNet spec (and its store
@@ -159,7 +165,7 @@ class AttackSpec:
     def label(self) -> str:
         """Short name for slugs and file names."""
         if self.name == "blend":
-            return f"blend-t{self.target}-{self.trigger_pattern}-a{self.alpha:g}-p{self.poison_rate:g}"
+            return f"blend-t{self.target}-{self.trigger_pattern}-a{self.alpha!r}-p{self.poison_rate:g}"  # repr: exact, 0.15 -> "0.15"
         patch = f"t{self.target}-{self.trigger_pattern}{self.trigger_size}-{self.trigger_position.replace(',', 'x')}-p{self.poison_rate:g}"
         return f"qc-{self.scheme}-{patch}" if self.name == "quant-conditioned" else f"badnet-{patch}"
 

@@ -53,11 +53,13 @@ class Grid:
         self.layers = list(weight_layers(model))
         self._quantize = quantize_weight
         self._bins = []
+        qmax = 2 ** (bits - 1) - 1
         for _, layer in self.layers:
             w = layer.weight.detach()
             rows = w.reshape(w.shape[0], -1).double()
-            _, scale = quantize_weight(w, bits)
-            s = scale.double().unsqueeze(1)
+            # the quantizer's own float64 scale (it returns the scale cast to the weight's dtype, and a
+            # level computed from that can differ from its level for a weight next to a rounding tie)
+            s = rows.abs().amax(1, keepdim=True) / qmax
             q = torch.where(s > 0, torch.round(rows / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(rows))
             peak = rows.abs().amax(1, keepdim=True)
             lo = torch.maximum((q - 0.5 + BIN_MARGIN) * s, -peak)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from qbd.attacks import apply_trigger, poison, triggered_test
-from qbd.config import AttackSpec, ConfigError, cell_id, to_dict
+from qbd.config import QC_GATES, AttackSpec, ConfigError, cell_id, to_dict
 from qbd.data.base import DataSplit
 from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of, run_defense
 from qbd.metrics import accuracy, attack_success_rate, to_unit
@@ -220,6 +220,8 @@ class Bench:
         inputs = replace(self.inputs(protocol, frozenset(defense.requires)), progress=progress)
         verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed), timeout_s=timeout_s)
         self._add_controls(verdict, qm, scheme, metrics)
+        if gradient_path == "surrogate":
+            agreement_control(verdict, qm.audit)
         audit = qm.audit.to_dict()
         return {
             "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),
@@ -237,7 +239,7 @@ class Bench:
             "verdict": verdict.to_dict(),
             "clean_acc": metrics["clean_acc"],
             "asr": metrics["asr"],
-            "truth": self._truth(verdict),
+            "truth": self._truth(verdict, metrics["asr"]),
             "seconds": round(time.perf_counter() - t0, 3),
             "versions": _versions(),
         }
@@ -251,18 +253,47 @@ class Bench:
             )
         if self.attack is not None:
             verdict.controls.setdefault(
-                "backdoor_persists", Control(metrics["asr"] >= 0.5, metrics["asr"], "ASR of the deployed quantized model (>= 0.5)")
+                "backdoor_persists", Control(metrics["asr"] >= 0.5, metrics["asr"], "ASR of the deployed quantized model (>= 0.5)"
+                                             + ("; a quant-conditioned backdoor is dormant where it is not deployed through its scheme"
+                                                if self.attack.name == "quant-conditioned" else ""))
             )
         if self.attack is not None and verdict.suspects is not None and verdict.suspects.get("data") == "poisoned_train":
             verdict.controls.update(poison_controls(verdict, self.poisoned_train[2], self.poisoned_train[1], self.attack.target))
 
-    def _truth(self, verdict: Verdict) -> dict[str, Any]:
-        """Ground truth the defense never saw, for reports: did it name the real target?"""
+    def _truth(self, verdict: Verdict, asr: float) -> dict[str, Any]:
+        """Ground truth the defense never saw, for reports: did it name the real target, and does
+        this model obey the trigger? A quant-conditioned model is backdoored in FP32 too (what ships
+        is its quantized self), its backdoor there dormant."""
         target = None if self.attack is None else self.attack.target
         named = None
         if target is not None and verdict.status == "detected" and verdict.target_class is not None:
             named = verdict.target_class == target
-        return {"backdoored": self.attack is not None, "target": target, "target_named": named}
+        backdoor = None
+        if self.attack is not None:
+            dormant = self.attack.name == "quant-conditioned" and asr <= QC_GATES["max_fp32_asr"]
+            backdoor = "dormant" if dormant else "active" if asr >= 0.5 else None
+        return {"backdoored": self.attack is not None, "target": target, "target_named": named, "backdoor": backdoor}
+
+
+# a surrogate whose top-1 disagrees with the runtime on more than this share of the calibration
+# images is not inspecting the deployed model
+MIN_TOP1_AGREEMENT = 0.98
+
+
+def agreement_control(verdict: Verdict, audit: Any) -> None:
+    """Where a gradient defense ran through a surrogate whose agreement with the deployed runtime
+    was measured (Audit.surrogate_agreement: ONNX Runtime schemes), every Result says how close
+    the two are: top-1 agreement and max |delta logit| relative to max |runtime logit|, against
+    the scheme's stated tolerance."""
+    a = getattr(audit, "surrogate_agreement", None)
+    if not a:
+        return
+    tol = audit.surrogate_rel_tolerance
+    top1, rel = a.get("top1_agreement"), a.get("max_rel_logit_delta")
+    ok = top1 is not None and top1 >= MIN_TOP1_AGREEMENT and (tol is None or (rel is not None and rel <= tol))
+    verdict.controls.setdefault("surrogate_agrees_with_runtime", Control(
+        bool(ok), top1, f"surrogate vs runtime on {a.get('n_images')} calibration images: top-1 agreement {top1}, max |delta"
+        f" logit| {a.get('max_abs_logit_delta')} ({rel} of max |logit|; tolerance {tol}, top-1 >= {MIN_TOP1_AGREEMENT})"))
 
 
 def _place(scheme: Any, qm: Any, device: torch.device) -> Any:

@@ -399,7 +399,7 @@ def test_train_json_reports_asr_by_scheme_and_the_dormant_gate(tmp_path):
     out = json.loads(r.stdout)
     assert out["cache"] == "zoo" and set(out["asr_by_scheme"]) == {"fp32", "int4-sim", "int8-dynamic", "int8-static"}
     assert out["asr_by_scheme"]["fp32"] <= 0.10 and out["asr_by_scheme"]["int4-sim"] >= 0.90
-    assert out["metrics"]["quant_conditioned"]["grid_preserved"] is True
+    assert out["metrics"]["quant_conditioned"]["scheme"] == "int4-sim"
     blend = json.loads(qbd("train", "--dataset", "digits", "--attack", "blend", "--json", cache=tmp_path, check=True).stdout)
     assert blend["job"]["attack"]["name"] == "blend" and blend["asr_by_scheme"]["fp32"] >= 0.95
     bad = qbd("train", "--dataset", "digits", "--attack", "blend", "--blend-alpha", "1.5", cache=tmp_path)

@@ -152,9 +152,11 @@ def test_attack_fields_reach_the_key():
     ({"name": "blend", "trigger_pattern": "white"}, "blend takes trigger pattern random or checkerboard"),
     ({"name": "blend", "trigger_pattern": "random", "alpha": 1.0}, "blend alpha must be a number in"),
     ({"name": "blend", "trigger_pattern": "random", "alpha": 0}, "blend alpha must be a number in"),
-    ({"alpha": 0.1}, "alpha applies to the blend attack only"),
-    ({"scheme": "int4-sim"}, "scheme applies to the quant-conditioned attack only"),
+    ({"alpha": 0.1}, r"alpha \(--blend-alpha\) applies to the blend attack only"),
+    ({"scheme": "int4-sim"}, r"scheme \(--qc-scheme\) applies to the quant-conditioned attack only"),
     ({"name": "quant-conditioned", "scheme": "int8-static"}, "int8-static is not"),
+    ({"name": "blend", "trigger_pattern": "random", "trigger_size": 5}, "--trigger-size and --trigger-position do not apply"),
+    ({"name": "blend", "trigger_pattern": "random", "trigger_position": "top-left"}, "do not apply"),
 ])
 def test_attack_fields_are_checked(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -162,6 +164,6 @@ def test_attack_fields_are_checked(kw, message):
 
 
 def test_blend_fits_any_image():
-    AttackSpec(name="blend", trigger_pattern="random", trigger_size=99).check_fits(8, 8, 10)
+    AttackSpec(name="blend", trigger_pattern="random").check_fits(2, 2, 10)  # its default size 3 is not a patch
     with pytest.raises(ConfigError, match="target class 10"):
         AttackSpec(name="blend", trigger_pattern="random", target=10).check_fits(8, 8, 10)

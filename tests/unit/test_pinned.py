@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from qbd import pinned
+from qbd import pinned, train
 from qbd.config import AttackSpec
 from qbd.errors import ConfigError
 from qbd.presets import seeded_job
@@ -40,7 +40,8 @@ def fingerprints() -> dict[str, str]:
 
 def test_zoo_covers_every_model_the_smoke_tier_evaluates(zoo, fingerprints):
     jobs = pinned.zoo_jobs()
-    assert len(jobs) == 2 * (2 * (len(pinned.EVAL_SEEDS) + len(pinned.CALIBRATION_SEEDS)) + 1)
+    # per data set: BadNet and clean for every seed, and seed 0 of the BadNet variant, blend and quant-conditioned
+    assert len(jobs) == 2 * (2 * (len(pinned.EVAL_SEEDS) + len(pinned.CALIBRATION_SEEDS)) + 3)
     missing = [job.slug() + f" (attack seed {job.attack.seed if job.attack else '-'})" for job in jobs
                if zoo.find(job, fingerprints[job.dataset.name]) is None]
     assert not missing, f"not in the zoo (rebuild it: qbd zoo build): {missing}"
@@ -56,7 +57,13 @@ def test_every_zoo_file_matches_the_manifest(zoo):
     for rec in zoo.models.values():  # the manifest says what a user needs to trust a model
         assert {"sha256", "job", "store_key", "clean_acc", "asr", "torch", "cpu", "data_sha256"} <= set(rec)
         assert rec["clean_acc"] >= 0.85
-        assert rec["asr"] is None or rec["asr"] >= 0.95  # every pinned backdoored model passes the Phase-1 gate
+        # every pinned backdoored model passes its Phase-1 gate (a quant-conditioned model its own: dormant in FP32)
+        qc = rec.get("quant_conditioned")
+        if qc is not None:
+            assert rec["job"]["attack"]["name"] == "quant-conditioned"
+            assert train.quant_conditioned_problems(qc) == [], rec["file"]
+        else:
+            assert rec["asr"] is None or rec["asr"] >= 0.95
 
 
 def _copy_zoo(zoo: pinned.Zoo, dest, keep: str) -> pinned.Zoo:
