@@ -15,7 +15,8 @@ per cell like the rest of qbd, and no ORT thread pool, so a defense can run in a
 The audit reads what the runtime quantized from the quantized ONNX graph and counts the
 quantized ops of the graph the session really runs (its optimized graph). The surrogate is a
 torch evaluator of the quantized graph (qbd.quant.onnx_surrogate); its agreement with the
-runtime on the calibration batches is measured at apply time (Audit.surrogate_agreement).
+runtime, served whole batches of 64 as the cells serve it, is measured on the calibration images
+at apply time (Audit.surrogate_agreement) and on any images with measure_agreement.
 
 Deployed modules hold the quantized ONNX bytes qbd made itself; they refuse pickling (an ONNX
 model from an untrusted source is not loaded here).
@@ -57,7 +58,7 @@ _QUANT_OPS = frozenset({
     "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear",
     "DynamicQuantizeMatMul", "QuantizeLinear", "DequantizeLinear", "NhwcMaxPool", "QAttention",
 })
-_CHUNK = 64  # images per session run when measuring agreement
+_CHUNK = 64  # images per call when measuring agreement: whole batches, as the cells serve the runtime
 
 
 def require_onnx() -> None:
@@ -274,33 +275,67 @@ def weight_audit(float_graph: Any, q_model: Any, part: str, layer_names: set[str
     return out
 
 
-def _logits_of(model: nn.Module, batches: Sequence[torch.Tensor], one_at_a_time: bool) -> torch.Tensor:
+def _logits(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """float64 CPU logits of `model` served `batch` images per call, on the model's device."""
+    device = model_device(model)
     with torch.no_grad():
-        if one_at_a_time:
-            return torch.cat([model(b[i : i + 1]) for b in batches for i in range(len(b))])
-        return torch.cat([model(b[i : i + _CHUNK]) for b in batches for i in range(0, len(b), _CHUNK)])
+        return torch.cat([model(images[i : i + batch].to(device)).to("cpu", torch.float64)
+                          for i in range(0, len(images), batch)])
 
 
-def agreement(deployed: nn.Module, surrogate: nn.Module, batches: Sequence[torch.Tensor], tolerance: float,
-              one_at_a_time: bool) -> dict[str, Any]:
-    """Surrogate vs runtime logits on the calibration images (JSON-able; see docs/quantization.md)."""
-    rt = _logits_of(deployed, batches, one_at_a_time).double()
-    sg = _logits_of(surrogate, batches, False).double()
+def _figures(sg: torch.Tensor, rt: torch.Tensor) -> dict[str, Any]:
     delta = float((sg - rt).abs().max())
     peak = float(rt.abs().max())
-    rel = delta / peak if peak > 0 else (0.0 if delta == 0 else float("inf"))
     finite = bool(torch.isfinite(rt).all() and torch.isfinite(sg).all())
+    rel = delta / peak if peak > 0 else (0.0 if delta == 0 else float("inf"))
     return {
-        "data": "calibration",
-        "n_images": len(rt),
-        "runtime_batch": 1 if one_at_a_time else _CHUNK,
         "max_abs_logit_delta": delta if finite else None,
         "max_abs_runtime_logit": peak if finite else None,
         "max_rel_logit_delta": rel if finite else None,
         "top1_agreement": float((sg.argmax(1) == rt.argmax(1)).double().mean()),
-        "rel_tolerance": tolerance,
-        "within_tolerance": bool(finite and rel <= tolerance),
     }
+
+
+def _agreement(sg: torch.Tensor, rt: torch.Tensor, batch: int, tolerance: float | None, data: str) -> dict[str, Any]:
+    out = {"data": data, "n_images": len(rt), "runtime_batch": batch, **_figures(sg, rt)}
+    rel = out["max_rel_logit_delta"]
+    out["rel_tolerance"] = tolerance
+    out["within_tolerance"] = None if tolerance is None else bool(rel is not None and rel <= tolerance)
+    return out
+
+
+def measure_agreement(surrogate: nn.Module, runtime_model: nn.Module, images: torch.Tensor, batch: int = _CHUNK, *,
+                      tolerance: float | None = None, data: str = "images") -> dict[str, Any]:
+    """Surrogate vs runtime logits on `images` (float N x 3 x H x W in [0, 1]), both served
+    `batch` images per call, as a cell serves them (onnx-int8-dynamic's runtime takes one
+    activation range over the whole batch, so its logits depend on the batch; the per-image
+    surrogate's do not). Each model gets the images on its own device; no autograd. JSON-able,
+    keys as in docs/quantization.md. `tolerance`: the scheme's surrogate_rel_tolerance (None: no
+    bound; rel_tolerance and within_tolerance are then None). `data` names the images. Needs no
+    onnx: any two modules with logits work."""
+    if images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
+        raise ConfigError(f"agreement needs a non-empty float N x 3 x H x W batch in [0, 1], got {tuple(images.shape)}"
+                          f" {images.dtype}")
+    if batch < 1:
+        raise ConfigError(f"agreement batch must be >= 1, got {batch}")
+    # the surrogate is served the same batches, so a batch-range surrogate (per_image=False) is
+    # compared like for like
+    return _agreement(_logits(surrogate, images, batch), _logits(runtime_model, images, batch), batch, tolerance, data)
+
+
+def calibration_agreement(deployed: nn.Module, surrogate: nn.Module, batches: Sequence[torch.Tensor], tolerance: float,
+                          per_image_runtime: bool) -> dict[str, Any]:
+    """The apply-time agreement: on the calibration images, both served 64 at a time. With
+    per_image_runtime, `per_image_runtime` adds the figures with the runtime served one image at
+    a time (the per-image surrogate's own setting; the difference is the batch-range gap)."""
+    images = torch.cat([b.float() for b in batches])
+    sg = _logits(surrogate, images, _CHUNK)
+    out = _agreement(sg, _logits(deployed, images, _CHUNK), _CHUNK, tolerance, "calibration")
+    if per_image_runtime:
+        one = _figures(sg, _logits(deployed, images, 1))
+        out["per_image_runtime"] = {"runtime_batch": 1, **{k: one[k] for k in
+                                    ("max_abs_logit_delta", "max_rel_logit_delta", "top1_agreement")}}
+    return out
 
 
 class _OnnxInt8:
@@ -356,7 +391,7 @@ class _OnnxInt8:
             return QuantizedClassifier(copy.deepcopy(deployed.normalize), OnnxTorchGraph(q_models["features"], per_image=per_image),
                                        OnnxTorchGraph(q_models["head"], per_image=per_image), deployed.num_classes, deployed.feature_dim)
 
-        agree = agreement(deployed, surrogate(), batches, self.tolerance, one_at_a_time=per_image)
+        agree = calibration_agreement(deployed, surrogate(), batches, self.tolerance, per_image_runtime=per_image)
         audit = build_audit(
             scheme=self.name,
             differentiable=self.differentiable,
@@ -395,9 +430,13 @@ class OnnxInt8Dynamic(_OnnxInt8):
     name = "onnx-int8-dynamic"
     kind = "dynamic"
     backend = "quantize_dynamic per-channel QInt8 weights, uint8 dynamic activations"
-    # Integer products are exact in both; they differ by float32 accumulation and by a rare
-    # one-level flip at a rounding tie (against the runtime served one image at a time).
-    tolerance = 1e-3
+    # The runtime takes one activation range over the batch it is served, the surrogate one per
+    # image (a defense's answer about an image must not depend on its batch), so the runtime's
+    # uint8 steps are coarser: served batches of 16 to 512, 0.006-0.010 of max |logit| (digits
+    # model on calibration, held-out, triggered and mixed images; random tiny-cnn and resnet18),
+    # against 1e-7 served one image at a time. The same order as static's one-level flips, so
+    # static's bound (5x the largest figure measured).
+    tolerance = 0.05
 
 
 STATIC = OnnxInt8Static()

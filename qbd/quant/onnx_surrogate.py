@@ -14,7 +14,9 @@ weights, scales and zero points (no float weight from the original model):
     gradient; ConvInteger / MatMulInteger then compute the integer product in float
     ((q_x - zp_x) * (q_w - zp_w), exact up to float32 accumulation).
 Dynamic ranges are taken per image by default (index along dim 0): an image's surrogate logits
-never depend on what else is in its batch; see docs/quantization.md.
+never depend on what else is in its batch. ORT takes one range over the batch it is served, so
+against the runtime served batches the two differ by more than float rounding (measured, with
+the stated bound, in docs/quantization.md); per_image=False takes ORT's batch range.
 
 An op outside `OPS` is a ConfigError naming it, at construction. Nothing here imports
 onnxruntime: the graph comes in as an onnx.ModelProto.
