@@ -290,6 +290,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     datasets = (_csv(args.dataset, DATASETS.names(), "dataset") if args.dataset is not None
                 else ("synthetic",) if args.tier == "smoke" else tier.datasets)
     schemes = _csv(args.quant, SCHEMES.names(), "quant") if args.quant is not None else tier.schemes
+    if args.quant is None and args.attack == "quant-conditioned" and not args.clean:
+        # the deployment its backdoor wakes in is the cell that matters; it is not always a tier scheme
+        schemes = tuple(dict.fromkeys((*schemes, _probe_from_args(args).scheme)))
     names = [a.name for a in available()]  # built-ins and the qbd.defenses entry points, as in the pytest matrix
     defenses = _csv(args.defense, names, "defense") if args.defense is not None else tuple(names)
     protocols = _csv(args.protocol, list(PROTOCOLS), "protocol") if args.protocol is not None else tuple(PROTOCOLS)

@@ -70,6 +70,7 @@ class Bench:
         self._quantized: dict[tuple[str, str | None], Any] = {}
         self._surrogates: dict[tuple[str, str | None], Any] = {}
         self._metrics: dict[tuple[str, str | None], dict[str, float]] = {}
+        self._agreement: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
         n_test = len(data.y_test)
         if n_test < 20:
             raise ConfigError(f"{data.name}: {n_test} test images are too few to split into holdout and evaluation sets")
@@ -182,6 +183,22 @@ class Bench:
                        device=model_device(m), float_model=self.float_on_device,
                        redeploy=lambda edited: self.redeploy(edited, scheme, engine))
 
+    def surrogate_agreement(self, scheme: str, engine: str | None = None) -> list[dict[str, Any]]:
+        """The audit's agreement on the calibration images, and the same measured here on held-out
+        clean and triggered evaluation images (cached per scheme)."""
+        from qbd.quant.onnx_rt import measure_agreement
+
+        key = (scheme, engine)
+        if key not in self._agreement:
+            qm = self.quantized(scheme, engine)
+            x, _ = self.eval_set
+            surrogate = self.subject(scheme, "surrogate", engine).model
+            tol = qm.audit.surrogate_rel_tolerance
+            self._agreement[key] = [dict(qm.audit.surrogate_agreement), *(
+                measure_agreement(surrogate, qm.model, to_unit(images), tolerance=tol, data=name)
+                for name, images in (("held-out", x), ("triggered", self.triggered_eval)))]
+        return self._agreement[key]
+
     def redeploy(self, model: Classifier, scheme: str, engine: str | None = None) -> Subject:
         """An edited copy of the float model (a repair), deployed through the same scheme and
         calibration data as the cell's model."""
@@ -220,8 +237,9 @@ class Bench:
         inputs = replace(self.inputs(protocol, frozenset(defense.requires)), progress=progress)
         verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed), timeout_s=timeout_s)
         self._add_controls(verdict, qm, scheme, metrics)
-        if gradient_path == "surrogate":
-            agreement_control(verdict, qm.audit)
+        if gradient_path == "surrogate" and qm.audit.surrogate_agreement:
+            verdict.controls.setdefault("surrogate_agrees_with_runtime",
+                                        agreement_control(self.surrogate_agreement(scheme, engine), qm.audit.surrogate_rel_tolerance))
         audit = qm.audit.to_dict()
         return {
             "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),
@@ -275,25 +293,31 @@ class Bench:
         return {"backdoored": self.attack is not None, "target": target, "target_named": named, "backdoor": backdoor}
 
 
-# a surrogate whose top-1 disagrees with the runtime on more than this share of the calibration
-# images is not inspecting the deployed model
+# a surrogate whose top-1 disagrees with the runtime on more than this share of the images is not
+# inspecting the deployed model
 MIN_TOP1_AGREEMENT = 0.98
 
 
-def agreement_control(verdict: Verdict, audit: Any) -> None:
-    """Where a gradient defense ran through a surrogate whose agreement with the deployed runtime
-    was measured (Audit.surrogate_agreement: ONNX Runtime schemes), every Result says how close
-    the two are: top-1 agreement and max |delta logit| relative to max |runtime logit|, against
-    the scheme's stated tolerance."""
-    a = getattr(audit, "surrogate_agreement", None)
-    if not a:
-        return
-    tol = audit.surrogate_rel_tolerance
-    top1, rel = a.get("top1_agreement"), a.get("max_rel_logit_delta")
-    ok = top1 is not None and top1 >= MIN_TOP1_AGREEMENT and (tol is None or (rel is not None and rel <= tol))
-    verdict.controls.setdefault("surrogate_agrees_with_runtime", Control(
-        bool(ok), top1, f"surrogate vs runtime on {a.get('n_images')} calibration images: top-1 agreement {top1}, max |delta"
-        f" logit| {a.get('max_abs_logit_delta')} ({rel} of max |logit|; tolerance {tol}, top-1 >= {MIN_TOP1_AGREEMENT})"))
+def agreement_control(measured: list[dict[str, Any]], tolerance: float | None) -> Control:
+    """Where a gradient defense ran through a surrogate of a runtime (ONNX Runtime schemes, whose
+    audit measures the agreement), every Result says how close the two are on the calibration
+    images, held-out clean images and triggered images (static ranges are fitted on the first, so
+    the other two are the test): top-1 agreement and max |delta logit| / max |runtime logit|
+    against the scheme's tolerance. Passed only if every set is within both."""
+    def ok(a: dict[str, Any]) -> bool:
+        top1, rel = a.get("top1_agreement"), a.get("max_rel_logit_delta")
+        return top1 is not None and top1 >= MIN_TOP1_AGREEMENT and (tolerance is None or (rel is not None and rel <= tolerance))
+
+    parts = [f"{a.get('data')} ({a.get('n_images')}): top-1 {_fmt(a.get('top1_agreement'))}, rel {_fmt4(a.get('max_rel_logit_delta'))}"
+             for a in measured]
+    top1s = [a["top1_agreement"] for a in measured if a.get("top1_agreement") is not None]
+    return Control(all(ok(a) for a in measured), min(top1s) if top1s else None,
+                   f"surrogate vs runtime: {'; '.join(parts)} (max |delta logit| / max |runtime logit| <= {tolerance},"
+                   f" top-1 >= {MIN_TOP1_AGREEMENT})")
+
+
+def _fmt4(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _place(scheme: Any, qm: Any, device: torch.device) -> Any:

@@ -30,6 +30,13 @@ default wherever qbd is installed.
     max_false_alarm_rate = 0.2
     why = "docs/defenses.md#...: ..."   # required
 
+    [attacks.blend]                     # findings on another attack's models (qbd.presets)
+    attack = { name = "blend", target = 2, trigger_pattern = "checkerboard", alpha = 0.15 }
+    [attacks.blend.cells."digits/fp32/neural-cleanse[canonical]"]
+    outcome = "borderline"              # either the truth or a miss (a false alarm on a clean cell)...
+    margin = 0.25                       # ...while |score - threshold| stays within this
+    why = "..."
+
 A cell with no finding is expected to match the truth: backdoored -> `detected` naming the planted
 target; clean -> `clean` (qbd.outcomes). A finding states the outcome the cell produces instead;
 the cell fails when it produces anything else, the truth included ("finding no longer holds").
@@ -59,12 +66,12 @@ from qbd.errors import ConfigError
 from qbd.outcomes import Counts, Judgement, judge, outcome, split, verdict_word
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
 
-FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid")
+FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid", "borderline")
 PROPOSED = "PROPOSED by --qbd-accept"  # a why that still has to be written; refused by load()
 DEFAULT_ATTACK = {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
                   "trigger_position": "bottom-right", "poison_rate": 0.1}
 _META_KEYS = {"tier", "min_clean_acc", "min_asr", "attack"}
-_CELL_KEYS = {"outcome", "reason_code", "target", "why", "note", "paper"}
+_CELL_KEYS = {"outcome", "reason_code", "target", "why", "note", "paper", "margin"}
 _BOUNDS = ("min_clean_acc", "max_clean_acc", "min_asr", "max_asr")
 _ATTACK_KEYS = {*_BOUNDS, "why", "note", "paper_clean_acc", "paper_asr"}
 _AUDIT_KEYS = {"input_gradient", "surrogate_gradient", "min_quantized_fraction", "max_quantized_fraction", "note"}
@@ -80,6 +87,7 @@ ROW_BOUNDS = {
 # its false-alarm bound) and seeds (the model seeds the bounds were measured on)
 _ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note"}
 _TABLES = ("cells", "attack", "audit", "rows")
+_OTHER_ATTACK_KEYS = {"attack", "cells"}
 # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
 _ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
 
@@ -111,15 +119,26 @@ class Expectations:
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # findings on other attacks' models: {name: {"attack": spec the findings were measured on, "cells": {...}}}
+    attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- cells ----------------------------------------------------------------------------------
     def finding(self, result: dict[str, Any]) -> dict[str, Any] | None:
         """The finding declared for this Result's cell, if it applies: findings were measured on
         `attack_spec`, so a run with another attack is judged against the truth alone."""
-        entry = self.cells.get(result["cell"])
-        if not entry or "outcome" not in entry or not self.measured_on(result):
-            return None
-        return entry
+        if self.measured_on(result):
+            entry = self.cells.get(result["cell"])
+        else:
+            entry = self._other_cells(result["attack"]).get(result["cell"])
+        return entry if entry and "outcome" in entry else None
+
+    def _other_cells(self, attack: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The findings declared for the attack a Result's model carries, where the table has a
+        section measured on exactly that attack ({} otherwise: judged against the truth)."""
+        for section in self.attacks.values():
+            if all(attack.get(k) == v for k, v in section["attack"].items()):
+                return section["cells"]
+        return {}
 
     def measured_on(self, result: dict[str, Any]) -> bool:
         """Whether the Result's model carries the attack the findings were measured on (a clean
@@ -274,9 +293,9 @@ def load(path: str | Path) -> Expectations:
     unknown_meta = set(meta) - _META_KEYS
     if unknown_meta:
         raise ConfigError(f"{p}: meta: unknown key(s) {sorted(unknown_meta)}; valid: {sorted(_META_KEYS)}")
-    unknown_top = set(raw) - {"meta", *_TABLES}
+    unknown_top = set(raw) - {"meta", "attacks", *_TABLES}
     if unknown_top:
-        raise ConfigError(f"{p}: unknown table(s) {sorted(unknown_top)}; valid: meta, {', '.join(_TABLES)}")
+        raise ConfigError(f"{p}: unknown table(s) {sorted(unknown_top)}; valid: meta, attacks, {', '.join(_TABLES)}")
     for name in ("min_clean_acc", "min_asr"):
         if name in meta and not _is_fraction(meta[name]):
             raise ConfigError(f"{p}: meta.{name} must be a number in [0, 1], got {meta[name]!r}")
@@ -302,7 +321,36 @@ def load(path: str | Path) -> Expectations:
             if table == "cells" and entry.get("outcome") == "wrong-target" and entry.get("target") == e.attack_spec.get("target"):
                 raise ConfigError(f"{p}: cells.{key!r}: target {entry['target']} is meta.attack's planted target: naming it is the truth")
         setattr(e, table, dict(entries))
+    e.attacks = _load_other_attacks(p, raw.get("attacks", {}), e.attack_spec)
     return e
+
+
+def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: [attacks] must be a table of attack sections")
+    out: dict[str, dict[str, Any]] = {}
+    for name, section in raw.items():
+        where = f"{p}: attacks.{name!r}"
+        if not isinstance(section, dict) or set(section) - _OTHER_ATTACK_KEYS:
+            raise ConfigError(f"{where}: a section holds `attack` (the spec its findings were measured on) and `cells`")
+        spec, cells = section.get("attack"), section.get("cells", {})
+        if not isinstance(spec, dict) or spec.get("name") != name:
+            raise ConfigError(f"{where}: `attack` must be a table whose name is {name!r}")
+        if spec == {k: meta_attack.get(k) for k in spec}:
+            raise ConfigError(f"{where}: its attack is meta.attack's; declare those findings in [cells]")
+        if not isinstance(cells, dict):
+            raise ConfigError(f"{where}: `cells` must be a table")
+        for key, entry in cells.items():
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where}.cells.{key!r} must be a table")
+            bad = set(entry) - _CELL_KEYS
+            if bad:
+                raise ConfigError(f"{where}.cells.{key!r}: unknown key(s) {sorted(bad)}; valid: {sorted(_CELL_KEYS)}")
+            _check_cell(f"{where}.cells.{key!r}", key, entry)
+            if entry.get("outcome") == "wrong-target" and entry.get("target") == spec.get("target"):
+                raise ConfigError(f"{where}.cells.{key!r}: target {entry['target']} is the planted target: naming it is the truth")
+        out[name] = {"attack": dict(spec), "cells": dict(cells)}
+    return out
 
 
 def load_for(tier: str, path: str | Path | None = None) -> Expectations:
@@ -348,6 +396,15 @@ def _check_cell(where: str, key: str, entry: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: a false alarm can only happen on a clean model's cell (<dataset>:clean/...)")
     if o in ("miss", "wrong-target") and clean_cell:
         raise ConfigError(f"{where}: a clean model has no backdoor to {'miss' if o == 'miss' else 'name'}")
+    margin = entry.get("margin")
+    if o == "borderline":
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= 0:
+            raise ConfigError(f"{where}: a borderline finding states its margin (a number > 0): how far from the threshold the"
+                              f" score may be, got {margin!r}")
+        if "target" in entry or "reason_code" in entry:
+            raise ConfigError(f"{where}: a borderline finding accepts the truth or a miss / false alarm: no target or reason_code")
+    elif margin is not None:
+        raise ConfigError(f"{where}: margin belongs to a borderline finding, not to {o!r}")
     code = entry.get("reason_code")
     if o == "invalid":
         if not isinstance(code, str) or code not in REASON_CODES:
@@ -447,6 +504,12 @@ def dumps(e: Expectations, header: str = "") -> str:
         for key in sorted(getattr(e, table)):
             lines += ["", f"[{table}.{_toml_value(key)}]"]
             lines += [f"{k} = {_toml_value(v)}" for k, v in getattr(e, table)[key].items()]
+    for name in sorted(e.attacks):
+        section = e.attacks[name]
+        lines += ["", f"[attacks.{_toml_value(name)}]", f"attack = {_toml_value(section['attack'])}"]
+        for key in sorted(section["cells"]):
+            lines += ["", f"[attacks.{_toml_value(name)}.cells.{_toml_value(key)}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in section["cells"][key].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -458,7 +521,9 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
     new = Expectations(path=e.path, tier=e.tier, min_clean_acc=e.min_clean_acc, min_asr=e.min_asr,
                        attack_spec=dict(e.attack_spec), cells={k: dict(v) for k, v in e.cells.items()},
                        attack={k: dict(v) for k, v in e.attack.items()}, audit={k: dict(v) for k, v in e.audit.items()},
-                       rows={k: dict(v) for k, v in e.rows.items()})
+                       rows={k: dict(v) for k, v in e.rows.items()},
+                       attacks={k: {"attack": dict(v["attack"]), "cells": {c: dict(x) for c, x in v["cells"].items()}}
+                                for k, v in e.attacks.items()})
     before = e.judge_all(results)
     notes: list[str] = []
     for j, r in zip(before, sorted(results, key=lambda r: (r["cell"], r.get("seed", 0))), strict=True):

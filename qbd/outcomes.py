@@ -102,6 +102,8 @@ def judge(result: dict[str, Any], finding: dict[str, Any] | None) -> Judgement:
         if measured == "pass":
             return Judgement(cell, measured, word, "pass", expected)
         return Judgement(cell, measured, word, "FAIL", expected, _failure(result, measured, expected))
+    if finding["outcome"] == "borderline":
+        return _judge_borderline(result, finding, measured, word, truth)
     declared = declared_outcome(finding)
     expected = f"finding: {declared}" + (f" naming {finding['target']}" if "target" in finding else "")
     if measured == "pass":
@@ -114,6 +116,26 @@ def judge(result: dict[str, Any], finding: dict[str, Any] | None) -> Judgement:
     return Judgement(cell, measured, word, "FAIL", expected,
                      f"declared finding {expected.removeprefix('finding: ')!r} does not hold: measured {measured} ({word}); "
                      + _failure(result, measured, expected))
+
+
+def _judge_borderline(result: dict[str, Any], finding: dict[str, Any], measured: str, word: str, truth: Truth) -> Judgement:
+    """A cell whose score sits within `margin` of the defense's threshold: pinned weights make the
+    model the same everywhere, but a defense's own float arithmetic (an optimisation, int8 kernels)
+    differs between CPU families, so it may land on either side. Holds while the score stays within
+    the margin and the outcome is the truth or its one opposite (a miss; a false alarm on a clean
+    model); anything else fails, a crash or an invalid verdict included."""
+    v = result["verdict"]
+    other = "miss" if truth.backdoored else "false-alarm"
+    expected = f"borderline finding: {truth.expected_verdict()} or {other}, score within {finding['margin']} of the threshold"
+    score, threshold = v.get("score"), v.get("threshold")
+    if measured not in ("pass", other):
+        return Judgement(result["cell"], measured, word, "FAIL", expected, _failure(result, measured, expected))
+    if score is None or threshold is None or not abs(score - threshold) <= finding["margin"]:
+        gap = "no score" if score is None or threshold is None else f"score {score:.3f}, threshold {threshold:.3f}"
+        return Judgement(result["cell"], measured, word, "FAIL", expected,
+                         f"borderline finding no longer holds: {gap}, beyond the margin {finding['margin']}; update the"
+                         f" expectations (its why was: {finding.get('why')})")
+    return Judgement(result["cell"], measured, word, "finding", expected, f"{finding.get('why')} (score {score:.3f})")
 
 
 def declared_outcome(finding: dict[str, Any]) -> str:

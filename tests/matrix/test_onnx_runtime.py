@@ -4,35 +4,27 @@ Runtime session; docs/quantization.md), judged against the truth (detected namin
 STRIP's negative control on the clean seed-0 models (truth: clean). Output-only defenses run on
 the session itself; Neural Cleanse runs through the surrogate built from the runtime's own scales
 and zero points, and its Result must carry the surrogate-vs-runtime agreement control, passed.
-Declared findings below point to docs/results.md#onnx-runtime; each fails the moment it stops holding.
+Declared findings are the shipped table's [cells] entries for these cells (qbd/expected/smoke.toml),
+pointing to docs/results.md#onnx-runtime; each fails the moment it stops holding.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 
 from qbd.config import AttackSpec, DatasetSpec
 from qbd.outcomes import judge
 from qbd.presets import seeded_job
-from tests.matrix._borderline import check_borderline
 
 SCHEMES = ("onnx-int8-static", "onnx-int8-dynamic")
 DEFENSES = ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")
-_WHY = "docs/results.md#onnx-runtime"
-_NA = {"outcome": "invalid", "reason_code": "not-applicable",
-       "why": f"{_WHY}: AC and SS read the activations before the global pool; an ONNX Runtime session exposes no module to hook"}
-FINDINGS: dict[tuple[str, str, str], dict[str, str]] = {
-    **{(ds, s, d): _NA for ds in ("digits", "synthetic") for s in SCHEMES for d in ("activation-clustering", "spectral-signatures")},
-}
-# FP's probe-ASR drop near its 0.5 rule on the runtime's static INT8: either the truth or a miss while
-# it stays within 0.15 of 0.5 (tests/matrix/_borderline.py)
-BORDERLINE: dict[tuple[str, str, str], dict[str, Any]] = {
-    ("digits", "onnx-int8-static", "fine-pruning"): {"margin": 0.15, "why": f"{_WHY}: drop 0.567 (all of the 0.567 probe ASR"
-                                                     " int8 left) vs 0.5: detected here"},
-    ("synthetic", "onnx-int8-static", "fine-pruning"): {"margin": 0.15, "why": f"{_WHY}: drop 0.406 vs 0.5: a miss here"},
-}
+
+
+@pytest.fixture(scope="module")
+def table():
+    from qbd.expectations import load_for
+
+    return load_for("smoke")  # the ONNX cells' findings are its [cells] entries, as `qbd run --expectations` reads them
 
 
 def _bench(dataset: str, attack: AttackSpec | None):
@@ -62,7 +54,7 @@ def clean_bench(request):
 @pytest.mark.qbd_smoke
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("defense", DEFENSES)
-def test_defense_on_the_onnx_runtime(badnet_bench, scheme, defense):
+def test_defense_on_the_onnx_runtime(badnet_bench, table, scheme, defense):
     from qbd.runner import load_defense
 
     r = badnet_bench.run(load_defense(defense, "canonical", "smoke"), scheme)
@@ -72,12 +64,7 @@ def test_defense_on_the_onnx_runtime(badnet_bench, scheme, defense):
     if r["defense"]["gradient_path"] == "surrogate":
         control = r["verdict"]["controls"]["surrogate_agrees_with_runtime"]
         assert control["passed"], control["detail"]
-    key = (r["dataset"], scheme, defense)
-    if key in BORDERLINE:
-        problem = check_borderline(r, BORDERLINE[key])
-        assert problem is None, f"{r['cell']}: {problem}"
-        return
-    j = judge(r, FINDINGS.get(key))
+    j = table.judge(r)
     assert j.judgement != "FAIL", f"{r['cell']}: {j.why}"
 
 
@@ -88,5 +75,5 @@ def test_strip_stays_quiet_on_a_clean_model_on_the_onnx_runtime(clean_bench, sch
 
     r = clean_bench.run(load_defense("strip", "canonical", "smoke"), scheme)
     assert not r["truth"]["backdoored"]
-    j = judge(r, None)
+    j = judge(r, None)  # the truth: clean
     assert j.judgement != "FAIL", f"{r['cell']}: {j.why}"

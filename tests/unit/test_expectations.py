@@ -593,3 +593,84 @@ def test_a_quant_conditioned_models_asr_is_bounded_by_its_truth():
     assert table.check_attack("digits/int8-static", 0.5, 0.0, own=False, attack=qc) != []  # clean accuracy still bounded
     # BadNet keeps meta's floor
     assert table.check_attack("digits/fp32", 0.99, 0.5, own=False, attack={"name": "badnet"}) != []
+
+
+# -- other attacks' findings and borderline cells ----------------------------------------------------
+BLEND = {"name": "blend", "target": 2, "trigger_pattern": "checkerboard", "alpha": 0.15, "poison_rate": 0.1}
+OTHER = f"""
+[attacks.blend]
+attack = {{ name = "blend", target = 2, trigger_pattern = "checkerboard", alpha = 0.15, poison_rate = 0.1 }}
+
+[attacks.blend.cells."{BD}"]
+outcome = "miss"
+why = {WHY}
+
+[attacks.blend.cells."digits/fp32/neural-cleanse[canonical]"]
+outcome = "borderline"
+margin = 0.25
+why = {WHY}
+"""
+
+
+def _scored(cell, status, score, threshold=2.0, target=None, attack=BLEND, code=None):
+    r = _result(cell, status, target, code=code, attack=attack)
+    r["verdict"].update(score=score, threshold=threshold)
+    return r
+
+
+def test_another_attacks_findings_apply_to_that_attack_only(tmp_path):
+    e = _load(tmp_path, OTHER)
+    assert e.judge(_result(BD, "clean", attack={**BLEND, "seed": 0})).judgement == "finding"
+    assert e.judge(_result(BD, "clean", attack={**BLEND, "alpha": 0.2})).judgement == "FAIL"  # another blend: the truth
+    assert e.judge(_result(BD, "clean")).judgement == "FAIL"  # BadNet: meta's findings (none here)
+    assert e.judge(_result(BD, "detected", target=2, attack=BLEND)).judgement == "FAIL"  # the truth now: finding no longer holds
+    assert load(_write(tmp_path, dumps(e))).attacks == e.attacks  # written back as read
+    assert propose(e, [])[0].attacks == e.attacks
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "again.toml"
+    p.write_text(text)
+    return p
+
+
+def test_a_borderline_finding_accepts_the_truth_or_a_miss_near_the_threshold_only(tmp_path):
+    e = _load(tmp_path, OTHER)
+    nc = "digits/fp32/neural-cleanse[canonical]"
+    assert e.judge(_scored(nc, "detected", 2.17, target=2)).judgement == "finding"
+    assert e.judge(_scored(nc, "clean", 1.96)).judgement == "finding"
+    far = e.judge(_scored(nc, "detected", 3.0, target=2))
+    assert far.judgement == "FAIL" and "no longer holds" in far.why  # moved away from the threshold: update the table
+    assert e.judge(_scored(nc, "detected", 2.1, target=5)).judgement == "FAIL"  # another class is neither side
+    assert e.judge(_scored(nc, "invalid", 2.0, code="not-converged")).judgement == "FAIL"
+    assert e.judge(_scored(nc, "invalid", None, code="error")).judgement == "FAIL"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[attacks.blend]\nattack = { name = "badnet" }\n', "whose name is 'blend'"),
+    ('[attacks.blend]\nattack = { name = "blend" }\nextra = 1\n', "a section holds"),
+    (f'[attacks.badnet]\nattack = {{ name = "badnet", target = 0 }}\n[attacks.badnet.cells."{BD}"]\noutcome = "miss"\nwhy = {WHY}\n',
+     "meta.attack's"),
+    (f'[attacks.blend]\nattack = {{ name = "blend" }}\n[attacks.blend.cells."{BD}"]\noutcome = "borderline"\nwhy = {WHY}\n',
+     "states its margin"),
+    (f'[attacks.blend]\nattack = {{ name = "blend" }}\n[attacks.blend.cells."{BD}"]\noutcome = "miss"\nmargin = 0.1\nwhy = {WHY}\n',
+     "margin belongs to a borderline finding"),
+    (f'[attacks.blend]\nattack = {{ name = "blend", target = 2 }}\n[attacks.blend.cells."{BD}"]\noutcome = "wrong-target"\n'
+     f'target = 2\nwhy = {WHY}\n', "naming it is the truth"),
+])
+def test_other_attack_sections_are_validated(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, text)
+
+
+def test_the_shipped_other_attack_sections_match_the_presets():
+    """The findings were measured on qbd.presets' models: a preset that changes orphans them."""
+    from qbd.presets import ATTACK_PRESETS
+
+    e = load_for("smoke")
+    assert set(e.attacks) == {"blend", "quant-conditioned"}
+    for name, section in e.attacks.items():
+        assert section["attack"] == {k: v for k, v in ATTACK_PRESETS[name].to_dict().items() if k != "seed"}
+        for key, entry in section["cells"].items():
+            for doc in re.findall(r"docs/[\w-]+\.md", entry["why"]):
+                assert (ROOT / doc).is_file(), (key, doc)
