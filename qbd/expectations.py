@@ -311,18 +311,24 @@ def load(path: str | Path) -> Expectations:
         entries = raw.get(table, {})
         if not isinstance(entries, dict):
             raise ConfigError(f"{p}: [{table}] must be a table")
-        for key, entry in entries.items():
-            if not isinstance(entry, dict):
-                raise ConfigError(f"{p}: {table}.{key!r} must be a table")
-            bad = set(entry) - allowed
-            if bad:
-                raise ConfigError(f"{p}: {table}.{key!r}: unknown key(s) {sorted(bad)}; valid: {sorted(allowed)}")
-            _CHECKS[table](f"{p}: {table}.{key!r}", key, entry)
-            if table == "cells" and entry.get("outcome") == "wrong-target" and entry.get("target") == e.attack_spec.get("target"):
-                raise ConfigError(f"{p}: cells.{key!r}: target {entry['target']} is meta.attack's planted target: naming it is the truth")
+        _check_entries(f"{p}: {table}", entries, allowed, _CHECKS[table], e.attack_spec.get("target") if table == "cells" else None)
         setattr(e, table, dict(entries))
     e.attacks = _load_other_attacks(p, raw.get("attacks", {}), e.attack_spec)
     return e
+
+
+def _check_entries(where: str, entries: dict[str, Any], allowed: set[str], check: Any, planted: int | None) -> None:
+    """Each entry a table of allowed keys, passing `check`; a wrong-target finding never names
+    the `planted` target (naming it is the truth)."""
+    for key, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}.{key!r} must be a table")
+        bad = set(entry) - allowed
+        if bad:
+            raise ConfigError(f"{where}.{key!r}: unknown key(s) {sorted(bad)}; valid: {sorted(allowed)}")
+        check(f"{where}.{key!r}", key, entry)
+        if planted is not None and entry.get("outcome") == "wrong-target" and entry.get("target") == planted:
+            raise ConfigError(f"{where}.{key!r}: target {entry['target']} is the planted target: naming it is the truth")
 
 
 def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -340,15 +346,7 @@ def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[
             raise ConfigError(f"{where}: its attack is meta.attack's; declare those findings in [cells]")
         if not isinstance(cells, dict):
             raise ConfigError(f"{where}: `cells` must be a table")
-        for key, entry in cells.items():
-            if not isinstance(entry, dict):
-                raise ConfigError(f"{where}.cells.{key!r} must be a table")
-            bad = set(entry) - _CELL_KEYS
-            if bad:
-                raise ConfigError(f"{where}.cells.{key!r}: unknown key(s) {sorted(bad)}; valid: {sorted(_CELL_KEYS)}")
-            _check_cell(f"{where}.cells.{key!r}", key, entry)
-            if entry.get("outcome") == "wrong-target" and entry.get("target") == spec.get("target"):
-                raise ConfigError(f"{where}.cells.{key!r}: target {entry['target']} is the planted target: naming it is the truth")
+        _check_entries(f"{where}.cells", cells, _CELL_KEYS, _check_cell, spec.get("target"))
         out[name] = {"attack": dict(spec), "cells": dict(cells)}
     return out
 
