@@ -238,8 +238,12 @@ class Bench:
         verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed), timeout_s=timeout_s)
         self._add_controls(verdict, qm, scheme, metrics)
         if gradient_path == "surrogate" and qm.audit.surrogate_agreement:
-            verdict.controls.setdefault("surrogate_agrees_with_runtime",
-                                        agreement_control(self.surrogate_agreement(scheme, engine), qm.audit.surrogate_rel_tolerance))
+            # assigned, not setdefault: a defense must not be able to pre-fill a passing control
+            try:
+                control = agreement_control(self.surrogate_agreement(scheme, engine), qm.audit.surrogate_rel_tolerance)
+            except Exception as e:  # a failed measurement is a failed control, not a lost cell
+                control = Control(False, None, f"surrogate vs runtime could not be measured: {type(e).__name__}: {e}")
+            verdict.controls["surrogate_agrees_with_runtime"] = control
         audit = qm.audit.to_dict()
         return {
             "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),

@@ -61,7 +61,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from qbd.config import PROTOCOLS, QC_GATES
+from qbd.config import PROTOCOLS, QC_GATES, AttackSpec
 from qbd.errors import ConfigError
 from qbd.outcomes import Counts, Judgement, judge, outcome, split, verdict_word
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
@@ -342,8 +342,15 @@ def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[
         spec, cells = section.get("attack"), section.get("cells", {})
         if not isinstance(spec, dict) or spec.get("name") != name:
             raise ConfigError(f"{where}: `attack` must be a table whose name is {name!r}")
-        if spec == {k: meta_attack.get(k) for k in spec}:
-            raise ConfigError(f"{where}: its attack is meta.attack's; declare those findings in [cells]")
+        try:  # the whole spec, as the attack's Results record it (less the seed): a partial one would match other models
+            full = AttackSpec(**spec).to_dict()
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{where}: attack: {e}") from None
+        full.pop("seed")
+        if spec != full:
+            raise ConfigError(f"{where}: attack must state the whole spec the findings were measured on: {full}")
+        if all(spec.get(k) == v for k, v in meta_attack.items()):
+            raise ConfigError(f"{where}: its attack is meta.attack's (which wins); declare those findings in [cells]")
         if not isinstance(cells, dict):
             raise ConfigError(f"{where}: `cells` must be a table")
         _check_entries(f"{where}.cells", cells, _CELL_KEYS, _check_cell, spec.get("target"))
@@ -528,6 +535,10 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
         if j.judgement != "FAIL":
             continue
         kind, code = split(j.outcome)
+        if not e.measured_on(r):  # another attack's cell: its section, by hand (a [cells] entry would apply to meta's attack)
+            notes.append(f"  by hand: {j.cell}: {(r.get('attack') or {}).get('name')} is not meta.attack: declare it in its"
+                         " [attacks.<name>] section")
+            continue
         if "outcome" in e.cells.get(j.cell, {}):  # a declared finding (applying here or not) is a person's to revise
             notes.append(f"  by hand: {j.cell}: {j.why.splitlines()[0] if j.why else j.outcome}")
             continue

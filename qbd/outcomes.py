@@ -14,8 +14,9 @@ The outcome says how the verdict relates to that truth:
 
 The judgement compares the outcome with what the expectations declare for the cell:
 `pass` (the outcome is the truth and nothing else was declared), `finding` (a declared finding
-holds: the cell produces exactly the declared outcome), `FAIL` (anything else, including a finding
-that no longer holds because the cell now matches the truth).
+holds: the cell produces exactly the declared outcome, or, for a `borderline` finding, the truth or
+its one opposite decided by a score within the stated margin of its threshold), `FAIL` (anything
+else, including a finding that no longer holds because the cell now matches the truth).
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ def judge(result: dict[str, Any], finding: dict[str, Any] | None) -> Judgement:
                      + _failure(result, measured, expected))
 
 
+# a borderline margin wider than this share of the threshold would accept verdicts far from it
+BORDERLINE_MAX_FRACTION = 0.5
+
+
 def _judge_borderline(result: dict[str, Any], finding: dict[str, Any], measured: str, word: str, truth: Truth) -> Judgement:
     """A cell whose score sits within `margin` of the defense's threshold: pinned weights make the
     model the same everywhere, but a defense's own float arithmetic (an optimisation, int8 kernels)
@@ -125,16 +130,25 @@ def _judge_borderline(result: dict[str, Any], finding: dict[str, Any], measured:
     the margin and the outcome is the truth or its one opposite (a miss; a false alarm on a clean
     model); anything else fails, a crash or an invalid verdict included."""
     v = result["verdict"]
+    margin = finding["margin"]
     other = "miss" if truth.backdoored else "false-alarm"
-    expected = f"borderline finding: {truth.expected_verdict()} or {other}, score within {finding['margin']} of the threshold"
+    expected = f"borderline finding: {truth.expected_verdict()} or {other}, score within {margin} of the threshold"
     score, threshold = v.get("score"), v.get("threshold")
     if measured not in ("pass", other):
         return Judgement(result["cell"], measured, word, "FAIL", expected, _failure(result, measured, expected))
-    if score is None or threshold is None or not abs(score - threshold) <= finding["margin"]:
-        gap = "no score" if score is None or threshold is None else f"score {score:.3f}, threshold {threshold:.3f}"
+    problem = None
+    if score is None or threshold is None:
+        problem = "the verdict has no score and threshold"
+    elif margin > BORDERLINE_MAX_FRACTION * abs(threshold):
+        problem = f"margin {margin} is too wide to be borderline (more than {BORDERLINE_MAX_FRACTION} x the threshold {threshold:.3f})"
+    elif abs(score - threshold) > margin:
+        problem = f"score {score:.3f} is {abs(score - threshold):.3f} from the threshold {threshold:.3f}, beyond the margin {margin}"
+    elif score != threshold and (v["status"] == "detected") != (score > threshold):
+        # the verdict must be the score's: a miss for another reason (FP's clean-accuracy rule) is not this finding
+        problem = f"the verdict ({word}) is not the side of the threshold its score {score:.3f} is on"
+    if problem:
         return Judgement(result["cell"], measured, word, "FAIL", expected,
-                         f"borderline finding no longer holds: {gap}, beyond the margin {finding['margin']}; update the"
-                         f" expectations (its why was: {finding.get('why')})")
+                         f"borderline finding no longer holds: {problem}; update the expectations (its why was: {finding.get('why')})")
     return Judgement(result["cell"], measured, word, "finding", expected, f"{finding.get('why')} (score {score:.3f})")
 
 

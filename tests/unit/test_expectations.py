@@ -596,10 +596,13 @@ def test_a_quant_conditioned_models_asr_is_bounded_by_its_truth():
 
 
 # -- other attacks' findings and borderline cells ----------------------------------------------------
-BLEND = {"name": "blend", "target": 2, "trigger_pattern": "checkerboard", "alpha": 0.15, "poison_rate": 0.1}
+BLEND = {"name": "blend", "target": 2, "trigger_pattern": "checkerboard", "trigger_size": 3, "trigger_position": "bottom-right",
+         "poison_rate": 0.1, "alpha": 0.15}
+BLEND_TOML = ('{ name = "blend", target = 2, trigger_pattern = "checkerboard", trigger_size = 3, trigger_position = "bottom-right",'
+              ' poison_rate = 0.1, alpha = 0.15 }')
 OTHER = f"""
 [attacks.blend]
-attack = {{ name = "blend", target = 2, trigger_pattern = "checkerboard", alpha = 0.15, poison_rate = 0.1 }}
+attack = {BLEND_TOML}
 
 [attacks.blend.cells."{BD}"]
 outcome = "miss"
@@ -625,7 +628,10 @@ def test_another_attacks_findings_apply_to_that_attack_only(tmp_path):
     assert e.judge(_result(BD, "clean")).judgement == "FAIL"  # BadNet: meta's findings (none here)
     assert e.judge(_result(BD, "detected", target=2, attack=BLEND)).judgement == "FAIL"  # the truth now: finding no longer holds
     assert load(_write(tmp_path, dumps(e))).attacks == e.attacks  # written back as read
-    assert propose(e, [])[0].attacks == e.attacks
+    # --qbd-accept never files another attack's failing cell under meta's [cells] (it would apply to BadNet)
+    failing = _scored("digits/fp32/neural-cleanse[canonical]", "clean", 1.5, attack={**BLEND, "seed": 0})
+    new, lines = propose(e, [failing])
+    assert new.cells == e.cells and new.attacks == e.attacks and any("[attacks.<name>]" in x for x in lines)
 
 
 def _write(tmp_path, text):
@@ -644,18 +650,31 @@ def test_a_borderline_finding_accepts_the_truth_or_a_miss_near_the_threshold_onl
     assert e.judge(_scored(nc, "detected", 2.1, target=5)).judgement == "FAIL"  # another class is neither side
     assert e.judge(_scored(nc, "invalid", 2.0, code="not-converged")).judgement == "FAIL"
     assert e.judge(_scored(nc, "invalid", None, code="error")).judgement == "FAIL"
+    # the verdict must be the score's side: a miss above the threshold was decided by something else
+    wrong_side = e.judge(_scored(nc, "clean", 2.1))
+    assert wrong_side.judgement == "FAIL" and "not the side of the threshold" in wrong_side.why
+    assert e.judge(_scored(nc, "detected", 1.9, target=2)).judgement == "FAIL"
+    # a margin that is no longer narrow against the threshold accepts nothing
+    too_wide = e.judge(_scored(nc, "clean", 0.3, threshold=0.4))
+    assert too_wide.judgement == "FAIL" and "too wide" in too_wide.why
+
+
+BADNET_TOML = ('{ name = "badnet", target = 0, trigger_pattern = "white", trigger_size = 3, trigger_position = "bottom-right",'
+               ' poison_rate = 0.1 }')
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ('[attacks.blend]\nattack = { name = "badnet" }\n', "whose name is 'blend'"),
-    ('[attacks.blend]\nattack = { name = "blend" }\nextra = 1\n', "a section holds"),
-    (f'[attacks.badnet]\nattack = {{ name = "badnet", target = 0 }}\n[attacks.badnet.cells."{BD}"]\noutcome = "miss"\nwhy = {WHY}\n',
+    (f'[attacks.blend]\nattack = {BLEND_TOML}\nextra = 1\n', "a section holds"),
+    ('[attacks.blend]\nattack = { name = "blend", trigger_pattern = "checkerboard" }\n', "must state the whole spec"),
+    ('[attacks.blend]\nattack = { name = "blend", trigger_pattern = "white" }\n', "blend takes trigger pattern"),
+    (f'[attacks.badnet]\nattack = {BADNET_TOML}\n[attacks.badnet.cells."{BD}"]\noutcome = "miss"\nwhy = {WHY}\n',
      "meta.attack's"),
-    (f'[attacks.blend]\nattack = {{ name = "blend" }}\n[attacks.blend.cells."{BD}"]\noutcome = "borderline"\nwhy = {WHY}\n',
+    (f'[attacks.blend]\nattack = {BLEND_TOML}\n[attacks.blend.cells."{BD}"]\noutcome = "borderline"\nwhy = {WHY}\n',
      "states its margin"),
-    (f'[attacks.blend]\nattack = {{ name = "blend" }}\n[attacks.blend.cells."{BD}"]\noutcome = "miss"\nmargin = 0.1\nwhy = {WHY}\n',
+    (f'[attacks.blend]\nattack = {BLEND_TOML}\n[attacks.blend.cells."{BD}"]\noutcome = "miss"\nmargin = 0.1\nwhy = {WHY}\n',
      "margin belongs to a borderline finding"),
-    (f'[attacks.blend]\nattack = {{ name = "blend", target = 2 }}\n[attacks.blend.cells."{BD}"]\noutcome = "wrong-target"\n'
+    (f'[attacks.blend]\nattack = {BLEND_TOML}\n[attacks.blend.cells."{BD}"]\noutcome = "wrong-target"\n'
      f'target = 2\nwhy = {WHY}\n', "naming it is the truth"),
 ])
 def test_other_attack_sections_are_validated(tmp_path, text, message):

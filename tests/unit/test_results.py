@@ -328,3 +328,18 @@ def test_a_results_file_carries_the_runs_metadata(tmp_path):
     p.write_text(json.dumps({**data, "run": "smoke"}))
     with pytest.raises(ResultError, match="'run' must be an object"):
         load(p)
+
+
+def test_agreement_control_passes_only_when_every_image_set_agrees():
+    from qbd.evaluate import MIN_TOP1_AGREEMENT, agreement_control
+
+    def a(data, top1, rel):
+        return {"data": data, "n_images": 10, "top1_agreement": top1, "max_rel_logit_delta": rel, "max_abs_logit_delta": rel}
+
+    good = [a("calibration", 1.0, 0.006), a("held-out", 0.99, 0.01), a("triggered", 1.0, 0.01)]
+    c = agreement_control(good, 0.05)
+    assert c.passed and c.value == 0.99 and "held-out (10)" in c.detail
+    assert not agreement_control([*good[:2], a("triggered", 1.0, 0.06)], 0.05).passed  # one set out of tolerance
+    assert not agreement_control([*good[:2], a("triggered", MIN_TOP1_AGREEMENT - 0.01, 0.0)], 0.05).passed
+    assert not agreement_control([*good[:2], a("triggered", None, None)], 0.05).passed  # non-finite logits: no figures
+    assert agreement_control(good, None).passed  # no tolerance stated: top-1 alone
