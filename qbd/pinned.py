@@ -229,7 +229,7 @@ def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers:
     # the old zoo (files and manifest) as it was
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.build-") as tmp:
         zoo = Zoo(tmp)
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_spawn()) as pool:
             futures = [pool.submit(_train_one, job, cache_dir) for job in todo]
             for i, fut in enumerate(futures, 1):
                 job, fingerprint, state, metrics, store_key = fut.result()
@@ -254,10 +254,19 @@ def _add_missing(zoo: Zoo, jobs: list[ModelJob], cache_dir: str | None, workers:
     fingerprints = {name: load_dataset(spec, None).fingerprint() for name, spec in {j.dataset.name: j.dataset for j in jobs}.items()}
     todo = [j for j in jobs if zoo.find(j, fingerprints[j.dataset.name]) is None]
     log(f"qbd zoo: {len(jobs) - len(todo)} of {len(jobs)} models already pinned; training {len(todo)}")
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_spawn()) as pool:
         for i, fut in enumerate([pool.submit(_train_one, job, cache_dir) for job in todo], 1):
             job, fingerprint, state, metrics, store_key = fut.result()
             p = zoo.add(job, fingerprint, state, metrics, store_key)
             zoo.write_manifest()  # after each: an interrupted run keeps what it trained
             log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}")
     return Zoo(zoo.root)
+
+
+def _spawn() -> Any:
+    """Trainers start as fresh interpreters: a forked child cannot run autograd once its parent
+    has (after torch.export, say: "Unable to handle autograd's threading in combination with
+    fork-based multiprocessing"), and a zoo build may be called from such a process (a test run)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
