@@ -374,14 +374,23 @@ def _call_with_timeout(defense: Any, subject: Subject, inputs: DefenseInputs, ge
     why = _why_not_fork()
     if why is None:
         try:
-            return _call_in_process(defense, subject, inputs, generator, timeout_s, name), None
+            out = _call_in_process(defense, subject, inputs, generator, timeout_s, name)
         except _ForkFailed as e:  # out of memory or processes: still a verdict, through the thread path
             why = f"fork failed: {e}"
+        else:
+            if not (isinstance(out, _Crash) and _BAD_AUTOGRAD_FORK in out.line):
+                return out, None
+            # torch refuses autograd in a child forked after its parent started autograd's device
+            # threads (a backward after torch.export does): not the defense's fault, so the thread path
+            why = "autograd cannot run in a child forked from this process (torch: " + _BAD_AUTOGRAD_FORK + ")"
     return _call_in_thread(defense, subject, inputs, generator, timeout_s, name), why
 
 
 class _ForkFailed(Exception):
     pass
+
+
+_BAD_AUTOGRAD_FORK = "Unable to handle autograd's threading in combination with fork-based multiprocessing"
 
 
 # -- in a forked child process ------------------------------------------------------------------

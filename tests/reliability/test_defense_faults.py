@@ -613,6 +613,30 @@ def test_a_failed_fork_falls_back_to_the_thread_path(cell, monkeypatch):
     assert v.evidence["timeout_isolation"].startswith("thread: fork failed")
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="needs fork")
+def test_autograd_refused_in_a_forked_child_falls_back_to_the_thread_path(cell):
+    """torch refuses autograd in a child forked after its parent started autograd's device threads
+    (a backward after torch.export: the ONNX and int8-static schemes export). Simulated without
+    poisoning this process: detect raises torch's error in the child only; the parent reruns it in
+    a thread, gets the verdict, and says why."""
+    parent = os.getpid()
+
+    def detect(s, i):
+        if os.getpid() != parent:
+            raise RuntimeError("Unable to handle autograd's threading in combination with fork-based multiprocessing."
+                               " See https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork")
+        return Verdict("clean", score=2.0)
+
+    subject, inputs = cell
+    v, _ = run_defense(Fake(detect, name="grad"), subject, inputs, torch.Generator().manual_seed(0), timeout_s=30.0)
+    assert v.status == "clean" and v.score == 2.0
+    assert v.evidence["timeout_isolation"].startswith("thread: autograd cannot run in a child forked")
+    # any other crash in the child stays the defense's crash
+    v, _ = run_defense(Fake(lambda s, i: (_ for _ in ()).throw(RuntimeError("boom")), name="bad"), subject, inputs,
+                       torch.Generator().manual_seed(0), timeout_s=30.0)
+    assert v.status == "invalid" and v.reason_code == "error"
+
+
 def test_a_message_cut_off_by_the_childs_death_is_a_death():
     """The child died while sending: the parent reads a truncated message, never raises."""
     import multiprocessing
