@@ -30,8 +30,8 @@ default wherever qbd is installed.
     max_false_alarm_rate = 0.2
     why = "docs/defenses.md#...: ..."   # required
 
-    [attacks.blend]                     # findings on another attack's models (qbd.presets)
-    attack = { name = "blend", target = 2, trigger_pattern = "checkerboard", alpha = 0.15 }
+    [attacks.blend]                     # findings on another attack's models (qbd.presets); any label
+    attack = { name = "blend", target = 2, trigger_pattern = "checkerboard", alpha = 0.15, ... }  # the whole spec
     [attacks.blend.cells."digits/fp32/neural-cleanse[canonical]"]
     outcome = "borderline"              # either the truth or a miss (a false alarm on a clean cell)...
     margin = 0.25                       # ...while |score - threshold| stays within this
@@ -119,7 +119,7 @@ class Expectations:
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # findings on other attacks' models: {name: {"attack": spec the findings were measured on, "cells": {...}}}
+    # findings on other attacks' models: {label: {"attack": spec the findings were measured on, "cells": {...}}}
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- cells ----------------------------------------------------------------------------------
@@ -340,8 +340,8 @@ def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[
         if not isinstance(section, dict) or set(section) - _OTHER_ATTACK_KEYS:
             raise ConfigError(f"{where}: a section holds `attack` (the spec its findings were measured on) and `cells`")
         spec, cells = section.get("attack"), section.get("cells", {})
-        if not isinstance(spec, dict) or spec.get("name") != name:
-            raise ConfigError(f"{where}: `attack` must be a table whose name is {name!r}")
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"{where}: `attack` must be a table naming the attack (name = ...) and its whole spec")
         try:  # the whole spec, as the attack's Results record it (less the seed): a partial one would match other models
             full = AttackSpec(**spec).to_dict()
         except (ConfigError, TypeError) as e:

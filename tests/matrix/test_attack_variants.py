@@ -2,22 +2,16 @@
 corner (qbd.presets.VARIANT_ATTACK), so no defense (or test) can assume class 0 or the
 bottom-right corner. On the pinned zoo's variant models of both data sets, fp32, canonical
 protocol; judged against the truth (detected naming class 3). A defense that really fails here is
-a declared finding below, with its why, and the test fails the moment the finding stops holding."""
+a declared finding in the shipped table's [attacks."badnet-variant"] section, with its why, and the
+test fails the moment the finding stops holding."""
 
 from __future__ import annotations
 
 import pytest
 
 from qbd.config import DatasetSpec, Gates
-from qbd.outcomes import judge
 from qbd.presets import VARIANT_ATTACK, seeded_job
 
-# declared findings on this attack: {(dataset, defense): expectations entry}
-FINDINGS: dict[tuple[str, str], dict[str, str]] = {
-    ("digits", "fine-pruning"): {"outcome": "miss", "why": "docs/results.md#findings (FP below the goal): on the digits variant"
-                                 " model pruning 9 of 64 channels cuts the probe ASR from 1.00 to 0.44, fine-tuning brings it"
-                                 " back to 0.78: a drop of 0.22 < 0.5"},
-}
 DEFENSES = ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"]
 
 
@@ -39,10 +33,11 @@ def variant_bench(request):
 @pytest.mark.qbd_smoke
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_nondefault_attack_is_detected(variant_bench, defense):
+    from qbd.expectations import load_for
     from qbd.runner import load_defense
 
     r = variant_bench.run(load_defense(defense, "canonical", "smoke"), "fp32")
     assert r["weights"]["origin"] == "zoo"  # the pinned model, the same on every machine
     assert r["asr"] > 0.95
-    j = judge(r, FINDINGS.get((r["dataset"], defense)))
+    j = load_for("smoke").judge(r)  # its findings: the shipped table's [attacks."badnet-variant"] section
     assert j.judgement != "FAIL", f"{r['dataset']}/{defense}: {j.why}"

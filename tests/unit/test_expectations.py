@@ -664,7 +664,7 @@ BADNET_TOML = ('{ name = "badnet", target = 0, trigger_pattern = "white", trigge
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ('[attacks.blend]\nattack = { name = "badnet" }\n', "whose name is 'blend'"),
+    ('[attacks.blend]\nattack = { target = 2 }\n', "naming the attack"),
     (f'[attacks.blend]\nattack = {BLEND_TOML}\nextra = 1\n', "a section holds"),
     ('[attacks.blend]\nattack = { name = "blend", trigger_pattern = "checkerboard" }\n', "must state the whole spec"),
     ('[attacks.blend]\nattack = { name = "blend", trigger_pattern = "white" }\n', "blend takes trigger pattern"),
@@ -684,12 +684,13 @@ def test_other_attack_sections_are_validated(tmp_path, text, message):
 
 def test_the_shipped_other_attack_sections_match_the_presets():
     """The findings were measured on qbd.presets' models: a preset that changes orphans them."""
-    from qbd.presets import ATTACK_PRESETS
+    from qbd.presets import ATTACK_PRESETS, VARIANT_ATTACK
 
     e = load_for("smoke")
-    assert set(e.attacks) == {"blend", "quant-conditioned"}
+    presets = {**ATTACK_PRESETS, "badnet-variant": VARIANT_ATTACK}
+    assert set(e.attacks) == {"blend", "quant-conditioned", "badnet-variant"}
     for name, section in e.attacks.items():
-        assert section["attack"] == {k: v for k, v in ATTACK_PRESETS[name].to_dict().items() if k != "seed"}
+        assert section["attack"] == {k: v for k, v in presets[name].to_dict().items() if k != "seed"}
         for key, entry in section["cells"].items():
             for doc in re.findall(r"docs/[\w-]+\.md", entry["why"]):
                 assert (ROOT / doc).is_file(), (key, doc)
