@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from qbd.config import ModelJob, derive_seed
-from qbd.data.base import DataSplit
 from qbd.metrics import to_unit
 from qbd.models import Classifier
+from qbd.quant.common import weight_layers
+from qbd.quant.intn_sim import quantize_weight
 
 REPAIR_EPOCHS = 10
 REPAIR_LR = 0.003  # cosine-decayed; SGD momentum 0.9, no weight decay (it would pull weights out of their bins)
@@ -46,22 +47,18 @@ class Grid:
     quantizer, qbd.quant.intn_sim.quantize_weight), and the projection that keeps a weight in its bin."""
 
     def __init__(self, model: Classifier, bits: int) -> None:
-        from qbd.quant.common import weight_layers
-        from qbd.quant.intn_sim import quantize_weight
-
         self.bits = bits
         self.layers = list(weight_layers(model))
-        self._quantize = quantize_weight
         self._bins = []
         qmax = 2 ** (bits - 1) - 1
         for _, layer in self.layers:
             w = layer.weight.detach()
             rows = w.reshape(w.shape[0], -1).double()
+            peak = rows.abs().amax(1, keepdim=True)
             # the quantizer's own float64 scale (it returns the scale cast to the weight's dtype, and a
             # level computed from that can differ from its level for a weight next to a rounding tie)
-            s = rows.abs().amax(1, keepdim=True) / qmax
+            s = peak / qmax
             q = torch.where(s > 0, torch.round(rows / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(rows))
-            peak = rows.abs().amax(1, keepdim=True)
             lo = torch.maximum((q - 0.5 + BIN_MARGIN) * s, -peak)
             hi = torch.minimum((q + 0.5 - BIN_MARGIN) * s, peak)
             is_peak = rows.abs() == peak
@@ -77,7 +74,7 @@ class Grid:
 
     def preserved(self) -> bool:
         """Whether every layer still quantizes to exactly its stage-1 integer weights."""
-        return all(torch.equal(self._quantize(layer.weight.detach(), self.bits)[0], wq)
+        return all(torch.equal(quantize_weight(layer.weight.detach(), self.bits)[0], wq)
                    for (_, layer), (*_, wq) in zip(self.layers, self._bins, strict=True))
 
 
@@ -124,15 +121,3 @@ def make_dormant(model: Classifier, job: ModelJob, x: torch.Tensor, y_true: torc
     return {"scheme": job.attack.scheme, "repair_epochs": REPAIR_EPOCHS, "repair_lr": REPAIR_LR,
             "final_repair_loss": round(loss_sum / n, 5), "grid_preserved": True}
 
-
-def deployed_metrics(model: Classifier, job: ModelJob, data: DataSplit, scheme: str, dev: torch.device) -> dict[str, float]:
-    """Clean accuracy and ASR of `model` deployed through `scheme`."""
-    from qbd.attacks import triggered_test
-    from qbd.metrics import accuracy, attack_success_rate
-    from qbd.quant import SCHEMES
-
-    assert job.attack is not None
-    deployed = SCHEMES.get(scheme).apply(model, None).model
-    xt, _ = triggered_test(data.x_test, data.y_test, job.attack, data.num_classes)
-    return {"clean_acc": accuracy(deployed, data.x_test, data.y_test, device=dev),
-            "asr": attack_success_rate(deployed, xt, job.attack.target, device=dev)}

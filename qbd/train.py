@@ -210,18 +210,19 @@ def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, co
 
 
 def _dormant_stage(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.device, x_all: torch.Tensor) -> dict[str, Any]:
-    """quant-conditioned: stage 1 (above) planted BadNet; qbd.dormant hides it from FP32."""
-    from qbd.attacks import poison
-    from qbd.dormant import REPAIR_LR, deployed_metrics, make_dormant
+    """quant-conditioned: stage 1 (above) planted BadNet; qbd.dormant hides it from FP32, training
+    on the poisoned images `x_all` with their labels before relabelling (the data set's own)."""
+    from qbd.dormant import REPAIR_LR, make_dormant
+    from qbd.quant import SCHEMES
 
     assert job.attack is not None and job.attack.scheme is not None
     before = evaluate(model, job, data, dev)
-    y_true = poison(data.x_train, data.y_train, job.attack, data.num_classes).y_true.to(dev)
-    out = make_dormant(model.to(memory_format=torch.channels_last), job, x_all, y_true, dev, augment,
+    out = make_dormant(model.to(memory_format=torch.channels_last), job, x_all, data.y_train.to(dev), dev, augment,
                        lambda step, total: _lr_at(replace(job.train, lr=REPAIR_LR), step, total))
     model.to(memory_format=torch.contiguous_format).eval()
+    deployed = SCHEMES.get(job.attack.scheme).apply(model, None).model
     out.update(backdoored_clean_acc=before["clean_acc"], backdoored_asr=before["asr"],
-               deployed=deployed_metrics(model, job, data, job.attack.scheme, dev))
+               deployed=evaluate(deployed, job, data, dev))
     return out
 
 
