@@ -218,7 +218,6 @@ def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers:
     the jobs it lacks."""
     import shutil
     import tempfile
-    from concurrent.futures import ProcessPoolExecutor
 
     todo = zoo_jobs() if jobs is None else jobs
     dest = Path(out)
@@ -229,13 +228,7 @@ def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers:
     # the old zoo (files and manifest) as it was
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.build-") as tmp:
         zoo = Zoo(tmp)
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_spawn()) as pool:
-            futures = [pool.submit(_train_one, job, cache_dir) for job in todo]
-            for i, fut in enumerate(futures, 1):
-                job, fingerprint, state, metrics, store_key = fut.result()
-                p = zoo.add(job, fingerprint, state, metrics, store_key)
-                asr = "" if metrics["asr"] is None else f", ASR {metrics['asr']:.4f}"
-                log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}{asr}")
+        _train_into(zoo, todo, cache_dir, workers, log, checkpoint=False)
         old = Zoo(dest)
         for rec in old.models.values():  # only what the old manifest listed: never a user's other files
             (dest / rec["file"]).unlink(missing_ok=True)
@@ -247,20 +240,28 @@ def build(out: str | os.PathLike[str], *, cache_dir: str | None = None, workers:
 
 
 def _add_missing(zoo: Zoo, jobs: list[ModelJob], cache_dir: str | None, workers: int, log: Any) -> Zoo:
-    from concurrent.futures import ProcessPoolExecutor
-
     from qbd.data import load_dataset
 
     fingerprints = {name: load_dataset(spec, None).fingerprint() for name, spec in {j.dataset.name: j.dataset for j in jobs}.items()}
     todo = [j for j in jobs if zoo.find(j, fingerprints[j.dataset.name]) is None]
     log(f"qbd zoo: {len(jobs) - len(todo)} of {len(jobs)} models already pinned; training {len(todo)}")
+    _train_into(zoo, todo, cache_dir, workers, log, checkpoint=True)  # an interrupted run keeps what it trained
+    return Zoo(zoo.root)
+
+
+def _train_into(zoo: Zoo, todo: list[ModelJob], cache_dir: str | None, workers: int, log: Any, *, checkpoint: bool) -> None:
+    """Train `todo` in `workers` spawned processes and add each model to `zoo` as it arrives
+    (`checkpoint`: writing the manifest after each)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_spawn()) as pool:
         for i, fut in enumerate([pool.submit(_train_one, job, cache_dir) for job in todo], 1):
             job, fingerprint, state, metrics, store_key = fut.result()
             p = zoo.add(job, fingerprint, state, metrics, store_key)
-            zoo.write_manifest()  # after each: an interrupted run keeps what it trained
-            log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}")
-    return Zoo(zoo.root)
+            if checkpoint:
+                zoo.write_manifest()
+            asr = "" if metrics["asr"] is None else f", ASR {metrics['asr']:.4f}"
+            log(f"qbd zoo: [{i}/{len(todo)}] {p.path.name}: clean acc {metrics['clean_acc']:.4f}{asr}")
 
 
 def _spawn() -> Any:
