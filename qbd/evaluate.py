@@ -186,7 +186,7 @@ class Bench:
     def surrogate_agreement(self, scheme: str, engine: str | None = None) -> list[dict[str, Any]]:
         """The audit's agreement on the calibration images, and the same measured here on held-out
         clean and triggered evaluation images (cached per scheme)."""
-        from qbd.quant.onnx_rt import measure_agreement
+        from qbd.quant.audit import measure_agreement
 
         key = (scheme, engine)
         if key not in self._agreement:

@@ -1,5 +1,6 @@
 """Measure what a quantization scheme did: which weights became integers, on how many levels,
-with what error, how big the deployed state dict is, and whether input gradients flow.
+with what error, how big the deployed state dict is, whether input gradients flow, and how
+closely a surrogate's logits agree with the deployed model's.
 
 Nothing here trusts a scheme's claim: `input_gradient` comes from a real backward pass.
 """
@@ -14,9 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from qbd.errors import ConfigError
 from qbd.quant.base import Audit
+from qbd.quant.common import model_device
 from qbd.quant.warnings import NO_AUTOGRAD_KERNEL
 
+AGREEMENT_BATCH = 64  # images per call when measuring agreement: whole batches, as the cells serve the runtime
 PROBE_SEED = 0  # the probe input is the same on every run
 PROBE_BATCH = 2
 
@@ -150,3 +154,66 @@ def build_audit(
         kernel_ops=kernel_ops,
         surrogate_agreement=surrogate_agreement,
     )
+
+
+def _logits(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """float64 CPU logits of `model` served `batch` images per call, on the model's device."""
+    device = model_device(model)
+    with torch.no_grad():
+        return torch.cat([model(images[i : i + batch].to(device)).to("cpu", torch.float64)
+                          for i in range(0, len(images), batch)])
+
+
+def _figures(sg: torch.Tensor, rt: torch.Tensor) -> dict[str, Any]:
+    delta = float((sg - rt).abs().max())
+    peak = float(rt.abs().max())
+    finite = bool(torch.isfinite(rt).all() and torch.isfinite(sg).all())
+    rel = delta / peak if peak > 0 else (0.0 if delta == 0 else float("inf"))
+    return {
+        "max_abs_logit_delta": delta if finite else None,
+        "max_abs_runtime_logit": peak if finite else None,
+        "max_rel_logit_delta": rel if finite else None,
+        "top1_agreement": float((sg.argmax(1) == rt.argmax(1)).double().mean()),
+    }
+
+
+def _agreement(sg: torch.Tensor, rt: torch.Tensor, batch: int, tolerance: float | None, data: str) -> dict[str, Any]:
+    out = {"data": data, "n_images": len(rt), "runtime_batch": batch, **_figures(sg, rt)}
+    rel = out["max_rel_logit_delta"]
+    out["rel_tolerance"] = tolerance
+    out["within_tolerance"] = None if tolerance is None else bool(rel is not None and rel <= tolerance)
+    return out
+
+
+def measure_agreement(surrogate: nn.Module, runtime_model: nn.Module, images: torch.Tensor, batch: int = AGREEMENT_BATCH, *,
+                      tolerance: float | None = None, data: str = "images") -> dict[str, Any]:
+    """Surrogate vs runtime logits on `images` (float N x 3 x H x W in [0, 1]), both served
+    `batch` images per call, as a cell serves them (onnx-int8-dynamic's runtime takes one
+    activation range over the whole batch, so its logits depend on the batch; the per-image
+    surrogate's do not). Each model gets the images on its own device; no autograd. JSON-able,
+    keys as in docs/quantization.md. `tolerance`: the scheme's surrogate_rel_tolerance (None: no
+    bound; rel_tolerance and within_tolerance are then None). `data` names the images. Needs no
+    onnx: any two modules with logits work."""
+    if images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
+        raise ConfigError(f"agreement needs a non-empty float N x 3 x H x W batch in [0, 1], got {tuple(images.shape)}"
+                          f" {images.dtype}")
+    if batch < 1:
+        raise ConfigError(f"agreement batch must be >= 1, got {batch}")
+    # the surrogate is served the same batches, so a batch-range surrogate (per_image=False) is
+    # compared like for like
+    return _agreement(_logits(surrogate, images, batch), _logits(runtime_model, images, batch), batch, tolerance, data)
+
+
+def calibration_agreement(deployed: nn.Module, surrogate: nn.Module, batches: Sequence[torch.Tensor], tolerance: float,
+                          per_image_runtime: bool) -> dict[str, Any]:
+    """The apply-time agreement: on the calibration images, both served 64 at a time. With
+    per_image_runtime, `per_image_runtime` adds the figures with the runtime served one image at
+    a time (the per-image surrogate's own setting; the difference is the batch-range gap)."""
+    images = torch.cat([b.float() for b in batches])
+    sg = _logits(surrogate, images, AGREEMENT_BATCH)
+    out = _agreement(sg, _logits(deployed, images, AGREEMENT_BATCH), AGREEMENT_BATCH, tolerance, "calibration")
+    if per_image_runtime:
+        one = _figures(sg, _logits(deployed, images, 1))
+        out["per_image_runtime"] = {"runtime_batch": 1, **{k: one[k] for k in
+                                    ("max_abs_logit_delta", "max_rel_logit_delta", "top1_agreement")}}
+    return out

@@ -16,7 +16,7 @@ The audit reads what the runtime quantized from the quantized ONNX graph and cou
 quantized ops of the graph the session really runs (its optimized graph). The surrogate is a
 torch evaluator of the quantized graph (qbd.quant.onnx_surrogate); its agreement with the
 runtime, served whole batches of 64 as the cells serve it, is measured on the calibration images
-at apply time (Audit.surrogate_agreement) and on any images with measure_agreement.
+at apply time (Audit.surrogate_agreement) and on any images with qbd.quant.audit.measure_agreement.
 
 Deployed modules hold the quantized ONNX bytes qbd made itself; they refuse pickling (an ONNX
 model from an untrusted source is not loaded here).
@@ -37,7 +37,7 @@ from torch import nn
 
 from qbd.config import ConfigError
 from qbd.models import Classifier
-from qbd.quant.audit import build_audit, max_levels_of_codes, max_rel_error, op_counts
+from qbd.quant.audit import build_audit, calibration_agreement, max_levels_of_codes, max_rel_error, op_counts
 from qbd.quant.base import QuantizedClassifier, QuantizedModel
 from qbd.quant.common import (
     calib_batches,
@@ -58,7 +58,6 @@ _QUANT_OPS = frozenset({
     "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear",
     "DynamicQuantizeMatMul", "QuantizeLinear", "DequantizeLinear", "NhwcMaxPool", "QAttention",
 })
-_CHUNK = 64  # images per call when measuring agreement: whole batches, as the cells serve the runtime
 
 
 def require_onnx() -> None:
@@ -272,69 +271,6 @@ def weight_audit(float_graph: Any, q_model: Any, part: str, layer_names: set[str
             "levels": max_levels_of_codes(torch.from_numpy(qc.copy()), lo, hi),
             "rel_error": max_rel_error(torch.from_numpy(wc.copy()), torch.from_numpy(w_q), torch.from_numpy(s.copy())),
         })
-    return out
-
-
-def _logits(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
-    """float64 CPU logits of `model` served `batch` images per call, on the model's device."""
-    device = model_device(model)
-    with torch.no_grad():
-        return torch.cat([model(images[i : i + batch].to(device)).to("cpu", torch.float64)
-                          for i in range(0, len(images), batch)])
-
-
-def _figures(sg: torch.Tensor, rt: torch.Tensor) -> dict[str, Any]:
-    delta = float((sg - rt).abs().max())
-    peak = float(rt.abs().max())
-    finite = bool(torch.isfinite(rt).all() and torch.isfinite(sg).all())
-    rel = delta / peak if peak > 0 else (0.0 if delta == 0 else float("inf"))
-    return {
-        "max_abs_logit_delta": delta if finite else None,
-        "max_abs_runtime_logit": peak if finite else None,
-        "max_rel_logit_delta": rel if finite else None,
-        "top1_agreement": float((sg.argmax(1) == rt.argmax(1)).double().mean()),
-    }
-
-
-def _agreement(sg: torch.Tensor, rt: torch.Tensor, batch: int, tolerance: float | None, data: str) -> dict[str, Any]:
-    out = {"data": data, "n_images": len(rt), "runtime_batch": batch, **_figures(sg, rt)}
-    rel = out["max_rel_logit_delta"]
-    out["rel_tolerance"] = tolerance
-    out["within_tolerance"] = None if tolerance is None else bool(rel is not None and rel <= tolerance)
-    return out
-
-
-def measure_agreement(surrogate: nn.Module, runtime_model: nn.Module, images: torch.Tensor, batch: int = _CHUNK, *,
-                      tolerance: float | None = None, data: str = "images") -> dict[str, Any]:
-    """Surrogate vs runtime logits on `images` (float N x 3 x H x W in [0, 1]), both served
-    `batch` images per call, as a cell serves them (onnx-int8-dynamic's runtime takes one
-    activation range over the whole batch, so its logits depend on the batch; the per-image
-    surrogate's do not). Each model gets the images on its own device; no autograd. JSON-able,
-    keys as in docs/quantization.md. `tolerance`: the scheme's surrogate_rel_tolerance (None: no
-    bound; rel_tolerance and within_tolerance are then None). `data` names the images. Needs no
-    onnx: any two modules with logits work."""
-    if images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
-        raise ConfigError(f"agreement needs a non-empty float N x 3 x H x W batch in [0, 1], got {tuple(images.shape)}"
-                          f" {images.dtype}")
-    if batch < 1:
-        raise ConfigError(f"agreement batch must be >= 1, got {batch}")
-    # the surrogate is served the same batches, so a batch-range surrogate (per_image=False) is
-    # compared like for like
-    return _agreement(_logits(surrogate, images, batch), _logits(runtime_model, images, batch), batch, tolerance, data)
-
-
-def calibration_agreement(deployed: nn.Module, surrogate: nn.Module, batches: Sequence[torch.Tensor], tolerance: float,
-                          per_image_runtime: bool) -> dict[str, Any]:
-    """The apply-time agreement: on the calibration images, both served 64 at a time. With
-    per_image_runtime, `per_image_runtime` adds the figures with the runtime served one image at
-    a time (the per-image surrogate's own setting; the difference is the batch-range gap)."""
-    images = torch.cat([b.float() for b in batches])
-    sg = _logits(surrogate, images, _CHUNK)
-    out = _agreement(sg, _logits(deployed, images, _CHUNK), _CHUNK, tolerance, "calibration")
-    if per_image_runtime:
-        one = _figures(sg, _logits(deployed, images, 1))
-        out["per_image_runtime"] = {"runtime_batch": 1, **{k: one[k] for k in
-                                    ("max_abs_logit_delta", "max_rel_logit_delta", "top1_agreement")}}
     return out
 
 

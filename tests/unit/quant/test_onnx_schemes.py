@@ -37,7 +37,7 @@ def test_listed_lazily_without_torch_or_onnx() -> None:
     code = (f"import sys, qbd.quant; names = qbd.quant.SCHEMES.names(); print(all(n in names for n in {NAMES!r}),"
             " any(m in sys.modules for m in ('torch', 'onnx', 'onnxruntime')));"
             # measure_agreement (called by the Bench at cell time) is importable without onnx
-            " from qbd.quant.onnx_rt import measure_agreement; print(any(m in sys.modules for m in ('onnx', 'onnxruntime')))")
+            " from qbd.quant.audit import measure_agreement; print(any(m in sys.modules for m in ('onnx', 'onnxruntime')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "False"]
 
@@ -116,7 +116,7 @@ def test_surrogate_agrees_with_the_runtime(name, applied, calib) -> None:
 
 
 def test_measure_agreement_contract(applied, probe) -> None:
-    from qbd.quant.onnx_rt import measure_agreement
+    from qbd.quant.audit import measure_agreement
 
     qm = applied["onnx-int8-dynamic"]
     sg = qm.surrogate()
@@ -255,7 +255,7 @@ def test_pinned_digits_model(name, digits_bench) -> None:
     from qbd.attacks import triggered_test
     from qbd.config import AttackSpec
     from qbd.metrics import to_unit
-    from qbd.quant.onnx_rt import measure_agreement
+    from qbd.quant.audit import measure_agreement
 
     assert digits_bench.weights["origin"] == "zoo"
     qm = digits_bench.quantized(name)
