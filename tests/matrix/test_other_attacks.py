@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from qbd.config import QC_GATES, DatasetSpec
+from qbd.config import DatasetSpec
 from qbd.presets import ATTACK_PRESETS, seeded_job
 
 ATTACKS = ("blend", "quant-conditioned")
@@ -50,16 +50,6 @@ def attack_bench(request):
     return attack, Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance())
 
 
-ACTIVE_ASR = 0.90  # every other cell's model obeys the trigger (all measure >= 0.998 here)
-
-
-def _asr_truth(attack: str, scheme: str, asr: float) -> str | None:
-    """What the backdoor must do in this model, whatever any defense says (None: it does)."""
-    if attack == "quant-conditioned" and scheme == "fp32":
-        return None if asr <= QC_GATES["max_fp32_asr"] else f"FP32 ASR {asr:.3f}: the backdoor is not dormant"
-    return None if asr >= ACTIVE_ASR else f"{scheme} ASR {asr:.3f}: the backdoor is not active"
-
-
 @pytest.mark.qbd_smoke
 @pytest.mark.parametrize("where", ["fp32", "deployed"])
 @pytest.mark.parametrize("defense", DEFENSES)
@@ -71,8 +61,11 @@ def test_defense_on_fp32_and_deployed(attack_bench, table, where, defense):
     r = bench.run(load_defense(defense, "canonical", "smoke"), scheme)
     assert r["weights"]["origin"] == "zoo"  # the pinned model, the same on every machine
     assert r["attack"]["name"] == attack and r["truth"]["backdoored"]
-    problem = _asr_truth(attack, scheme, r["asr"])
-    assert problem is None, f"{r['cell']}: {problem}"
+    # what the backdoor must do in this model, whatever any defense says: the table's deployed-model
+    # bounds (BadNet's floor, ASR >= 0.9, for blend; for quant-conditioned its truth, dormant_asr_bounds:
+    # FP32 ASR <= 0.10, its scheme's >= 0.90), as `qbd run` checks them
+    problems = table.check_attack(f"{r['dataset']}/{scheme}", r["clean_acc"], r["asr"], own=False, attack=r["attack"])
+    assert not problems, f"{r['cell']}: {problems}"
     assert r["truth"]["backdoor"] == ("dormant" if attack == "quant-conditioned" and scheme == "fp32" else "active")
     j = table.judge(r)
     assert j.judgement != "FAIL", f"{attack} {r['cell']}: {j.why}"
