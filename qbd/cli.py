@@ -148,7 +148,8 @@ def device_from_args(args: argparse.Namespace) -> str:
     from qbd import devices
     from qbd.tiers import TIERS
 
-    return devices.resolve(args.device or TIERS[getattr(args, "tier", "smoke")].device)
+    # `is None`, not falsiness: an empty --device= is a spelling to refuse, not "the tier's default"
+    return devices.resolve(TIERS[getattr(args, "tier", "smoke")].device if args.device is None else args.device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

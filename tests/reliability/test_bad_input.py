@@ -17,7 +17,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from qbd import expectations
@@ -202,6 +202,8 @@ GOOD_EXTRAS = st.lists(st.sampled_from(["--trigger-pattern=checkerboard", "--tri
 
 @cli_settings(60)
 @given(command=st.sampled_from(["train", "run"]), extras=GOOD_EXTRAS, bad=BAD_VALUES)
+@example(command="train", extras=[], bad=(("--device=",), ("unknown device",)))  # once read as "the default"
+@example(command="run", extras=[], bad=(("--device=",), ("unknown device",)))
 def test_an_out_of_range_value_is_refused(capsys, cache, command, extras, bad):
     argv, words = bad
     assert_usage_error(qbd(capsys, cache, command, *DIGITS, *extras, *argv), *words)
