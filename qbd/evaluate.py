@@ -244,6 +244,8 @@ class Bench:
             except Exception as e:  # a failed measurement is a failed control, not a lost cell
                 control = Control(False, None, f"surrogate vs runtime could not be measured: {type(e).__name__}: {e}")
             verdict.controls["surrogate_agrees_with_runtime"] = control
+            if not control.passed:
+                verdict = surrogate_disagrees(verdict, control)
         audit = qm.audit.to_dict()
         return {
             "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),
@@ -303,8 +305,8 @@ MIN_TOP1_AGREEMENT = 0.98
 
 
 def agreement_control(measured: list[dict[str, Any]], tolerance: float | None) -> Control:
-    """Where a gradient defense ran through a surrogate of a runtime (ONNX Runtime schemes, whose
-    audit measures the agreement), every Result says how close the two are on the calibration
+    """Where a gradient defense ran through a surrogate of a runtime (the schemes whose audit
+    measures the agreement: int8-static and the ONNX Runtime ones), every Result says how close the two are on the calibration
     images, held-out clean images and triggered images (static ranges are fitted on the first, so
     the other two are the test): top-1 agreement and max |delta logit| / max |runtime logit|
     against the scheme's tolerance. Passed only if every set is within both."""
@@ -318,6 +320,17 @@ def agreement_control(measured: list[dict[str, Any]], tolerance: float | None) -
     return Control(all(ok(a) for a in measured), min(top1s) if top1s else None,
                    f"surrogate vs runtime: {'; '.join(parts)} (max |delta logit| / max |runtime logit| <= {tolerance},"
                    f" top-1 >= {MIN_TOP1_AGREEMENT})")
+
+
+def surrogate_disagrees(verdict: Verdict, control: Control) -> Verdict:
+    """The verdict of a gradient defense whose surrogate does not agree with the deployed runtime
+    is about another model: it becomes invalid (surrogate-disagrees, never an expected outcome),
+    the surrogate's own verdict kept as evidence."""
+    said = {"status": verdict.status, "target_class": verdict.target_class, "score": verdict.score,
+            "threshold": verdict.threshold, "reason_code": verdict.reason_code}
+    return Verdict.invalid(f"the surrogate the defense inspected does not agree with the deployed runtime: {control.detail}",
+                           "surrogate-disagrees", evidence={**verdict.evidence, "surrogate_verdict": said},
+                           controls=verdict.controls, suspects=verdict.suspects)
 
 
 def _fmt4(x: float | None) -> str:

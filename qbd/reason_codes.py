@@ -9,10 +9,12 @@ REASON_CODES: dict[str, str] = {
     "rule-cannot-fire": "the decision rule cannot reach its threshold whatever the model (rank arithmetic)",
     "not-converged": "the optimisation did not reach what the rule needs (e.g. reversed triggers that never succeeded)",
     "not-applicable": "nothing for the rule to judge (no backdoor left to remove, nothing to fine-tune, an input missing)",
+    "surrogate-disagrees": "the surrogate a gradient defense inspected does not agree with the deployed runtime (or the agreement could not be measured)",
     "diverged": "the computation produced non-finite values",
     "timeout": "the defense ran past its time limit",
     "error": "the defense crashed or returned something that is not a well-formed Verdict",
     "unspecified": "a third-party defense returned invalid without a reason code",
 }
-# the defense failed to run, or to say why: never an expected outcome, so such a cell always fails
-NEVER_EXPECTED = frozenset({"error", "timeout", "unspecified"})
+# the defense failed to run, or to say why, or inspected a surrogate that is not the deployed model:
+# never an expected outcome, so such a cell always fails
+NEVER_EXPECTED = frozenset({"error", "timeout", "unspecified", "surrogate-disagrees"})

@@ -21,7 +21,7 @@ import torch
 
 from qbd.config import ConfigError
 from qbd.models import Classifier
-from qbd.quant.audit import build_audit, op_counts
+from qbd.quant.audit import build_audit, calibration_agreement, op_counts
 from qbd.quant.base import QuantizedClassifier, QuantizedModel
 from qbd.quant.common import calib_batches, check_engine, eval_copy, input_shape, model_device, require_cpu
 from qbd.quant.static_flow import StaticFlow
@@ -75,6 +75,9 @@ class Int8Static:
                 normalize, features.twin(), head.twin(), deployed.num_classes, deployed.feature_dim
             )
 
+        # measured as for the ONNX Runtime schemes, so a gradient defense's Result can say how close
+        # the model it inspected is to the one deployed (static ranges: batch-independent)
+        agree = calibration_agreement(deployed, surrogate(), batches, SURROGATE_REL_TOLERANCE, per_image_runtime=False)
         audit = build_audit(
             scheme=self.name,
             differentiable=self.differentiable,
@@ -91,6 +94,7 @@ class Int8Static:
             surrogate_rel_tolerance=SURROGATE_REL_TOLERANCE,
             kernel_ops=op_counts(features.kernel_ops + head.kernel_ops),
             device=model_device(fp),
+            surrogate_agreement=agree,
         )
         return QuantizedModel(
             scheme=self.name, model=deployed, audit=audit, differentiable=False, surrogate_factory=surrogate

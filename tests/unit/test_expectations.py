@@ -116,8 +116,9 @@ def test_missing_or_unreadable_file_is_a_config_error(tmp_path):
 
 
 def test_the_reason_codes_a_finding_may_pin():
-    """A crash, a timeout or an invalid verdict without a code is never an expected outcome."""
-    assert {"error", "timeout", "unspecified"} == NEVER_EXPECTED
+    """A crash, a timeout, an invalid verdict without a code or a verdict about a surrogate that
+    is not the deployed model is never an expected outcome."""
+    assert {"error", "timeout", "unspecified", "surrogate-disagrees"} == NEVER_EXPECTED
     assert set(REASON_CODES) - NEVER_EXPECTED == {"no-gradient", "no-signal", "rule-cannot-fire", "not-converged",
                                                   "not-applicable", "diverged"}
 

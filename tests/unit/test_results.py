@@ -343,3 +343,66 @@ def test_agreement_control_passes_only_when_every_image_set_agrees():
     assert not agreement_control([*good[:2], a("triggered", MIN_TOP1_AGREEMENT - 0.01, 0.0)], 0.05).passed
     assert not agreement_control([*good[:2], a("triggered", None, None)], 0.05).passed  # non-finite logits: no figures
     assert agreement_control(good, None).passed  # no tolerance stated: top-1 alone
+
+
+class _Inspects(_Says):
+    """A gradient defense (what routes a canonical cell through the scheme's surrogate)."""
+
+    requires = frozenset({"input_gradients"})
+
+
+def _int8_static_bench():
+    from qbd.config import AttackSpec
+    from qbd.evaluate import Bench
+    from qbd.models import build_model
+    from tests.toy import toy_split
+
+    data = toy_split(n_train=200, n_test=120)
+    model = build_model("tiny-cnn", 4, data.mean, data.std, seed=0).eval()
+    return Bench(data, model, AttackSpec(), model_name="tiny-cnn", weights={"origin": "trained", "store_key": "k"})
+
+
+def test_a_gradient_defense_on_int8_static_carries_the_surrogate_agreement_control():
+    bench = _int8_static_bench()
+    said = Verdict("detected", score=2.5, threshold=1.0, target_class=0)
+    r = bench.run(_Inspects("inspects", said), "int8-static")
+    assert r["defense"]["gradient_path"] == "surrogate"
+    agree = r["quant"]["audit"]["surrogate_agreement"]
+    assert agree["data"] == "calibration" and agree["rel_tolerance"] == r["quant"]["audit"]["surrogate_rel_tolerance"]
+    control = r["verdict"]["controls"]["surrogate_agrees_with_runtime"]
+    measured = bench.surrogate_agreement("int8-static")
+    assert [m["data"] for m in measured] == ["calibration", "held-out", "triggered"]
+    assert all(m["within_tolerance"] and m["top1_agreement"] >= 0.98 for m in measured), measured
+    assert control["passed"] and control["value"] == min(m["top1_agreement"] for m in measured)
+    assert r["verdict"]["status"] == "detected" and r["verdict"]["target_class"] == 0  # an agreeing surrogate: as said
+    # a defense that reads outputs only inspects the deployed model itself: no surrogate, no control
+    r = bench.run(_Says("outputs", said), "int8-static")
+    assert r["defense"]["gradient_path"] == "deployed" and "surrogate_agrees_with_runtime" not in r["verdict"]["controls"]
+    assert problems(r) == [] and _validator().is_valid(r)
+
+
+@pytest.mark.parametrize("measured", [
+    [{"data": "held-out", "n_images": 10, "top1_agreement": 0.5, "max_rel_logit_delta": 0.3}],  # disagrees
+    RuntimeError("the runtime fell over"),  # could not be measured
+])
+def test_a_surrogate_that_disagrees_with_the_runtime_makes_the_verdict_invalid(monkeypatch, measured):
+    from qbd.evaluate import Bench
+    from qbd.outcomes import judge
+    from qbd.reason_codes import NEVER_EXPECTED
+
+    def agreement(self, scheme, engine=None):
+        if isinstance(measured, Exception):
+            raise measured
+        return measured
+
+    monkeypatch.setattr(Bench, "surrogate_agreement", agreement)
+    said = Verdict("detected", score=2.5, threshold=1.0, target_class=0)
+    r = _int8_static_bench().run(_Inspects("inspects", said), "int8-static")
+    v = r["verdict"]
+    assert v["status"] == "invalid" and v["reason_code"] == "surrogate-disagrees" and "surrogate-disagrees" in NEVER_EXPECTED
+    assert v["controls"]["surrogate_agrees_with_runtime"]["passed"] is False
+    # what the defense said about the surrogate is kept, not passed off as the deployed model's verdict
+    assert v["evidence"]["surrogate_verdict"] == {"status": "detected", "target_class": 0, "score": 2.5, "threshold": 1.0,
+                                                  "reason_code": None}
+    assert judge(r, None).judgement == "FAIL"  # it matched the truth on the surrogate, and still fails
+    assert problems(r) == [] and _validator().is_valid(r)

@@ -162,3 +162,19 @@ def test_dequantizing_the_weights_once_changes_nothing(tiny_static, probe, monke
         out = twin(x)
         grads.append((out.detach(), torch.autograd.grad(out.logsumexp(1).sum(), x)[0]))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_audit_measures_the_surrogates_agreement_on_the_calibration_images(tiny_static, calib) -> None:
+    from qbd.quant.audit import measure_agreement
+    from qbd.quant.common import calib_batches
+
+    a = tiny_static.audit.surrogate_agreement
+    images = torch.cat([b.float() for b in calib_batches(calib)])
+    assert a["data"] == "calibration" and a["n_images"] == len(images) and a["runtime_batch"] == 64
+    assert a["rel_tolerance"] == SURROGATE_REL_TOLERANCE and a["within_tolerance"] is True
+    assert "per_image_runtime" not in a  # static ranges: the runtime's output does not depend on its batch
+    # measured, not stated: the same figures measured again from the two models
+    again = measure_agreement(tiny_static.surrogate(), tiny_static.model, images, tolerance=SURROGATE_REL_TOLERANCE,
+                              data="calibration")
+    assert again == a
+    assert a["top1_agreement"] >= 0.9  # an untrained model's near-tied logits (the matrix's models: >= 0.99)
