@@ -15,7 +15,8 @@ so they must be the same in both models.
 
 Only weight-grid schemes (intN-sim) can be pinned this way: int8-static folds BatchNorm and
 calibrates activation ranges on the float model, and its bins (+-0.4 % of a channel's max) leave
-FP32 too little room to unlearn (measured: FP32 ASR stays 0.95, docs/training.md).
+FP32 too little room to unlearn (measured: FP32 ASR stays 0.95; two other constructions fared no
+better: benchmarks/qc_int8_probe.py, docs/training.md).
 """
 
 from __future__ import annotations
