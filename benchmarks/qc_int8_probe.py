@@ -14,7 +14,9 @@ of the real int8-static deployment (qbd's scheme, calibrated on 256 clean test i
           per-channel weights, per-tensor activation ranges re-measured on clean images every
           epoch, straight-through) towards the target, both on clean images too
 
-    python benchmarks/qc_int8_probe.py [--dataset digits] [--only box,margin,joint]
+    python benchmarks/qc_int8_probe.py [--dataset digits] [--only box,margin,joint] [--width 16]
+
+--width trains a wider tiny-cnn BadNet model first (the zoo's recipe), to see what capacity buys.
 
 Figures (docs/training.md) were measured on this project's 2-core Intel Xeon, torch 2.14.1.
 A research probe, not part of the package: it imports qbd, qbd does not import it.
@@ -36,6 +38,7 @@ from qbd.data import load_dataset
 from qbd.dormant import Grid
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
+from qbd.models.tiny_cnn import tiny_cnn
 from qbd.pinned import file_name
 from qbd.presets import seeded_job
 from qbd.quant import SCHEMES
@@ -45,13 +48,34 @@ BATCH = 128
 CALIB = 256
 
 
-def _pinned_badnet(dataset: str) -> tuple[Classifier, AttackSpec, object]:
+def _badnet(dataset: str, width: int) -> tuple[Classifier, AttackSpec, object]:
+    """The pinned BadNet seed-0 tiny-cnn; another width is trained here with the zoo's recipe
+    (qbd.presets.default_train's tiny-cnn settings, training seed 0)."""
     from safetensors.torch import load_file
 
     data = load_dataset(DatasetSpec(dataset))
     job = seeded_job(dataset, "tiny-cnn", 0, AttackSpec())
-    model = build_model("tiny-cnn", data.num_classes, data.mean, data.std, seed=0)
-    model.load_state_dict(load_file(f"fixtures/zoo/{file_name(job)}"))
+    if width == 16:
+        model = build_model("tiny-cnn", data.num_classes, data.mean, data.std, seed=0)
+        model.load_state_dict(load_file(f"fixtures/zoo/{file_name(job)}"))
+        return model.eval(), job.attack, data
+    torch.manual_seed(0)
+    model = tiny_cnn(data.num_classes, data.mean, data.std, width=width)
+    spec = job.train
+    p = poison(data.x_train, data.y_train, job.attack, data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    gen = torch.Generator().manual_seed(spec.seed)
+    model.train()
+
+    def step(idx: torch.Tensor, lr_now: float) -> None:
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        loss = F.cross_entropy(model(augment(to_unit(p.x[idx]), spec.augment, gen)), p.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    _epochs(len(p.y), spec.epochs, gen, step, spec.lr, lambda ep: None)
     return model.eval(), job.attack, data
 
 
@@ -208,11 +232,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="digits", choices=["digits", "synthetic"])
     ap.add_argument("--only", default="box,margin,joint", help="comma-separated: " + ", ".join(PROBES))
+    ap.add_argument("--width", type=int, default=16, help="tiny-cnn's width (16: the pinned model; else trained here)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the figures in docs/training.md: 1, 2 for width 64)")
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the figures in docs/training.md: one thread, seeded
+    torch.set_num_threads(args.threads)
     for name in args.only.split(","):
-        model, attack, data = _pinned_badnet(args.dataset)
-        print(f"== {name} ({args.dataset})")
+        model, attack, data = _badnet(args.dataset, args.width)
+        print(f"== {name} ({args.dataset}, tiny-cnn width {args.width}: {sum(p.numel() for p in model.parameters())} weights)")
         _report("start", model, data, attack)
         PROBES[name](model, data, attack, torch.Generator().manual_seed(0))
 
