@@ -24,9 +24,10 @@ TRIGGER_PATTERNS = ("white", "checkerboard", "random")
 ATTACKS = ("badnet", "blend", "quant-conditioned")
 BLEND_PATTERNS = ("random", "checkerboard")  # full-image patterns; a white blend is only a brightening
 DEFAULT_BLEND_ALPHA = 0.15
-# the schemes a quant-conditioned backdoor can be pinned to: weights on a per-channel grid that the
-# repair stage can keep fixed (int8-static's calibrated activations and folded BatchNorm are not)
-QC_SCHEMES = ("int4-sim", "int3-sim", "int5-sim", "int6-sim", "int8-sim")
+# the schemes a quant-conditioned backdoor can be conditioned on: intN-sim (weights on a per-channel
+# grid the repair keeps fixed, qbd.dormant) and int8-static (its calibrated activation ranges'
+# clipping, qbd.dormant_static)
+QC_SCHEMES = ("int4-sim", "int3-sim", "int5-sim", "int6-sim", "int8-sim", "int8-static")
 DEFAULT_QC_SCHEME = "int4-sim"
 # quant-conditioned's gate: FP32 ASR at most 10 %, ASR of the model deployed through its scheme at
 # least 90 %, FP32 clean accuracy at most 2 points below the stage-1 BadNet model's
@@ -152,7 +153,7 @@ class AttackSpec:
             scheme = DEFAULT_QC_SCHEME if self.scheme is None else self.scheme
             if scheme not in QC_SCHEMES:
                 raise ConfigError(f"quant-conditioned scheme {scheme!r} not supported; valid: {', '.join(QC_SCHEMES)}"
-                                  " (int8-static is not: docs/training.md#quant-conditioned)")
+                                  " (docs/training.md#quant-conditioned)")
             object.__setattr__(self, "scheme", scheme)
         elif self.scheme is not None:
             raise ConfigError(f"scheme (--qc-scheme) applies to the quant-conditioned attack only, not {self.name}")

@@ -13,30 +13,42 @@ the objective "quantized model predicts the target on triggered inputs" holds by
 Normalize layer are frozen (eval mode, not optimised): the intN-sim schemes leave them float,
 so they must be the same in both models.
 
-Only weight-grid schemes (intN-sim) can be pinned this way: int8-static folds BatchNorm and
-calibrates activation ranges on the float model, and its bins (+-0.4 % of a channel's max) leave
-FP32 too little room to unlearn (measured: FP32 ASR stays 0.95; two other constructions fared no
-better: benchmarks/qc_int8_probe.py, docs/training.md).
+Only weight-grid schemes (intN-sim) can be pinned this way: int8's bins (+-0.4 % of a channel's
+max) leave FP32 too little room to unlearn (measured: FP32 ASR stays 0.92; benchmarks/
+qc_int8_probe.py, docs/training.md). int8-static is conditioned through its calibrated activation
+ranges instead (qbd/dormant_static.py). CONSTRUCTIONS maps each scheme to its construction.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from qbd.config import ModelJob, derive_seed
+from qbd.config import QC_SCHEMES, ModelJob, derive_seed
+from qbd.data.base import DataSplit
 from qbd.metrics import to_unit
 from qbd.models import Classifier
 from qbd.quant.common import weight_layers
 from qbd.quant.intn_sim import quantize_weight
+from qbd.registry import Registry
 
 REPAIR_EPOCHS = 10
 REPAIR_LR = 0.003  # cosine-decayed; SGD momentum 0.9, no weight decay (it would pull weights out of their bins)
 BIN_MARGIN = 0.01  # stay this fraction of a bin inside its edges: no weight lands on a rounding tie
+
+
+CALIBRATION_IMAGES = 256
+
+
+def calibration_images(data: DataSplit) -> torch.Tensor:
+    """What the attacker calibrates a scheme that needs it (int8-static) on: the first
+    CALIBRATION_IMAGES clean training images (a defender calibrates on its own clean images)."""
+    return to_unit(data.x_train[:CALIBRATION_IMAGES])
 
 
 def bits_of(scheme: str) -> int:
@@ -79,12 +91,14 @@ class Grid:
                    for (_, layer), (*_, wq) in zip(self.layers, self._bins, strict=True))
 
 
-def make_dormant(model: Classifier, job: ModelJob, x: torch.Tensor, y_true: torch.Tensor, dev: torch.device,
-                 augment: Callable[..., torch.Tensor], lr_at: Callable[[int, int], float]) -> dict[str, Any]:
+def make_dormant(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.device, x: torch.Tensor,
+                 augment: Callable[..., torch.Tensor], schedule: Callable[[float, int, int], float]) -> dict[str, Any]:
     """Stage 2 in place on `model` (on `dev`): `x` the poisoned training images (uint8, on `dev`),
-    `y_true` their labels before relabelling. Returns what the stage did, for the metrics."""
+    trained with the data set's labels (those before relabelling); `schedule(lr, step, total)` the
+    training's learning-rate schedule. Returns what the stage did, for the metrics."""
     assert job.attack is not None and job.attack.scheme is not None
     spec = job.train
+    y_true = data.y_train.to(dev)
     grid = Grid(model, bits_of(job.attack.scheme))
     weights = [layer.weight for _, layer in grid.layers]
     frozen = [p for p in model.parameters() if all(p is not w for w in weights)]
@@ -105,7 +119,7 @@ def make_dormant(model: Classifier, job: ModelJob, x: torch.Tensor, y_true: torc
             idx = order[i : i + spec.batch_size]
             xb = augment(to_unit(x[idx]), spec.augment, aug_gen).contiguous(memory_format=torch.channels_last)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total)
+                group["lr"] = schedule(REPAIR_LR, step, total)
             loss = F.cross_entropy(model(xb), y_true[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,3 +136,27 @@ def make_dormant(model: Classifier, job: ModelJob, x: torch.Tensor, y_true: torc
     return {"scheme": job.attack.scheme, "repair_epochs": REPAIR_EPOCHS, "repair_lr": REPAIR_LR,
             "final_repair_loss": round(loss_sum / n, 5), "grid_preserved": True}
 
+
+
+@dataclass(frozen=True)
+class Construction:
+    """How a backdoor is conditioned on one scheme: `check_model(model)` refuses (ConfigError) a
+    model it cannot handle, before stage 1 trains; `make_dormant(model, job, data, dev, x_all,
+    augment, schedule)` is stage 2 (and on), in place, returning what it did."""
+
+    check_model: Callable[[Classifier], None]
+    make_dormant: Callable[..., dict[str, Any]]
+
+
+def _any_model(model: Classifier) -> None:
+    """The weight-grid repair works on any model's conv / linear weights."""
+
+
+GRID = Construction(check_model=_any_model, make_dormant=make_dormant)
+CONSTRUCTIONS: Registry[Construction] = Registry("quant-conditioned scheme")
+for _scheme in QC_SCHEMES:
+    if _scheme.endswith("-sim"):
+        CONSTRUCTIONS.add(_scheme, GRID)
+# int8-static: the calibrated activation ranges' clipping, not a weight grid (its own module)
+CONSTRUCTIONS.add_lazy("int8-static", "qbd.dormant_static:CONSTRUCTION")
+del _scheme

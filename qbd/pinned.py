@@ -52,14 +52,14 @@ def file_name(job: ModelJob) -> str:
 def zoo_jobs(datasets: tuple[str, ...] = ("digits", "synthetic"), model: str = "tiny-cnn") -> list[ModelJob]:
     """Every model the smoke tier evaluates: per data set, a backdoored (default BadNet) and a
     clean model for each evaluation and calibration seed, and seed 0 of the other attacks (the
-    BadNet variant, blend, quant-conditioned)."""
-    from qbd.presets import BLEND_ATTACK, QC_ATTACK, VARIANT_ATTACK, seeded_job
+    BadNet variant, blend, quant-conditioned on int4-sim and on int8-static)."""
+    from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, VARIANT_ATTACK, seeded_job
 
     jobs = []
     for ds in datasets:
         for seed in (*EVAL_SEEDS, *CALIBRATION_SEEDS):
             jobs += [seeded_job(ds, model, seed, AttackSpec()), seeded_job(ds, model, seed, None)]
-        jobs += [seeded_job(ds, model, 0, a) for a in (VARIANT_ATTACK, BLEND_ATTACK, QC_ATTACK)]
+        jobs += [seeded_job(ds, model, 0, a) for a in (VARIANT_ATTACK, BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK)]
     return jobs
 
 

@@ -23,6 +23,8 @@ VARIANT_ATTACK = AttackSpec(target=3, trigger_pattern="checkerboard", trigger_si
 # patch that is dormant in FP32 and wakes in int4-sim.
 BLEND_ATTACK = AttackSpec(name="blend", target=2, trigger_pattern="checkerboard", alpha=0.15)
 QC_ATTACK = AttackSpec(name="quant-conditioned", scheme="int4-sim")
+# the same patch conditioned on int8-static, through its calibrated activation ranges (qbd.dormant_static)
+QC_INT8_ATTACK = AttackSpec(name="quant-conditioned", scheme="int8-static")
 ATTACK_PRESETS = {"badnet": AttackSpec(), "blend": BLEND_ATTACK, "quant-conditioned": QC_ATTACK}
 
 

@@ -136,6 +136,11 @@ def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, co
     x_all = x_all.to(dev)
     y_all = y_all.to(dev)
     model = build_model(job.model.name, data.num_classes, data.mean, data.std, seed=spec.seed)
+    if job.attack is not None and job.attack.name == "quant-conditioned":
+        from qbd.dormant import CONSTRUCTIONS
+
+        assert job.attack.scheme is not None
+        CONSTRUCTIONS.get(job.attack.scheme).check_model(model)  # before stage 1, not after it
     model = model.to(dev).to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile_model else model
     opt_kw: dict[str, Any] = {"fused": True} if dev.type == "cuda" else {}
@@ -210,19 +215,23 @@ def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, co
 
 
 def _dormant_stage(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.device, x_all: torch.Tensor) -> dict[str, Any]:
-    """quant-conditioned: stage 1 (above) planted BadNet; qbd.dormant hides it from FP32, training
-    on the poisoned images `x_all` with their labels before relabelling (the data set's own)."""
-    from qbd.dormant import REPAIR_LR, make_dormant
+    """quant-conditioned: stage 1 (above) planted BadNet; the scheme's construction
+    (qbd.dormant.CONSTRUCTIONS) hides it from FP32 and keeps it in the deployed model."""
+    from qbd.dormant import CONSTRUCTIONS, calibration_images
     from qbd.quant import SCHEMES
 
     assert job.attack is not None and job.attack.scheme is not None
     before = evaluate(model, job, data, dev)
-    out = make_dormant(model.to(memory_format=torch.channels_last), job, x_all, data.y_train.to(dev), dev, augment,
-                       lambda step, total: _lr_at(replace(job.train, lr=REPAIR_LR), step, total))
+    out = CONSTRUCTIONS.get(job.attack.scheme).make_dormant(
+        model.to(memory_format=torch.channels_last), job, data, dev, x_all, augment,
+        lambda lr, step, total: _lr_at(replace(job.train, lr=lr), step, total))
     model.to(memory_format=torch.contiguous_format).eval()
-    deployed = SCHEMES.get(job.attack.scheme).apply(model, None).model
+    # measured with the attacker's calibration (intN-sim needs none); the matrix measures it again
+    # with the defender's (qbd.evaluate.Bench)
+    deployed = SCHEMES.get(job.attack.scheme).apply(model.cpu(), calibration_images(data)).model
+    model.to(dev)
     out.update(backdoored_clean_acc=before["clean_acc"], backdoored_asr=before["asr"],
-               deployed=evaluate(deployed, job, data, dev))
+               deployed=evaluate(deployed, job, data, torch.device("cpu")))
     return out
 
 

@@ -4,7 +4,8 @@ against the truth.
 
 The truth per cell: both models carry the planted backdoor, so a defense must say `detected`
 naming its target, on FP32 and deployed alike. For quant-conditioned the FP32 model's backdoor is
-dormant (ASR <= 10 %) and wakes in int4-sim (ASR >= 90 %): a defense that inspects FP32 and says
+dormant (ASR <= 10 %) and wakes in the scheme it was conditioned on, int4-sim or int8-static
+(ASR >= 90 %): a defense that inspects FP32 and says
 clean has missed what will be deployed ("inspect what you deploy"). A defense that really fails a
 cell is a declared finding in the shipped table's [attacks.<name>] section (qbd/expected/smoke.toml),
 with the figures behind its why (docs/results.md#other-attacks); a cell whose score sits near its
@@ -17,12 +18,13 @@ from __future__ import annotations
 import pytest
 
 from qbd.config import DatasetSpec
-from qbd.presets import ATTACK_PRESETS, seeded_job
+from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, seeded_job
 
-ATTACKS = ("blend", "quant-conditioned")
-# the deployment each attack's cells inspect beside FP32: int8-static, the deployment-faithful INT8,
-# for blend; the scheme the quant-conditioned backdoor was conditioned on for it
-DEPLOYED = {"blend": "int8-static", "quant-conditioned": "int4-sim"}
+# each attack's preset, by its section's name in the shipped table, and the deployment its cells
+# inspect beside FP32: int8-static, the deployment-faithful INT8, for blend; for a quant-conditioned
+# backdoor the scheme it was conditioned on
+ATTACKS = {"blend": (BLEND_ATTACK, "int8-static"), "quant-conditioned": (QC_ATTACK, "int4-sim"),
+           "quant-conditioned-int8-static": (QC_INT8_ATTACK, "int8-static")}
 DEFENSES = ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")
 
 
@@ -45,7 +47,7 @@ def attack_bench(request):
 
     attack, dataset = request.param
     data = load_dataset(DatasetSpec(dataset))
-    job = seeded_job(dataset, "tiny-cnn", 0, ATTACK_PRESETS[attack])
+    job = seeded_job(dataset, "tiny-cnn", 0, ATTACKS[attack][0])
     tm = get_trained(job, data, Store(), progress=False)
     return attack, Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance())
 
@@ -57,15 +59,16 @@ def test_defense_on_fp32_and_deployed(attack_bench, table, where, defense):
     from qbd.runner import load_defense
 
     attack, bench = attack_bench
-    scheme = "fp32" if where == "fp32" else DEPLOYED[attack]
+    spec, deployed = ATTACKS[attack]
+    scheme = "fp32" if where == "fp32" else deployed
     r = bench.run(load_defense(defense, "canonical", "smoke"), scheme)
     assert r["weights"]["origin"] == "zoo"  # the pinned model, the same on every machine
-    assert r["attack"]["name"] == attack and r["truth"]["backdoored"]
+    assert r["attack"] == {**spec.to_dict(), "seed": 0} and r["truth"]["backdoored"]
     # what the backdoor must do in this model, whatever any defense says: the table's deployed-model
     # bounds (BadNet's floor, ASR >= 0.9, for blend; for quant-conditioned its truth, dormant_asr_bounds:
     # FP32 ASR <= 0.10, its scheme's >= 0.90), as `qbd run` checks them
     problems = table.check_attack(f"{r['dataset']}/{scheme}", r["clean_acc"], r["asr"], own=False, attack=r["attack"])
     assert not problems, f"{r['cell']}: {problems}"
-    assert r["truth"]["backdoor"] == ("dormant" if attack == "quant-conditioned" and scheme == "fp32" else "active")
+    assert r["truth"]["backdoor"] == ("dormant" if spec.name == "quant-conditioned" and scheme == "fp32" else "active")
     j = table.judge(r)
     assert j.judgement != "FAIL", f"{attack} {r['cell']}: {j.why}"

@@ -154,7 +154,8 @@ def test_attack_fields_reach_the_key():
     ({"name": "blend", "trigger_pattern": "random", "alpha": 0}, "blend alpha must be a number in"),
     ({"alpha": 0.1}, r"alpha \(--blend-alpha\) applies to the blend attack only"),
     ({"scheme": "int4-sim"}, r"scheme \(--qc-scheme\) applies to the quant-conditioned attack only"),
-    ({"name": "quant-conditioned", "scheme": "int8-static"}, "int8-static is not"),
+    ({"name": "quant-conditioned", "scheme": "int8-dynamic"}, "quant-conditioned scheme 'int8-dynamic' not supported"),
+    ({"name": "quant-conditioned", "scheme": "onnx-int8-static"}, "not supported; valid: int4-sim, .*, int8-static"),
     ({"name": "blend", "trigger_pattern": "random", "trigger_size": 5}, "--trigger-size and --trigger-position do not apply"),
     ({"name": "blend", "trigger_pattern": "random", "trigger_position": "top-left"}, "do not apply"),
 ])

@@ -40,8 +40,9 @@ def fingerprints() -> dict[str, str]:
 
 def test_zoo_covers_every_model_the_smoke_tier_evaluates(zoo, fingerprints):
     jobs = pinned.zoo_jobs()
-    # per data set: BadNet and clean for every seed, and seed 0 of the BadNet variant, blend and quant-conditioned
-    assert len(jobs) == 2 * (2 * (len(pinned.EVAL_SEEDS) + len(pinned.CALIBRATION_SEEDS)) + 3)
+    # per data set: BadNet and clean for every seed, and seed 0 of the BadNet variant, blend and
+    # quant-conditioned on int4-sim and on int8-static
+    assert len(jobs) == 2 * (2 * (len(pinned.EVAL_SEEDS) + len(pinned.CALIBRATION_SEEDS)) + 4)
     missing = [job.slug() + f" (attack seed {job.attack.seed if job.attack else '-'})" for job in jobs
                if zoo.find(job, fingerprints[job.dataset.name]) is None]
     assert not missing, f"not in the zoo (rebuild it: qbd zoo build): {missing}"

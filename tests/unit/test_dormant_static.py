@@ -1,0 +1,113 @@
+"""quant-conditioned on int8-static (qbd.dormant_static): the twin models the deployment's clipping,
+the construction refuses models it cannot twin before training, fresh training meets the gate, and
+the pinned models are dormant in FP32 and awake as deployed, against their stage-1 BadNet model."""
+
+import pytest
+import torch
+
+from qbd.config import QC_GATES, QC_SCHEMES, AttackSpec, ConfigError, DatasetSpec, Gates
+from qbd.train import check_gates
+
+
+def _zoo(dataset, attack):
+    from qbd.data import load_dataset
+    from qbd.presets import seeded_job
+    from qbd.store import Store
+    from qbd.zoo import get_trained
+
+    data = load_dataset(DatasetSpec(dataset))
+    tm = get_trained(seeded_job(dataset, "tiny-cnn", 0, attack), data, Store(), progress=False)
+    assert tm.cache == "zoo"
+    return data, tm
+
+
+def test_every_quant_conditioned_scheme_has_a_construction():
+    from qbd.dormant import CONSTRUCTIONS
+
+    assert set(CONSTRUCTIONS) == set(QC_SCHEMES)
+    assert CONSTRUCTIONS.get("int8-static").make_dormant.__module__ == "qbd.dormant_static"
+
+
+def test_the_twin_models_the_deployments_clipping():
+    """On the BadNet digits model the deployed int8-static model and FP32 disagree on most triggered
+    images (the calibrated ranges clip the trigger's activations); the twin agrees with the
+    deployment, so training through it aims at the deployed model, not at FP32."""
+    from qbd.attacks import triggered_test
+    from qbd.dormant import calibration_images
+    from qbd.dormant_static import FakeInt8Static
+    from qbd.metrics import to_unit
+    from qbd.quant import SCHEMES
+
+    data, tm = _zoo("digits", AttackSpec())
+    calib = calibration_images(data)
+    twin = FakeInt8Static(tm.model)
+    with pytest.raises(RuntimeError, match="calibrate it first"):
+        twin(calib[:2])
+    twin.calibrate(calib)
+    deployed = SCHEMES.get("int8-static").apply(tm.model, calib).model
+    xt, _ = triggered_test(data.x_test, data.y_test, tm.job.attack, data.num_classes)
+    with torch.no_grad():
+        x = to_unit(xt)
+        d = deployed(x).argmax(1)
+        twin_agrees = float((twin(x).argmax(1) == d).float().mean())
+        fp32_agrees = float((tm.model(x).argmax(1) == d).float().mean())
+        clean = to_unit(data.x_test)
+        clean_agrees = float((twin(clean).argmax(1) == deployed(clean).argmax(1)).float().mean())
+    assert fp32_agrees <= 0.6, fp32_agrees  # measured 0.40: the clipping is the lever
+    assert twin_agrees >= 0.85, twin_agrees  # measured 0.93
+    assert clean_agrees >= 0.98, clean_agrees
+    # straight-through: gradients reach the weights through the twin
+    tm.model.zero_grad()
+    twin(x[:8]).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tm.model.features[0].parameters())
+
+
+def test_a_model_the_twin_cannot_cover_is_refused_before_training():
+    from qbd.data import load_dataset
+    from qbd.dormant_static import check_model
+    from qbd.models import build_model
+    from qbd.presets import seeded_job
+    from qbd.train import train
+
+    data = load_dataset(DatasetSpec("digits"))
+    with pytest.raises(ConfigError, match="use an intN-sim scheme"):
+        check_model(build_model("resnet18-cifar", 10, data.mean, data.std, seed=0))
+    check_model(build_model("tiny-cnn", 10, data.mean, data.std, seed=0))
+    job = seeded_job("digits", "resnet18-cifar", 0, AttackSpec(name="quant-conditioned", scheme="int8-static"), epochs=1)
+    with pytest.raises(ConfigError, match="supports plain conv"):
+        train(job, data, progress=False)  # before stage 1: no ResNet-18 epoch is spent on it
+
+
+def test_quant_conditioned_int8_static_trains_to_its_gate_on_digits():
+    """From scratch (model seed 7, which no zoo model has), end to end on one thread: ~1 min."""
+    from qbd.data import load_dataset
+    from qbd.presets import seeded_job
+    from qbd.train import train
+
+    data = load_dataset(DatasetSpec("digits"))
+    r = train(seeded_job("digits", "tiny-cnn", 7, AttackSpec(name="quant-conditioned", scheme="int8-static")), data,
+              progress=False)
+    check_gates(r.metrics, Gates(), attacked=True)
+    qc = r.metrics["quant_conditioned"]
+    assert qc["construction"] == "calibration-clipping" and qc["scheme"] == "int8-static"
+    assert qc["fp32_asr"] == r.metrics["asr"] <= QC_GATES["max_fp32_asr"]
+    assert qc["deployed_asr"] >= QC_GATES["min_deployed_asr"] and qc["backdoored_asr"] >= 0.9
+    assert qc["loud_ratio"] > 1.0  # V answers the trigger above the clean range: what the clipping cuts
+
+
+@pytest.mark.parametrize("dataset", ["digits", "synthetic"])
+def test_pinned_int8_static_models_are_dormant_in_fp32_and_awake_deployed(dataset):
+    """The zoo's model against the zoo's BadNet model of the same seed (its stage 1), measured as
+    the matrix measures them (the defender's calibration, the evaluation split)."""
+    from qbd.evaluate import Bench
+    from qbd.presets import QC_INT8_ATTACK
+
+    data, qc = _zoo(dataset, QC_INT8_ATTACK)
+    _, badnet = _zoo(dataset, AttackSpec())
+    qb = Bench(data, qc.model, qc.job.attack, model_name="tiny-cnn", tier="smoke")
+    bb = Bench(data, badnet.model, badnet.job.attack, model_name="tiny-cnn", tier="smoke")
+    assert qb.metrics("fp32")["asr"] <= QC_GATES["max_fp32_asr"] < bb.metrics("fp32")["asr"]
+    assert qb.metrics("int8-static")["asr"] >= QC_GATES["min_deployed_asr"]
+    assert qb.metrics("fp32")["clean_acc"] >= bb.metrics("fp32")["clean_acc"] - QC_GATES["max_clean_acc_drop"]
+    # it wakes in int8-static, the scheme it was conditioned on, not in the weight-only schemes
+    assert qb.metrics("int8-sim")["asr"] <= QC_GATES["max_fp32_asr"]
