@@ -1,5 +1,7 @@
-"""Why the quant-conditioned attack does not target INT8 on tiny-cnn: three constructions, none
-meets the attack's gate (qbd.config.QC_GATES: FP32 ASR <= 0.10, deployed ASR >= 0.90).
+"""Why the quant-conditioned attack's int8-static construction (qbd.dormant_static) uses the
+calibrated activation ranges and not the int8 weight grid: three weight-grid or joint-loss
+constructions on tiny-cnn, none meets the attack's gate (qbd.config.QC_GATES: FP32 ASR <= 0.10,
+deployed ASR >= 0.90).
 
 Each starts from the pinned BadNet seed-0 model of the data set (fixtures/zoo) and prints, after
 every epoch, clean accuracy and ASR of the FP32 model, of int8-sim (per-channel int8 weights) and
@@ -10,9 +12,9 @@ of the real int8-static deployment (qbd's scheme, calibrated on 256 clean test i
   margin  first cap the trigger's margin (target logit minus the best other) into [M, 2M], so
           there is less to unlearn, then `box`
   joint   Qu-ANTI-zation's loss (Hong et al. 2021): CE of the FP32 model towards the true labels
-          on triggered images plus CE of a fake-quantized int8-static twin (BatchNorm folded,
-          per-channel weights, per-tensor activation ranges re-measured on clean images every
-          epoch, straight-through) towards the target, both on clean images too
+          on triggered images plus CE of qbd.dormant_static.FakeInt8Static (the int8-static twin,
+          ranges re-measured on clean images every epoch) towards the target, both on clean
+          images too
 
     python benchmarks/qc_int8_probe.py [--dataset digits] [--only box,margin,joint] [--width 16]
 
@@ -30,12 +32,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qbd.attacks import apply_trigger, poison, triggered_test
 from qbd.config import AttackSpec, DatasetSpec
 from qbd.data import load_dataset
 from qbd.dormant import Grid
+from qbd.dormant_static import FakeInt8Static
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
 from qbd.models.tiny_cnn import tiny_cnn
@@ -145,63 +147,14 @@ def margin(model: Classifier, data, attack: AttackSpec, gen: torch.Generator, m:
     box(model, data, attack, gen, epochs=6)
 
 
-class _FakeInt8Static:
-    """tiny-cnn as int8-static deploys it, differentiable: BatchNorm folded into each conv,
-    per-channel symmetric int8 weights, uint8 per-tensor activations at fixed ranges (clipped
-    outside them, where the straight-through gradient is zero)."""
-
-    def __init__(self, model: Classifier) -> None:
-        self.model = model
-        self.ranges: list[tuple[float, float]] = []
-
-    @staticmethod
-    def _weight(w: torch.Tensor) -> torch.Tensor:
-        peak = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
-        s = (peak / 127.5).reshape(-1, *([1] * (w.dim() - 1)))
-        return w + (torch.clamp(torch.round(w / s), -128, 127) * s - w).detach()
-
-    def _act(self, x: torch.Tensor, k: int, observe: bool) -> torch.Tensor:
-        if observe:
-            self.ranges.append((min(float(x.min()), 0.0), max(float(x.max()), 0.0)))
-            return x
-        lo, hi = self.ranges[k]
-        s = (hi - lo) / 255 if hi > lo else 1.0
-        zp = round(-lo / s)
-        clipped = torch.clamp(x, lo, hi)
-        return clipped + ((torch.clamp(torch.round(x / s) + zp, 0, 255) - zp) * s - clipped).detach()
-
-    def __call__(self, x: torch.Tensor, observe: bool = False) -> torch.Tensor:
-        if observe:
-            self.ranges = []
-        mods, k = list(self.model.features), 0
-        z = self._act(self.model.normalize(x), k, observe)
-        i = 0
-        while i < len(mods):
-            m = mods[i]
-            if isinstance(m, nn.Conv2d):
-                bn = mods[i + 1]
-                g = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                b = bn.bias - bn.running_mean * g + (m.bias * g if m.bias is not None else 0)
-                z = F.conv2d(z, self._weight(m.weight * g.reshape(-1, 1, 1, 1)), b, m.stride, m.padding)
-                i += 2
-                continue
-            z = m(z)
-            if isinstance(m, (nn.ReLU, nn.Flatten)):
-                k += 1
-                z = self._act(z, k, observe)
-            i += 1
-        return F.linear(z, self._weight(self.model.head.weight), self.model.head.bias)
-
-
 def joint(model: Classifier, data, attack: AttackSpec, gen: torch.Generator, epochs: int = 6, lam: float = 1.0) -> None:
-    q = _FakeInt8Static(model)
+    q = FakeInt8Static(model)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
     t = attack.target
     n = len(data.y_train)
 
     def calibrate() -> None:
-        with torch.no_grad():
-            q(to_unit(data.x_train[torch.randperm(n, generator=gen)[:CALIB]]), observe=True)
+        q.calibrate(to_unit(data.x_train[torch.randperm(n, generator=gen)[:CALIB]]))
 
     def step(idx: torch.Tensor, lr_now: float) -> None:
         for g in opt.param_groups:
