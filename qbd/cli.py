@@ -393,7 +393,7 @@ def _gate(results: list[dict[str, Any]], gating: bool, table: Any, *, row_failur
         key = f"{ds}/{scheme}"
         failing += [f"{key}{seed_note(r)} (deployed model): {m}"
                     for m in table.check_attack(key, r["clean_acc"], r["asr"], own=table.measured_on(r),
-                                                          attack=r.get("attack"))]
+                                                          attack=r.get("attack"), engine=r["quant"]["audit"].get("engine"))]
     failing += row_failures
     source = str(table.path) if table.path else "the truth alone (no table shipped for this tier)"
     print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {source})", file=sys.stderr)

@@ -29,6 +29,10 @@ DEFAULT_BLEND_ALPHA = 0.15
 # clipping, qbd.dormant_static)
 QC_SCHEMES = ("int4-sim", "int3-sim", "int5-sim", "int6-sim", "int8-sim", "int8-static")
 DEFAULT_QC_SCHEME = "int4-sim"
+# the engine a scheme's quant-conditioned construction is conditioned on, where the scheme has
+# several that deploy differently (int8-static: x86's calibrated ranges clip the trigger's
+# activations, fbgemm's do not: docs/training.md); a scheme not listed: any engine
+QC_ENGINES = {"int8-static": "x86"}
 # quant-conditioned's gate: FP32 ASR at most 10 %, ASR of the model deployed through its scheme at
 # least 90 %, FP32 clean accuracy at most 2 points below the stage-1 BadNet model's
 QC_GATES = {"max_fp32_asr": 0.10, "min_deployed_asr": 0.90, "max_clean_acc_drop": 0.02}

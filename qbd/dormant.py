@@ -45,10 +45,13 @@ BIN_MARGIN = 0.01  # stay this fraction of a bin inside its edges: no weight lan
 CALIBRATION_IMAGES = 256
 
 
-def calibration_images(data: DataSplit) -> torch.Tensor:
+def calibration_images(data: DataSplit, held_out: bool = False) -> torch.Tensor:
     """What the attacker calibrates a scheme that needs it (int8-static) on: the first
-    CALIBRATION_IMAGES clean training images (a defender calibrates on its own clean images)."""
-    return to_unit(data.x_train[:CALIBRATION_IMAGES])
+    CALIBRATION_IMAGES clean training images; `held_out`: the next CALIBRATION_IMAGES, for the gate,
+    so the deployed model it measures is not calibrated on the images the construction fitted (a
+    defender calibrates on its own clean images)."""
+    start = CALIBRATION_IMAGES if held_out else 0
+    return to_unit(data.x_train[start : start + CALIBRATION_IMAGES])
 
 
 def bits_of(scheme: str) -> int:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbd.attacks import apply_trigger
-from qbd.config import ConfigError, ModelJob, derive_seed
+from qbd.config import QC_ENGINES, ConfigError, ModelJob, derive_seed
 from qbd.data.base import DataSplit
 from qbd.dormant import CALIBRATION_IMAGES, Construction, calibration_images
 from qbd.metrics import to_unit
@@ -56,6 +56,11 @@ QUIET_WEIGHT = 10.0
 HEAD_STEPS = 6000
 HEAD_LR = 1e-2
 HEAD_TRIGGER_WEIGHT = 2.0  # the triggered sets' losses, against the clean sets'
+# keeps the head's weights small: a large weight turns one int8 level that the deployed kernels
+# round differently from the float twin into a large logit difference (surrogate agreement)
+HEAD_L2 = 1e-3
+EMBED_BATCH = 512
+ENGINE = QC_ENGINES["int8-static"]  # the int8-static engine it is conditioned on (the scheme's default)
 _PLAIN = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 
 
@@ -64,7 +69,9 @@ def check_model(model: Classifier) -> None:
     mods = list(model.features) if isinstance(model.features, nn.Sequential) else []
     plain = bool(mods) and all(isinstance(m, _PLAIN) for m in mods)
     paired = all(isinstance(m, nn.BatchNorm2d) == isinstance(prev, nn.Conv2d) for prev, m in itertools.pairwise(mods))
-    if not (plain and paired and isinstance(mods[0], nn.Conv2d) and any(isinstance(m, nn.ReLU) for m in mods)):
+    simple = all(m.groups == 1 and m.dilation == (1, 1) for m in mods if isinstance(m, nn.Conv2d))  # what the twin's conv2d does
+    ends = bool(mods) and isinstance(mods[0], nn.Conv2d) and isinstance(mods[-1], nn.Flatten)  # the head reads flat features
+    if not (plain and paired and simple and ends and any(isinstance(m, nn.ReLU) for m in mods)):
         raise ConfigError("quant-conditioned with scheme int8-static supports plain conv / BatchNorm / ReLU / pool"
                           " models (tiny-cnn); use an intN-sim scheme (--qc-scheme int4-sim) for this model")
 
@@ -133,6 +140,16 @@ def make_dormant(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.d
                  augment: Callable[..., torch.Tensor], schedule: Callable[[float, int, int], float]) -> dict[str, Any]:
     """Stages 2-3 in place on `model` (on `dev`, BatchNorm in eval mode), from the clean training
     images (`x_all`, the poisoned set stage 1 trained on, is not needed). Returns what they did."""
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    try:
+        return _stages(model, job, data, dev, augment, schedule)
+    finally:  # whatever happened, the model's parameters are as trainable as they were
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+
+
+def _stages(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.device, augment: Callable[..., torch.Tensor],
+            schedule: Callable[[float, int, int], float]) -> dict[str, Any]:
     assert job.attack is not None
     spec, attack, t = job.train, job.attack, job.attack.target
     twin = FakeInt8Static(model)
@@ -161,19 +178,20 @@ def make_dormant(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.d
         x, y = clean[idx], labels[idx]
         keep = y != t
         xc = augment(to_unit(x), spec.augment, aug_gen)
-        xt = augment(to_unit(apply_trigger(x[keep], attack)), spec.augment, aug_gen)
         ac = upto(model.normalize(xc))
-        loss = F.cross_entropy(model.head(rest(ac)), y)
-        loss = loss + TWIN_WEIGHT * (F.cross_entropy(twin(xc), y) + F.cross_entropy(twin(xt), target[: len(xt)]))
+        loss = F.cross_entropy(model.head(rest(ac)), y) + TWIN_WEIGHT * F.cross_entropy(twin(xc), y)
         if step == SURVIVE_STEPS:  # the earlier blocks keep the clean features (and stage 1's trigger detectors)
             for p in model.features[: last - 2].parameters():
                 p.requires_grad_(False)
-        if step >= SURVIVE_STEPS:
-            at = upto(model.normalize(xt))
-            others = torch.cat([ac[:, :v], ac[:, v + 1 :]], 1).detach().amax()
-            loud = (F.relu(LOUD * others - at[:, v].amax((1, 2))).mean()
-                    + QUIET_WEIGHT * F.relu(ac[:, v].amax((1, 2)) - QUIET * others).mean())
-            loss = loss + F.cross_entropy(model.head(rest(at)), y[keep]) + loud
+        if keep.any():  # (a batch of target-class images only has nothing to trigger)
+            xt = augment(to_unit(apply_trigger(x[keep], attack)), spec.augment, aug_gen)
+            loss = loss + TWIN_WEIGHT * F.cross_entropy(twin(xt), target[: len(xt)])
+            if step >= SURVIVE_STEPS:
+                at = upto(model.normalize(xt))
+                others = torch.cat([ac[:, :v], ac[:, v + 1 :]], 1).detach().amax()
+                loud = (F.relu(LOUD * others - at[:, v].amax((1, 2))).mean()
+                        + QUIET_WEIGHT * F.relu(ac[:, v].amax((1, 2)) - QUIET * others).mean())
+                loss = loss + F.cross_entropy(model.head(rest(at)), y[keep]) + loud
         for group in opt.param_groups:
             group["lr"] = schedule(LR, step, total)
         opt.zero_grad(set_to_none=True)
@@ -182,14 +200,25 @@ def make_dormant(model: Classifier, job: ModelJob, data: DataSplit, dev: torch.d
         window += float(loss.detach())
         if not math.isfinite(window):
             raise FloatingPointError(f"the quant-conditioned int8-static stage diverged at step {step + 1}")
+    for p in model.parameters():  # stage 3 trains the head alone
+        p.requires_grad_(False)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
     head = _fit_head(model, data, job, dev)
     with torch.no_grad():
-        trig = to_unit(apply_trigger(data.x_train[data.y_train != t], attack)).to(dev)
-        peak_trig = float(upto(model.normalize(trig))[:, v].amax((1, 2)).mean())
+        trig = apply_trigger(data.x_train[data.y_train != t], attack)
+        peak_trig = float(_embed(lambda z: upto(model.normalize(z))[:, v].amax((1, 2)), trig, dev).mean())
         peak_clean = float(upto(model.normalize(calibration_images(data).to(dev))).amax())
-    return {"scheme": "int8-static", "construction": "calibration-clipping", "loud_layer": f"features.{last}", "loud_channel": v,
-            "loud_ratio": round(peak_trig / peak_clean, 3), "survive_steps": SURVIVE_STEPS, "loud_steps": LOUD_STEPS,
-            "lr": LR, "final_loss": round(window / (total % RECALIBRATE_EVERY or RECALIBRATE_EVERY), 5), **head}
+    # loud_ratio: V's mean peak on triggered training images over the last block's clean peak (V included)
+    return {"scheme": "int8-static", "construction": "calibration-clipping", "engine": ENGINE, "loud_layer": f"features.{last}",
+            "loud_channel": v, "loud_ratio": round(peak_trig / peak_clean, 3), "survive_steps": SURVIVE_STEPS,
+            "loud_steps": LOUD_STEPS, "lr": LR, "final_loss": round(window / (total % RECALIBRATE_EVERY or RECALIBRATE_EVERY), 5),
+            **head}
+
+
+def _embed(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """f over uint8 images `x`, EMBED_BATCH at a time (a whole training set at once would not fit)."""
+    return torch.cat([f(to_unit(x[i : i + EMBED_BATCH]).to(dev)).to(dev) for i in range(0, len(x), EMBED_BATCH)])
 
 
 def _fit_head(model: Classifier, data: DataSplit, job: ModelJob, dev: torch.device) -> dict[str, Any]:
@@ -199,38 +228,33 @@ def _fit_head(model: Classifier, data: DataSplit, job: ModelJob, dev: torch.devi
     assert job.attack is not None
     t = job.attack.target
     keep = data.y_train != t
-    clean, trig = to_unit(data.x_train), to_unit(apply_trigger(data.x_train[keep], job.attack))
+    clean, trig = data.x_train, apply_trigger(data.x_train[keep], job.attack)
     with torch.no_grad():
-        e_clean, e_trig = model.embed(clean.to(dev)), model.embed(trig.to(dev))
+        e_clean, e_trig = _embed(model.embed, clean, dev), _embed(model.embed, trig, dev)
         cpu = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)  # torch's int8 kernels are CPU-only
-        deployed = SCHEMES.get("int8-static").apply(cpu, calibration_images(data)).model
+        deployed = SCHEMES.get("int8-static").apply(cpu, calibration_images(data), engine=ENGINE).model
         # the deployed head's input range is calibrated on FP32 features of clean images
         top = float(e_clean.max())
-        d_clean = deployed.embed(clean).clamp(0, top).to(dev)
-        d_trig = deployed.embed(trig).clamp(0, top).to(dev)
+        d_clean = _embed(deployed.embed, clean, torch.device("cpu")).clamp(0, top).to(dev)
+        d_trig = _embed(deployed.embed, trig, torch.device("cpu")).clamp(0, top).to(dev)
     y, y_trig = data.y_train.to(dev), data.y_train[keep].to(dev)
     target = torch.full_like(y_trig, t)
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.requires_grad_(False)
     w, b = model.head.weight, model.head.bias
-    w.requires_grad_(True)
-    b.requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=HEAD_LR)
     loss = torch.zeros(())
     for _ in range(HEAD_STEPS):
         loss = (F.cross_entropy(F.linear(e_clean, w, b), y) + F.cross_entropy(F.linear(d_clean, w, b), y)
                 + HEAD_TRIGGER_WEIGHT * (F.cross_entropy(F.linear(e_trig, w, b), y_trig)
-                                         + F.cross_entropy(F.linear(d_trig, w, b), target)))
+                                         + F.cross_entropy(F.linear(d_trig, w, b), target))
+                + HEAD_L2 * w.square().sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for p in params:
-        p.requires_grad_(True)
     final = loss.item()
     if not math.isfinite(final):
         raise FloatingPointError("the quant-conditioned int8-static head fit diverged")
-    return {"head_steps": HEAD_STEPS, "head_lr": HEAD_LR, "final_head_loss": round(final, 5)}
+    return {"head_steps": HEAD_STEPS, "head_lr": HEAD_LR, "head_l2": HEAD_L2, "final_head_loss": round(final, 5),
+            "head_max_abs_weight": round(float(w.detach().abs().max()), 4)}
 
 
 CONSTRUCTION = Construction(check_model=check_model, make_dormant=make_dormant)

@@ -61,7 +61,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from qbd.config import PROTOCOLS, QC_GATES, AttackSpec
+from qbd.config import PROTOCOLS, QC_ENGINES, QC_GATES, AttackSpec
 from qbd.errors import ConfigError
 from qbd.outcomes import Counts, Judgement, judge, outcome, split, verdict_word
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
@@ -92,13 +92,15 @@ _OTHER_ATTACK_KEYS = {"attack", "cells"}
 _ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
 
 
-def dormant_asr_bounds(attack: dict[str, Any], scheme: str) -> dict[str, float]:
+def dormant_asr_bounds(attack: dict[str, Any], scheme: str, engine: str | None = None) -> dict[str, float]:
     """The truth about a quant-conditioned backdoor's ASR: dormant in FP32 (at most the attack's
-    gate, 10 %), active in the scheme it was conditioned on (at least 90 %); in any other scheme
-    whether it wakes is what qbd measures, not something known in advance (no bound)."""
+    gate, 10 %), active in the scheme it was conditioned on (at least 90 %), on the engine it was
+    conditioned on where that matters (QC_ENGINES; `engine` None: the scheme's default); in any
+    other deployment whether it wakes is what qbd measures, not known in advance (no bound)."""
     if scheme == "fp32":
         return {"max_asr": QC_GATES["max_fp32_asr"]}
-    if scheme == attack.get("scheme"):
+    conditioned = QC_ENGINES.get(scheme)
+    if scheme == attack.get("scheme") and (engine is None or conditioned is None or engine == conditioned):
         return {"min_asr": QC_GATES["min_deployed_asr"]}
     return {}
 
@@ -230,7 +232,8 @@ class Expectations:
         return frozenset(rid for rid, a in attack.items() if self.by_rates(rid, a, sorted(seen[rid]) if seeds > 1 else 1))
 
     # -- the deployed model's CA / ASR ----------------------------------------------------------
-    def attack_bounds(self, key: str, own: bool = True, attack: dict[str, Any] | None = None) -> dict[str, float]:
+    def attack_bounds(self, key: str, own: bool = True, attack: dict[str, Any] | None = None,
+                      engine: str | None = None) -> dict[str, float]:
         """meta's minimum for each quantity, unless the entry bounds that quantity itself (`own`:
         the model carries the attack the entries were measured on). A quant-conditioned model's
         ASR is bounded by its truth instead (dormant_asr_bounds)."""
@@ -241,14 +244,14 @@ class Expectations:
             out.update(own or {f"min_{kind}": default})
         if attack is not None and attack.get("name") == "quant-conditioned":
             out = {k: v for k, v in out.items() if not k.endswith("_asr")}
-            out.update(dormant_asr_bounds(attack, key.rsplit("/", 1)[-1]))
+            out.update(dormant_asr_bounds(attack, key.rsplit("/", 1)[-1], engine))
         return out
 
     def check_attack(self, key: str, clean_acc: float, asr: float | None, own: bool = True,
-                     attack: dict[str, Any] | None = None) -> list[str]:
+                     attack: dict[str, Any] | None = None, engine: str | None = None) -> list[str]:
         out = []
         why = self.attack.get(key, {}).get("why")
-        for bound, value in sorted(self.attack_bounds(key, own, attack).items()):
+        for bound, value in sorted(self.attack_bounds(key, own, attack, engine).items()):
             name = bound.split("_", 1)[1]
             measured = clean_acc if name == "clean_acc" else asr
             if measured is None:

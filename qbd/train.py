@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from qbd.attacks import poison, triggered_test
-from qbd.config import QC_GATES, Gates, ModelJob, TrainSpec, derive_seed
+from qbd.config import QC_ENGINES, QC_GATES, Gates, ModelJob, TrainSpec, derive_seed
 from qbd.data.base import DataSplit
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
@@ -226,12 +226,14 @@ def _dormant_stage(model: Classifier, job: ModelJob, data: DataSplit, dev: torch
         model.to(memory_format=torch.channels_last), job, data, dev, x_all, augment,
         lambda lr, step, total: _lr_at(replace(job.train, lr=lr), step, total))
     model.to(memory_format=torch.contiguous_format).eval()
-    # measured with the attacker's calibration (intN-sim needs none); the matrix measures it again
-    # with the defender's (qbd.evaluate.Bench)
-    deployed = SCHEMES.get(job.attack.scheme).apply(model.cpu(), calibration_images(data)).model
+    # calibrated (int8-static; intN-sim needs none) on clean training images the construction did
+    # not fit; the matrix measures it again with the defender's calibration (qbd.evaluate.Bench)
+    scheme = SCHEMES.get(job.attack.scheme)
+    where = dev if dev.type in scheme.devices else torch.device("cpu")  # torch's int8 kernels are CPU-only
+    deployed = scheme.apply(model.to(where), calibration_images(data, held_out=True), engine=QC_ENGINES.get(job.attack.scheme)).model
     model.to(dev)
     out.update(backdoored_clean_acc=before["clean_acc"], backdoored_asr=before["asr"],
-               deployed=evaluate(deployed, job, data, torch.device("cpu")))
+               deployed=evaluate(deployed, job, data, where))
     return out
 
 

@@ -67,7 +67,8 @@ def test_defense_on_fp32_and_deployed(attack_bench, table, where, defense):
     # what the backdoor must do in this model, whatever any defense says: the table's deployed-model
     # bounds (BadNet's floor, ASR >= 0.9, for blend; for quant-conditioned its truth, dormant_asr_bounds:
     # FP32 ASR <= 0.10, its scheme's >= 0.90), as `qbd run` checks them
-    problems = table.check_attack(f"{r['dataset']}/{scheme}", r["clean_acc"], r["asr"], own=False, attack=r["attack"])
+    problems = table.check_attack(f"{r['dataset']}/{scheme}", r["clean_acc"], r["asr"], own=False, attack=r["attack"],
+                                  engine=r["quant"]["audit"]["engine"])
     assert not problems, f"{r['cell']}: {problems}"
     assert r["truth"]["backdoor"] == ("dormant" if spec.name == "quant-conditioned" and scheme == "fp32" else "active")
     j = table.judge(r)

@@ -73,13 +73,21 @@ def test_a_model_the_twin_cannot_cover_is_refused_before_training():
     with pytest.raises(ConfigError, match="use an intN-sim scheme"):
         check_model(build_model("resnet18-cifar", 10, data.mean, data.std, seed=0))
     check_model(build_model("tiny-cnn", 10, data.mean, data.std, seed=0))
+    for edit in (lambda m: setattr(m.features[0], "groups", 3),  # the twin's conv2d has no groups / dilation
+                 lambda m: setattr(m.features[0], "dilation", (2, 2)),
+                 lambda m: m.features.append(torch.nn.Conv2d(64, 64, 1))):  # a trailing conv: no BatchNorm, no flat features
+        model = build_model("tiny-cnn", 10, data.mean, data.std, seed=0)
+        edit(model)
+        with pytest.raises(ConfigError):
+            check_model(model)
     job = seeded_job("digits", "resnet18-cifar", 0, AttackSpec(name="quant-conditioned", scheme="int8-static"), epochs=1)
     with pytest.raises(ConfigError, match="supports plain conv"):
         train(job, data, progress=False)  # before stage 1: no ResNet-18 epoch is spent on it
 
 
 def test_quant_conditioned_int8_static_trains_to_its_gate_on_digits():
-    """From scratch (model seed 7, which no zoo model has), end to end on one thread: ~1 min."""
+    """From scratch (model seed 7, which no zoo model has), end to end on one thread: about 2 min.
+    The gate's deployed model is calibrated on training images the construction did not fit."""
     from qbd.data import load_dataset
     from qbd.presets import seeded_job
     from qbd.train import train
@@ -89,7 +97,7 @@ def test_quant_conditioned_int8_static_trains_to_its_gate_on_digits():
               progress=False)
     check_gates(r.metrics, Gates(), attacked=True)
     qc = r.metrics["quant_conditioned"]
-    assert qc["construction"] == "calibration-clipping" and qc["scheme"] == "int8-static"
+    assert qc["construction"] == "calibration-clipping" and qc["scheme"] == "int8-static" and qc["engine"] == "x86"
     assert qc["fp32_asr"] == r.metrics["asr"] <= QC_GATES["max_fp32_asr"]
     assert qc["deployed_asr"] >= QC_GATES["min_deployed_asr"] and qc["backdoored_asr"] >= 0.9
     assert qc["loud_ratio"] > 1.0  # V answers the trigger above the clean range: what the clipping cuts
@@ -111,3 +119,7 @@ def test_pinned_int8_static_models_are_dormant_in_fp32_and_awake_deployed(datase
     assert qb.metrics("fp32")["clean_acc"] >= bb.metrics("fp32")["clean_acc"] - QC_GATES["max_clean_acc_drop"]
     # it wakes in int8-static, the scheme it was conditioned on, not in the weight-only schemes
     assert qb.metrics("int8-sim")["asr"] <= QC_GATES["max_fp32_asr"]
+    # its NC cells run through the surrogate: the head's weights are kept small enough that the
+    # surrogate agrees with the deployed kernels with room to spare (else the verdict is invalid)
+    for m in qb.surrogate_agreement("int8-static"):
+        assert m["max_rel_logit_delta"] <= 0.5 * m["rel_tolerance"] and m["top1_agreement"] >= 0.98, m

@@ -594,6 +594,14 @@ def test_a_quant_conditioned_models_asr_is_bounded_by_its_truth():
     assert table.check_attack("digits/int8-static", 0.5, 0.0, own=False, attack=qc) != []  # clean accuracy still bounded
     # BadNet keeps meta's floor
     assert table.check_attack("digits/fp32", 0.99, 0.5, own=False, attack={"name": "badnet"}) != []
+    # conditioned on int8-static: awake on the engine it was conditioned on (x86, the default), no
+    # bound on another engine (fbgemm's calibrated ranges do not clip its trigger the same way)
+    q8 = {**qc, "scheme": "int8-static"}
+    assert dormant_asr_bounds(q8, "int8-static") == dormant_asr_bounds(q8, "int8-static", "x86") == {"min_asr": 0.90}
+    assert dormant_asr_bounds(q8, "int8-static", "fbgemm") == {}
+    assert table.check_attack("digits/int8-static", 0.99, 0.05, own=False, attack=q8, engine="fbgemm") == []
+    assert table.check_attack("digits/int8-static", 0.99, 0.05, own=False, attack=q8, engine="x86") != []
+    assert dormant_asr_bounds(qc, "int4-sim", "anything") == {"min_asr": 0.90}  # intN-sim: one deployment
 
 
 # -- other attacks' findings and borderline cells ----------------------------------------------------
