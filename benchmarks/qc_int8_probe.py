@@ -20,7 +20,7 @@ of the real int8-static deployment (qbd's scheme, calibrated on 256 clean test i
 
 --width trains a wider tiny-cnn BadNet model first (the zoo's recipe), to see what capacity buys.
 
-Figures (docs/training.md) were measured on this project's 2-core Intel Xeon, torch 2.14.1.
+Figures (docs/training.md) were measured on this project's 2-core Intel Xeon, torch 2.14.
 A research probe, not part of the package: it imports qbd, qbd does not import it.
 """
 
