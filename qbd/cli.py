@@ -315,6 +315,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if args.engine not in supported_engines():
             raise ConfigError(f"quantized engine {args.engine!r} is not available in this torch build; valid: {', '.join(supported_engines())}")
+        takers = [s for s in schemes if SCHEMES.get(s).engines]
+        if not takers:
+            raise ConfigError(f"--engine {args.engine}: none of the selected schemes ({', '.join(schemes)}) takes a quantized engine")
+        for s in takers:  # every scheme that takes engines must take this one (the others ignore it)
+            if args.engine not in SCHEMES.get(s).engines:
+                raise ConfigError(f"--engine {args.engine}: scheme {s!r} does not run on it; valid: {', '.join(SCHEMES.get(s).engines)}")
     args.device = device_from_args(args)  # before any training: a missing GPU fails here
     jobs = []
     for ds in datasets:
@@ -342,8 +348,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     table = expectations.load_for(tier.name, args.expectations or None)
     if table.tier != tier.name:
         raise ConfigError(f"--expectations {table.path}: a table for the {table.tier!r} tier; this run is the {tier.name!r} tier")
-    results = run(plan, data_root=args.data_root, store=open_store(args.cache_dir), progress=not args.no_progress, gates=gates,
-                  workers=args.jobs)
+    from qbd.runner import PartialRun
+
+    stopped: PartialRun | None = None
+    try:
+        results = run(plan, data_root=args.data_root, store=open_store(args.cache_dir), progress=not args.no_progress,
+                      gates=gates, workers=args.jobs)
+    except PartialRun as e:  # report the cells that finished, then fail
+        if not e.results:
+            raise e.cause from None
+        stopped, results = e, e.results
     from qbd import rates
 
     # over several seeds a row with declared rate bounds is judged by its rates (qbd.expectations)
@@ -370,6 +384,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         paths = write_report(results, args.report, title=f"qbd {args.tier} matrix", run=run_info)
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     row_failures = [f"{row['row']}: {m}" for row in rows if row["row"] in by_rates for m in table.check_row(row)]
+    if stopped is not None:
+        _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=len(by_rates),
+              multi_seed=n_seeds > 1)
+        print(f"qbd: {stopped} (the {len(results)} finished cells are reported above)", file=sys.stderr)
+        return EXIT_FAIL
     return _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=len(by_rates),
                  multi_seed=n_seeds > 1)
 

@@ -115,7 +115,10 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
     steps: dict[int, str] = {}  # running cells' step progress (Neural Cleanse, Fine-Pruning), for the bar
     finished: set[int] = set()  # a late progress update of a finished cell is dropped
 
+    finished_results: dict[int, dict[str, Any]] = {}
+
     def done(i: int, r: dict[str, Any]) -> None:
+        finished_results[i] = r
         msg = _cell_line(r, units[tasks[i][0]].seed_note)
         finished.add(i)
         steps.pop(i, None)
@@ -136,9 +139,21 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
     try:
         return run_tasks(_run_cell, _Context(plan, tuple(units)), tasks, workers=n, order=_longest_first(tasks, plan),
                          on_done=done, on_progress=step if bar is not None else None, one_thread_in_process=on_cpu)
+    except Exception as e:
+        # the cells that finished are real Results: hand them to the caller to write, with the error
+        raise PartialRun([finished_results[i] for i in sorted(finished_results)], len(tasks), e) from e
     finally:
         if bar is not None:
             bar.close()
+
+
+class PartialRun(RuntimeError):
+    """A run stopped by an error after some cells finished: `results` are those cells' Results
+    (in the plan's order), `total` the number of cells planned, `cause` the error."""
+
+    def __init__(self, results: list[dict[str, Any]], total: int, cause: BaseException) -> None:
+        super().__init__(f"the run stopped after {len(results)} of {total} cells: {type(cause).__name__}: {cause}")
+        self.results, self.total, self.cause = results, total, cause
 
 
 @dataclass(frozen=True)

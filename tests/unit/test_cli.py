@@ -64,6 +64,7 @@ def test_list_shows_registries():
         (("run", "--seeds", "two"), "argument --seeds: expected a number of seeds >= 1, got 'two'"),
         (("run", "--seeds", "2", "--model-file", "m.safetensors", "--sha256", "ab"), "--model-file is one model: drop one"),
         (("run", "--seeds", "2", "--attack-seed", "3"), "model s is poisoned with attack seed s; drop --attack-seed"),
+        (("run", "--quant", "fp32,int4-sim", "--engine", "x86"), "none of the selected schemes (fp32, int4-sim) takes a quantized engine"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
