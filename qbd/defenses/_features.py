@@ -60,26 +60,52 @@ class LayerUnavailable(LookupError):
 def pre_pool(subject: Subject, x: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
     """The input of the model's last global pooling layer, flattened (N x C*H*W float32, CPU):
     the spatial map global average pooling collapses. A trigger is a small local patch; after
-    pooling it is one of many averaged positions, before pooling it has its own coordinates."""
+    pooling it is one of many averaged positions, before pooling it has its own coordinates.
+
+    Read with a hook on the pooling module; a graph lowered end to end (PT2E int8-static) has no
+    such module, so there the module that runs the graph reads it from the graph itself
+    (`pool_input`), on the input the embedding pass gives it: the deployed int8 activations."""
     pools = [m for m in subject.model.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
-    if not pools:
-        raise LayerUnavailable(f"the {subject.scheme} model exposes no global pooling module: its graph is compiled end"
-                               " to end, so the activations before pooling cannot be read")
-    captured: list[torch.Tensor] = []
+    if pools:
+        return _captured(subject, x, batch_size, pools[-1:], _pool_hook_input)
+    graphs = [m for m in subject.model.modules() if callable(getattr(m, "pool_input", None))]
+    if not graphs:
+        raise LayerUnavailable(f"the {subject.scheme} model exposes no global pooling module and no lowered graph to read"
+                               " it from, so the activations before pooling cannot be read")
+    return _captured(subject, x, batch_size, graphs, lambda m, inp: m.pool_input(inp[0]))
 
-    def keep(_m: torch.nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        t = inp[0].detach()
-        t = t.dequantize() if t.is_quantized else t  # an FX int8 graph pools quantized tensors
-        captured.append(t.float().flatten(1).cpu())
 
-    hook = pools[-1].register_forward_hook(keep)
+def _pool_hook_input(_m: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    t = inp[0]
+    return t.dequantize() if t.is_quantized else t  # an FX int8 graph pools quantized tensors
+
+
+def _captured(subject: Subject, x: torch.Tensor, batch_size: int, modules: list[torch.nn.Module],
+              read: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]) -> torch.Tensor:
+    """What `read(module, its inputs)` gives during an embedding pass, from exactly one of
+    `modules` (a LookupError from `read` means: not this module, e.g. a head graph with no pool)."""
+    by_module: dict[int, list[torch.Tensor]] = {}
+    missing: set[str] = set()
+
+    def keep(m: torch.nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        try:
+            t = read(m, inp)
+        except LookupError as e:
+            missing.add(str(e))
+            return
+        by_module.setdefault(id(m), []).append(t.detach().float().flatten(1).cpu())
+
+    hooks = [m.register_forward_hook(keep) for m in modules]
     try:
         _map(subject, subject.embed, x, batch_size)
     finally:
-        hook.remove()
-    if not captured:
-        raise LayerUnavailable(f"the {subject.scheme} model's global pooling module is not on its embedding path")
-    return torch.cat(captured)
+        for h in hooks:
+            h.remove()
+    if len(by_module) != 1:
+        why = f" ({'; '.join(sorted(missing))})" if missing else ""
+        raise LayerUnavailable(f"the {subject.scheme} model: the activations before its global pool were read from"
+                               f" {len(by_module)} modules on the embedding path, need exactly one{why}")
+    return torch.cat(next(iter(by_module.values())))
 
 
 # the representation a data-inspecting defense clusters (AC) or decomposes (SS)

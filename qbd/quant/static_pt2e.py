@@ -50,6 +50,35 @@ class OneDNNInt8(nn.Module):
     def lowered_ops(self) -> list[str]:
         return [str(n.target) for n in self._lowered.graph.nodes if n.op == "call_function"]
 
+    def pool_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation the lowered graph's global average pool reads (the dequantized int8 output
+        of the last conv block), computed by the lowered graph itself: what a defense that reads the
+        activations before the pool (AC, SS) must see of the deployed model. LookupError when the
+        graph ends in no global mean over H and W."""
+        gm = self.__dict__.get("_pool_input_graph")
+        if gm is None:
+            gm = truncate_before_global_mean(self._lowered)
+            object.__setattr__(self, "_pool_input_graph", gm)  # derived from the shared lowered graph
+        return gm(x)
+
+
+def truncate_before_global_mean(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule on the same (frozen, packed) attributes as `gm` that returns the input of its
+    last global average pool (`aten.mean.dim` over the two spatial dims): the nodes after it are
+    dropped, nothing is recomputed differently. LookupError when there is no such node."""
+    means = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.mean.dim
+             and sorted(int(d) % 4 for d in n.args[1]) == [2, 3]]
+    if not means:
+        raise LookupError("the lowered int8 graph has no global average pool (aten.mean over H and W)")
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, env, return_output_node=False)
+    graph.output(env[means[-1].args[0]])
+    truncated = fx.GraphModule(gm, graph)
+    truncated.graph.eliminate_dead_code()  # the pool and everything after it
+    truncated.recompile()
+    return truncated
+
 
 # torch's structured-trace channel (TORCH_TRACE / tlparse): always at DEBUG, never propagates, and
 # torch builds and logs an event for every export step whenever the logger has any handler.

@@ -1,7 +1,8 @@
 """AC and SS read the activations before the global pool through a hook on the model's last
-AdaptiveAvgPool2d: on every scheme that keeps that module (fp32, int4-sim, int8-dynamic, and
-int8-static on the FX engines, where the hook sees quantized tensors), and as `not-applicable`
-on PT2E's lowered int8-static graph, which has none. Never a crash."""
+AdaptiveAvgPool2d on every scheme that keeps that module (fp32, int4-sim, int8-dynamic, and
+int8-static on the FX engines, where the hook sees quantized tensors), and from the lowered graph
+itself on PT2E's int8-static (x86), which has no pooling module: the deployed int8 activations,
+never `not-applicable`. A model with neither is `not-applicable`, never a crash."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def test_pre_pool_activations_are_read_as_float(scheme, engine):
     assert torch.isfinite(f).all() and f.abs().sum() > 0
 
 
-def test_a_graph_without_a_pooling_module_is_not_applicable():
+def test_the_lowered_int8_static_graph_is_read_before_its_pool():
+    """x86's lowered oneDNN graph: the truncated graph's output, averaged over H and W, is the
+    deployed embedding up to the one re-quantization the graph applies after its mean (one
+    activation step), so it is the activation the deployed pool reads."""
+    subject = _subject("int8-static", "x86")
+    assert not any(isinstance(m, torch.nn.AdaptiveAvgPool2d) for m in subject.model.modules())
+    f = feat.pre_pool(subject, X)
+    assert f.dtype == torch.float32 and f.shape == (10, 64 * 2 * 2)
+    pooled = f.view(10, 64, 4).mean(-1)
+    emb = feat.embed(subject, X)
+    step = float(emb[emb > 0].min()) if (emb > 0).any() else 1.0
+    assert torch.allclose(pooled, emb, atol=step * 0.51 + 1e-6), (pooled - emb).abs().max()
+    assert f.abs().sum() > 0
+
+
+def test_a_model_without_a_pool_or_a_readable_graph_is_not_applicable():
+    subject = _subject("fp32")
+    for name, m in list(subject.model.features.named_children()):
+        if isinstance(m, torch.nn.AdaptiveAvgPool2d):
+            setattr(subject.model.features, name, _MeanPool())
     with pytest.raises(feat.LayerUnavailable, match="no global pooling module"):
-        feat.pre_pool(_subject("int8-static", "x86"), X)
+        feat.pre_pool(subject, X)
+
+
+class _MeanPool(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
