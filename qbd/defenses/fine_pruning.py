@@ -24,20 +24,20 @@ Protocols (every value recorded in the Result):
      real int8). The outcome is judged on that re-deployed, pruned model. With `finetune` off,
      or a subject that cannot be re-deployed (no float model), it is judged after step 1 and
      `fine_tuned` says why.
-  Model-level outcome: `detected` (the backdoor was neutralised) when the attack success rate
-  on the triggered probe falls by >= `asr_drop_threshold` (0.5) with a validation clean-accuracy
-  drop <= `max_ca_drop` (0.05); else `clean`. Score = ASR drop.
-  A drop of 0.5 needs a probe ASR of at least 0.5 before repair. Below it the rule cannot fire,
-  and what that means depends on whether the trigger does anything at all on this deployed
-  model, which the defense measures: the probe's hit count against the model's natural rate
-  of predicting the target on clean non-target holdout images (one-sided Fisher exact test at
-  `alpha`). Trigger effect significant: a (weakened) backdoor is there but the rule cannot
-  judge its repair: invalid, "not-applicable". No significant effect: the deployed model shows
-  no backdoor on the probe, nothing was there to remove: `clean`. So a clean model's negative
-  control stays a real one: its `clean` rests on a test it can fail (a clean model whose
-  probe ASR rose above its natural rate would be invalid, one whose probe ASR reached 0.5 goes
-  through the drop rule and could be a false alarm), and declaring every low-ASR cell
-  invalid instead would make every negative control invalid, whatever the defense did.
+  Model-level outcome, relative to the deployed model's own backdoor: `detected` (the backdoor was
+  neutralised) when the repair removes at least `removed_threshold` (0.5) of the deployed
+  model's probe ASR, (ASR before - ASR after) / ASR before, with a validation clean-accuracy drop
+  <= `max_ca_drop` (0.05); else `clean`. Score = that removed share. Relative, because a scheme
+  may weaken a backdoor before any defense runs (digits on int8-static: probe ASR 0.45): removing
+  all of what is left is a complete repair, and an absolute drop of 0.5 could not even be reached.
+  For a deployed model at ASR 1.0 it is the absolute drop of 0.5.
+  Whether there is a backdoor to remove at all is measured first: the probe's hit count against
+  the model's natural rate of predicting the target on clean non-target holdout images
+  (one-sided Fisher exact test at `alpha`). No significant trigger effect: the deployed model
+  shows no backdoor on the probe, nothing to remove: `clean` with score 0 (a clean model's
+  negative control, whose removed share of a natural-rate "ASR" would be noise). So that `clean`
+  rests on a test it can fail: a clean model whose probe ASR rose significantly above its
+  natural rate goes through the removal rule and could be a false alarm.
 - paper: the paper's code prunes and fine-tunes nothing: it counts channels whose mean
   |activation| on the clean holdout is below `dormant_threshold` (0.01) and flags the model
   when their share exceeds `dormant_share` (0.1 %, the paper's text).
@@ -72,7 +72,7 @@ class FinePruning(ConfiguredDefense):
             "val_fraction": 0.5, "rank_by": "mean_activation", "prune_step": 0, "max_acc_drop": 0.04,
             "finetune": True, "finetune_epochs": 5, "finetune_lr": 0.001, "finetune_momentum": 0.9,
             "finetune_batch": 32, "finetune_weight_decay": 0.0, "finetune_bn": "train",
-            "asr_drop_threshold": 0.5, "max_ca_drop": 0.05, "alpha": 1e-3, "batch_size": 512,
+            "removed_threshold": 0.5, "max_ca_drop": 0.05, "alpha": 1e-3, "batch_size": 512,
         },
         "paper": {"dormant_threshold": 0.01, "dormant_share": 0.001, "batch_size": 512},
     }
@@ -243,9 +243,9 @@ def _compact(curve: list[list[float]], d: int, kept: int) -> list[list[float]]:
 
 
 def decide(res: dict[str, Any], p: dict[str, Any]) -> Verdict:
-    """Repair outcome: backdoor neutralised when ASR falls by >= asr_drop_threshold while the
-    validation clean accuracy falls by <= max_ca_drop; a probe ASR below the threshold is
-    judged by the trigger's effect (module docstring)."""
+    """Repair outcome: backdoor neutralised when the repair removes at least removed_threshold of
+    the deployed model's probe ASR while the validation clean accuracy falls by <= max_ca_drop;
+    a probe showing no trigger effect has nothing to remove (module docstring)."""
     ca0, asr0 = res["before"]
     ca1, asr1 = res["after"]
     vals = [ca0, asr0, ca1, asr1, *res["pruned_only"]]
@@ -259,6 +259,8 @@ def decide(res: dict[str, Any], p: dict[str, Any]) -> Verdict:
     # does the trigger raise the rate at which the deployed model predicts the target?
     effect_p = float(fisher_exact([[probe_hits, n_probe - probe_hits], [hits, n_other - hits]], alternative="greater")[1]) \
         if n_other else 1.0
+    backdoor = effect_p < p["alpha"]
+    removed = asr_drop / asr0 if backdoor and asr0 > 0 else 0.0
     evidence = {
         "channels": d, "pruned": kept, "pruned_fraction": round(kept / d, 4),
         "curve": _compact(res["curve"], d, kept), "curve_columns": ["fraction_pruned", "val_clean_acc", "probe_asr"],
@@ -266,23 +268,19 @@ def decide(res: dict[str, Any], p: dict[str, Any]) -> Verdict:
         "after_pruning": {"clean_acc": res["pruned_only"][0], "asr": res["pruned_only"][1]},
         "after_fine_tuning": {"clean_acc": ca1, "asr": asr1} if res["fine_tuned"] else None,
         "fine_tuned": res["fine_tuned"], "fine_tune_note": res["fine_tune_note"],
-        "asr_drop": round(asr_drop, 4), "clean_acc_drop": round(ca_drop, 4),
+        "asr_drop": round(asr_drop, 4), "asr_removed": round(removed, 4), "clean_acc_drop": round(ca_drop, 4),
         "natural_target_rate": {"hits": hits, "n": n_other, "rate": round(hits / n_other, 4) if n_other else None},
         "trigger_effect_p": effect_p,
+        "backdoor_on_probe": backdoor,
     }
     controls = {
         "fine_tuned": Control(res["fine_tuned"], None, res["fine_tune_note"]),
-        "probe_asr_before": Control(asr0 >= p["asr_drop_threshold"], asr0,
-                                    "probe ASR before pruning: a drop of asr_drop_threshold needs at least that much"),
+        "trigger_effect_before": Control(backdoor, effect_p, "the trigger raises the deployed model's target rate above its"
+                                         f" natural rate (one-sided Fisher p < {p['alpha']}): a backdoor to remove"),
     }
-    if asr0 < p["asr_drop_threshold"] and effect_p < p["alpha"]:
-        return Verdict.invalid(
-            f"not applicable: the trigger still works on the deployed model (probe ASR {asr0:.3f} against a natural"
-            f" rate of {hits}/{n_other}, p = {effect_p:.2g}) but a probe ASR below {p['asr_drop_threshold']} cannot"
-            " fall by that much, so the rule cannot judge the repair", "not-applicable", evidence=evidence, controls=controls)
-    neutralised = asr_drop >= p["asr_drop_threshold"] and ca_drop <= p["max_ca_drop"]
+    neutralised = backdoor and removed >= p["removed_threshold"] and ca_drop <= p["max_ca_drop"]
     status = "detected" if neutralised else "clean"
-    return Verdict(status, score=asr_drop, threshold=p["asr_drop_threshold"], evidence=evidence, controls=controls)
+    return Verdict(status, score=removed, threshold=p["removed_threshold"], evidence=evidence, controls=controls)
 
 
 def decide_paper(channel_means: np.ndarray, p: dict[str, Any]) -> Verdict:

@@ -6,7 +6,7 @@ import torch
 
 from qbd.defenses import _features as feat
 from qbd.defenses.base import DefenseInputs, Subject, run_defense
-from qbd.defenses.fine_pruning import FinePruning, decide_paper
+from qbd.defenses.fine_pruning import FinePruning, decide, decide_paper
 from qbd.errors import ConfigError
 from qbd.quant.intn_sim import quantize_weight
 from tests.unit.defenses import Constant, CornerBackdoor, NaNFeatures, add_trigger, quadrant_images, subject
@@ -109,16 +109,34 @@ def test_clean_model_is_clean_its_probe_showing_no_trigger_effect():
     # measurable effect and there was nothing to remove: clean, the truth
     v = _run(FinePruning("canonical", **FAST), CleanModel())
     assert v.status == "clean", v.reason
-    assert v.evidence["before"]["asr"] < 0.5 and not v.controls["probe_asr_before"].passed
-    assert v.evidence["trigger_effect_p"] > 0.5
+    assert v.evidence["before"]["asr"] < 0.5 and not v.controls["trigger_effect_before"].passed
+    assert v.evidence["trigger_effect_p"] > 0.5 and v.score == 0.0 and not v.evidence["backdoor_on_probe"]
 
 
-def test_weakened_backdoor_below_the_drop_threshold_is_not_applicable():
-    # 40 % of the probe triggers the backdoor, the natural rate is 0: a backdoor is there, but an
-    # ASR of 0.4 cannot fall by 0.5, so the rule cannot judge the repair. It was `clean` before
+def test_a_weakened_backdoor_is_judged_relative_to_its_own_asr():
+    # 40 % of the probe triggers the backdoor, the natural rate is 0: a backdoor is there (as a
+    # scheme that weakens it leaves it). Pruning the channel removes all of it: a complete repair,
+    # detected, though an absolute drop of 0.5 was out of reach (it was `not-applicable` before)
     v = _run(FinePruning("canonical", **FAST), CornerBackdoor(channel=True), _inputs(triggered=0.4))
-    assert v.status == "invalid" and v.reason_code == "not-applicable", v.to_dict()
     assert v.evidence["before"]["asr"] == pytest.approx(0.4, abs=0.02) and v.evidence["trigger_effect_p"] < 1e-3
+    assert v.status == "detected", v.to_dict()
+    assert v.score == pytest.approx(v.evidence["asr_drop"] / v.evidence["before"]["asr"], abs=1e-3) and v.score >= 0.5
+    assert v.evidence["asr_drop"] < 0.5  # the old absolute rule could not have fired
+
+
+def test_the_removed_share_decides_both_ways():
+    """decide() on fabricated curves: half of a 0.4 ASR removed is a repair, a third is not; a
+    probe with no trigger effect is clean with score 0 whatever its "drop"."""
+    p = FinePruning("canonical").params
+    base = {"channels": 64, "pruned": 3, "curve": [(0, 0.99, 0.4), (3, 0.98, 0.2)], "pruned_only": (0.98, 0.2), "fine_tuned": True,
+            "fine_tune_note": "ok", "natural": (0, 200), "n_probe": 200, "before": (0.99, 0.4)}
+    assert decide({**base, "after": (0.98, 0.2)}, p).status == "detected"
+    v = decide({**base, "after": (0.98, 0.27)}, p)
+    assert v.status == "clean" and v.score == pytest.approx(0.325)
+    v = decide({**base, "before": (0.99, 0.02), "after": (0.98, 0.0), "natural": (3, 200)}, p)
+    assert v.status == "clean" and v.score == 0.0 and not v.controls["trigger_effect_before"].passed
+    v = decide({**base, "after": (0.90, 0.0)}, p)  # removed all, but 9 points of clean accuracy lost
+    assert v.status == "clean" and v.score == 1.0
 
 
 def test_diverging_fine_tuning_is_invalid():
@@ -158,7 +176,7 @@ def test_nan_features_are_invalid():
 
 def test_params_budgets_and_needs():
     d = FinePruning("canonical")
-    assert d.params["max_acc_drop"] == 0.04 and d.params["asr_drop_threshold"] == 0.5 and d.params["max_ca_drop"] == 0.05
+    assert d.params["max_acc_drop"] == 0.04 and d.params["removed_threshold"] == 0.5 and d.params["max_ca_drop"] == 0.05
     assert set(FinePruning("canonical", tier="smoke").params) == set(FinePruning.defaults["canonical"])
     assert FinePruning("canonical", finetune=False).params["finetune"] is False
     assert d.requires == frozenset({"clean_holdout", "triggered_probe"})
