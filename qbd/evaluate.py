@@ -71,6 +71,7 @@ class Bench:
         self._surrogates: dict[tuple[str, str | None], Any] = {}
         self._metrics: dict[tuple[str, str | None], dict[str, float]] = {}
         self._agreement: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+        self._unchanged: dict[tuple[str, Any, str | None], bool | None] = {}
         n_test = len(data.y_test)
         if n_test < 20:
             raise ConfigError(f"{data.name}: {n_test} test images are too few to split into holdout and evaluation sets")
@@ -199,6 +200,27 @@ class Bench:
                 for name, images in (("held-out", x), ("triggered", self.triggered_eval)))]
         return self._agreement[key]
 
+    def input_unchanged(self, scheme: str, layer: Any, gradient_path: str, engine: str | None = None) -> bool | None:
+        """For a defense that reads one layer's activations of the deployed model (AC, SS: `layer`
+        in its params): whether this scheme leaves them bit-identical to fp32's on the calibration
+        images (int8-dynamic quantizes only the classifier), so the cell repeats fp32 and says
+        nothing about quantization. None where not measured (other defenses, fp32 itself)."""
+        from qbd.defenses import _features as feat
+        from qbd.effects import BASELINE
+
+        if layer not in feat.LAYERS or gradient_path != "deployed" or scheme == BASELINE:
+            return None
+        key = (scheme, layer, engine)
+        if key not in self._unchanged:
+            x = self.calib()[:64]
+            try:
+                ours = feat.representations(self.subject(scheme, "deployed", engine), x, layer)
+                base = feat.representations(self.subject(BASELINE, "deployed"), x, layer)
+                self._unchanged[key] = bool(ours.shape == base.shape and torch.equal(ours, base))
+            except feat.LayerUnavailable:
+                self._unchanged[key] = None
+        return self._unchanged[key]
+
     def redeploy(self, model: Classifier, scheme: str, engine: str | None = None) -> Subject:
         """An edited copy of the float model (a repair), deployed through the same scheme and
         calibration data as the cell's model."""
@@ -231,6 +253,11 @@ class Bench:
             needs_grad = "input_gradients" in defense.requires
             gradient_path = "surrogate" if protocol == "canonical" and needs_grad else "deployed"
         t0 = time.perf_counter()
+        # a run-wide engine (--engine fbgemm) is for the schemes that take one; fp32 and the
+        # simulated schemes run as they are (qbd.cli refuses an engine no selected scheme takes)
+        from qbd.quant import SCHEMES
+
+        engine = engine if SCHEMES.get(scheme).engines else None
         qm = self.quantized(scheme, engine)
         metrics = self.metrics(scheme, engine)
         subject = self.subject(scheme, gradient_path, engine)
@@ -258,6 +285,7 @@ class Bench:
             "quant": {"scheme": scheme, "audit": audit},
             "placement": self.placement(scheme, engine),
             "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params_of(defense),
+                        "input_unchanged": self.input_unchanged(scheme, params_of(defense).get("layer"), gradient_path, engine),
                         # a detection must name the planted target unless the defense declares it names none
                         "names_target": getattr(defense, "names_target", True) is not False},
             "verdict": verdict.to_dict(),

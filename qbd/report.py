@@ -7,8 +7,10 @@ line, tier, model, attack, seeds, device, expectations, date). The heatmap colou
 outcome against the truth (CATEGORIES), beside the deployed models' clean accuracy and ASR; it is a
 picture of the tables, which stay the reference.
 
-Over several model seeds, Tables 1 and 2 show the first seed's models, a "Rates over seeds"
-table every row's detection and false-alarm rates (qbd.rates), and the heatmap the rates.
+Over several model seeds, the report leads with quantization's effect, paired with fp32 on the
+same models (qbd.effects, qbd.effects_report: a table, and effects.png beside the heatmap);
+Tables 1 and 2 then show the first seed's models, a "Rates over seeds" table every row's
+detection and false-alarm rates (qbd.rates), and the heatmap the rates.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from typing import Any
 
 from qbd import rates
 from qbd import results as results_io
+from qbd.effects import effects
+from qbd.effects_report import NOTE as EFFECTS_NOTE
+from qbd.effects_report import save as save_effects
+from qbd.effects_report import several_models
+from qbd.effects_report import table as effects_table
+from qbd.figure import figure as _figure
+from qbd.figure import save as _save
+from qbd.figure import scheme_key
 
 SYMBOL = {"detected": "DETECTED", "clean": "clean", "invalid": "INVALID"}
 MARK = {"finding": " [finding]", "FAIL": " [FAIL]"}  # a cell that matches the truth carries no mark
-SCHEME_ORDER = ("fp32", "int8-dynamic", "int8-static", "int8-sim", "int4-sim", "int2-sim", "int3-sim", "int5-sim", "int6-sim", "int7-sim")
-
-
-def _scheme_key(s: str) -> tuple[int, str]:
-    return (SCHEME_ORDER.index(s) if s in SCHEME_ORDER else len(SCHEME_ORDER), s)
 
 
 def _row_label(r: dict[str, Any]) -> str:
@@ -55,7 +60,7 @@ def table1(results: list[dict[str, Any]], protocol: str) -> tuple[list[str], lis
         cells[(_row_label(r), r["quant"]["scheme"])][r["defense"]["name"]] = word
     rows = [
         [ds, sc, *[cells[(ds, sc)].get(d, "-") for d in defenses]]
-        for ds, sc in sorted(cells, key=lambda k: (k[0], _scheme_key(k[1])))
+        for ds, sc in sorted(cells, key=lambda k: (k[0], scheme_key(k[1])))
     ]
     return ["dataset", "scheme", *defenses], rows
 
@@ -65,7 +70,7 @@ def table2(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for r in results:
         seen.setdefault((_row_label(r), r["quant"]["scheme"]), r)
     rows = []
-    for (ds, sc), r in sorted(seen.items(), key=lambda kv: (kv[0][0], _scheme_key(kv[0][1]))):
+    for (ds, sc), r in sorted(seen.items(), key=lambda kv: (kv[0][0], scheme_key(kv[0][1]))):
         audit = r["quant"]["audit"]
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.1f}"
         rows.append([ds, sc, f"{100 * r['clean_acc']:.1f}", asr, f"{100 * audit['quantized_param_fraction']:.2f}",
@@ -183,6 +188,9 @@ def terminal(results: list[dict[str, Any]]) -> str:
         parts += [f"outcome: {line}", ""]
     rows = rates.rows(results)
     shown, note = _shown(results, rows)
+    found = effects(results)
+    if several_models(found):  # the headline: quantization's effect, paired on the same models
+        parts += [f"Quantization's effect ({EFFECTS_NOTE})", text_table(*effects_table(found)), ""]
     for p in _protocols(shown):
         parts.append(f"Table 1 ({p} protocol{note}): detection per cell")
         parts.append(text_table(*table1(shown, p)))
@@ -202,9 +210,10 @@ def terminal(results: list[dict[str, Any]]) -> str:
 
 
 def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: dict[str, Any] | None = None,
-             picture: str | None = None) -> str:
+             picture: str | None = None, effects_picture: str | None = None) -> str:
     """report.md's text; `run`: the run's metadata (run_metadata) as a header block; `picture`: the
-    heatmap's file name, relative to report.md, shown above the tables."""
+    heatmap's file name, relative to report.md, shown above the tables; `effects_picture`: the
+    effects' picture, shown with their table, the report's headline."""
     rows = rates.rows(results)
     shown, note = _shown(results, rows)
     parts = [f"# {title}", ""]
@@ -219,6 +228,16 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: d
                      " target and a clean model is judged clean; a declared finding is a known deviation with its why;"
                      " anything else fails.")
     parts.append("")
+    found = effects(results)
+    if several_models(found):
+        parts += ["## Quantization's effect, paired with fp32 on the same models", "", EFFECTS_NOTE, ""]
+        if effects_picture:
+            parts += [f"![effects]({effects_picture})", ""]
+        parts += [md_table(*effects_table(found)), ""]
+    elif found:
+        parts += ["One model per cell: a single seed shows whether each cell matches its truth (or its row's measured"
+                  " outcomes), not whether quantization changes a defense's rates; run `qbd run --seeds 10` for the"
+                  " paired effects.", ""]
     if picture:
         parts += [f"![heatmap]({picture})", "",
                   f"[{picture}]({picture}) colours each cell by its outcome against the truth (see its legend), beside the"
@@ -386,7 +405,6 @@ def run_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 # -- the heatmap ----------------------------------------------------------------------------------------
-DPI = 120
 HATCH_COLOUR = "#707070"
 
 
@@ -458,7 +476,7 @@ class OutcomeGrid:
 
     @classmethod
     def of(cls, results: list[dict[str, Any]]) -> OutcomeGrid:
-        rows = sorted({(_row_label(r), r["quant"]["scheme"]) for r in results}, key=lambda k: (k[0], _scheme_key(k[1])))
+        rows = sorted({(_row_label(r), r["quant"]["scheme"]) for r in results}, key=lambda k: (k[0], scheme_key(k[1])))
         columns = sorted({(r["defense"]["name"], r["defense"]["protocol"]) for r in results}, key=lambda k: (k[1], k[0]))
         ri, ci = {k: i for i, k in enumerate(rows)}, {k: j for j, k in enumerate(columns)}
         cells: dict[tuple[int, int], dict[str, Any]] = {}
@@ -504,22 +522,6 @@ class Drawn:
 
     def save(self, path: Path) -> Path:
         return _save(self.figure, path)
-
-
-def _figure(width: float, height: float) -> Any:
-    """A figure on the Agg canvas, outside pyplot: no GUI, no global figure registry."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
 
 
 def _ink(colour: str) -> str:
@@ -641,7 +643,7 @@ def draw_rates(rows: list[dict[str, Any]], title: str = "") -> Any:
     from matplotlib.colors import Normalize, to_hex
 
     protocols = sorted({row["protocol"] for row in rows})
-    labels = sorted({(row["dataset"], row["scheme"]) for row in rows}, key=lambda k: (k[0], _scheme_key(k[1])))
+    labels = sorted({(row["dataset"], row["scheme"]) for row in rows}, key=lambda k: (k[0], scheme_key(k[1])))
     defenses = sorted({row["defense"] for row in rows})
     by_key = {(row["protocol"], row["dataset"], row["scheme"], row["defense"]): row for row in rows}
     cmap = matplotlib.colormaps["cividis"]
@@ -690,7 +692,11 @@ def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: 
         "report.md": out / "report.md",
         "heatmap.png": heatmap(rs, out / "heatmap.png"),
     }
-    paths["report.md"].write_text(markdown(rs, title, run=meta, picture=paths["heatmap.png"].name))
+    found = effects(rs)
+    if several_models(found):
+        paths["effects.png"] = save_effects(found, out / "effects.png", title_line(rs))
+    paths["report.md"].write_text(markdown(rs, title, run=meta, picture=paths["heatmap.png"].name,
+                                           effects_picture="effects.png" if "effects.png" in paths else None))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:  # the step summary cannot show a file of the job's disk: no picture there
         with open(summary, "a") as f:

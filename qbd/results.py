@@ -2,9 +2,11 @@
 validation. Torch-free.
 
 A results file (results.json, `qbd run --json`) is `{"schema": 1, "results": [Result, ...],
-"rows": [row, ...], "run": {...}}`; "run" (the run's metadata: versions, command, tier, device...,
-qbd.report.run_metadata) is optional, and a file written before rows existed has no "rows": both
-still load, under the same schema version (a reader that ignores unknown keys reads them all).
+"rows": [row, ...], "effects": [effect, ...], "run": {...}}`; "effects" are quantization's paired
+effects against fp32 on the same models (qbd.effects); "run" (the run's metadata: versions,
+command, tier, device..., qbd.report.run_metadata) is optional, and a file written before rows or
+effects existed has no "rows" or "effects": it still loads, under the same schema version (a
+reader that ignores unknown keys reads them all).
 
 qbd/schema/result.schema.json is the JSON Schema (draft 2020-12) of one Result, for readers outside
 qbd (schema()); problems() is the check qbd itself runs, and the tests keep the two in agreement."""
@@ -124,6 +126,11 @@ def row_problems(row: Any) -> list[str]:
     seeds = row.get("seeds")
     if not (isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         out.append("row key 'seeds' must be a list of integers")
+    oc = row.get("outcomes", {})  # absent in a file written before outcome counts existed
+    if not (isinstance(oc, dict) and set(oc) <= {"backdoored", "clean"} and all(
+            isinstance(c, dict) and all(isinstance(o, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                        for o, n in c.items()) for c in oc.values())):
+        out.append("row key 'outcomes' must map backdoored / clean to {outcome: number of models}")
     if out:
         return out
     for rate_key, (ci_key, k_key, n_key) in _ROW_RATES.items():
@@ -137,6 +144,8 @@ def row_problems(row: Any) -> list[str]:
             out.append(f"{rate_key} must be {k_key} / {n_key} = {k / n}, got {rate!r}")
         elif not (isinstance(ci, list) and len(ci) == 2 and all(_fraction(x) for x in ci) and ci[0] <= rate <= ci[1]):
             out.append(f"{ci_key} must be [low, high] in [0, 1] around {rate_key}, got {ci!r}")
+    if oc and (sum(oc.get("backdoored", {}).values()) != row["n_backdoored"] or sum(oc.get("clean", {}).values()) != row["n_clean"]):
+        out.append("row key 'outcomes' must count every model of the row")
     return out
 
 
@@ -163,7 +172,8 @@ def dump(results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = 
     rows = rates.rows(rs) if rows is None else rows
     for row in rows:
         validate_row(row)
-    doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "results": rs, "rows": rows}
+    found = effects_of(rs)
+    doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "results": rs, "rows": rows, "effects": found}
     if run is not None:
         if not isinstance(run, dict):
             raise ResultError(f"the run's metadata is a JSON object, got {type(run).__name__}")
@@ -172,6 +182,18 @@ def dump(results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = 
         return json.dumps(doc, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:  # a Path or a NaN in the metadata (ResultError is a ValueError too)
         raise ResultError(f"the results file is not plain JSON: {e}") from None
+
+
+def effects_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Quantization's paired effects (qbd.effects) of a set of Results, each checked."""
+    from qbd.effects import effect_problems, effects
+
+    found = effects(results)
+    for e in found:
+        p = effect_problems(e)
+        if p:
+            raise ResultError(f"effect {e.get('effect', '?')}: " + "; ".join(p))
+    return found
 
 
 def write(path: str | Path, results: Iterable[dict[str, Any]], rows: list[dict[str, Any]] | None = None,
@@ -209,6 +231,8 @@ def load(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
         if rows != rates.rows(data["results"]):
             raise ResultError(f"{path}: its 'rows' are not the rates of its 'results' (edited, or written by another version)")
+    if "effects" in data and data["effects"] != effects_of(data["results"]):  # likewise (a file from before effects has none)
+        raise ResultError(f"{path}: its 'effects' are not the paired effects of its 'results' (edited, or written by another version)")
     return data["results"], rows
 
 

@@ -91,3 +91,46 @@ def test_step_progress_only_on_a_terminal(monkeypatch, tmp_path, workers, tty):
     else:
         assert "cells:" not in text and "step" not in text
         assert any(m.startswith("digits/fp32/fine-pruning[canonical]: detected") for m in logged)
+
+
+def test_a_run_that_fails_midway_hands_back_the_cells_that_finished(monkeypatch):
+    """An error outside a defense (a scheme that cannot be applied, a lost worker) stops the run;
+    the Results of the cells that finished come with the error, for the caller to write."""
+    unit = runner._Unit(bench=None, seed=0, seed_note="", cells=tuple(runner.Cell("digits", s, "strip", "canonical")
+                                                                    for s in ("fp32", "int4-sim", "int8-static")))
+    monkeypatch.setattr("qbd.train.resolve_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(runner, "_units", lambda *a: [unit])
+    monkeypatch.setattr(runner, "_longest_first", lambda tasks, plan: list(range(len(tasks))))
+
+    def cell(context, task, report):
+        if task[1].scheme == "int8-static":
+            raise ConfigError("scheme 'int8-static' cannot run here")
+        return {"cell": f"digits/{task[1].scheme}/strip[canonical]", "seconds": 0.1,
+                "verdict": {"status": "clean", "target_class": None}}
+
+    monkeypatch.setattr(runner, "_run_cell", cell)
+    with pytest.raises(runner.PartialRun) as info:
+        runner.run(_plan("cpu"), data_root=None, store=None, workers=1, progress=False, log=lambda m: None)
+    e = info.value
+    assert [r["cell"] for r in e.results] == ["digits/fp32/strip[canonical]", "digits/int4-sim/strip[canonical]"]
+    assert e.total == 3 and isinstance(e.cause, ConfigError) and "stopped after 2 of 3 cells" in str(e)
+
+
+def test_a_run_wide_engine_reaches_only_the_schemes_that_take_one():
+    """`qbd run --engine fbgemm` over fp32 and int8-static: fp32 takes no engine and runs as it is
+    (it used to stop the run at the fp32 control with "takes no quantized engine")."""
+    from qbd.config import AttackSpec
+    from qbd.data import load_dataset
+    from qbd.quant.engine import supported_engines
+    from qbd.runner import load_defense, seeded_bench
+
+    if "fbgemm" not in supported_engines():
+        pytest.skip("fbgemm is not in this torch build")
+    bench = seeded_bench(load_dataset(DatasetSpec("digits"), None), 0, AttackSpec())
+    defense = load_defense("spectral-signatures", "canonical", "smoke")
+    fp32 = bench.run(defense, "fp32", engine="fbgemm")
+    static = bench.run(defense, "int8-static", engine="fbgemm")
+    assert fp32["quant"]["audit"]["engine"] is None and static["quant"]["audit"]["engine"] == "fbgemm"
+    assert fp32["defense"]["input_unchanged"] is None and static["defense"]["input_unchanged"] is False
+    dynamic = bench.run(defense, "int8-dynamic")
+    assert dynamic["defense"]["input_unchanged"] is True  # only the classifier is quantized: SS reads fp32's activations
