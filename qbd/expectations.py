@@ -61,6 +61,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qbd import measured_rows
 from qbd.config import PROTOCOLS, QC_ENGINES, QC_GATES, AttackSpec
 from qbd.errors import ConfigError
 from qbd.outcomes import Counts, Judgement, judge, outcome, split, verdict_word
@@ -85,7 +86,7 @@ ROW_BOUNDS = {
 # also: max_invalid_rate (default 0: an invalid verdict in a bounded row fails it; invalid counts as
 # neither a detection nor a false alarm, so without this a row of invalid clean cells would pass
 # its false-alarm bound) and seeds (the model seeds the bounds were measured on)
-_ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note"}
+_ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note", *measured_rows.KINDS}
 _TABLES = ("cells", "attack", "audit", "rows")
 _OTHER_ATTACK_KEYS = {"attack", "cells"}
 # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
@@ -153,7 +154,32 @@ class Expectations:
         by its rates, see by_rates()) it fails only on a never-expected outcome."""
         if by_rates:
             return self._judge_by_rates(result)
+        entry = self.measured_row(result)
+        if entry is not None:
+            return self._judge_by_row(result, entry)
         return judge(result, self.finding(result))
+
+    def measured_row(self, result: dict[str, Any]) -> dict[str, Any] | None:
+        """The measured row (qbd.measured_rows) that judges this Result's cell, if the table has
+        one and the Result's model carries the attack it was measured on."""
+        entry = self.rows.get(_row_of(result["cell"]))
+        return entry if measured_rows.is_measured(entry) and self.measured_on(result) else None
+
+    def _judge_by_row(self, result: dict[str, Any], entry: dict[str, Any]) -> Judgement:
+        """The single-seed rule (qbd.measured_rows): the outcome must be one the row measured."""
+        measured = outcome(result)
+        truth = judge(result, None)
+        kind = measured_rows.kind_of(result)
+        counts = measured_rows.describe(entry.get(kind))
+        expected = f"an outcome row {_row_of(result['cell'])} measured on its {kind} models ({counts})"
+        if not measured_rows.admissible(entry, result):
+            return Judgement(result["cell"], measured, verdict_word(result), "FAIL", expected,
+                             f"the row's {len(entry['seeds'])} {kind} models never gave {measured} (measured: {counts});"
+                             f" {truth.why or truth.expected}")
+        if truth.judgement == "pass":
+            return truth
+        return Judgement(result["cell"], measured, verdict_word(result), "finding", expected,
+                         f"{measured} on {entry[kind][measured]} of the row's {len(entry['seeds'])} {kind} models: {entry.get('why')}")
 
     def judge_all(self, results: list[dict[str, Any]]) -> list[Judgement]:
         return [self.judge(r) for r in sorted(results, key=lambda r: (r["cell"], r.get("seed", 0)))]
@@ -162,6 +188,8 @@ class Expectations:
     def row_bounds(self, row_id: str) -> dict[str, float] | None:
         """The rate bounds declared for a row (None when it declares none)."""
         entry = self.rows.get(row_id)
+        if measured_rows.is_measured(entry):
+            return measured_rows.bounds(entry)  # type: ignore[arg-type]
         bounds = {k: entry[k] for k in ROW_BOUNDS if k in (entry or {})}  # detection first, then false alarms
         return bounds or None
 
@@ -188,6 +216,8 @@ class Expectations:
         declared = entry.get("seeds")
         if declared is not None and sorted(declared) != sorted(row.get("seeds") or []):
             return [f"the bounds were measured on seeds {sorted(declared)}; this row has seeds {sorted(row.get('seeds') or [])}"]
+        if measured_rows.is_measured(entry):
+            return [f"{m} (why: {why})" if why else m for m in measured_rows.check(entry, row)]
         n = (row.get("n_backdoored") or 0) + (row.get("n_clean") or 0)
         invalid_rate = (row.get("invalid") or 0) / n if n else 0.0
         if invalid_rate > entry.get("max_invalid_rate", 0.0):
@@ -279,6 +309,11 @@ class Expectations:
         return out
 
 
+def _row_of(cell: str) -> str:
+    """A cell id's row id: without ":clean" (a row covers both kinds of model)."""
+    return cell.replace(":clean/", "/", 1)
+
+
 def load(path: str | Path) -> Expectations:
     """Read and validate an expectations file; errors name the file and the entry."""
     p = Path(path)
@@ -317,6 +352,10 @@ def load(path: str | Path) -> Expectations:
         _check_entries(f"{p}: {table}", entries, allowed, _CHECKS[table], e.attack_spec.get("target") if table == "cells" else None)
         setattr(e, table, dict(entries))
     e.attacks = _load_other_attacks(p, raw.get("attacks", {}), e.attack_spec)
+    for key, entry in e.cells.items():  # one source of truth per cell
+        rid = _row_of(key)
+        if "outcome" in entry and measured_rows.is_measured(e.rows.get(rid)):
+            raise ConfigError(f"{p}: cells.{key!r}: its row {rid!r} is measured over models and judges it; drop the entry")
     return e
 
 
@@ -468,6 +507,18 @@ def _check_row(where: str, key: str, entry: dict[str, Any]) -> None:
     for name in (*ROW_BOUNDS, "max_invalid_rate"):
         if name in entry and not _is_fraction(entry[name]):
             raise ConfigError(f"{where}: {name} must be a number in [0, 1], got {entry[name]!r}")
+    if measured_rows.is_measured(entry):
+        mixed = sorted(set(entry) & {*ROW_BOUNDS, "max_invalid_rate"})
+        if mixed:
+            raise ConfigError(f"{where}: a measured row's bounds follow from its counts (qbd.measured_rows); drop {', '.join(mixed)}")
+        bad = measured_rows.problems(entry)
+        if bad:
+            raise ConfigError(f"{where}: " + "; ".join(bad))
+        if "why" in entry and not isinstance(entry["why"], str):
+            raise ConfigError(f"{where}: why must be a string")
+        if not measured_rows.all_truth(entry):
+            _check_why(where, entry, "a row whose models do not all match their truth")
+        return
     seeds = entry.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and len(seeds) >= 2 and len(set(seeds)) == len(seeds)
                                   and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):

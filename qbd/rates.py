@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Any
 
 from qbd.config import cell_id
+from qbd.measured_rows import outcome_counts
 from qbd.outcomes import outcome
 
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: a two-sided 95 % interval
@@ -53,7 +54,8 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One dict per row, sorted by row id (see the module docstring). Keys: row, dataset, scheme,
     defense, protocol, n_backdoored, detected, detection_rate, detection_ci, n_clean,
     false_alarms, false_alarm_rate, false_alarm_ci, invalid (invalid verdicts of either kind of
-    model; they count as not detected, never as clean), seeds (sorted). An interval is a
+    model; they count as not detected, never as clean), seeds (sorted), outcomes ({"backdoored":
+    {outcome: models}, "clean": {...}}, qbd.outcomes' words). An interval is a
     [low, high] list (what a JSON round trip gives back), or None with its rate."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
@@ -83,6 +85,8 @@ def _row(rid: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
         "false_alarm_ci": _ci(false_alarms, len(clean)),
         "invalid": sum(r["verdict"]["status"] == "invalid" for r in rs),
         "seeds": sorted({int(r.get("seed", 0)) for r in rs}),
+        # per kind of model, outcome -> models: what a measured row (qbd.measured_rows) is judged by
+        "outcomes": outcome_counts(rs),
     }
 
 

@@ -53,7 +53,7 @@ def test_rows_group_backdoored_and_clean_models_of_one_row():
         "row": "digits/fp32/strip[canonical]", "dataset": "digits", "scheme": "fp32", "defense": "strip",
         "protocol": "canonical", "n_backdoored": 5, "detected": 4, "detection_rate": 0.8, "detection_ci": list(wilson(4, 5)),
         "n_clean": 5, "false_alarms": 1, "false_alarm_rate": 0.2, "false_alarm_ci": list(wilson(1, 5)), "invalid": 0,
-        "seeds": [0, 1, 2, 3, 4]}
+        "seeds": [0, 1, 2, 3, 4], "outcomes": {"backdoored": {"miss": 1, "pass": 4}, "clean": {"false-alarm": 1, "pass": 4}}}
     assert row_id(results[-1]) == row["row"]  # a clean model's cell id carries ":clean", its row id does not
 
 

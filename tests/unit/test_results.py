@@ -126,6 +126,9 @@ def _row(**change):
     ({"detection_ci": None}, "detection_ci must be [low, high]"),
     ({"false_alarm_ci": [0.0, 1.5]}, "false_alarm_ci must be [low, high]"),
     ({"n_backdoored": 0, "detected": 0}, "detection_rate and detection_ci must be null when n_backdoored is 0"),
+    ({"outcomes": {"backdoored": {"pass": 1}}}, "'outcomes' must count every model of the row"),
+    ({"outcomes": {"backdoored": {"pass": 0}}}, "'outcomes' must map backdoored / clean"),
+    ({"outcomes": {"other": {}}}, "'outcomes' must map backdoored / clean"),
 ])
 def test_a_malformed_row_is_a_problem(change, fragment):
     from qbd.results import row_problems

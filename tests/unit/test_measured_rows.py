@@ -1,0 +1,126 @@
+"""Measured rows (qbd.measured_rows): a row's entry from its models' outcomes, the rule over the
+row's seeds (each count within one model), the single-seed rule (an outcome the row measured), and
+the loader's checks."""
+
+import pytest
+
+from qbd import measured_rows
+from qbd.errors import ConfigError
+from qbd.expectations import load
+from qbd.rates import rows
+
+ATTACK = {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
+          "trigger_position": "bottom-right", "poison_rate": 0.1}
+ROW = "digits/int4-sim/neural-cleanse[canonical]"
+
+
+def _r(seed, *, clean=False, status="detected", target=0, code=None):
+    ds = "digits:clean" if clean else "digits"
+    return {"cell": f"{ds}/int4-sim/neural-cleanse[canonical]", "dataset": "digits", "seed": seed,
+            "attack": None if clean else {**ATTACK, "seed": seed}, "quant": {"scheme": "int4-sim"},
+            "defense": {"name": "neural-cleanse", "protocol": "canonical", "names_target": True},
+            "verdict": {"status": status, "target_class": target if status == "detected" else None,
+                        "reason_code": code, "reason": "r" if status == "invalid" else None}}
+
+
+def _models(detected=8, wrong=1, false_alarms=2, invalid_clean=0, n=10):
+    out = []
+    for s in range(n):
+        if s < detected:
+            out.append(_r(s))
+        elif s < detected + wrong:
+            out.append(_r(s, target=5))
+        else:
+            out.append(_r(s, status="clean"))
+        if s < false_alarms:
+            out.append(_r(s, clean=True, target=3))
+        elif s < false_alarms + invalid_clean:
+            out.append(_r(s, clean=True, status="invalid", code="not-converged"))
+        else:
+            out.append(_r(s, clean=True, status="clean"))
+    return out
+
+
+def _table(tmp_path, entry_text):
+    p = tmp_path / "t.toml"
+    p.write_text(f'[meta]\ntier = "smoke"\n\n[rows."{ROW}"]\n{entry_text}\n')
+    return load(p)
+
+
+def _entry_text(entry, why='why = "docs/results.md#rows: measured"'):
+    from qbd.expectations import _toml_value
+
+    return "\n".join(f"{k} = {_toml_value(v)}" for k, v in entry.items()) + "\n" + why
+
+
+def test_the_entry_counts_each_kinds_outcomes():
+    entry = measured_rows.measured(_models())
+    assert entry == {"seeds": list(range(10)), "backdoored": {"pass": 8, "miss": 1, "wrong-target": 1},
+                     "clean": {"pass": 8, "false-alarm": 2}}
+    assert not measured_rows.problems(entry) and not measured_rows.all_truth(entry)
+    assert measured_rows.bounds(entry) == {"min_detection_rate": 0.7, "max_detection_rate": 0.9,
+                                           "min_false_alarm_rate": 0.1, "max_false_alarm_rate": 0.3}
+
+
+def test_a_rerun_within_one_model_passes_and_two_models_off_fails(tmp_path):
+    table = _table(tmp_path, _entry_text(measured_rows.measured(_models())))
+    (row,) = rows(_models())
+    assert table.check_row(row) == []
+    for results in (_models(detected=7, wrong=2), _models(detected=9, wrong=0), _models(false_alarms=3),
+                    _models(false_alarms=1), _models(false_alarms=1, invalid_clean=1)):
+        (row,) = rows(results)
+        assert table.check_row(row) == [], row["outcomes"]
+    for results, what in ((_models(detected=6, wrong=3), "detections"), (_models(detected=10, wrong=0), "detections"),
+                          (_models(false_alarms=4), "false alarms"), (_models(false_alarms=0), "false alarms"),
+                          (_models(invalid_clean=2), "invalid")):
+        (row,) = rows(results)
+        failures = table.check_row(row)
+        assert failures and what in failures[0], (row["outcomes"], failures)
+    (row,) = rows(_models()[:10])  # five seeds: not the row's seeds
+    assert "measured on seeds" in table.check_row(row)[0]
+
+
+def test_a_single_seed_cell_must_give_an_outcome_its_row_measured(tmp_path):
+    table = _table(tmp_path, _entry_text(measured_rows.measured(_models())))
+    assert table.judge(_r(0)).judgement == "pass"
+    j = table.judge(_r(0, status="clean"))  # a miss: measured on 1 of 10
+    assert j.judgement == "finding" and "1 of the row's 10" in j.why
+    j = table.judge(_r(0, clean=True, target=4))  # a false alarm: measured on 2 of 10
+    assert j.judgement == "finding"
+    for bad in (_r(0, status="invalid", code="not-converged"), _r(0, status="invalid", code="error"),
+                _r(0, clean=True, status="invalid", code="no-signal")):
+        j = table.judge(bad)
+        assert j.judgement == "FAIL" and "never gave" in j.why, j
+
+
+def test_a_row_that_detected_every_model_fails_a_changed_named_class(tmp_path):
+    entry = measured_rows.measured(_models(detected=10, wrong=0, false_alarms=0))
+    assert measured_rows.all_truth(entry)
+    table = _table(tmp_path, _entry_text(entry, why=""))  # every model matched its truth: no why needed
+    assert table.judge(_r(3)).judgement == "pass"
+    assert table.judge(_r(3, target=7)).judgement == "FAIL"  # the named class changed
+    assert table.judge(_r(3, status="clean")).judgement == "FAIL"
+    assert table.judge(_r(3, clean=True, target=1)).judgement == "FAIL"
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ('seeds = [0, 1]\nbackdoored = { pass = 3 }', "3 models counted, but 2 seeds"),
+    ('seeds = [0, 1]\nbackdoored = { pass = 1, "false-alarm" = 1 }', "not an outcome of a backdoored model"),
+    ('seeds = [0, 1]\nclean = { pass = 1, "invalid:error" = 1 }\nwhy = "w"', "never an expected outcome"),
+    ('seeds = [0, 1]\nclean = { pass = 1, "invalid:made-up" = 1 }\nwhy = "w"', "unknown reason code"),
+    ('seeds = [0, 1]\nclean = { pass = 1, miss = 1 }', "not an outcome of a clean model"),
+    ('seeds = [0, 1]\nbackdoored = { pass = 1, miss = 1 }', "needs a `why`"),
+    ('seeds = [0, 1]\nbackdoored = { pass = 2 }\nmin_detection_rate = 0.5', "follow from its counts"),
+    ('backdoored = { pass = 2 }', "names the model seeds"),
+])
+def test_the_loader_refuses_a_bad_measured_row(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        _table(tmp_path, text)
+
+
+def test_a_cell_finding_on_a_measured_row_is_refused(tmp_path):
+    p = tmp_path / "t.toml"
+    p.write_text(f'[meta]\ntier = "smoke"\n\n[rows."{ROW}"]\nseeds = [0, 1]\nbackdoored = {{ pass = 2 }}\n\n'
+                 '[cells."digits:clean/int4-sim/neural-cleanse[canonical]"]\noutcome = "false-alarm"\nwhy = "w"\n')
+    with pytest.raises(ConfigError, match="measured over models and judges it"):
+        load(p)
