@@ -29,8 +29,7 @@ class RunPlan:
     gradient_path: str | None = None  # None: per protocol (deployed for paper, surrogate for canonical)
     engine: str | None = None
     device: str = "cpu"  # concrete: "cpu" or "cuda:N" (qbd.devices.resolve)
-    # several model seeds (rates over seeds): the clean control runs on every scheme, so every row
-    # has as many clean models as backdoored ones, and log lines name the seed
+    # several model seeds (rates over seeds): log lines name the seed
     multi_seed: bool = False
     probe: Any = None  # the trigger probing a clean-only run (AttackSpec); default BadNet
     model_file: Any = None  # qbd.fetch.Source: untrusted weights used as the asked-for model, not trained
@@ -194,12 +193,12 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
                 attack.check_fits(*data.image_size, data.num_classes)
         seed = job.train.seed
         seed_note = f" (seed {seed})" if plan.multi_seed else ""
-        # the asked-for model over every scheme; its negative control (same job, no poisoning)
-        # on fp32, where a false alarm cannot be blamed on quantization (on every scheme over
-        # several seeds: each row's false-alarm rate needs its clean models)
+        # the asked-for model over every scheme, and its negative control (same job, no poisoning)
+        # on every scheme too: a defense that false-alarms only once the clean model is quantized
+        # is a blindspot, and each row's false-alarm rate needs its clean models
         kinds = [("backdoored" if job.attack is not None else "clean", job, plan.schemes)]
         if plan.controls and job.attack is not None:
-            kinds.append(("clean", replace(job, attack=None), plan.schemes if plan.multi_seed else ("fp32",)))
+            kinds.append(("clean", replace(job, attack=None), plan.schemes))
         for kind, j, schemes in kinds:
             if plan.model_file is not None and j is job:  # the asked-for model, not its clean control
                 from qbd.fetch import get_fetched

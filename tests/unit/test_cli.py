@@ -295,9 +295,9 @@ def test_a_single_seed_run_prints_rows_in_json_but_no_rates_table(plugin, seed_c
             cache=seed_cache, path=plugin)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert len(out["results"]) == 3  # two schemes + the clean control on fp32 only, as before --seeds
+    assert len(out["results"]) == 4  # two schemes, and the clean control on each of them
     assert [(row["row"], row["n_backdoored"], row["n_clean"]) for row in out["rows"]] == [
-        ("digits/fp32/always-zero[canonical]", 1, 1), ("digits/int8-dynamic/always-zero[canonical]", 1, 0)]
+        ("digits/fp32/always-zero[canonical]", 1, 1), ("digits/int8-dynamic/always-zero[canonical]", 1, 1)]
     assert "model hit" in r.stderr and "(seed 1)" not in r.stderr
     text = qbd(*SEEDS, "--attack-seed", "1", "--quant", "fp32", "--defense", "qbd_gate_plugin:AlwaysZero", cache=seed_cache, path=plugin)
     assert "Rates over seeds" not in text.stdout
