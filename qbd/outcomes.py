@@ -119,8 +119,22 @@ def judge(result: dict[str, Any], finding: dict[str, Any] | None) -> Judgement:
                      + _failure(result, measured, expected))
 
 
-# a borderline margin wider than this share of the threshold would accept verdicts far from it
-BORDERLINE_MAX_FRACTION = 0.5
+# a borderline margin wider than this share of the threshold would accept verdicts far from it: the
+# spread measured across thread counts and CPU families is a few hundredths of an NC anomaly index
+BORDERLINE_MAX_FRACTION = 0.15
+
+
+def judged_statistic(result: dict[str, Any]) -> tuple[float | None, str]:
+    """The statistic a borderline judgement reads, and what it is: on a backdoored model, the
+    planted target's own statistic where the defense reports one per class (evidence
+    `per_class_score`; NC's anomaly index, AC's silhouette, SS's per-class value), since the
+    model-level score is the most suspicious class's, whichever it is; else the model-level score."""
+    v = result["verdict"]
+    truth = Truth.of(result)
+    per_class = (v.get("evidence") or {}).get("per_class_score") if isinstance(v.get("evidence"), dict) else None
+    if truth.backdoored and isinstance(per_class, list) and truth.target is not None and truth.target < len(per_class):
+        return per_class[truth.target], f"the target's (class {truth.target}) own statistic"
+    return v.get("score"), "the score"
 
 
 def _judge_borderline(result: dict[str, Any], finding: dict[str, Any], measured: str, word: str, truth: Truth) -> Judgement:
@@ -133,23 +147,31 @@ def _judge_borderline(result: dict[str, Any], finding: dict[str, Any], measured:
     margin = finding["margin"]
     other = "miss" if truth.backdoored else "false-alarm"
     expected = f"borderline finding: {truth.expected_verdict()} or {other}, score within {margin} of the threshold"
-    score, threshold = v.get("score"), v.get("threshold")
+    score, what = judged_statistic(result)
+    threshold = v.get("threshold")
     if measured not in ("pass", other):
         return Judgement(result["cell"], measured, word, "FAIL", expected, _failure(result, measured, expected))
     problem = None
     if score is None or threshold is None:
-        problem = "the verdict has no score and threshold"
+        problem = f"the verdict has no threshold or {what}"
     elif margin > BORDERLINE_MAX_FRACTION * abs(threshold):
         problem = f"margin {margin} is too wide to be borderline (more than {BORDERLINE_MAX_FRACTION} x the threshold {threshold:.3f})"
     elif abs(score - threshold) > margin:
-        problem = f"score {score:.3f} is {abs(score - threshold):.3f} from the threshold {threshold:.3f}, beyond the margin {margin}"
-    elif score != threshold and (v["status"] == "detected") != (score > threshold):
-        # the verdict must be the score's: a miss for another reason (FP's clean-accuracy rule) is not this finding
-        problem = f"the verdict ({word}) is not the side of the threshold its score {score:.3f} is on"
+        problem = f"{what} {score:.3f} is {abs(score - threshold):.3f} from the threshold {threshold:.3f}, beyond the margin {margin}"
+    elif score != threshold and (v["status"] == "detected") != (_above(score, threshold, v)):
+        # the verdict must be the statistic's: a miss for another reason (FP's clean-accuracy rule) is not this finding
+        problem = f"the verdict ({word}) is not the side of the threshold {what} {score:.3f} is on"
     if problem:
         return Judgement(result["cell"], measured, word, "FAIL", expected,
                          f"borderline finding no longer holds: {problem}; update the expectations (its why was: {finding.get('why')})")
     return Judgement(result["cell"], measured, word, "finding", expected, f"{finding.get('why')} (score {score:.3f})")
+
+
+def _above(score: float, threshold: float, verdict: dict[str, Any]) -> bool:
+    """Whether `score` lies on the detecting side of the threshold (a defense that flags low values,
+    SS's "below", says so in its evidence)."""
+    below = isinstance(verdict.get("evidence"), dict) and verdict["evidence"].get("flags_when") == "below"
+    return score < threshold if below else score > threshold
 
 
 def declared_outcome(finding: dict[str, Any]) -> str:

@@ -187,6 +187,9 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
     evidence["size_rule_classes"] = size_rule  # smaller cluster < size_threshold, any silhouette
     evidence["size_rule_would_flag"] = bool(size_rule)
     evidence["max_silhouette_class"] = max(clustered, key=lambda c: sil[c])
+    # each class's own statistic as the rule compares it (None: not scored): what a borderline
+    # judgement reads for the planted target (qbd.outcomes)
+    evidence["per_class_score"] = [round(sil[c], 4) if scored(s, p) and sil[c] is not None else None for c, s in enumerate(stats)]
     compared = [sil[c] for c, s in enumerate(stats) if scored(s, p)]
     score = max(compared) if compared else 0.0
     if flagged:

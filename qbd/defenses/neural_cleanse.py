@@ -182,6 +182,9 @@ def decide(res: dict[str, Any], mad_threshold: float) -> Verdict:
     lower = [float(idx[c]) for c in range(len(norms)) if norms[c] < med]
     score = max(lower) if lower else 0.0
     evidence["flagged"] = flagged
+    # each class's own statistic as the rule compares it (None: a class above the median cannot be
+    # flagged): what a borderline judgement reads for the planted target (qbd.outcomes)
+    evidence["per_class_score"] = [round(float(idx[c]), 4) if norms[c] < med else None for c in range(len(norms))]
     if flagged:
         target = max(flagged, key=lambda c: idx[c])
         return Verdict("detected", score=score, threshold=mad_threshold, target_class=int(target), evidence=evidence, controls=controls)

@@ -190,6 +190,8 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
     flagged = [g for g in scored if sign * vals[g] > sign * thr]
     evidence["flagged"] = flagged
     evidence["flags_when"] = side
+    if p["grouping"] == "per-class":  # each class's own statistic: what a borderline judgement reads for the target
+        evidence["per_class_score"] = [None if v is None or not math.isfinite(v) else round(v, 4) for v in vals]
     most = max(scored, key=lambda g: sign * vals[g])  # the most suspicious group
     score = vals[most]
     if flagged:

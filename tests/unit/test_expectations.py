@@ -668,6 +668,27 @@ def test_a_borderline_finding_accepts_the_truth_or_a_miss_near_the_threshold_onl
     assert too_wide.judgement == "FAIL" and "too wide" in too_wide.why
 
 
+def test_a_borderline_finding_reads_the_targets_own_statistic(tmp_path):
+    """NC's score is the largest anomaly index of any class; on a backdoored model the borderline
+    judgement reads the planted target's (evidence per_class_score), so a detection of the target
+    far above the threshold, or a miss whose score sits near it on another class, fails."""
+    e = _load(tmp_path, OTHER)
+    nc = "digits/fp32/neural-cleanse[canonical]"
+
+    def scored(status, score, own, target=None):
+        r = _scored(nc, status, score, target=target)
+        r["verdict"]["evidence"] = {"per_class_score": [None, 1.1, own, None]}
+        return r
+
+    assert e.judge(scored("detected", 2.17, 2.17, target=2)).judgement == "finding"
+    moved = e.judge(scored("detected", 2.17, 3.4, target=2))  # the target's own index moved away: not borderline
+    assert moved.judgement == "FAIL" and "target's (class 2) own statistic 3.400" in moved.why
+    assert e.judge(scored("clean", 1.96, 1.96)).judgement == "finding"
+    far = e.judge(scored("clean", 1.96, 0.4))  # the score near 2.0 is another class's; the target's is far below
+    assert far.judgement == "FAIL" and "own statistic 0.400" in far.why
+    assert e.judge(scored("clean", 1.96, None)).judgement == "FAIL"  # the target was not scored at all
+
+
 BADNET_TOML = ('{ name = "badnet", target = 0, trigger_pattern = "white", trigger_size = 3, trigger_position = "bottom-right",'
                ' poison_rate = 0.1 }')
 
