@@ -32,6 +32,9 @@ def several_models(effects: list[dict[str, Any]]) -> bool:
 
 def _note(e: dict[str, Any]) -> str:
     notes = []
+    sides = [e[side] for side in ("detection", "false_alarm") if e[side] is not None]
+    if sides and all(s["invalid_baseline"] == s["n"] and s["invalid_scheme"] == s["n"] for s in sides):
+        notes.append("no answer on either side: every verdict invalid (the rule cannot judge; not evidence either way)")
     if e.get("input_unchanged"):
         notes.append("input unchanged: the layer the defense reads is fp32's (no test of quantization)")
     for side in significant(e, ALPHA):
@@ -52,7 +55,7 @@ def draw(effects: list[dict[str, Any]], title: str = "") -> Any:
     panels = sorted({(e["dataset"], e["defense"], e["protocol"]) for e in effects})
     cols = min(4, max(1, len(panels)))
     nrows = -(-len(panels) // cols) if panels else 1
-    fig = figure(3.3 * cols + 0.6, 2.5 * nrows + 0.8)
+    fig = figure(max(5.0, 3.3 * cols + 0.6), 2.5 * nrows + 1.0)
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
@@ -91,8 +94,8 @@ def draw(effects: list[dict[str, Any]], title: str = "") -> Any:
         ax.grid(axis="y", alpha=0.3)
     if panels:
         axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle((title + "\n" if title else "") + "detection and false-alarm rates by scheme, paired with fp32"
-                 f" (Wilson 95 %; * McNemar p < {ALPHA})", fontsize=9)
+    fig.suptitle((title + "\n" if title else "") + "detection and false-alarm rates by scheme, paired with fp32\n"
+                 f"(Wilson 95 % intervals; * exact McNemar p < {ALPHA})", fontsize=9)
     return fig
 
 

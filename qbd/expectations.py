@@ -25,7 +25,13 @@ default wherever qbd is installed.
     min_quantized_fraction = 0.0001
     max_quantized_fraction = 0.01
 
-    [rows."digits/fp32/activation-clustering[canonical]"]   # rates over seeds (qbd.rates)
+    [rows."digits/int4-sim/neural-cleanse[canonical]"]      # a row measured over its models (qbd.measured_rows)
+    seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    backdoored = { pass = 9, "wrong-target" = 1 }           # outcome -> number of models
+    clean = { pass = 7, "false-alarm" = 3 }
+    why = "docs/results.md#rows-over-ten-models: ..."       # required unless every model matched its truth
+
+    [rows."digits/fp32/activation-clustering[canonical]"]   # or: rate bounds (a table of your own)
     min_detection_rate = 0.8            # any of min_/max_detection_rate, min_/max_false_alarm_rate
     max_false_alarm_rate = 0.2
     why = "docs/defenses.md#...: ..."   # required
@@ -42,11 +48,13 @@ target; clean -> `clean` (qbd.outcomes). A finding states the outcome the cell p
 the cell fails when it produces anything else, the truth included ("finding no longer holds").
 A crash (`error`), a timeout or an unexplained invalid is never an expected outcome.
 
-Row bounds apply to multi-seed runs only (`qbd run --seeds N`, `--qbd-seeds N`, N > 1), and, like
-findings, only to the attack they were measured on. A row with bounds is judged by its rates
-(check_row), and each of its seed's cells then fails only on a never-expected outcome; a row
-without bounds has every seed's cell judged as a single-seed cell is. Single-seed runs ignore
-row bounds.
+A measured row judges every run (qbd.measured_rows states the one rule): over its seeds, each
+count within one model of what it measured; in any other run, each cell's outcome one that the
+row measured on its kind of model. A [cells] finding on a measured row's cell is refused.
+Rate bounds apply to multi-seed runs only (`qbd run --seeds N`, `--qbd-seeds N`, N > 1). Both,
+like findings, apply only to the attack they were measured on. A row judged by its rates or
+counts (check_row) has each of its seed's cells fail only on a never-expected outcome; a row
+without either has every seed's cell judged as a single-seed cell is.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import pytest
 from qbd import expectations
 from qbd import results as results_io
 from qbd.config import AttackSpec
-from qbd.outcomes import declared_outcome
 
 
 def qbd(*args: str, cache: Path | None = None, check: bool = False, timeout: float = 600,
@@ -110,7 +109,7 @@ def test_run_json_and_report_agree(tmp_path):
             "--json", "--no-progress", "--report", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout)["results"]
-    assert len(results) == 3  # two schemes + the negative control
+    assert len(results) == 4  # two schemes, each on the backdoored model and on the negative control
     for res in results:
         assert results_io.problems(res) == []
         # the default digits models are pinned in the zoo: loaded, sha256-verified, not trained
@@ -126,18 +125,22 @@ def test_run_json_and_report_agree(tmp_path):
     assert "![heatmap](heatmap.png)" in md and run["command"] in md
     table = expectations.load(expectations.shipped("smoke"))  # `qbd run` judges against it by default
     for res in results:
-        finding = table.finding(res)
-        if finding is None:
+        entry = table.measured_row(res)
+        assert entry is not None, f"{res['cell']}: its row is measured over the zoo's models in the shipped table"
+        if res["judgement"]["outcome"] == "pass":
             # the truth: the backdoor planted with --target's default (0) is named; the clean model is clean
             truth = ("detected", 0) if res["attack"] is not None else ("clean", None)
             assert (res["verdict"]["status"], res["verdict"]["target_class"]) == truth, res["verdict"]
-            assert (res["judgement"]["outcome"], res["judgement"]["judgement"]) == ("pass", "pass")
-        else:  # a finding the shipped table declares for this cell
-            assert (res["judgement"]["outcome"], res["judgement"]["judgement"]) == (declared_outcome(finding), "finding")
+            assert res["judgement"]["judgement"] == "pass"
+        else:  # an outcome its row measured on other models too: a finding of the row's
+            kind = "backdoored" if res["attack"] is not None else "clean"
+            assert entry[kind].get(res["judgement"]["outcome"]), (res["judgement"], entry)
+            assert res["judgement"]["judgement"] == "finding"
         word = {"detected": "DETECTED", "clean": "clean", "invalid": "INVALID"}[res["verdict"]["status"]]
         row = next(line for line in md.splitlines() if line.startswith(f"| {res['dataset']}") and f"| {res['quant']['scheme']} |" in line
                    and ("clean model" in line) == (res["attack"] is None))
-        assert word in row and ("[finding]" in row) == (finding is not None) and "[FAIL]" not in row
+        finding = res["judgement"]["judgement"] == "finding"
+        assert word in row and ("[finding]" in row) == finding and "[FAIL]" not in row
     assert f"Outcome: {len(results) - sum(table.finding(r) is not None for r in results)} cells match the truth" in md
 
 

@@ -357,3 +357,31 @@ def test_an_empty_run_still_writes_its_report(tmp_path):
     paths = write_report([], tmp_path)
     assert paths["heatmap.png"].stat().st_size > 1000 and read_run(paths["results.json"])["versions"]
     assert "no Results" in [t.get_text() for t in draw_outcomes([]).ax.texts]
+
+
+def _paired_seeds():
+    """strip over five models on fp32 and int8-dynamic: fp32 detects 5/5 and is quiet on 5/5 clean
+    ones; int8-dynamic loses seeds 0-3 and false-alarms on seed 4's clean model."""
+    rs = []
+    for s in range(5):
+        rs += [_seeded(s, "detected", 0, scheme="fp32"), _seeded(s, "clean", clean_model=True, scheme="fp32"),
+               _seeded(s, "clean" if s < 4 else "detected", None if s < 4 else 0),
+               _seeded(s, "detected" if s == 4 else "clean", 0 if s == 4 else None, clean_model=True)]
+    return rs
+
+
+def test_the_paired_effects_head_the_report_over_several_models(tmp_path):
+    from qbd.report import write_report
+
+    rs = _paired_seeds()
+    text = terminal(rs)
+    assert text.index("Quantization's effect") < text.index("Table 1")
+    line = next(x for x in text.splitlines() if x.startswith("digits") and "int8-dynamic" in x)
+    assert "5/5 -> 1/5 (-0.80, p=0.125)" in line and "0/5 -> 1/5 (+0.20, p=1)" in line
+    md = markdown(rs)
+    assert md.index("## Quantization's effect, paired with fp32 on the same models") < md.index("## Table 1")
+    paths = write_report(rs, tmp_path)
+    assert paths["effects.png"].stat().st_size > 1000 and "![effects](effects.png)" in paths["report.md"].read_text()
+    one = [r for r in rs if r["seed"] == 0]
+    assert "Quantization's effect" not in terminal(one) and "One model per cell" in markdown(one)
+    assert "effects.png" not in write_report(one, tmp_path / "one")

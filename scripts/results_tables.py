@@ -1,0 +1,63 @@
+"""The tables docs/results.md and the README show, from results files of runs over the zoo.
+
+    python scripts/results_tables.py out/digits-s10.json out/synthetic-s10.json [--pictures docs/img]
+
+Prints, per data set: the rows grid (scheme x protocol by defense: detected naming the target /
+false alarms / invalid, out of the models) and quantization's paired effects (qbd.effects); with
+--pictures, writes effects-<dataset>.png there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qbd import results as results_io  # noqa: E402
+from qbd.effects import effects  # noqa: E402
+from qbd.effects_report import save, table  # noqa: E402
+from qbd.figure import scheme_key  # noqa: E402
+from qbd.rates import rows  # noqa: E402
+from qbd.report import md_table  # noqa: E402
+
+
+def grid(rs: list[dict]) -> str:
+    found = rows(rs)
+    defenses = sorted({r["defense"] for r in found})
+    keys = sorted({(r["scheme"], r["protocol"]) for r in found}, key=lambda k: (k[1] != "canonical", k[1], scheme_key(k[0])))
+    by = {(r["scheme"], r["protocol"], r["defense"]): r for r in found}
+    out = []
+    for scheme, protocol in keys:
+        cells = []
+        for d in defenses:
+            r = by.get((scheme, protocol, d))
+            if r is None:
+                cells.append("-")
+                continue
+            text = f"{r['detected']}/{r['n_backdoored']}, FA {r['false_alarms']}/{r['n_clean']}"
+            if r["invalid"]:
+                text += f", inv {r['invalid']}/{r['n_backdoored'] + r['n_clean']}"
+            cells.append(text)
+        out.append([scheme, protocol, *cells])
+    return md_table(["scheme", "protocol", *defenses], out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--pictures", type=Path)
+    args = ap.parse_args()
+    results = [r for p in args.runs for r in results_io.read(p)]
+    for ds in sorted({r["dataset"] for r in results}):
+        rs = [r for r in results if r["dataset"] == ds]
+        found = effects(rs)
+        print(f"### {ds}\n\n{grid(rs)}\n\n{md_table(*table(found))}\n")
+        if args.pictures:
+            print(f"picture: {save(found, args.pictures / f'effects-{ds}.png', f'{ds}: ten backdoored and ten clean models')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
