@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qbd import results as results_io  # noqa: E402
-from qbd.effects import effects  # noqa: E402
-from qbd.effects_report import save, table  # noqa: E402
-from qbd.figure import scheme_key  # noqa: E402
-from qbd.rates import rows  # noqa: E402
-from qbd.report import md_table  # noqa: E402
+from qbd import results as results_io
+from qbd.effects import effects
+from qbd.effects_report import save, table
+from qbd.figure import scheme_key
+from qbd.rates import rows
+from qbd.report import md_table
 
 
 def grid(rs: list[dict]) -> str:
