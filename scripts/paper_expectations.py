@@ -46,7 +46,11 @@ for ds in ("cifar10", "gtsrb"):
             if scheme in PAPER_SCHEMES:
                 entry["paper"] = "detected" if (ds, scheme, d) in PAPER_DETECTED else "clean"
             e.cells[f"{ds}/{scheme}/{d}[paper]"] = entry
-    e.cells[f"{ds}:clean/fp32/strip[paper]"] = {"outcome": "invalid", "reason_code": "rule-cannot-fire", "why": STRIP_RULE}
+        # the negative control runs on every scheme: the same rules cannot answer there either
+        e.cells[f"{ds}:clean/{scheme}/strip[paper]"] = {"outcome": "invalid", "reason_code": "rule-cannot-fire", "why": STRIP_RULE}
+        if scheme in ("int8-dynamic", "int8-static"):
+            e.cells[f"{ds}:clean/{scheme}/neural-cleanse[paper]"] = {"outcome": "invalid", "reason_code": "no-gradient",
+                                                                     "why": NO_GRADIENT}
 
 header = """qbd expectations, paper tier: ResNet-18 on CIFAR-10 and GTSRB at the paper's settings.
 The truth is the default; entries are predicted findings with their why. `paper` is the paper's Table 1

@@ -119,7 +119,7 @@ def test_entry_point_adds_cells(suite: pytest.Pytester) -> None:
     suite.syspathinsert(EXAMPLE)
     result = suite.runpytest("--collect-only", "-q", "-k", "corner-patch-probe")
     cells = [line for line in result.stdout.lines if "::test_cell[" in line]
-    assert len(cells) == 2 * 2 * 5
+    assert len(cells) == 2 * 2 * 4 * 2  # data sets x protocols x schemes x (backdoored, clean control)
 
 
 @pytest.fixture(scope="session")
@@ -381,7 +381,7 @@ def test_built_in_cells_use_the_shipped_expectations_from_any_directory(suite: p
 
     _shared_cache(monkeypatch, outer_store)
     cell = "digits/int8-dynamic/neural-cleanse[paper]"
-    assert load(shipped("smoke")).cells[cell]["reason_code"] == "no-gradient"
+    assert load(shipped("smoke")).rows[cell]["backdoored"] == {"invalid:no-gradient": 10}  # measured over the zoo's models
     result = suite.runpytest("-k", cell)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*0 cells match the truth, 1 declared findings, 0 failing*"])
@@ -625,7 +625,7 @@ def test_a_broken_entry_point_skips_only_its_own_cells_naming_its_distribution(s
     _dist(suite, "qbd-broken-demo", "broken-probe = no_such_module_xyz:Thing")
     collected = suite.runpytest("--collect-only", "-q")
     assert collected.ret == pytest.ExitCode.OK  # never a usage error for every run
-    assert len([x for x in collected.stdout.lines if "::test_cell[" in x and "broken-probe" in x]) == 2 * 2 * 5
+    assert len([x for x in collected.stdout.lines if "::test_cell[" in x and "broken-probe" in x]) == 2 * 2 * 4 * 2
     result = suite.runpytest("-rs", "-k", "digits/fp32/broken-probe[paper] or digits/fp32/strip[paper]")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*SKIPPED*entry point of qbd-broken-demo*cannot load it*no_such_module_xyz*"])
@@ -635,7 +635,7 @@ def test_a_broken_entry_point_skips_only_its_own_cells_naming_its_distribution(s
 def test_scheme_and_dataset_options_narrow_the_matrix(suite: pytest.Pytester) -> None:
     result = suite.runpytest("--collect-only", "-q", "--qbd-dataset", "digits", "--qbd-scheme", "fp32,int8-static")
     cells = [x for x in result.stdout.lines if "::test_cell[" in x]
-    assert len(cells) == 1 * 5 * 2 * (2 + 1)  # digits x defenses x protocols x (2 schemes + the fp32 clean control)
+    assert len(cells) == 1 * 5 * 2 * 2 * 2  # digits x defenses x protocols x 2 schemes x (backdoored, clean control)
     assert all("digits" in c and ("/fp32/" in c or "/int8-static/" in c) for c in cells)
     assert len([x for x in result.stdout.lines if "::test_attack[" in x]) == 2
     bad = suite.runpytest("--collect-only", "--qbd-scheme", "int8-statc")

@@ -365,11 +365,12 @@ def test_cells_on_worker_processes_give_the_same_results_in_the_same_order():
         r = qbd(*sel, "-j", j)
         assert r.returncode == 0, r.stderr
         out[j] = json.loads(r.stdout)["results"]
-    assert "6 cells on 2 worker processes" in r.stderr
+    assert "8 cells on 2 worker processes" in r.stderr
     assert [x["cell"] for x in out["1"]] == [x["cell"] for x in out["2"]] == [
         "digits/fp32/spectral-signatures[canonical]", "digits/fp32/strip[canonical]",
         "digits/int4-sim/spectral-signatures[canonical]", "digits/int4-sim/strip[canonical]",
-        "digits:clean/fp32/spectral-signatures[canonical]", "digits:clean/fp32/strip[canonical]"]
+        "digits:clean/fp32/spectral-signatures[canonical]", "digits:clean/fp32/strip[canonical]",
+        "digits:clean/int4-sim/spectral-signatures[canonical]", "digits:clean/int4-sim/strip[canonical]"]
     for a, b in zip(out["1"], out["2"], strict=True):
         assert a["verdict"] == b["verdict"] and (a["clean_acc"], a["asr"]) == (b["clean_acc"], b["asr"])
         assert a["versions"]["torch_threads"] == b["versions"]["torch_threads"] == 1

@@ -400,9 +400,10 @@ def test_paper_table_transcribes_the_paper():
     for ds in ("cifar10", "gtsrb"):
         for scheme in ("int8-dynamic", "int8-static"):
             expected[f"{ds}/{scheme}/neural-cleanse[paper]"] = ("invalid", "no-gradient")
+            expected[f"{ds}:clean/{scheme}/neural-cleanse[paper]"] = ("invalid", "no-gradient")
         for scheme in ("fp32", "int8-dynamic", "int8-static", "int4-sim"):
             expected[f"{ds}/{scheme}/strip[paper]"] = ("invalid", "rule-cannot-fire")
-        expected[f"{ds}:clean/fp32/strip[paper]"] = ("invalid", "rule-cannot-fire")
+            expected[f"{ds}:clean/{scheme}/strip[paper]"] = ("invalid", "rule-cannot-fire")
     assert findings == expected  # every other cell is expected to match the truth
     for ds in ("cifar10", "gtsrb"):
         nc = f"{ds}/int8-dynamic/neural-cleanse[paper]"

@@ -29,13 +29,13 @@ def test_param_id(nodeid: str, expected: str | None) -> None:
 
 def test_one_seed_groups_by_model_and_scheme() -> None:
     groups = groups_by_param_id(_state())
-    # 2 data sets x 4 schemes x 2 defenses x 2 protocols backdoored cells + 2 x 2 x 2 clean fp32 cells + 8 attack/audit ids
-    assert len(groups) == 32 + 8 + 8
+    # 2 data sets x 4 schemes x 2 defenses x 2 protocols, backdoored and clean, + 8 attack/audit ids
+    assert len(groups) == 32 + 32 + 8
     assert groups["digits/int8-static/strip[paper]"] == groups["digits/int8-static/neural-cleanse[canonical]"] \
         == groups["digits/int8-static"] == "qbd:digits:backdoored:seed0:int8-static"
     assert groups["digits:clean/fp32/strip[paper]"] == "qbd:digits:clean:seed0:fp32"
     assert groups["synthetic/fp32/strip[canonical]"] != groups["digits/fp32/strip[canonical]"]
-    assert len(set(groups.values())) == 2 * 4 + 2  # backdoored x schemes, clean fp32 per data set
+    assert len(set(groups.values())) == 2 * 4 * 2  # data sets x schemes x (backdoored, clean)
 
 
 def test_several_seeds_group_each_seed_apart() -> None:
