@@ -417,7 +417,7 @@ def _gate(results: list[dict[str, Any]], gating: bool, table: Any, *, row_failur
     source = str(table.path) if table.path else "the truth alone (no table shipped for this tier)"
     print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {source})", file=sys.stderr)
     if rated:
-        print(f"qbd: rows judged by their rates: {rated}, outside their bounds: {len(row_failures)}", file=sys.stderr)
+        print(f"qbd: rows judged over their models: {rated}, failing: {len(row_failures)}", file=sys.stderr)
     if not gating:
         return EXIT_OK
     for line in failing:

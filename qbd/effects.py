@@ -12,8 +12,12 @@ The change in each rate is the scheme's rate minus fp32's on the same models, an
 the exact McNemar test: under "quantization changes nothing", each discordant pair (detected on
 one side only) is equally likely to go either way, so the smaller discordant count is binomial
 (b + c, 1/2); the two-sided p-value is twice its lower tail, capped at 1. With no discordant pair
-the p-value is 1. An invalid verdict counts as not detected on its side (as in qbd.rates), and the
-pairs' invalid counts are reported apart.
+the p-value is 1. Only pairs with an answer on both sides are compared: a pair with an invalid
+verdict on either side (no gradient through int8 kernels, a rule that cannot fire) says nothing
+about whether quantization changed the defense's answer, so it is left out and counted apart
+(`invalid`); a side with no such pair is null ("no answer"). Every run tests many effects at
+once, so each p-value also comes Holm-adjusted over all the effects of the call (`p_holm`,
+family-wise error at the nominal level); the report stars only what survives it.
 
 A cell whose scheme leaves the defense's own input unchanged (int8-dynamic quantizes only the
 classifier, so the activations AC and SS read are fp32's) compares fp32 with itself: the effect
@@ -59,7 +63,7 @@ def _flag(r: dict[str, Any]) -> bool:
     return outcome(r) == "pass"
 
 
-def _invalid(r: dict[str, Any]) -> bool:
+def _invalid(r: dict[str, Any]) -> bool:  # no answer from the defense on this model
     return r["verdict"]["status"] == "invalid"
 
 
@@ -70,12 +74,14 @@ def _unchanged(r: dict[str, Any]) -> bool | None:
 def effects(results: list[dict[str, Any]], baseline: str = BASELINE) -> list[dict[str, Any]]:
     """One effect per (data set, defense, protocol, scheme != baseline) that has at least one
     pair, sorted. Keys: effect (id "dataset/scheme/defense[protocol]"), dataset, scheme, baseline,
-    defense, protocol, input_unchanged (True, False or None when not known), then for the
-    backdoored pairs (`detection`) and the clean pairs (`false_alarm`) each a dict: n (pairs),
-    baseline_count, scheme_count, baseline_rate, scheme_rate, baseline_ci, scheme_ci (Wilson
-    95 %), change (scheme_rate - baseline_rate), lost (flagged on the baseline only), gained
-    (flagged on the scheme only), p (exact McNemar), invalid_baseline, invalid_scheme; null
-    when there is no pair of that kind."""
+    defense, protocol, input_unchanged (True, False or None when not known), invalid (per side:
+    invalid verdicts on the baseline, on the scheme, and the pairs left out for them), then for
+    the backdoored pairs (`detection`) and the clean pairs (`false_alarm`) each a dict over the
+    pairs with an answer on both sides: n, baseline_count, scheme_count, baseline_rate,
+    scheme_rate, baseline_ci, scheme_ci (Wilson 95 %), change (scheme_rate - baseline_rate), lost
+    (flagged on the baseline only), gained (flagged on the scheme only), p (exact McNemar),
+    p_holm (Holm-adjusted over every side of every effect returned); null when there is no such
+    pair."""
     by: dict[tuple[str, str, str], dict[str, dict[tuple[int, str], dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for r in results:
         key = (r["dataset"], r["defense"]["name"], r["defense"]["protocol"])
@@ -93,22 +99,31 @@ def effects(results: list[dict[str, Any]], baseline: str = BASELINE) -> list[dic
                 continue
             pairs = [(base[m], models[m]) for m in shared]
             flags = {_unchanged(s) for _, s in pairs}
+            sides = {"detection": [p for p in pairs if p[0].get("attack") is not None],
+                     "false_alarm": [p for p in pairs if p[0].get("attack") is None]}
             out.append({
                 "effect": f"{ds}/{scheme}/{defense}[{protocol}]", "dataset": ds, "scheme": scheme, "baseline": baseline,
                 "defense": defense, "protocol": protocol,
                 "input_unchanged": flags.pop() if len(flags) == 1 else None,
-                "detection": _paired([p for p in pairs if p[0].get("attack") is not None]),
-                "false_alarm": _paired([p for p in pairs if p[0].get("attack") is None]),
+                "invalid": {side: _invalid_counts(ps) for side, ps in sides.items()},
+                **{side: _paired(ps) for side, ps in sides.items()},
             })
+    _holm(out)
     return out
 
 
+def _invalid_counts(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, int]:
+    return {"baseline": sum(_invalid(b) for b, _ in pairs), "scheme": sum(_invalid(q) for _, q in pairs),
+            "pairs_left_out": sum(_invalid(b) or _invalid(q) for b, q in pairs)}
+
+
 def _paired(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any] | None:
-    n = len(pairs)
+    answered = [(b, q) for b, q in pairs if not (_invalid(b) or _invalid(q))]
+    n = len(answered)
     if n == 0:
         return None
-    a = [_flag(b) for b, _ in pairs]
-    s = [_flag(q) for _, q in pairs]
+    a = [_flag(b) for b, _ in answered]
+    s = [_flag(q) for _, q in answered]
     lost = sum(x and not y for x, y in zip(a, s, strict=True))
     gained = sum(y and not x for x, y in zip(a, s, strict=True))
     ka, ks = sum(a), sum(s)
@@ -116,8 +131,23 @@ def _paired(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any
         "n": n, "baseline_count": ka, "scheme_count": ks, "baseline_rate": ka / n, "scheme_rate": ks / n,
         "baseline_ci": list(wilson(ka, n)), "scheme_ci": list(wilson(ks, n)),  # type: ignore[arg-type]
         "change": (ks - ka) / n, "lost": lost, "gained": gained, "p": mcnemar_exact(lost, gained),
-        "invalid_baseline": sum(_invalid(b) for b, _ in pairs), "invalid_scheme": sum(_invalid(q) for _, q in pairs),
     }
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values (family-wise error), in the input's order."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    m, running, out = len(ps), 0.0, [0.0] * len(ps)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def _holm(found: list[dict[str, Any]]) -> None:
+    sides = [e[side] for e in found for side in ("detection", "false_alarm") if e[side] is not None]
+    for side, adjusted in zip(sides, holm([x["p"] for x in sides]), strict=True):
+        side["p_holm"] = adjusted
 
 
 def effect_problems(effect: Any) -> list[str]:
@@ -139,13 +169,13 @@ def effect_problems(effect: Any) -> list[str]:
         if not isinstance(p, dict):
             out.append(f"{side} must be an object or null")
             continue
-        ints = ("n", "baseline_count", "scheme_count", "lost", "gained", "invalid_baseline", "invalid_scheme")
+        ints = ("n", "baseline_count", "scheme_count", "lost", "gained")
         bad = [k for k in ints if not (isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 0)]
         if bad:
             out.append(f"{side}: {', '.join(bad)} must be integers >= 0")
             continue
         n = p["n"]
-        if n == 0 or max(p["baseline_count"], p["scheme_count"], p["invalid_baseline"], p["invalid_scheme"]) > n:
+        if n == 0 or max(p["baseline_count"], p["scheme_count"]) > n:
             out.append(f"{side}: counts must lie in [0, n] with n >= 1")
             continue
         if p["baseline_count"] - p["lost"] != p["scheme_count"] - p["gained"] or p["lost"] > p["baseline_count"]:
@@ -156,6 +186,9 @@ def effect_problems(effect: Any) -> list[str]:
             got = p.get(k)
             if not (isinstance(got, (int, float)) and not isinstance(got, bool) and abs(got - v) <= 1e-9):
                 out.append(f"{side}: {k} must be {v}, got {got!r}")
+        ph = p.get("p_holm")
+        if not (isinstance(ph, (int, float)) and not isinstance(ph, bool) and p["p"] - 1e-12 <= ph <= 1.0):
+            out.append(f"{side}: p_holm must lie in [p, 1], got {ph!r}")
         for k, c in (("baseline_ci", p["baseline_count"]), ("scheme_ci", p["scheme_count"])):
             ci = p.get(k)
             want_ci = list(wilson(c, n))  # type: ignore[arg-type]
@@ -164,15 +197,19 @@ def effect_problems(effect: Any) -> list[str]:
     return out
 
 
-def significant(effect: dict[str, Any], alpha: float = 0.05) -> list[str]:
-    """The sides ("detection", "false_alarm") whose change is significant at `alpha`."""
+def significant(effect: dict[str, Any], alpha: float = 0.05, key: str = "p_holm") -> list[str]:
+    """The sides ("detection", "false_alarm") whose change is significant at `alpha` (Holm-adjusted
+    by default; key="p" for the nominal, per-test level)."""
     return [side for side in ("detection", "false_alarm")
-            if effect.get(side) is not None and effect[side]["p"] < alpha]
+            if effect.get(side) is not None and effect[side][key] < alpha]
 
 
-def change_text(side: dict[str, Any] | None) -> str:
-    """"10/10 -> 6/10 (-0.40, p=0.125)"; "-" with no pair."""
+def change_text(side: dict[str, Any] | None, invalid: dict[str, int] | None = None) -> str:
+    """"10/10 -> 6/10 (-0.40, p=0.125, Holm 1)", with ", 3 pairs left out (invalid)" where
+    verdicts were invalid; "no answer" where no pair had one on both sides."""
+    left = (invalid or {}).get("pairs_left_out", 0)
+    note = f"; {left} pairs left out (invalid)" if left else ""
     if side is None:
-        return "-"
+        return ("no answer" + note) if left else "-"
     return (f"{side['baseline_count']}/{side['n']} -> {side['scheme_count']}/{side['n']}"
-            f" ({side['change']:+.2f}, p={side['p']:.3g})")
+            f" ({side['change']:+.2f}, p={side['p']:.3g}, Holm {side['p_holm']:.2g}){note}")

@@ -19,10 +19,12 @@ from qbd.figure import save as _save
 
 ALPHA = 0.05  # the significance level the table's note and the picture's stars use
 
-NOTE = ("Paired with fp32 on the same models: a detection names the planted target (a wrong target or an invalid"
-        " verdict is not one), a false alarm is a clean model judged detected; p is the exact two-sided McNemar test"
-        f" on the models whose verdict changed; * marks p < {ALPHA}. One model per row is an anecdote: with n models"
-        " the smallest p-value possible is 2 / 2^n (0.0625 at n = 5, 0.002 at n = 10).")
+NOTE = ("Paired with fp32 on the same models: a detection names the planted target (a wrong target is not one), a"
+        " false alarm is a clean model judged detected; only models with an answer on both sides are compared (a pair"
+        " with an invalid verdict is left out and counted). p is the exact two-sided McNemar test on the models whose"
+        " verdict changed, Holm its Holm adjustment over every comparison of the run; * marks Holm < "
+        f"{ALPHA}, (nominal) p < {ALPHA} alone. With n pairs the smallest p possible is 2 / 2^n (0.0625 at n = 5,"
+        " 0.002 at n = 10): a change of one or two models is never significant.")
 
 
 def several_models(effects: list[dict[str, Any]]) -> bool:
@@ -32,21 +34,21 @@ def several_models(effects: list[dict[str, Any]]) -> bool:
 
 def _note(e: dict[str, Any]) -> str:
     notes = []
-    sides = [e[side] for side in ("detection", "false_alarm") if e[side] is not None]
-    if sides and all(s["invalid_baseline"] == s["n"] and s["invalid_scheme"] == s["n"] for s in sides):
-        notes.append("no answer on either side: every verdict invalid (the rule cannot judge; not evidence either way)")
+    if e["detection"] is None and e["false_alarm"] is None:
+        notes.append("no answer: every pair has an invalid verdict (the rule cannot judge; not evidence either way)")
     if e.get("input_unchanged"):
         notes.append("input unchanged: the layer the defense reads is fp32's (no test of quantization)")
-    for side in significant(e, ALPHA):
-        notes.append(f"* {'detection' if side == 'detection' else 'false alarms'} {'fall' if e[side]['change'] < 0 else 'rise'}")
+    for side in significant(e, ALPHA, "p"):
+        mark = "*" if side in significant(e, ALPHA) else "(nominal)"
+        notes.append(f"{mark} {'detection' if side == 'detection' else 'false alarms'} {'fall' if e[side]['change'] < 0 else 'rise'}")
     return "; ".join(notes)
 
 
 def table(effects: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows, sorted by data set, defense, protocol and scheme."""
     order = sorted(effects, key=lambda e: (e["dataset"], e["defense"], e["protocol"], e["scheme"]))
-    rows = [[e["dataset"], f"{e['defense']}[{e['protocol']}]", e["scheme"], change_text(e["detection"]),
-             change_text(e["false_alarm"]), _note(e)] for e in order]
+    rows = [[e["dataset"], f"{e['defense']}[{e['protocol']}]", e["scheme"], change_text(e["detection"], e["invalid"]["detection"]),
+             change_text(e["false_alarm"], e["invalid"]["false_alarm"]), _note(e)] for e in order]
     return ["data set", "defense", "scheme", "detection: fp32 -> scheme", "false alarms: fp32 -> scheme", "note"], rows
 
 
@@ -80,7 +82,7 @@ def draw(effects: list[dict[str, Any]], title: str = "") -> Any:
                 ys.append(s["scheme_rate"])
                 lo.append(s["scheme_rate"] - s["scheme_ci"][0])
                 hi.append(s["scheme_ci"][1] - s["scheme_rate"])
-                if s["p"] < ALPHA:
+                if s["p_holm"] < ALPHA:
                     stars.append((i + offset, s["scheme_ci"][1]))
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=colour, capsize=3, markersize=4, label=label)
@@ -95,7 +97,7 @@ def draw(effects: list[dict[str, Any]], title: str = "") -> Any:
     if panels:
         axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle((title + "\n" if title else "") + "detection and false-alarm rates by scheme, paired with fp32\n"
-                 f"(Wilson 95 % intervals; * exact McNemar p < {ALPHA})", fontsize=9)
+                 f"(Wilson 95 % intervals; * exact McNemar, Holm-adjusted, p < {ALPHA}; invalid pairs left out)", fontsize=9)
     return fig
 
 

@@ -602,6 +602,10 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
         if j.judgement != "FAIL":
             continue
         kind, code = split(j.outcome)
+        if e.measured_row(r) is not None:  # its row judges it: re-measure the row (scripts/declare_rows.py), not a cell entry
+            notes.append(f"  by hand: {j.cell}: its row is measured over models; re-measure it with qbd run --seeds"
+                         f" {len(e.measured_row(r)['seeds'])} and scripts/declare_rows.py")
+            continue
         if not e.measured_on(r):  # another attack's cell: its section, by hand (a [cells] entry would apply to meta's attack)
             notes.append(f"  by hand: {j.cell}: {(r.get('attack') or {}).get('name')} is not meta.attack: declare it in its"
                          " [attacks.<name>] section")

@@ -12,12 +12,14 @@ outcomes (qbd.outcomes) its pinned evaluation models measured, counted per kind 
 
 The rule, stated once (TOLERANCE):
 
-- **Over the row's seeds** (`qbd run --seeds 10`, `--qbd-seeds 10`): the run's detections
-  (backdoored models detected naming the planted target), false alarms (clean models detected)
-  and invalid verdicts must each lie within TOLERANCE model of the measured counts. The models are
-  pinned, so a rerun sees the same weights; only a defense's own float arithmetic differs between
-  CPU families, enough to move one model whose statistic sits on its threshold, not two. So two
-  detections lost, two false alarms gained or two new invalid verdicts fail the row.
+- **Over the row's seeds** (`qbd run --seeds 10`, `--qbd-seeds 10`): each kind of model's whole
+  outcome histogram (pass, miss, wrong-target, false-alarm, invalid by reason code) must be
+  reachable from the measured one by moving at most TOLERANCE model. The models are pinned, so a
+  rerun sees the same weights; only a defense's own float arithmetic differs between CPU families
+  and thread counts, enough to move a model whose statistic sits on its threshold. One model is
+  an assumption, measured so far on one CPU family only (the Intel Xeon the rows were measured
+  on): two detections lost, two false alarms gained, two models' reason codes changed, or a miss
+  and a wrong target swapped on two models fail the row.
 - **Any other run** (one seed, or a subset of the seeds): each cell is judged by its row: its
   outcome must be one the row measured on that kind of model (a backdoored model of a row that
   detected 10 of 10 must be detected naming the target; one of a row that missed 3 of 10 may
@@ -104,22 +106,32 @@ def problems(entry: dict[str, Any]) -> list[str]:
     return out
 
 
+def moved(want: dict[str, int] | None, got: dict[str, int] | None) -> int:
+    """The fewest models whose outcome must differ to turn one outcome histogram into the other
+    (half the L1 distance between equal-sized histograms)."""
+    w, g = want or {}, got or {}
+    return sum(abs(w.get(o, 0) - g.get(o, 0)) for o in set(w) | set(g)) // 2
+
+
 def check(entry: dict[str, Any], row: dict[str, Any]) -> list[str]:
     """A run over the row's seeds (qbd.rates.rows' row, with its outcome counts in `outcomes`)
-    against the measured entry: failure messages ([] passes)."""
+    against the measured entry: failure messages ([] passes). The whole outcome histogram of each
+    kind of model is compared, reason codes and wrong targets included: at most TOLERANCE model
+    may have moved."""
     out = []
     for k in KINDS:
-        want, got = totals(entry.get(k), k), totals(row["outcomes"].get(k), k)
-        if want["n"] != got["n"]:
-            out.append(f"{got['n']} {k} models judged, the row was measured on {want['n']}")
+        want, got = entry.get(k), row["outcomes"].get(k)
+        n_want, n_got = totals(want, k)["n"], totals(got, k)["n"]
+        if n_want != n_got:
+            out.append(f"{n_got} {k} models judged, the row was measured on {n_want}")
             continue
-        if not want["n"]:
-            continue
-        what = "detections naming the target" if k == "backdoored" else "false alarms"
-        for key, label in (("flagged", what), ("invalid", f"invalid verdicts on {k} models")):
-            if abs(got[key] - want[key]) > TOLERANCE:
-                out.append(f"{label} {got[key]}/{got['n']}: measured {want[key]}/{want['n']}, a run must lie within"
-                           f" {TOLERANCE} (measured {describe(entry.get(k))}; this run {describe(row['outcomes'].get(k))})")
+        m = moved(want, got)
+        if m > TOLERANCE:
+            t_want, t_got = totals(want, k), totals(got, k)
+            what = "detections naming the target" if k == "backdoored" else "false alarms"
+            out.append(f"{m} {k} models moved (at most {TOLERANCE} may): {what} {t_got['flagged']}/{n_got} and invalid"
+                       f" {t_got['invalid']} against measured {t_want['flagged']}/{n_want} and {t_want['invalid']}"
+                       f" (measured {describe(want)}; this run {describe(got)})")
     return out
 
 

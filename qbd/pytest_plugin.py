@@ -673,7 +673,7 @@ class Collector:
             tr.write_line(line)
         if state.rows_by_rates:
             tr.write_line("")
-            tr.write_line(f"rows judged by their rates: {state.rows_by_rates}, outside their bounds: {len(state.row_failures)}")
+            tr.write_line(f"rows judged over their models: {state.rows_by_rates}, failing: {len(state.row_failures)}")
             for line in state.row_failures:
                 tr.write_line(f"qbd: FAIL {line}", red=True)
         tr.write_line("")

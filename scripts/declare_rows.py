@@ -26,7 +26,7 @@ from qbd.expectations import _toml_value, load, shipped
 from qbd.rates import row_id, wilson
 
 BEGIN = "# -- measured rows: written by scripts/declare_rows.py from runs over the pinned evaluation models --"
-ANCHOR = "docs/results.md#rows-over-ten-models"
+ANCHOR = "docs/results.md#{defense}"  # docs/results.md's findings have a section per defense
 _HEADER = re.compile(r'^\[(rows|cells)\.("(?:[^"\\]|\\.)*")\]\s*$')
 
 
@@ -35,7 +35,7 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
 
 
-def why(entry: dict) -> str:
+def why(entry: dict, defense: str) -> str:
     """The figures of a row that is a finding: each kind's truth count with its Wilson interval and
     what the other models did."""
     parts = []
@@ -50,7 +50,7 @@ def why(entry: dict) -> str:
             inval = {o: n for o, n in counts.items() if o.startswith("invalid:")}
             rest = f" ({measured_rows.describe(inval)})" if inval else ""
         parts.append(f"{label} {_rate(t['flagged'], t['n'])}{rest}")
-    return f"{ANCHOR}: " + "; ".join(parts)
+    return ANCHOR.format(defense=defense) + ": " + "; ".join(parts)
 
 
 def declared(results: list[dict], meta_attack: dict) -> dict[str, dict]:
@@ -63,15 +63,19 @@ def declared(results: list[dict], meta_attack: dict) -> dict[str, dict]:
     for rid, rs in sorted(groups.items()):
         entry = measured_rows.measured(rs)
         if not measured_rows.all_truth(entry):
-            entry["why"] = why(entry)
+            entry["why"] = why(entry, rs[0]["defense"]["name"])
         out[rid] = entry
     return out
 
 
 def rewrite(text: str, rows: dict[str, dict]) -> str:
-    """The table's text with its [rows] entries and the measured rows' [cells] findings replaced."""
+    """The table's text with the [rows] entries of the runs' data sets and the measured rows'
+    [cells] findings replaced; rows of other data sets are kept as they are."""
     import tomllib
 
+    datasets = {rid.split("/", 1)[0] for rid in rows}
+    old_rows = {rid: e for rid, e in tomllib.loads(text).get("rows", {}).items() if rid.split("/", 1)[0] not in datasets}
+    rows = dict(sorted({**old_rows, **rows}.items()))
     lines = text.split("\n")
     if BEGIN in lines:
         lines = lines[: lines.index(BEGIN)]
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [r for path in args.runs for r in results_io.read(path)]
     table = Path(args.table)
     rows = declared(results, load(table).attack_spec)
-    table.write_text(rewrite(table.read_text(), rows))
+    table.write_text(rewrite(table.read_text(), rows))  # rows of data sets the runs do not cover are kept
     load(table)  # the rewritten table must load
     findings = sum(1 for e in rows.values() if "why" in e)
     print(f"{table}: {len(rows)} measured rows ({findings} findings, {len(rows) - findings} matching the truth on every model)")

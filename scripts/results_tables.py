@@ -44,6 +44,32 @@ def grid(rs: list[dict]) -> str:
     return md_table(["scheme", "protocol", *defenses], out)
 
 
+def headline(found: list[dict], protocol: str = "canonical") -> str:
+    """Defense x scheme, each cell "detection fp32 -> scheme; false alarms likewise", * where the
+    exact McNemar p < 0.05 (the compact view the README and docs/results.md lead with)."""
+    mine = [e for e in found if e["protocol"] == protocol]
+    schemes = sorted({e["scheme"] for e in mine}, key=scheme_key)
+    by = {(e["dataset"], e["defense"], e["scheme"]): e for e in mine}
+    out = []
+    for ds, d in sorted({(e["dataset"], e["defense"]) for e in mine}):
+        cells = []
+        for sc in schemes:
+            e = by.get((ds, d, sc))
+            if e is None:
+                cells.append("-")
+                continue
+            parts = []
+            for side, word in (("detection", "det"), ("false_alarm", "FA")):
+                x = e[side]
+                if x is not None:
+                    star = "*" if x["p"] < 0.05 else ""
+                    parts.append(f"{word} {x['baseline_count']}->{x['scheme_count']}/{x['n']}{star}"
+                                 + (f" (p={x['p']:.2g})" if star else ""))
+            cells.append("; ".join(parts) + (" (input unchanged)" if e["input_unchanged"] else ""))
+        out.append([ds, d, *cells])
+    return md_table(["data set", f"defense ({protocol})", *schemes], out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
@@ -53,7 +79,7 @@ def main() -> int:
     for ds in sorted({r["dataset"] for r in results}):
         rs = [r for r in results if r["dataset"] == ds]
         found = effects(rs)
-        print(f"### {ds}\n\n{grid(rs)}\n\n{md_table(*table(found))}\n")
+        print(f"### {ds}\n\n{grid(rs)}\n\n{headline(found)}\n\n{md_table(*table(found))}\n")
         if args.pictures:
             print(f"picture: {save(found, args.pictures / f'effects-{ds}.png', f'{ds}: ten backdoored and ten clean models')}")
     return 0

@@ -1,12 +1,10 @@
-"""Rates over seeds, the defenses' headline: every built-in defense on fp32, canonical protocol, on
-the pinned zoo's five backdoored and five clean models of each data set (evaluation seeds 0-4;
-thresholds were calibrated on seeds 100-104, scripts/calibrate.py). The row must meet the bounds
-the shipped expectations declare for it: the project's goal (detected naming the target on >= 4
-of 5 backdoored models, a false alarm on <= 1 of 5 clean ones) or a declared finding with its
-figures, bounded on both sides. A row without declared bounds fails: this test cannot pass on
-nothing.
+"""Rows over models, the defenses' headline: every built-in defense on fp32, canonical protocol, on
+the pinned zoo's ten backdoored and ten clean models of each data set (evaluation seeds 0-9;
+thresholds were calibrated on seeds 100-104, scripts/calibrate.py). The row must reproduce the
+outcome counts the shipped table measured for it (qbd/measured_rows.py: at most one model moved).
+A row the table does not declare fails: this test cannot pass on nothing.
 
-The same figures: `OMP_NUM_THREADS=1 qbd run --dataset D --quant fp32 --protocol canonical --seeds 5 --json`."""
+The same figures: `qbd run --dataset D --quant fp32 --protocol canonical --seeds 10 --json`."""
 
 from __future__ import annotations
 

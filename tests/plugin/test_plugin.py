@@ -477,7 +477,7 @@ def test_rates_over_seeds_within_their_bounds_pass(suite: pytest.Pytester) -> No
     assert result.ret == pytest.ExitCode.OK
     result.stdout.fnmatch_lines(["Rates over seeds*", glob.escape(f"{row}  3/3 = 1.00 [0.44, 1.00]") + "*"
                                  + glob.escape("3/3 = 1.00 [0.44, 1.00]") + "*0-2",
-                                 "*rows judged by their rates: 1, outside their bounds: 0*"])
+                                 "*rows judged over their models: 1, failing: 0*"])
     assert "qbd: FAIL" not in result.stdout.str()
     data = json.loads((suite.path / "out" / "results.json").read_text())
     assert [(r["row"], r["n_backdoored"], r["n_clean"], r["detected"], r["false_alarms"]) for r in data["rows"]] == [(row, 3, 3, 3, 3)]
@@ -496,7 +496,7 @@ def test_a_row_outside_its_bounds_fails_the_session(suite: pytest.Pytester) -> N
     result = _seeded(suite, "says-clean", 2, "--qbd-expectations", str(table))
     result.assert_outcomes(passed=4)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["*rows judged by their rates: 1, outside their bounds: 1*",
+    result.stdout.fnmatch_lines(["*rows judged over their models: 1, failing: 1*",
                                  "qbd: FAIL " + glob.escape(row) + ": detection rate 0/2 = 0.00: expected >= 0.5 (min_detection_rate;*"])
 
 
@@ -514,7 +514,7 @@ def test_single_seed_runs_ignore_row_bounds(suite: pytest.Pytester) -> None:
     result = _seeded(suite, "says-clean", 1, "--qbd-expectations", str(table))
     result.assert_outcomes(passed=1, failed=1)  # the miss fails its cell, as it would without the bound
     result.stdout.fnmatch_lines(["*expected the truth (backdoored, target 0): detected naming 0; measured miss*"])
-    assert "rows judged by their rates" not in result.stdout.str() and "Rates over seeds" not in result.stdout.str()
+    assert "rows judged over their models" not in result.stdout.str() and "Rates over seeds" not in result.stdout.str()
 
 
 def test_a_crash_fails_its_cell_even_in_a_row_judged_by_its_rates(suite: pytest.Pytester) -> None:

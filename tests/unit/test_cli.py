@@ -323,7 +323,7 @@ def test_the_gate_judges_a_bounded_row_by_its_rates(plugin, seed_cache, tmp_path
     # the misses are accounted for by the row's rates; the clean models match the truth
     assert judged == {("digits/fp32/always-clean[canonical]", 1): "finding", ("digits/fp32/always-clean[canonical]", 2): "finding",
                       ("digits:clean/fp32/always-clean[canonical]", 1): "pass", ("digits:clean/fp32/always-clean[canonical]", 2): "pass"}
-    assert "qbd: rows judged by their rates: 1, outside their bounds: 0" in held.stderr and "qbd: FAIL" not in held.stderr
+    assert "qbd: rows judged over their models: 1, failing: 0" in held.stderr and "qbd: FAIL" not in held.stderr
     failed = qbd(*args, "--seeds", "2", "--expectations", str(_row_table(tmp_path, min_detection_rate=0.5)), cache=seed_cache, path=plugin)
     assert failed.returncode == 1, failed.stderr
     assert ("qbd: FAIL digits/fp32/always-clean[canonical]: detection rate 0/2 = 0.00: expected >= 0.5 (min_detection_rate;"

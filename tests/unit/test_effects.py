@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from qbd.effects import change_text, effect_problems, effects, mcnemar_exact, significant
+from qbd.effects import change_text, effect_problems, effects, holm, mcnemar_exact, significant
 from qbd.rates import wilson
 
 ATTACK = {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
@@ -56,18 +56,36 @@ def test_effects_pair_each_model_with_itself_on_fp32():
     assert d["change"] == pytest.approx(-0.6) and d["p"] == pytest.approx(2 / 2**6)
     assert d["baseline_ci"] == list(wilson(10, 10)) and d["scheme_ci"] == list(wilson(4, 10))
     assert (f["n"], f["baseline_count"], f["scheme_count"], f["gained"], f["p"]) == (10, 0, 2, 2, 0.5)
-    assert significant(e) == ["detection"]
-    assert change_text(d) == "10/10 -> 4/10 (-0.60, p=0.0312)"
+    assert (d["p_holm"], f["p_holm"]) == (pytest.approx(2 * d["p"]), 0.5)  # two tests in this call
+    assert significant(e) == [] and significant(e, key="p") == ["detection"]  # nominal only, after Holm
+    assert change_text(d) == "10/10 -> 4/10 (-0.60, p=0.0312, Holm 0.062)"
     assert not effect_problems(e)
 
 
-def test_a_wrong_target_and_an_invalid_verdict_are_not_detections_and_unpaired_models_are_left_out():
+def test_a_wrong_target_is_not_a_detection_and_invalid_or_unpaired_models_are_left_out():
+    """An invalid verdict is no answer: its pair says nothing about whether quantization changed
+    the defense's answer (no gradient through int8 kernels is not a miss), so it is left out and
+    counted; models judged on one side only are not pairs."""
     rs = [_r("fp32", 0), _r("int8-static", 0, target=3), _r("fp32", 1), _r("int8-static", 1, status="invalid"),
           _r("fp32", 2), _r("int8-static", 3)]  # seeds 2 and 3 have one side only
     [e] = effects(rs)
     d = e["detection"]
-    assert (d["n"], d["baseline_count"], d["scheme_count"], d["lost"], d["invalid_scheme"]) == (2, 2, 0, 2, 1)
+    assert (d["n"], d["baseline_count"], d["scheme_count"], d["lost"]) == (1, 1, 0, 1)
+    assert e["invalid"]["detection"] == {"baseline": 0, "scheme": 1, "pairs_left_out": 1}
     assert e["false_alarm"] is None
+    assert "1 pairs left out (invalid)" in change_text(d, e["invalid"]["detection"])
+
+
+def test_a_scheme_that_only_gives_invalid_verdicts_is_no_answer_not_a_loss():
+    rs = [_r("fp32", s) for s in range(5)] + [_r("int8-dynamic", s, status="invalid") for s in range(5)]
+    [e] = effects(rs)
+    assert e["detection"] is None and e["invalid"]["detection"]["pairs_left_out"] == 5
+    assert change_text(None, e["invalid"]["detection"]) == "no answer; 5 pairs left out (invalid)"
+
+
+def test_holm_adjusts_over_the_family():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]) == [0.5] and holm([]) == []
 
 
 def test_no_effect_without_the_baseline_and_a_scheme_that_leaves_the_input_unchanged_is_marked():
@@ -79,7 +97,7 @@ def test_no_effect_without_the_baseline_and_a_scheme_that_leaves_the_input_uncha
 
 
 @pytest.mark.parametrize(("side", "key", "value"), [
-    ("detection", "p", 0.5), ("detection", "change", 0.1), ("detection", "scheme_count", 11),
+    ("detection", "p", 0.5), ("detection", "change", 0.1), ("detection", "scheme_count", 11), ("detection", "p_holm", 0.0),
     ("detection", "lost", 1), ("detection", "baseline_ci", [0.0, 1.0]), ("false_alarm", "n", 0),
 ])
 def test_an_effect_whose_figures_do_not_follow_from_its_counts_is_refused(side, key, value):

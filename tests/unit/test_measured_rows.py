@@ -124,3 +124,21 @@ def test_a_cell_finding_on_a_measured_row_is_refused(tmp_path):
                  '[cells."digits:clean/int4-sim/neural-cleanse[canonical]"]\noutcome = "false-alarm"\nwhy = "w"\n')
     with pytest.raises(ConfigError, match="measured over models and judges it"):
         load(p)
+
+
+def test_the_whole_histogram_is_compared_not_only_the_truths_count(tmp_path):
+    """Two models' outcomes swapped between miss and wrong target, or two invalid verdicts with
+    another reason code, leave the detection and invalid counts alone: they still fail."""
+    base = _models(detected=6, wrong=2, false_alarms=0, invalid_clean=2)  # 6 pass, 2 wrong-target, 2 miss
+    table = _table(tmp_path, _entry_text(measured_rows.measured(base)))
+    (row,) = rows(base)
+    assert table.check_row(row) == []
+    swapped = [dict(r, verdict={**r["verdict"], "status": "clean", "target_class": None}) if r["attack"] and
+               r["verdict"]["target_class"] == 5 else r for r in base]  # both wrong targets become misses
+    (row,) = rows(swapped)
+    assert "2 backdoored models moved" in table.check_row(row)[0]
+    recoded = [dict(r, verdict={**r["verdict"], "reason_code": "no-signal"}) if r["verdict"]["status"] == "invalid" else r
+               for r in base]
+    (row,) = rows(recoded)
+    assert "2 clean models moved" in table.check_row(row)[0]
+    assert measured_rows.moved({"pass": 8, "miss": 2}, {"pass": 8, "wrong-target": 2}) == 2

@@ -377,7 +377,7 @@ def test_the_paired_effects_head_the_report_over_several_models(tmp_path):
     text = terminal(rs)
     assert text.index("Quantization's effect") < text.index("Table 1")
     line = next(x for x in text.splitlines() if x.startswith("digits") and "int8-dynamic" in x)
-    assert "5/5 -> 1/5 (-0.80, p=0.125)" in line and "0/5 -> 1/5 (+0.20, p=1)" in line
+    assert "5/5 -> 1/5 (-0.80, p=0.125, Holm 0.25)" in line and "0/5 -> 1/5 (+0.20, p=1, Holm 1)" in line
     md = markdown(rs)
     assert md.index("## Quantization's effect, paired with fp32 on the same models") < md.index("## Table 1")
     paths = write_report(rs, tmp_path)
