@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--jobs", type=_workers, default="auto", metavar="N",
                    help="cells in parallel on N worker processes of one thread each; auto: one per usable core (default)."
                         " Verdicts do not depend on N")
-    r.add_argument("--json", action="store_true", help='print {"schema": 1, "results": [Result, ...], "rows": [row, ...]}')
+    r.add_argument("--json", action="store_true", help='print {"schema": 1, "results": [Result, ...], "rows": [row, ...], "effects": [effect, ...], "run": {...}}')
     r.add_argument("--report", metavar="DIR", default=None, help="write results.json, report.md and heatmap.png to DIR")
     r.set_defaults(func=cmd_run)
 

@@ -8,7 +8,7 @@ REASON_CODES: dict[str, str] = {
     "no-signal": "the statistic cannot score anything (MAD = 0, a constant score, a zero threshold)",
     "rule-cannot-fire": "the decision rule cannot reach its threshold whatever the model (rank arithmetic)",
     "not-converged": "the optimisation did not reach what the rule needs (e.g. reversed triggers that never succeeded)",
-    "not-applicable": "nothing for the rule to judge (no backdoor left to remove, nothing to fine-tune, an input missing)",
+    "not-applicable": "nothing for the rule to judge (nothing to fine-tune, an input missing, a layer qbd cannot read from the deployment)",
     "surrogate-disagrees": "the surrogate a gradient defense inspected does not agree with the deployed runtime (or the agreement could not be measured)",
     "diverged": "the computation produced non-finite values",
     "timeout": "the defense ran past its time limit",

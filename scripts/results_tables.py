@@ -45,8 +45,9 @@ def grid(rs: list[dict]) -> str:
 
 
 def headline(found: list[dict], protocol: str = "canonical") -> str:
-    """Defense x scheme, each cell "detection fp32 -> scheme; false alarms likewise", * where the
-    exact McNemar p < 0.05 (the compact view the README and docs/results.md lead with)."""
+    """Defense x scheme, each cell "detection fp32 -> scheme; false alarms likewise", with the exact
+    McNemar p and its Holm adjustment where p < 0.05, * where the adjusted p < 0.05 (the compact
+    view the README and docs/results.md lead with)."""
     mine = [e for e in found if e["protocol"] == protocol]
     schemes = sorted({e["scheme"] for e in mine}, key=scheme_key)
     by = {(e["dataset"], e["defense"], e["scheme"]): e for e in mine}
@@ -62,9 +63,11 @@ def headline(found: list[dict], protocol: str = "canonical") -> str:
             for side, word in (("detection", "det"), ("false_alarm", "FA")):
                 x = e[side]
                 if x is not None:
-                    star = "*" if x["p"] < 0.05 else ""
+                    star = "*" if x["p_holm"] < 0.05 else ""
                     parts.append(f"{word} {x['baseline_count']}->{x['scheme_count']}/{x['n']}{star}"
-                                 + (f" (p={x['p']:.2g})" if star else ""))
+                                 + (f" (p={x['p']:.2g}, Holm {x['p_holm']:.2g})" if x["p"] < 0.05 else ""))
+                elif e["invalid"][side]["pairs_left_out"]:
+                    parts.append(f"{word}: no answer")
             cells.append("; ".join(parts) + (" (input unchanged)" if e["input_unchanged"] else ""))
         out.append([ds, d, *cells])
     return md_table(["data set", f"defense ({protocol})", *schemes], out)
