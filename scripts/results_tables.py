@@ -23,25 +23,36 @@ from qbd.rates import rows
 from qbd.report import md_table
 
 
+def _matrix(row_keys: list[tuple], col_keys: list, get, text) -> list[list[str]]:
+    """One table row per row key: the key's fields, then text(item) per column ("-" where none)."""
+    return [[*rk, *["-" if (x := get(rk, ck)) is None else text(x) for ck in col_keys]] for rk in row_keys]
+
+
+def _row_text(r: dict) -> str:
+    text = f"{r['detected']}/{r['n_backdoored']}, FA {r['false_alarms']}/{r['n_clean']}"
+    return text + (f", inv {r['invalid']}/{r['n_backdoored'] + r['n_clean']}" if r["invalid"] else "")
+
+
 def grid(rs: list[dict]) -> str:
     found = rows(rs)
     defenses = sorted({r["defense"] for r in found})
     keys = sorted({(r["scheme"], r["protocol"]) for r in found}, key=lambda k: (k[1] != "canonical", k[1], scheme_key(k[0])))
     by = {(r["scheme"], r["protocol"], r["defense"]): r for r in found}
-    out = []
-    for scheme, protocol in keys:
-        cells = []
-        for d in defenses:
-            r = by.get((scheme, protocol, d))
-            if r is None:
-                cells.append("-")
-                continue
-            text = f"{r['detected']}/{r['n_backdoored']}, FA {r['false_alarms']}/{r['n_clean']}"
-            if r["invalid"]:
-                text += f", inv {r['invalid']}/{r['n_backdoored'] + r['n_clean']}"
-            cells.append(text)
-        out.append([scheme, protocol, *cells])
+    out = _matrix(keys, defenses, lambda k, d: by.get((*k, d)), _row_text)
     return md_table(["scheme", "protocol", *defenses], out)
+
+
+def _effect_text(e: dict) -> str:
+    parts = []
+    for side, word in (("detection", "det"), ("false_alarm", "FA")):
+        x = e[side]
+        if x is not None:
+            star = "*" if x["p_holm"] < 0.05 else ""
+            parts.append(f"{word} {x['baseline_count']}->{x['scheme_count']}/{x['n']}{star}"
+                         + (f" (p={x['p']:.2g}, Holm {x['p_holm']:.2g})" if x["p"] < 0.05 else ""))
+        elif e["invalid"][side]["pairs_left_out"]:
+            parts.append(f"{word}: no answer")
+    return "; ".join(parts) + (" (input unchanged)" if e["input_unchanged"] else "")
 
 
 def headline(found: list[dict], protocol: str = "canonical") -> str:
@@ -51,25 +62,8 @@ def headline(found: list[dict], protocol: str = "canonical") -> str:
     mine = [e for e in found if e["protocol"] == protocol]
     schemes = sorted({e["scheme"] for e in mine}, key=scheme_key)
     by = {(e["dataset"], e["defense"], e["scheme"]): e for e in mine}
-    out = []
-    for ds, d in sorted({(e["dataset"], e["defense"]) for e in mine}):
-        cells = []
-        for sc in schemes:
-            e = by.get((ds, d, sc))
-            if e is None:
-                cells.append("-")
-                continue
-            parts = []
-            for side, word in (("detection", "det"), ("false_alarm", "FA")):
-                x = e[side]
-                if x is not None:
-                    star = "*" if x["p_holm"] < 0.05 else ""
-                    parts.append(f"{word} {x['baseline_count']}->{x['scheme_count']}/{x['n']}{star}"
-                                 + (f" (p={x['p']:.2g}, Holm {x['p_holm']:.2g})" if x["p"] < 0.05 else ""))
-                elif e["invalid"][side]["pairs_left_out"]:
-                    parts.append(f"{word}: no answer")
-            cells.append("; ".join(parts) + (" (input unchanged)" if e["input_unchanged"] else ""))
-        out.append([ds, d, *cells])
+    keys = sorted({(e["dataset"], e["defense"]) for e in mine})
+    out = _matrix(keys, schemes, lambda k, sc: by.get((*k, sc)), _effect_text)
     return md_table(["data set", f"defense ({protocol})", *schemes], out)
 
 
