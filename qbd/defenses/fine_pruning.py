@@ -35,9 +35,10 @@ Protocols (every value recorded in the Result):
   the model's natural rate of predicting the target on clean non-target holdout images
   (one-sided Fisher exact test at `alpha`). No significant trigger effect: the deployed model
   shows no backdoor on the probe, nothing to remove: `clean` with score 0 (a clean model's
-  negative control, whose removed share of a natural-rate "ASR" would be noise). So that `clean`
-  rests on a test it can fail: a clean model whose probe ASR rose significantly above its
-  natural rate goes through the removal rule and could be a false alarm.
+  negative control, whose removed share of a natural-rate "ASR" would be noise). Only a clean
+  model on which the trigger works significantly could go through the removal rule and be a
+  false alarm; on the zoo's clean models none does, so in practice FP's negative control cannot
+  fail and its false-alarm rate is not evidence (docs/results.md#fine-pruning says so).
 - paper: the paper's code prunes and fine-tunes nothing: it counts channels whose mean
   |activation| on the clean holdout is below `dormant_threshold` (0.01) and flags the model
   when their share exceeds `dormant_share` (0.1 %, the paper's text).
