@@ -65,6 +65,9 @@ def draw(effects: list[dict[str, Any]], title: str = "") -> Any:
         mine = sorted((e for e in effects if (e["dataset"], e["defense"], e["protocol"]) == (ds, defense, protocol)),
                       key=lambda e: scheme_key(e["scheme"]))
         labels = [mine[0]["baseline"], *[e["scheme"] for e in mine]]
+        if all(e["detection"] is None and e["false_alarm"] is None for e in mine):
+            ax.text(0.5, 0.5, "no answer: every pair has\nan invalid verdict", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="#555555")
         for offset, side, colour, label in ((-0.12, "detection", "#1f5fa8", "detection"),
                                             (0.12, "false_alarm", "#c0392b", "false alarms")):
             xs, ys, lo, hi, stars = [], [], [], [], []
