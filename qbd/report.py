@@ -238,6 +238,9 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: d
         parts += ["One model per cell: a single seed shows whether each cell matches its truth (or its row's measured"
                   " outcomes), not whether quantization changes a defense's rates; run `qbd run --seeds 10` for the"
                   " paired effects.", ""]
+    elif several_seeds(rows):
+        parts += ["No paired effects: they compare each scheme with fp32 on the same models, and fp32 was not among"
+                  " the schemes run (add it to --quant).", ""]
     if picture:
         parts += [f"![heatmap]({picture})", "",
                   f"[{picture}]({picture}) colours each cell by its outcome against the truth (see its legend), beside the"

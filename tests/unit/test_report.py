@@ -385,3 +385,8 @@ def test_the_paired_effects_head_the_report_over_several_models(tmp_path):
     one = [r for r in rs if r["seed"] == 0]
     assert "Quantization's effect" not in terminal(one) and "One model per cell" in markdown(one)
     assert "effects.png" not in write_report(one, tmp_path / "one")
+
+
+def test_several_models_without_fp32_say_why_there_are_no_effects():
+    md = markdown(_five_seeds())  # int8-dynamic only
+    assert "No paired effects" in md and "fp32 was not among the schemes run" in md
