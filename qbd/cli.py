@@ -384,13 +384,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         paths = write_report(results, args.report, title=f"qbd {args.tier} matrix", run=run_info)
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     row_failures = [f"{row['row']}: {m}" for row in rows if row["row"] in by_rates for m in table.check_row(row)]
+    rc = _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=len(by_rates),
+               multi_seed=n_seeds > 1)
     if stopped is not None:
-        _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=len(by_rates),
-              multi_seed=n_seeds > 1)
         print(f"qbd: {stopped} (the {len(results)} finished cells are reported above)", file=sys.stderr)
         return EXIT_FAIL
-    return _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=len(by_rates),
-                 multi_seed=n_seeds > 1)
+    return rc
 
 
 def _gate(results: list[dict[str, Any]], gating: bool, table: Any, *, row_failures: Sequence[str] = (), rated: int = 0,

@@ -274,6 +274,7 @@ class Bench:
             if not control.passed:
                 verdict = surrogate_disagrees(verdict, control)
         audit = qm.audit.to_dict()
+        params = params_of(defense)
         return {
             "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),
             "dataset": self.data.name,
@@ -284,8 +285,8 @@ class Bench:
             "attack": _attack_dict(self.attack),
             "quant": {"scheme": scheme, "audit": audit},
             "placement": self.placement(scheme, engine),
-            "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params_of(defense),
-                        "input_unchanged": self.input_unchanged(scheme, params_of(defense).get("layer"), gradient_path, engine),
+            "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params,
+                        "input_unchanged": self.input_unchanged(scheme, params.get("layer"), gradient_path, engine),
                         # a detection must name the planted target unless the defense declares it names none
                         "names_target": getattr(defense, "names_target", True) is not False},
             "verdict": verdict.to_dict(),

@@ -27,9 +27,9 @@ default wherever qbd is installed.
 
     [rows."digits/int4-sim/neural-cleanse[canonical]"]      # a row measured over its models (qbd.measured_rows)
     seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
-    backdoored = { pass = 9, "wrong-target" = 1 }           # outcome -> number of models
-    clean = { pass = 7, "false-alarm" = 3 }
-    why = "docs/results.md#rows-over-ten-models: ..."       # required unless every model matched its truth
+    backdoored = { pass = 8, miss = 2 }                     # outcome -> number of models
+    clean = { pass = 4, false-alarm = 6 }
+    why = "docs/results.md#neural-cleanse: ..."             # required unless every model matched its truth
 
     [rows."digits/fp32/activation-clustering[canonical]"]   # or: rate bounds (a table of your own)
     min_detection_rate = 0.8            # any of min_/max_detection_rate, min_/max_false_alarm_rate
@@ -49,7 +49,7 @@ the cell fails when it produces anything else, the truth included ("finding no l
 A crash (`error`), a timeout or an unexplained invalid is never an expected outcome.
 
 A measured row judges every run (qbd.measured_rows states the one rule): over its seeds, each
-count within one model of what it measured; in any other run, each cell's outcome one that the
+kind of model's outcome histogram with at most one model moved; in any other run, each cell's outcome one that the
 row measured on its kind of model. A [cells] finding on a measured row's cell is refused.
 Rate bounds apply to multi-seed runs only (`qbd run --seeds N`, `--qbd-seeds N`, N > 1). Both,
 like findings, apply only to the attack they were measured on. A row judged by its rates or

@@ -51,13 +51,9 @@ def kind_of(result: dict[str, Any]) -> str:
 def measured(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One row's entry from its Results: seeds and the outcome counts per kind of model (the
     caller groups Results by row, qbd.rates.row_id)."""
-    counts: dict[str, Counter[str]] = {k: Counter() for k in KINDS}
-    for r in results:
-        counts[kind_of(r)][outcome(r)] += 1
     entry: dict[str, Any] = {"seeds": sorted({int(r.get("seed", 0)) for r in results})}
-    for k in KINDS:
-        if counts[k]:
-            entry[k] = dict(sorted(counts[k].items(), key=lambda kv: (kv[0] != "pass", kv[0])))
+    for k, counts in outcome_counts(results).items():  # the truth's word first, as a reader looks for it
+        entry[k] = dict(sorted(counts.items(), key=lambda kv: (kv[0] != "pass", kv[0])))
     return entry
 
 

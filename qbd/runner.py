@@ -112,14 +112,13 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
         log(f"qbd: {len(tasks)} cells on {n} worker processes (one thread each)")
     bar = _progress_bar(len(tasks), progress)
     steps: dict[int, str] = {}  # running cells' step progress (Neural Cleanse, Fine-Pruning), for the bar
-    finished: set[int] = set()  # a late progress update of a finished cell is dropped
-
-    finished_results: dict[int, dict[str, Any]] = {}
+    # finished cells' Results: handed back if the run stops midway; a late progress update of a
+    # finished cell is dropped
+    finished: dict[int, dict[str, Any]] = {}
 
     def done(i: int, r: dict[str, Any]) -> None:
-        finished_results[i] = r
+        finished[i] = r
         msg = _cell_line(r, units[tasks[i][0]].seed_note)
-        finished.add(i)
         steps.pop(i, None)
         if bar is not None:
             bar.write(msg, file=sys.stderr)
@@ -140,7 +139,7 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
                          on_done=done, on_progress=step if bar is not None else None, one_thread_in_process=on_cpu)
     except Exception as e:
         # the cells that finished are real Results: hand them to the caller to write, with the error
-        raise PartialRun([finished_results[i] for i in sorted(finished_results)], len(tasks), e) from e
+        raise PartialRun([finished[i] for i in sorted(finished)], len(tasks), e) from e
     finally:
         if bar is not None:
             bar.close()

@@ -28,7 +28,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-DEFENSES = ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")
+from qbd.defenses import BUILTIN
+
+DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 
 
 def seeds_arg(text: str) -> tuple[int, ...]:

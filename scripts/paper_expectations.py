@@ -9,9 +9,10 @@ a finding that does not hold there fails its cell, and the table is then revised
 
 from pathlib import Path
 
+from qbd.defenses import BUILTIN
 from qbd.expectations import Expectations, dumps
 
-DEFENSES = ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")
+DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 # Table 1 (paper protocol): detected cells; everything else "not detected"
 PAPER_DETECTED = {("cifar10", "fp32", "neural-cleanse"), ("gtsrb", "fp32", "neural-cleanse"), ("gtsrb", "int4-sim", "neural-cleanse")}
 PAPER_SCHEMES = ("fp32", "int8-dynamic", "int4-sim")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 
 from qbd.config import DatasetSpec, Gates
+from qbd.defenses import BUILTIN
 from qbd.presets import VARIANT_ATTACK, seeded_job
 
-DEFENSES = ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"]
+DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 
 
 @pytest.fixture(scope="module", params=["digits", "synthetic"])

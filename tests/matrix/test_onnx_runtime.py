@@ -13,11 +13,12 @@ from __future__ import annotations
 import pytest
 
 from qbd.config import AttackSpec, DatasetSpec
+from qbd.defenses import BUILTIN
 from qbd.outcomes import judge
 from qbd.presets import seeded_job
 
 SCHEMES = ("onnx-int8-static", "onnx-int8-dynamic")
-DEFENSES = ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")
+DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 
 
 @pytest.fixture(scope="module")

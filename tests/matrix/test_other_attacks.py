@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 
 from qbd.config import DatasetSpec
+from qbd.defenses import BUILTIN
 from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, seeded_job
 
 # each attack's preset, by its section's name in the shipped table, and the deployment its cells
@@ -25,7 +26,7 @@ from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, seeded_job
 # backdoor the scheme it was conditioned on
 ATTACKS = {"blend": (BLEND_ATTACK, "int8-static"), "quant-conditioned": (QC_ATTACK, "int4-sim"),
            "quant-conditioned-int8-static": (QC_INT8_ATTACK, "int8-static")}
-DEFENSES = ("activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip")
+DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 
 
 

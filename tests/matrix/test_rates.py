@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 
 from qbd.config import AttackSpec, DatasetSpec, cell_id
+from qbd.defenses import BUILTIN
 
-DEFENSES = ["activation-clustering", "fine-pruning", "neural-cleanse", "spectral-signatures", "strip"]
+DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 
 
 @pytest.mark.qbd_smoke
