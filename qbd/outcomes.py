@@ -185,6 +185,11 @@ def _failure(result: dict[str, Any], measured: str, expected: str) -> str:
     text = f"expected {expected}; measured {measured}: {verdict_word(result)}"
     if v.get("reason"):
         text += f" - {v['reason']}"
+    persists = (v.get("controls") or {}).get("backdoor_persists") if isinstance(v.get("controls"), dict) else None
+    if isinstance(persists, dict) and persists.get("passed") is False and measured in ("miss", "wrong-target"):
+        # a defense author reading this FAIL should know the scheme weakened the backdoor (it is still the truth)
+        text += (f" (note: the deployed model's ASR is {persists.get('value')}, below the backdoor_persists control's 0.5:"
+                 " quantization weakened the backdoor, and the model is still backdoored: docs/results.md#limits)")
     tb = (v.get("evidence") or {}).get("traceback") if isinstance(v.get("evidence"), dict) else None
     if tb:
         text += "\n" + tb.rstrip()

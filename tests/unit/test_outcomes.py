@@ -2,7 +2,7 @@
 
 import pytest
 
-from qbd.outcomes import Counts, Judgement, Truth, outcome, split, verdict_word
+from qbd.outcomes import Counts, Judgement, Truth, judge, outcome, split, verdict_word
 
 ATTACK = {"name": "badnet", "target": 0, "trigger_pattern": "white", "trigger_size": 3,
           "trigger_position": "bottom-right", "poison_rate": 0.1, "seed": 0}
@@ -74,3 +74,15 @@ def test_counts():
     assert Counts.of(words) == Counts(truth=1, findings=1, failing=2)
     assert Counts.of(words).line() == "1 cells match the truth, 1 declared findings, 2 failing"
     assert Counts.of([]) == Counts(0, 0, 0)
+
+
+def test_a_miss_on_a_weakened_backdoor_says_so_and_still_fails():
+    """digits int8-static leaves the backdoor at ASR 0.45: a defense that says clean still misses
+    it (the model is backdoored), and the FAIL says the scheme weakened it."""
+    r = {"cell": "digits/int8-static/x[canonical]", "attack": {"target": 0}, "defense": {"names_target": True},
+         "verdict": {"status": "clean", "target_class": None, "reason": None, "evidence": {},
+                     "controls": {"backdoor_persists": {"passed": False, "value": 0.45, "detail": "d"}}}}
+    j = judge(r, None)
+    assert j.judgement == "FAIL" and "ASR is 0.45" in j.why and "still backdoored" in j.why
+    r["verdict"]["controls"]["backdoor_persists"]["passed"] = True
+    assert "ASR is" not in judge(r, None).why
