@@ -19,8 +19,11 @@ Protocols (every value recorded in the Result):
   (smaller cluster < 0.35) is reported as evidence only: with a 10 % poison rate in a 10-class
   set the target class holds about as many poisoned samples as clean ones, so its poison cluster
   has a relative size near 0.5 and the size rule cannot flag it.
-  Per sample: each class's smaller cluster is its suspects (the authors' removal set); the bench
-  scores them against the known poison as the controls `poison_removal` and `poison_target_class`.
+  Per sample (`suspects` = "more-varied"): each class's suspects are the cluster whose
+  activations vary more, the poison's side (qbd.defenses._poison_side); `suspects` = "smaller"
+  keeps the authors' removal set, the smaller cluster, which is the clean part where the poison is
+  the larger one (synthetic). The bench scores them against the known poison as the controls
+  `poison_removal` and `poison_target_class`.
 - paper: the paper fed AC the clean holdout only: 2-means on the raw penultimate activations per
   holdout label, no reduction; rule = "size-and-silhouette": a class is flagged when its smaller cluster
   has relative size < 0.35 and the silhouette exceeds 0.15 (paper 4.2 / A.2).
@@ -41,6 +44,7 @@ from sklearn.decomposition import PCA, FastICA
 from sklearn.metrics import silhouette_score
 
 from qbd.defenses import _features as feat
+from qbd.defenses._poison_side import more_varied
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
 
 _MIN_POINTS = 4  # 2-means and a silhouette need a few points in a class
@@ -53,14 +57,20 @@ class ActivationClustering(ConfiguredDefense):
         "canonical": {
             "data": "poisoned_train", "layer": "pre-pool", "nb_dims": 10, "reduce": "pca", "n_init": 10,
             "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.408,
-            "rule": "silhouette", "batch_size": 512,
+            "rule": "silhouette", "suspects": "more-varied", "batch_size": 512,
         },
         "paper": {
             "data": "clean_holdout", "layer": "penultimate", "nb_dims": 0, "reduce": "none", "n_init": 10,
             "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.15,
-            "rule": "size-and-silhouette", "batch_size": 512,
+            "rule": "size-and-silhouette", "suspects": "smaller", "batch_size": 512,
         },
     }
+
+    def validate(self) -> None:
+        from qbd.errors import ConfigError
+
+        if self.params["suspects"] not in ('more-varied', 'smaller'):
+            raise ConfigError(f"{self.name}: suspects must be one of more-varied, smaller, got {self.params['suspects']!r}")
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
         p = self.params
@@ -80,9 +90,10 @@ class ActivationClustering(ConfiguredDefense):
         v = decide(stats, p)
         v.controls.update(controls)
         v.evidence["layer"] = p["layer"]
-        # the authors' removal set: each class's smaller cluster
-        v.suspects = {"data": p["data"], "by_class": {c: idx[s["smaller"]] for c, (idx, s) in enumerate(zip(groups, stats, strict=True))
-                                                      if s["smaller"] is not None}}
+        # each class's suspects: the more varied cluster (the poison's side), or the authors' smaller one
+        side = "varied" if p.get("suspects", "smaller") == "more-varied" else "smaller"
+        v.suspects = {"data": p["data"], "by_class": {c: idx[s[side]] for c, (idx, s) in enumerate(zip(groups, stats, strict=True))
+                                                      if s[side] is not None}}
         return v
 
 
@@ -90,14 +101,14 @@ def cluster_class(a: np.ndarray, p: dict[str, Any], seed: int) -> dict[str, Any]
     """2-means on one class's activations: cluster sizes (larger first), relative size of the
     smaller cluster, silhouette. A class too small or without spread has no split (None)."""
     n = len(a)
-    out: dict[str, Any] = {"n": n, "sizes": None, "relative_size": None, "silhouette": None, "smaller": None}
+    out: dict[str, Any] = {"n": n, "sizes": None, "relative_size": None, "silhouette": None, "smaller": None, "varied": None}
     if n < _MIN_POINTS or float(np.ptp(a, axis=0).max(initial=0.0)) == 0.0:
         return out
     # k-means++ seeds by row index, so on a class without a clear split the local optimum it
     # lands in depends on the sample order; a canonical (lexicographic) row order makes the
     # statistics a function of the set of activations alone
     order = np.lexsort(a.T[::-1])
-    a = a[order]
+    a = full = a[order]
     rng = np.random.RandomState(seed)
     a = _REDUCERS[p["reduce"]](a, p["nb_dims"], rng)
     labels = KMeans(n_clusters=2, n_init=p["n_init"], random_state=rng.randint(2**31 - 1)).fit_predict(a)
@@ -107,6 +118,7 @@ def cluster_class(a: np.ndarray, p: dict[str, Any], seed: int) -> dict[str, Any]
     out["sizes"] = sorted((int(s) for s in sizes), reverse=True)
     out["relative_size"] = float(sizes.min() / n)
     out["smaller"] = np.sort(order[labels == int(np.argmin(sizes))])  # positions in the class's input order
+    out["varied"] = np.sort(order[more_varied(full, labels == 0)])  # spread read on the activations, not the reduction
     sample = p["silhouette_sample"]
     if n > sample:
         # seeded subsample for speed; keep both clusters represented

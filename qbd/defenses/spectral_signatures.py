@@ -5,9 +5,12 @@ Protocols (every value recorded in the Result):
 - canonical: the training set as the model was trained on it, split by ASSIGNED label, at
   `layer` = "pre-pool" (the input of the global average pool, flattened: a trigger patch keeps
   its own coordinates there). Per class: centred representations R, top right singular vector
-  v, outlier scores s_i = ((R_i - mean) . v)^2, and the authors' per-sample removal set (the
-  1.5 * eps fraction with the largest scores, eps = expected poison rate): the class's suspects,
-  scored by the bench against the known poison (controls `poison_removal`, `poison_target_class`).
+  v and the projections p = (R_i - mean) . v. Per sample (`suspects` = "varied-side"): the class
+  splits in two along v (2-means on p) and its suspects are the part that varies more once v is
+  projected out, the poison's side (qbd.defenses._poison_side); `suspects` = "squared" keeps the
+  authors' removal set, the 1.5 * eps fraction with the largest outlier scores p^2 (eps = expected
+  poison rate), which ranks both halves of a half-poisoned class alike. Scored by the bench
+  against the known poison (controls `poison_removal`, `poison_target_class`).
   Model-level rule (`statistic` = "kurtosis"): the kurtosis E[p^4]/E[p^2]^2 of the projections
   p on v; a class is flagged when it is BELOW `kurtosis_threshold` = 1.374. A 10 % poison rate
   puts about as many poisoned as clean samples in the target class, and they separate along v:
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from qbd.defenses import _features as feat
+from qbd.defenses._poison_side import more_varied, split_line
 from qbd.defenses.base import ConfiguredDefense, DefenseInputs, Subject, Verdict
 
 _MIN_POINTS = 3
@@ -51,10 +55,18 @@ class SpectralSignatures(ConfiguredDefense):
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"poisoned_train"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "canonical": {"data": "poisoned_train", "layer": "pre-pool", "grouping": "per-class", "statistic": "kurtosis",
-                      "kurtosis_threshold": 1.374, "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "batch_size": 512},
+                      "kurtosis_threshold": 1.374, "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "varied-side",
+                      "batch_size": 512},
         "paper": {"data": "clean_holdout", "layer": "penultimate", "grouping": "pooled", "statistic": "top_to_rest",
-                  "kurtosis_threshold": 1.374, "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "batch_size": 512},
+                  "kurtosis_threshold": 1.374, "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "squared",
+                  "batch_size": 512},
     }
+
+    def validate(self) -> None:
+        from qbd.errors import ConfigError
+
+        if self.params["suspects"] not in ('varied-side', 'squared'):
+            raise ConfigError(f"{self.name}: suspects must be one of varied-side, squared, got {self.params['suspects']!r}")
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
         p = self.params
@@ -74,7 +86,7 @@ class SpectralSignatures(ConfiguredDefense):
         v = decide(stats, p)
         v.controls.update(controls)
         v.evidence["layer"] = p["layer"]
-        if p["grouping"] == "per-class":  # the authors' removal set: each class's top 1.5 eps scores
+        if p["grouping"] == "per-class":  # each class's suspects (spectrum(): the poison's side, or the authors' top scores)
             v.suspects = {"data": p["data"], "by_class": {g: idx[s["top"]] for g, (idx, s) in enumerate(zip(groups, stats, strict=True))
                                                           if s["top"] is not None}}
         return v
@@ -150,11 +162,14 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
         return out  # no spread at all: nothing to score
     proj = rc @ top
     scores = proj**2
-    k = round(p["removal_multiplier"] * p["eps"] * n)
+    k = round(p["removal_multiplier"] * p["eps"] * n)  # the authors' removal count (reported either way)
     # a rank-1 class matrix has no second direction: the ratio is undefined (inf -> invalid)
     out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]].fn(sv, proj)
     out["removed"] = k
-    out["top"] = np.sort(np.argsort(-scores, kind="stable")[:k])
+    if p.get("suspects", "squared") == "varied-side":
+        out["top"] = np.flatnonzero(more_varied(rc, split_line(proj), top))
+    else:
+        out["top"] = np.sort(np.argsort(-scores, kind="stable")[:k])
     kurt = _kurtosis(sv, proj)
     out["kurtosis"] = kurt if math.isfinite(kurt) else None
     out["score_q99"] = float(np.quantile(scores, 0.99))

@@ -45,9 +45,11 @@ def blobs(sizes: list[int], centres: torch.Tensor, sd: float, seed: int = 0) -> 
 
 
 def class_data(num_classes: int = 4, per_class: int = 150, poison: int = 0, target: int = 0, shift: float = 90.0,
-               sd: float = 8.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Gaussian blob per class; with `poison` > 0 the target class also holds a second,
-    shifted blob of that many points (poisoned samples carrying a trigger direction)."""
+               sd: float = 8.0, seed: int = 0, poison_from: str = "target") -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gaussian blob per class; with `poison` > 0 the target class also holds that many
+    poisoned points carrying a trigger direction: a shifted blob at the target's centre, or with
+    `poison_from` = "others" the other classes' points shifted (as a BadNet poison is: images of
+    every other class, relabelled, with the trigger)."""
     g = torch.Generator().manual_seed(seed + 1)
     centres = 60 + 80 * torch.rand(num_classes, 48, generator=g)
     xs, ys = [], []
@@ -55,9 +57,15 @@ def class_data(num_classes: int = 4, per_class: int = 150, poison: int = 0, targ
         xs.append(blobs([per_class], centres[c : c + 1], sd, seed + 10 + c))
         ys.append(torch.full((per_class,), c))
     if poison:
-        bent = centres[target].clone()
-        bent[:8] += shift  # the trigger lights up eight feature dims
-        xs.append(blobs([poison], bent[None], sd, seed + 99))
+        if poison_from == "others":
+            sources = torch.tensor([c for c in range(num_classes) if c != target])
+            bent = centres[sources[torch.arange(poison) % len(sources)]].clone()
+            bent[:, :8] += shift  # the trigger lights up eight feature dims
+            xs.append(blobs([1] * poison, bent, sd, seed + 99))
+        else:
+            bent = centres[target].clone()
+            bent[:8] += shift  # the trigger lights up eight feature dims
+            xs.append(blobs([poison], bent[None], sd, seed + 99))
         ys.append(torch.full((poison,), target))
     return torch.cat(xs), torch.cat(ys)
 
