@@ -360,10 +360,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         stopped, results = e, e.results
     from qbd import rates
 
-    # over several seeds a row with declared rate bounds is judged by its rates (qbd.expectations)
-    by_rates = table.rows_judged_by_rates(results, n_seeds)
-    for r in results:
-        r["judgement"] = table.judge(r, by_rates=rates.row_id(r) in by_rates).to_dict()
+    # over several seeds a row with declared rate bounds or counts is judged by them (qbd.expectations)
+    judgements, row_failures, rated = table.judge_run(results, n_seeds)
+    for r, j in zip(results, judgements, strict=True):
+        r["judgement"] = j.to_dict()
     rows = rates.rows(results)
     from qbd.report import run_facts, run_metadata
 
@@ -383,8 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         paths = write_report(results, args.report, title=f"qbd {args.tier} matrix", run=run_info)
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    row_failures = [f"{row['row']}: {m}" for row in rows if row["row"] in by_rates for m in table.check_row(row)]
-    rc = _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=len(by_rates),
+    rc = _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=rated,
                multi_seed=n_seeds > 1)
     if stopped is not None:
         print(f"qbd: {stopped} (the {len(results)} finished cells are reported above)", file=sys.stderr)

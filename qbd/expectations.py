@@ -42,6 +42,10 @@ default wherever qbd is installed.
     outcome = "borderline"              # either the truth or a miss (a false alarm on a clean cell)...
     margin = 0.25                       # ...while |score - threshold| stays within this
     why = "..."
+    [attacks.blend.rows."digits/fp32/strip[canonical]"]      # a row measured over that attack's models
+    seeds = [0, 1, 2, 3, 4]
+    backdoored = { pass = 4, miss = 1 }  # its backdoored models only: clean models are [rows]' (any attack)
+    why = "..."
 
 A cell with no finding is expected to match the truth: backdoored -> `detected` naming the planted
 target; clean -> `clean` (qbd.outcomes). A finding states the outcome the cell produces instead;
@@ -50,7 +54,9 @@ A crash (`error`), a timeout or an unexplained invalid is never an expected outc
 
 A measured row judges every run (qbd.measured_rows states the one rule): over its seeds, each
 kind of model's outcome histogram with at most one model moved; in any other run, each cell's outcome one that the
-row measured on its kind of model. A [cells] finding on a measured row's cell is refused.
+row measured on its kind of model. A [cells] finding on a measured row's cell is refused. An
+[attacks.<name>] section's rows count that attack's backdoored models; the clean models of its run
+are judged, cell by cell, by the [rows] they belong to (a clean model carries no attack).
 Rate bounds apply to multi-seed runs only (`qbd run --seeds N`, `--qbd-seeds N`, N > 1). Both,
 like findings, apply only to the attack they were measured on. A row judged by its rates or
 counts (check_row) has each of its seed's cells fail only on a never-expected outcome; a row
@@ -96,7 +102,7 @@ ROW_BOUNDS = {
 # its false-alarm bound) and seeds (the model seeds the bounds were measured on)
 _ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note", *measured_rows.KINDS}
 _TABLES = ("cells", "attack", "audit", "rows")
-_OTHER_ATTACK_KEYS = {"attack", "cells"}
+_OTHER_ATTACK_KEYS = {"attack", "cells", "rows"}
 # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
 _ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
 
@@ -146,10 +152,21 @@ class Expectations:
     def _other_cells(self, attack: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The findings declared for the attack a Result's model carries, where the table has a
         section measured on exactly that attack ({} otherwise: judged against the truth)."""
+        return self._section(attack).get("cells", {})
+
+    def _section(self, attack: dict[str, Any] | None) -> dict[str, Any]:
+        """The [attacks.<name>] section measured on exactly this attack ({} if none)."""
         for section in self.attacks.values():
-            if all(attack.get(k) == v for k, v in section["attack"].items()):
-                return section["cells"]
+            if attack is not None and all(attack.get(k) == v for k, v in section["attack"].items()):
+                return section
         return {}
+
+    def row_entry(self, row_id: str, attack: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The entry that judges a row whose backdoored models carry `attack` (None: a run of
+        clean models only): [rows] for meta's attack, else its [attacks.<name>] section's rows."""
+        if self.measured_on({"attack": attack}):
+            return self.rows.get(row_id)
+        return self._section(attack).get("rows", {}).get(row_id)
 
     def measured_on(self, result: dict[str, Any]) -> bool:
         """Whether the Result's model carries the attack the findings were measured on (a clean
@@ -161,7 +178,7 @@ class Expectations:
         """Against the truth or the cell's declared finding; with `by_rates` (its row is judged
         by its rates, see by_rates()) it fails only on a never-expected outcome."""
         if by_rates:
-            return self._judge_by_rates(result)
+            return self._judge_by_rates(result, self.row_entry(_row_of(result["cell"]), result.get("attack")) or {})
         entry = self.measured_row(result)
         if entry is not None:
             return self._judge_by_row(result, entry)
@@ -170,8 +187,8 @@ class Expectations:
     def measured_row(self, result: dict[str, Any]) -> dict[str, Any] | None:
         """The measured row (qbd.measured_rows) that judges this Result's cell, if the table has
         one and the Result's model carries the attack it was measured on."""
-        entry = self.rows.get(_row_of(result["cell"]))
-        return entry if measured_rows.is_measured(entry) and self.measured_on(result) else None
+        entry = self.row_entry(_row_of(result["cell"]), result.get("attack"))
+        return entry if measured_rows.is_measured(entry) and measured_rows.kind_of(result) in entry else None
 
     def _judge_by_row(self, result: dict[str, Any], entry: dict[str, Any]) -> Judgement:
         """The single-seed rule (qbd.measured_rows): the outcome must be one the row measured."""
@@ -193,9 +210,10 @@ class Expectations:
         return [self.judge(r) for r in sorted(results, key=lambda r: (r["cell"], r.get("seed", 0)))]
 
     # -- rows: rates over seeds (qbd.rates) ---------------------------------------------------------
-    def row_bounds(self, row_id: str) -> dict[str, float] | None:
-        """The rate bounds declared for a row (None when it declares none)."""
-        entry = self.rows.get(row_id)
+    def row_bounds(self, row_id: str, attack: dict[str, Any] | None = None) -> dict[str, float] | None:
+        """The rate bounds declared for a row (None when it declares none); `attack`: its
+        backdoored models' (default: meta's)."""
+        entry = self.rows.get(row_id) if attack is None else self.row_entry(row_id, attack)
         if measured_rows.is_measured(entry):
             return measured_rows.bounds(entry)  # type: ignore[arg-type]
         bounds = {k: entry[k] for k in ROW_BOUNDS if k in (entry or {})}  # detection first, then false alarms
@@ -207,16 +225,17 @@ class Expectations:
         (`attack`: as the backdoored models' Results record it; None for a run without one) the one
         the bounds were measured on, and, where the row names its `seeds`, exactly those seeds."""
         run = list(range(seeds)) if isinstance(seeds, int) else sorted(set(seeds))
-        if len(run) < 2 or self.row_bounds(row_id) is None or not self.measured_on({"attack": attack}):
+        entry = self.row_entry(row_id, attack)
+        if len(run) < 2 or entry is None or self.row_bounds(row_id, attack or self.attack_spec) is None:
             return False
-        declared = self.rows[row_id].get("seeds")
+        declared = entry.get("seeds")
         return declared is None or sorted(declared) == run
 
-    def check_row(self, row: dict[str, Any]) -> list[str]:
+    def check_row(self, row: dict[str, Any], attack: dict[str, Any] | None = None) -> list[str]:
         """Failure messages of a row (qbd.rates.rows) against its declared bounds; [] passes
-        (also for a row without bounds)."""
-        bounds = self.row_bounds(row["row"]) or {}
-        entry = self.rows.get(row["row"], {})
+        (also for a row without bounds). `attack`: its backdoored models' (default: meta's)."""
+        bounds = self.row_bounds(row["row"], attack) or {}
+        entry = (self.rows.get(row["row"]) if attack is None else self.row_entry(row["row"], attack)) or {}
         why = entry.get("why")
         out = []
         if not bounds:
@@ -243,7 +262,7 @@ class Expectations:
                            f" {'>=' if low else '<='} {limit} ({bound}; why: {why})")
         return out
 
-    def _judge_by_rates(self, result: dict[str, Any]) -> Judgement:
+    def _judge_by_rates(self, result: dict[str, Any], entry: dict[str, Any]) -> Judgement:
         from qbd.rates import row_id
 
         measured = outcome(result)
@@ -251,19 +270,35 @@ class Expectations:
         if measured == "pass" or code in NEVER_EXPECTED:  # the truth passes; a crash or a timeout always fails
             return judge(result, None)
         rid = row_id(result)
-        bounds = ", ".join(f"{k} {v}" for k, v in (self.row_bounds(rid) or {}).items())
+        bounds = ", ".join(f"{k} {v}" for k, v in (self.row_bounds(rid, result.get("attack") or self.attack_spec) or {}).items())
         return Judgement(result["cell"], measured, verdict_word(result), "finding", f"the rates of row {rid}: {bounds}",
-                         f"judged by its row's rates ({bounds}): {self.rows[rid].get('why')}")
+                         f"judged by its row's rates ({bounds}): {entry.get('why')}")
+
+    def judge_run(self, results: list[dict[str, Any]], seeds: int) -> tuple[list[Judgement], list[str], int]:
+        """A whole run (`seeds`: models per data set): each Result's judgement (in `results`'
+        order), the rows' failures over their seeds, and how many rows were judged by rates or
+        counts. A row of another attack's section counts its backdoored models; its run's clean
+        models are judged cell by cell, by [rows]."""
+        from qbd.rates import row_id, rows
+
+        attacks = _row_attacks(results)
+        rated = self.rows_judged_by_rates(results, seeds)
+        out = []
+        for r in results:
+            rid = row_id(r)
+            entry = self.row_entry(rid, attacks.get(rid)) or {}
+            covered = not measured_rows.is_measured(entry) or measured_rows.kind_of(r) in entry
+            out.append(self.judge(r, by_rates=rid in rated and covered))
+        failures = [f"{row['row']}: {m}" for row in rows(results) if row["row"] in rated
+                    for m in self.check_row(row, attacks.get(row["row"]) or self.attack_spec)]
+        return out, failures, len(rated)
 
     def rows_judged_by_rates(self, results: list[dict[str, Any]], seeds: int) -> frozenset[str]:
         """The rows of `results` whose cells are judged by their rates (by_rates), each with the
         attack its backdoored models carry."""
         from qbd.rates import row_id
 
-        attack: dict[str, dict[str, Any] | None] = {}
-        for r in results:  # a row's clean models carry no attack: take its backdoored models'
-            if attack.get(row_id(r)) is None:
-                attack[row_id(r)] = r.get("attack")
+        attack = _row_attacks(results)
         seen: dict[str, set[int]] = {}
         for r in results:
             seen.setdefault(row_id(r), set()).add(int(r.get("seed", 0)))
@@ -388,8 +423,8 @@ def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[
     for name, section in raw.items():
         where = f"{p}: attacks.{name!r}"
         if not isinstance(section, dict) or set(section) - _OTHER_ATTACK_KEYS:
-            raise ConfigError(f"{where}: a section holds `attack` (the spec its findings were measured on) and `cells`")
-        spec, cells = section.get("attack"), section.get("cells", {})
+            raise ConfigError(f"{where}: a section holds `attack` (the spec its findings were measured on), `cells` and `rows`")
+        spec, cells, rows = section.get("attack"), section.get("cells", {}), section.get("rows", {})
         if not isinstance(spec, dict) or "name" not in spec:
             raise ConfigError(f"{where}: `attack` must be a table naming the attack (name = ...) and its whole spec")
         try:  # the whole spec, as the attack's Results record it (less the seed): a partial one would match other models
@@ -404,7 +439,17 @@ def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[
         if not isinstance(cells, dict):
             raise ConfigError(f"{where}: `cells` must be a table")
         _check_entries(f"{where}.cells", cells, _CELL_KEYS, _check_cell, spec.get("target"))
-        out[name] = {"attack": dict(spec), "cells": dict(cells)}
+        if not isinstance(rows, dict):
+            raise ConfigError(f"{where}: `rows` must be a table")
+        _check_entries(f"{where}.rows", rows, _ROW_KEYS, _check_row, None)
+        for rid, entry in rows.items():  # its backdoored models, counted; clean models are [rows]' whatever the attack
+            if not measured_rows.is_measured(entry) or set(entry) & {"clean", *ROW_BOUNDS, "max_invalid_rate"}:
+                raise ConfigError(f"{where}.rows.{rid!r}: an attack's row counts its backdoored models"
+                                  " (seeds = [...], backdoored = {...}); its clean models are judged by [rows]")
+        for key, entry in cells.items():
+            if "outcome" in entry and _row_of(key) in rows:
+                raise ConfigError(f"{where}.cells.{key!r}: its row is measured over models and judges it; drop the entry")
+        out[name] = {"attack": dict(spec), "cells": dict(cells), "rows": dict(rows)}
     return out
 
 
@@ -546,6 +591,17 @@ def _check_row(where: str, key: str, entry: dict[str, Any]) -> None:
 _CHECKS = {"cells": _check_cell, "attack": _check_attack, "audit": _check_audit, "rows": _check_row}
 
 
+def _row_attacks(results: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """Row id -> the attack its backdoored models carry (None for a row of clean models only)."""
+    from qbd.rates import row_id
+
+    attack: dict[str, dict[str, Any] | None] = {}
+    for r in results:  # a row's clean models carry no attack: take its backdoored models'
+        if attack.get(row_id(r)) is None:
+            attack[row_id(r)] = r.get("attack")
+    return attack
+
+
 # -- writing ----------------------------------------------------------------------------------------
 def _toml_key(k: str) -> str:
     """A bare key where TOML allows one (letters, digits, - and _), else a quoted one."""
@@ -579,9 +635,10 @@ def dumps(e: Expectations, header: str = "") -> str:
     for name in sorted(e.attacks):
         section = e.attacks[name]
         lines += ["", f"[attacks.{_toml_value(name)}]", f"attack = {_toml_value(section['attack'])}"]
-        for key in sorted(section["cells"]):
-            lines += ["", f"[attacks.{_toml_value(name)}.cells.{_toml_value(key)}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in section["cells"][key].items()]
+        for table in ("cells", "rows"):
+            for key in sorted(section.get(table, {})):
+                lines += ["", f"[attacks.{_toml_value(name)}.{table}.{_toml_value(key)}]"]
+                lines += [f"{k} = {_toml_value(v)}" for k, v in section[table][key].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -594,7 +651,8 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
                        attack_spec=dict(e.attack_spec), cells={k: dict(v) for k, v in e.cells.items()},
                        attack={k: dict(v) for k, v in e.attack.items()}, audit={k: dict(v) for k, v in e.audit.items()},
                        rows={k: dict(v) for k, v in e.rows.items()},
-                       attacks={k: {"attack": dict(v["attack"]), "cells": {c: dict(x) for c, x in v["cells"].items()}}
+                       attacks={k: {"attack": dict(v["attack"]), "cells": {c: dict(x) for c, x in v["cells"].items()},
+                                    "rows": {c: dict(x) for c, x in v.get("rows", {}).items()}}
                                 for k, v in e.attacks.items()})
     before = e.judge_all(results)
     notes: list[str] = []

@@ -116,6 +116,8 @@ def check(entry: dict[str, Any], row: dict[str, Any]) -> list[str]:
     may have moved."""
     out = []
     for k in KINDS:
+        if k not in entry:  # an attack's row counts its backdoored models only (qbd.expectations)
+            continue
         want, got = entry.get(k), row["outcomes"].get(k)
         n_want, n_got = totals(want, k)["n"], totals(got, k)["n"]
         if n_want != n_got:

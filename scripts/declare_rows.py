@@ -5,9 +5,12 @@
 
 Every row of the runs' Results on the table's meta attack becomes a measured row
 (qbd.measured_rows): its seeds and its outcome counts per kind of model, and, where any model
-did not match its truth, a why with the figures. The table's previous [rows] entries, and every
-[cells] finding of a row now measured (the row judges those cells), are replaced; everything else
-(comments, other sections) is kept as written. Re-running on the same runs rewrites the same text.
+did not match its truth, a why with the figures. Results of another attack's models whose spec
+an [attacks.<name>] section states become that section's rows, counting the backdoored models
+only (`qbd run --attack blend --seeds 5 --no-controls --json > blend-digits.json`). The previous
+measured rows of the runs' data sets, and every cell finding of a row now measured (the row
+judges those cells), are replaced; everything else (comments, other sections, rows of data sets
+the runs do not cover) is kept as written. Re-running on the same runs rewrites the same text.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from qbd.rates import row_id, wilson
 
 BEGIN = "# -- measured rows: written by scripts/declare_rows.py from runs over the pinned evaluation models --"
 ANCHOR = "docs/results.md#{defense}"  # docs/results.md's findings have a section per defense
-_HEADER = re.compile(r'^\[(rows|cells)\.("(?:[^"\\]|\\.)*")\]\s*$')
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+# [rows."id"], [cells."id"], and an attack section's [attacks."name".rows."id"] / [attacks.name.cells."id"]
+_HEADER = re.compile(rf'^\[(?:attacks\.({_QUOTED}|[A-Za-z0-9_-]+)\.)?(rows|cells)\.({_QUOTED})\]\s*$')
 
 
 def _rate(k: int, n: int) -> str:
@@ -53,29 +58,60 @@ def why(entry: dict, defense: str) -> str:
     return ANCHOR.format(defense=defense) + ": " + "; ".join(parts)
 
 
-def declared(results: list[dict], meta_attack: dict) -> dict[str, dict]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in results:
-        a = r.get("attack")
-        if a is None or all(a.get(k) == v for k, v in meta_attack.items()):
-            groups[row_id(r)].append(r)
+Key = tuple[str | None, str]  # (the [attacks.<name>] section, None for meta's attack; the row id)
+
+
+def _section_of(attack: dict | None, table) -> str | bool | None:
+    """None for meta's attack (and clean models), the section's name for another attack a section
+    states, False for an attack the table has no section for."""
+    if table.measured_on({"attack": attack}):
+        return None
+    for name, section in table.attacks.items():
+        if all(attack.get(k) == v for k, v in section["attack"].items()):
+            return name
+    return False
+
+
+def declared(runs: list[list[dict]], table) -> dict[Key, dict]:
+    """The measured rows of `runs` (each one run's Results)."""
+    groups: dict[Key, list[dict]] = defaultdict(list)
+    for results in runs:
+        sections = [_section_of(r.get("attack"), table) for r in results]
+        if False in sections:
+            bad = results[sections.index(False)]
+            sys.exit(f"{row_id(bad)}: attack {bad['attack']} has no [attacks.<name>] section in the table; add one first")
+        other_attack = any(name is not None for name in sections)
+        for r, name in zip(results, sections, strict=True):
+            if other_attack and r.get("attack") is None:
+                continue  # a clean control of another attack's run: [rows] counts the clean models of BadNet's runs
+            groups[(name, row_id(r))].append(r)
     out = {}
-    for rid, rs in sorted(groups.items()):
+    for (name, rid), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         entry = measured_rows.measured(rs)
         if not measured_rows.all_truth(entry):
-            entry["why"] = why(entry, rs[0]["defense"]["name"])
-        out[rid] = entry
+            entry["why"] = why(entry, rs[0]["defense"]["name"] if name is None else "other-attacks")
+        out[(name, rid)] = entry
     return out
 
 
-def rewrite(text: str, rows: dict[str, dict]) -> str:
-    """The table's text with the [rows] entries of the runs' data sets and the measured rows'
-    [cells] findings replaced; rows of other data sets are kept as they are."""
+def _old_rows(text: str) -> dict[Key, dict]:
     import tomllib
 
-    datasets = {rid.split("/", 1)[0] for rid in rows}
-    old_rows = {rid: e for rid, e in tomllib.loads(text).get("rows", {}).items() if rid.split("/", 1)[0] not in datasets}
-    rows = dict(sorted({**old_rows, **rows}.items()))
+    raw = tomllib.loads(text)
+    out: dict[Key, dict] = {(None, rid): e for rid, e in raw.get("rows", {}).items()}
+    for name, section in raw.get("attacks", {}).items():
+        out.update({(name, rid): e for rid, e in section.get("rows", {}).items()})
+    return out
+
+
+def rewrite(text: str, rows: dict[Key, dict]) -> str:
+    """The table's text with the measured rows of the runs' (section, data set)s and those rows'
+    cell findings replaced; rows of other data sets are kept as they are."""
+    import tomllib
+
+    covered = {(name, rid.split("/", 1)[0]) for name, rid in rows}
+    old = {k: e for k, e in _old_rows(text).items() if (k[0], k[1].split("/", 1)[0]) not in covered}
+    rows = dict(sorted({**old, **rows}.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])))
     lines = text.split("\n")
     if BEGIN in lines:
         lines = lines[: lines.index(BEGIN)]
@@ -83,16 +119,18 @@ def rewrite(text: str, rows: dict[str, dict]) -> str:
     for line in lines:
         m = _HEADER.match(line)
         if m:
-            key = tomllib.loads(f"k = {m.group(2)}")["k"]
-            skipping = m.group(1) == "rows" or key.replace(":clean/", "/", 1) in rows
+            section = None if m.group(1) is None else tomllib.loads(f"k = {m.group(1)}")["k"] if m.group(1).startswith('"') else m.group(1)
+            key = tomllib.loads(f"k = {m.group(3)}")["k"]
+            skipping = m.group(2) == "rows" or (section, key.replace(":clean/", "/", 1)) in rows
         elif line.startswith("["):
             skipping = False
         if not skipping:
             kept.append(line)
     body = "\n".join(kept).rstrip("\n")
     block = [BEGIN]
-    for rid, entry in rows.items():
-        block += ["", f"[rows.{_toml_value(rid)}]", *[f"{k} = {_toml_value(v)}" for k, v in entry.items()]]
+    for (name, rid), entry in rows.items():
+        where = "rows" if name is None else f"attacks.{_toml_value(name)}.rows"
+        block += ["", f"[{where}.{_toml_value(rid)}]", *[f"{k} = {_toml_value(v)}" for k, v in entry.items()]]
     return body + "\n\n" + "\n".join(block) + "\n"
 
 
@@ -101,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="results files (qbd run --json, or a report's results.json)")
     ap.add_argument("--table", default=str(shipped("smoke")), help="the expectations table to rewrite")
     args = ap.parse_args(argv)
-    results = [r for path in args.runs for r in results_io.read(path)]
     table = Path(args.table)
-    rows = declared(results, load(table).attack_spec)
+    rows = declared([results_io.read(path) for path in args.runs], load(table))
     table.write_text(rewrite(table.read_text(), rows))  # rows of data sets the runs do not cover are kept
     load(table)  # the rewritten table must load
     findings = sum(1 for e in rows.values() if "why" in e)

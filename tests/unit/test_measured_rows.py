@@ -142,3 +142,61 @@ def test_the_whole_histogram_is_compared_not_only_the_truths_count(tmp_path):
     (row,) = rows(recoded)
     assert "2 clean models moved" in table.check_row(row)[0]
     assert measured_rows.moved({"pass": 8, "miss": 2}, {"pass": 8, "wrong-target": 2}) == 2
+
+
+# -- rows of another attack's models ([attacks.<name>.rows]) ---------------------------------------
+BLEND = {"name": "blend", "target": 2, "trigger_pattern": "checkerboard", "trigger_size": 3,
+         "trigger_position": "bottom-right", "poison_rate": 0.1, "alpha": 0.15}
+
+
+def _blend(seed, *, status="detected", target=2):
+    r = _r(seed, status=status, target=target)
+    return {**r, "attack": {**BLEND, "seed": seed}}
+
+
+def _section_table(tmp_path, extra=""):
+    clean_row = {"seeds": list(range(10)), "clean": {"pass": 8, "false-alarm": 2}, "backdoored": {"pass": 10}}
+    p = tmp_path / "t.toml"
+    p.write_text(f'[meta]\ntier = "smoke"\n\n[rows."{ROW}"]\n{_entry_text(clean_row)}\n\n'
+                 f'[attacks.blend]\nattack = {{ name = "blend", target = 2, trigger_pattern = "checkerboard", trigger_size = 3,'
+                 f' trigger_position = "bottom-right", poison_rate = 0.1, alpha = 0.15 }}\n\n'
+                 f'[attacks.blend.rows."{ROW}"]\nseeds = [0, 1, 2, 3, 4]\nbackdoored = {{ pass = 3, miss = 2 }}\n'
+                 f'why = "docs/results.md#other-attacks: measured"\n{extra}')
+    return load(p)
+
+
+def test_an_attacks_row_judges_its_backdoored_models_and_leaves_clean_ones_to_rows(tmp_path):
+    table = _section_table(tmp_path)
+    five = [_blend(s) for s in range(3)] + [_blend(s, status="clean") for s in (3, 4)]
+    controls = [_r(s, clean=True, status="clean") for s in range(5)]
+    judgements, failures, rated = table.judge_run(five + controls, 5)
+    assert failures == [] and rated == 1 and all(j.judgement != "FAIL" for j in judgements)
+    # two more misses: two models moved, the row fails
+    worse = [_blend(s) for s in range(1)] + [_blend(s, status="clean") for s in range(1, 5)]
+    _, failures, _ = table.judge_run(worse + controls, 5)
+    assert len(failures) == 1 and "2 backdoored models moved" in failures[0]
+    # a clean control of the run is judged by [rows]' single-seed rule: a false alarm there was measured,
+    # an invalid verdict was not
+    fa = table.judge(_r(0, clean=True, target=3))
+    assert fa.judgement == "finding"
+    bad = table.judge_run(five + [_r(0, clean=True, status="invalid", code="not-converged")], 5)[0][-1]
+    assert bad.judgement == "FAIL"
+    # one seed: a backdoored model judged by the section's row, never by [rows] (which measured BadNet)
+    assert table.judge(_blend(0, status="clean")).judgement == "finding"
+    assert table.judge(_blend(0, target=7)).judgement == "FAIL"  # a wrong target the row never measured
+
+
+def test_an_attacks_row_round_trips_and_its_mistakes_are_refused(tmp_path):
+    from qbd.expectations import dumps
+
+    table = _section_table(tmp_path)
+    again = tmp_path / "again.toml"
+    again.write_text(dumps(table))
+    assert load(again).attacks["blend"]["rows"] == table.attacks["blend"]["rows"]
+    with pytest.raises(ConfigError, match="its row is measured over models"):
+        _section_table(tmp_path, f'\n[attacks.blend.cells."{ROW}"]\noutcome = "miss"\nwhy = "x"\n')
+    p = tmp_path / "clean.toml"
+    p.write_text((tmp_path / "t.toml").read_text().replace("backdoored = { pass = 3, miss = 2 }",
+                                                           "backdoored = { pass = 3, miss = 2 }\nclean = { pass = 5 }"))
+    with pytest.raises(ConfigError, match="its clean models are judged by"):
+        load(p)
