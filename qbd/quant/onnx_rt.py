@@ -112,6 +112,24 @@ class OrtPart(nn.Module):
         (out,) = self._session.run([self._output], {self._input: arr})
         return torch.from_numpy(out).to(x.device)
 
+    def pool_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation this part's global average pool reads, computed by ONNX Runtime on the
+        same quantized graph with that tensor as an extra output: what a defense that reads the
+        activations before the pool (AC, SS) must see of the deployed model. LookupError for a
+        part with no global pool (the head)."""
+        session = self.__dict__.get("_pool_session")
+        if session is None:
+            try:
+                session = make_session(with_pool_input_output(self.onnx_bytes))
+            except LookupError:
+                session = False
+            object.__setattr__(self, "_pool_session", session)  # not a registered attribute: derived, rebuilt on copy
+        if session is False:
+            raise LookupError(f"the {self.part} graph has no global average pool")
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        out = session.run([POOL_INPUT], {self._input: arr})[0]
+        return torch.from_numpy(out).to(x.device)
+
     def __deepcopy__(self, memo: dict[int, Any]) -> OrtPart:
         clone = type(self)(self.onnx_bytes, self.part)
         clone.train(self.training)
@@ -124,6 +142,41 @@ class OrtPart(nn.Module):
 
     def extra_repr(self) -> str:
         return f"part={self.part!r}, onnx_bytes={len(self.onnx_bytes)}"
+
+
+POOL_INPUT = "qbd_pool_input"  # the extra graph output pool_input() reads
+
+
+def with_pool_input_output(onnx_bytes: bytes) -> bytes:
+    """The same graph with one more output, POOL_INPUT: the input of its last global average
+    pool (GlobalAveragePool, or ReduceMean over H and W as torch.onnx exports it), through an
+    Identity so the graph's own tensors stay as they are. LookupError when there is none."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(onnx_bytes)
+    pools = [n for n in model.graph.node if n.op_type == "GlobalAveragePool" or (n.op_type == "ReduceMean" and _spatial_mean(model, n))]
+    if not pools:
+        raise LookupError("no global average pool in this ONNX graph")
+    model.graph.node.append(helper.make_node("Identity", [pools[-1].input[0]], [POOL_INPUT], name="qbd_pool_input_identity"))
+    model.graph.output.append(helper.make_tensor_value_info(POOL_INPUT, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def _spatial_mean(model: Any, node: Any) -> bool:
+    """Whether a ReduceMean averages axes 2 and 3 of a 4-D tensor (its axes as an attribute, or
+    from opset 18 as a constant second input)."""
+    from onnx import numpy_helper
+
+    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if axes is None and len(node.input) > 1:
+        init = {t.name: t for t in model.graph.initializer}
+        consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+        if node.input[1] in init:
+            axes = numpy_helper.to_array(init[node.input[1]]).tolist()
+        elif node.input[1] in consts:
+            axes = numpy_helper.to_array(consts[node.input[1]].attribute[0].t).tolist()
+    return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
 
 
 def export_part(module: nn.Module, example: torch.Tensor) -> Any:

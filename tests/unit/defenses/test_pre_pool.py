@@ -66,3 +66,18 @@ def test_a_model_without_a_pool_or_a_readable_graph_is_not_applicable():
 class _MeanPool(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean((2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("scheme", ["onnx-int8-static", "onnx-int8-dynamic"])
+def test_an_onnx_runtime_session_is_read_before_its_pool(scheme):
+    """ONNX Runtime's quantized features graph, run with its pool's input as an extra output: the
+    activations it gives, averaged over H and W, are the deployed embedding (the pool is float
+    ReduceMean on dequantized values, up to float summation order), so they are what the deployed
+    pool reads."""
+    pytest.importorskip("onnxruntime")
+    subject = _subject(scheme)
+    f = feat.pre_pool(subject, X)
+    assert f.dtype == torch.float32 and f.shape == (10, 64 * 2 * 2)
+    emb = feat.embed(subject, X)
+    assert torch.allclose(f.view(10, 64, 4).mean(-1), emb, atol=1e-5, rtol=1e-5), (f.view(10, 64, 4).mean(-1) - emb).abs().max()
+    assert f.abs().sum() > 0
