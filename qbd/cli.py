@@ -68,6 +68,20 @@ def _positive_float(text: str) -> float:
 _seed_count = _int_at_least(1, "a number of seeds")
 
 
+def _seeds(text: str) -> int | tuple[int, ...]:
+    """--seeds: a number of models (seeds --seed .. --seed+N-1), or the model seeds themselves,
+    comma-separated (a row measured on the models that pass their attack's gate, say)."""
+    if "," not in text:
+        return _seed_count(text)
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seeds or comma-separated model seeds, got {text!r}") from None
+    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"model seeds must be distinct and >= 0, got {text!r}")
+    return seeds
+
+
 def _workers(text: str) -> int | str:
     """`auto` or a count of worker processes (1: in this process)."""
     if text == "auto":
@@ -282,7 +296,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qbd.tiers import TIERS
 
     tier = TIERS[args.tier]
-    n_seeds = args.seeds
+    if isinstance(args.seeds, tuple) and args.seed != 0:
+        raise UsageError(f"--seeds {','.join(map(str, args.seeds))} names the model seeds; drop --seed {args.seed}")
+    seeds = args.seeds if isinstance(args.seeds, tuple) else tuple(range(args.seed, args.seed + args.seeds))
+    n_seeds = len(seeds)
     if n_seeds > 1 and args.model_file is not None:
         raise UsageError(f"--seeds {n_seeds} trains {n_seeds} models per data set; --model-file is one model: drop one")
     if n_seeds > 1 and args.attack_seed is not None:
@@ -333,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         # model number s: training seed s and attack seed s (independently trained and poisoned)
         jobs += [seeded_job(ds, job.model.name, s, job.attack, precision=job.train.precision, epochs=args.epochs)
-                 for s in range(args.seed, args.seed + n_seeds)]
+                 for s in seeds]
     model_file = _model_file_from_args(args, datasets)
     plan = RunPlan(
         jobs=tuple(jobs), tier=tier, schemes=schemes, defenses=defenses, protocols=protocols,
@@ -496,9 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--expectations", metavar="FILE", nargs="?", const="", default=None,
                    help="gate: compare every cell with its expectation (FILE, else the table qbd ships for the tier), print the"
                         " mismatches and exit 1 on any; without it the outcomes are shown but never change the exit code")
-    sel.add_argument("--seeds", type=_seed_count, default=1, metavar="N",
-                     help="run N models per data set, seeds --seed .. --seed+N-1 (training and attack seed s), each with its"
-                          " clean control on every scheme, and report each row's detection and false-alarm rates (default: 1)")
+    sel.add_argument("--seeds", type=_seeds, default=1, metavar="N|S,S,...",
+                     help="run N models per data set, seeds --seed .. --seed+N-1 (training and attack seed s), or the listed"
+                          " model seeds, each with its clean control on every scheme, and report each row's detection and"
+                          " false-alarm rates (default: 1)")
     r.add_argument("-j", "--jobs", type=_workers, default="auto", metavar="N",
                    help="cells in parallel on N worker processes of one thread each; auto: one per usable core (default)."
                         " Verdicts do not depend on N")

@@ -63,6 +63,9 @@ def test_list_shows_registries():
         (("run", "--seeds", "two"), "argument --seeds: expected a number of seeds >= 1, got 'two'"),
         (("run", "--seeds", "2", "--model-file", "m.safetensors", "--sha256", "ab"), "--model-file is one model: drop one"),
         (("run", "--seeds", "2", "--attack-seed", "3"), "model s is poisoned with attack seed s; drop --attack-seed"),
+        (("run", "--seeds", "1,1"), "argument --seeds: model seeds must be distinct and >= 0, got '1,1'"),
+        (("run", "--seeds", "1,x"), "argument --seeds: expected a number of seeds or comma-separated model seeds, got '1,x'"),
+        (("run", "--seeds", "0,2", "--seed", "3"), "--seeds 0,2 names the model seeds; drop --seed 3"),
         (("run", "--quant", "fp32,int4-sim", "--engine", "x86"), "none of the selected schemes (fp32, int4-sim) takes a quantized engine"),
     ],
 )
@@ -287,6 +290,12 @@ def test_run_seeds_reports_rows_of_rates(plugin, seed_cache, tmp_path):
     row = next(line for line in text.stdout.splitlines() if line.startswith("digits/fp32/always-zero[canonical]"))
     assert "2/2 = 1.00 [0.34, 1.00]" in row  # detections, then the false alarms: the same count here
     assert row.count("2/2 = 1.00 [0.34, 1.00]") == 2
+    # the model seeds named instead of counted: the same models (store hits), the same rows
+    assert SEEDS[-2:] == ("--seed", "1")
+    listed = qbd(*SEEDS[:-2], "--seeds", "2,1", "--quant", "fp32,int8-dynamic", "--defense", ALWAYS, "--json",
+                 cache=seed_cache, path=plugin)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["rows"] == rows
 
 
 def test_a_single_seed_run_prints_rows_in_json_but_no_rates_table(plugin, seed_cache):
