@@ -1,14 +1,16 @@
 """Do the canonical rules generalise? Each canonical defense on fp32 against attack settings outside
 its calibration (the thresholds were calibrated on the default BadNet, 10 % poison, white 3x3
 bottom-right, target 0, models 100-104): lower poison rates, other patch sizes, patterns,
-positions and targets, and a blend with seeded noise. One model per setting and data set (model
-seed 0, trained into the store; the training gate is off, each model's ASR is reported).
+positions and targets, and a blend with seeded noise. N models per setting and data set (model
+seeds 0..N-1, trained into the store, not pinned; the training gate is off, each model's ASR is
+reported).
 
-    python scripts/attack_spread.py --out out/spread          # both data sets, about 10 minutes on 2 cores
-    python scripts/attack_spread.py --summary out/spread      # the table again, from the saved runs
+    python scripts/attack_spread.py --out out/spread5 --seeds 5   # both data sets, five models per setting
+    python scripts/attack_spread.py --summary out/spread5         # the table again, from the saved runs
 
-Prints, per data set and defense, the settings on which it names the planted target (k of 5),
-with each model's deployed ASR, as the Markdown table docs/defenses.md shows.
+Prints, per data set and defense, the models of each setting on which it names the planted target
+(k of N), the settings where it names it on a majority of the models, and its rate over every
+setting's models with a Wilson interval, with the models' deployed ASR, as docs/defenses.md shows.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _file(out: Path, ds: str, label: str) -> Path:
     return out / f"{ds}-{label.replace(' ', '_').replace('%', 'pct').replace('=', '')}.json"
 
 
-def run(out: Path) -> None:
+def run(out: Path, seeds: int = 1) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for ds in DATASETS:
         for label, opts in SETTINGS.items():
@@ -44,7 +46,7 @@ def run(out: Path) -> None:
             if path.exists():
                 continue
             cmd = [sys.executable, "-m", "qbd", "run", "--dataset", ds, "--quant", "fp32", "--protocol", "canonical",
-                   "--no-controls", "--no-progress", "--min-asr", "0", "--json", *opts]
+                   "--no-controls", "--no-progress", "--min-asr", "0", "--json", "--seeds", str(seeds), *opts]
             print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if not done.stdout.strip():
@@ -53,10 +55,13 @@ def run(out: Path) -> None:
 
 
 def summary(out: Path) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from qbd.rates import wilson
+
     lines = []
     for ds in DATASETS:
-        per_defense: dict[str, list[str]] = {}
-        asr = {}
+        named: dict[str, dict[str, list[bool]]] = {}  # defense -> setting -> per model
+        asr: dict[str, list[float]] = {}
         for label in SETTINGS:
             path = _file(out, ds, label)
             if not path.exists():
@@ -64,19 +69,24 @@ def summary(out: Path) -> str:
             for r in json.loads(path.read_text())["results"]:
                 if r.get("attack") is None:
                     continue
-                asr[label] = r["asr"]
                 v = r["verdict"]
-                named = v["status"] == "detected" and (v["target_class"] == r["attack"]["target"]
-                                                       or not r["defense"].get("names_target", True))
-                word = "yes" if named else (f"t={v['target_class']}" if v["status"] == "detected" else
-                                            v["status"] if v["status"] != "invalid" else f"invalid ({v['reason_code']})")
-                per_defense.setdefault(r["defense"]["name"], []).append(word)
+                hit = v["status"] == "detected" and (v["target_class"] == r["attack"]["target"]
+                                                     or not r["defense"].get("names_target", True))
+                named.setdefault(r["defense"]["name"], {}).setdefault(label, []).append(hit)
+                if r["defense"]["name"] == "strip":  # one ASR per model
+                    asr.setdefault(label, []).append(r["asr"])
         labels = [x for x in SETTINGS if _file(out, ds, x).exists()]
-        lines += [f"**{ds}** (model seed 0; deployed ASR: " + ", ".join(f"{x} {asr.get(x, float('nan')):.2f}" for x in labels) + ")",
-                  "", "| defense | " + " | ".join(labels) + " | names the target |",
-                  "|---|" + "---|" * (len(labels) + 1)]
-        for d, words in sorted(per_defense.items()):
-            lines.append(f"| {d} | " + " | ".join(words) + f" | {sum(w == 'yes' for w in words)}/{len(words)} |")
+        spread = ", ".join(f"{x} {min(asr.get(x, [0])):.2f}-{max(asr.get(x, [0])):.2f}" for x in labels)
+        lines += [f"**{ds}** (deployed ASR over the models: {spread})", "",
+                  "| defense | " + " | ".join(labels) + " | settings named on a majority | all models [95 % CI] |",
+                  "|---|" + "---|" * (len(labels) + 2)]
+        for d, per in sorted(named.items()):
+            cells = [per.get(x, []) for x in labels]
+            k, n = sum(sum(c) for c in cells), sum(len(c) for c in cells)
+            lo, hi = wilson(k, n)
+            majority = sum(2 * sum(c) > len(c) for c in cells)
+            lines.append(f"| {d} | " + " | ".join(f"{sum(c)}/{len(c)}" for c in cells)
+                         + f" | {majority}/{len(labels)} | {k}/{n} [{lo:.2f}, {hi:.2f}] |")
         lines.append("")
     return "\n".join(lines)
 
@@ -85,9 +95,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="run every setting (skipping those already saved) into this folder")
     ap.add_argument("--summary", type=Path, help="print the table from a folder of saved runs")
+    ap.add_argument("--seeds", type=int, default=5, help="models per setting and data set (default: 5)")
     args = ap.parse_args()
     if args.out:
-        run(args.out)
+        run(args.out, args.seeds)
     print(summary(args.out or args.summary))
     return 0
 
