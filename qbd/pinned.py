@@ -35,6 +35,11 @@ FORMAT = 1
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "zoo"  # the repository's checkout
 EVAL_SEEDS = tuple(range(10))  # evaluation models: rows over models are measured on these (ten per data set and kind)
 CALIBRATION_SEEDS = (100, 101, 102, 103, 104)  # thresholds are calibrated on these only (scripts/calibrate.py)
+OTHER_ATTACK_SEEDS = tuple(range(5))  # the other attacks' rows (blend, quant-conditioned) are measured on these
+# quant-conditioned on int8-static: its construction misses its own gate on one model of five per data
+# set (digits seed 2 does not wake, ASR 0.89; synthetic seed 3 is not dormant, FP32 ASR 0.33), so a
+# sixth model stands in: those rows are measured on the models that are instances of the attack
+QC_INT8_EXTRA_SEEDS = (5,)
 
 
 def recipe_key(job: ModelJob, data_fingerprint: str) -> str:
@@ -51,15 +56,18 @@ def file_name(job: ModelJob) -> str:
 
 def zoo_jobs(datasets: tuple[str, ...] = ("digits", "synthetic"), model: str = "tiny-cnn") -> list[ModelJob]:
     """Every model the smoke tier evaluates: per data set, a backdoored (default BadNet) and a
-    clean model for each evaluation and calibration seed, and seed 0 of the other attacks (the
-    BadNet variant, blend, quant-conditioned on int4-sim and on int8-static)."""
+    clean model for each evaluation and calibration seed; seed 0 of the BadNet variant; and the
+    other attacks (blend, quant-conditioned on int4-sim and on int8-static) on OTHER_ATTACK_SEEDS,
+    the models their rows are measured on."""
     from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, VARIANT_ATTACK, seeded_job
 
     jobs = []
     for ds in datasets:
         for seed in (*EVAL_SEEDS, *CALIBRATION_SEEDS):
             jobs += [seeded_job(ds, model, seed, AttackSpec()), seeded_job(ds, model, seed, None)]
-        jobs += [seeded_job(ds, model, 0, a) for a in (VARIANT_ATTACK, BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK)]
+        jobs.append(seeded_job(ds, model, 0, VARIANT_ATTACK))
+        jobs += [seeded_job(ds, model, s, a) for a in (BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK) for s in OTHER_ATTACK_SEEDS]
+        jobs += [seeded_job(ds, model, s, QC_INT8_ATTACK) for s in QC_INT8_EXTRA_SEEDS]
     return jobs
 
 
@@ -183,7 +191,9 @@ class Zoo:
 
     def write_manifest(self) -> Path:
         path = self.root / MANIFEST
-        path.write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
+        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)  # atomic: a run reading the zoo while a build adds models never sees half a manifest
         return path
 
 
