@@ -1,10 +1,13 @@
 """The tables docs/results.md and the README show, from results files of runs over the zoo.
 
     python scripts/results_tables.py out/digits-s10.json out/synthetic-s10.json [--pictures docs/img]
+    python scripts/results_tables.py --outcomes out/rows5/blend-digits.json out/rows5/blend-synthetic.json
 
 Prints, per data set: the rows grid (scheme x protocol by defense: detected naming the target /
 false alarms / invalid, out of the models) and quantization's paired effects (qbd.effects); with
---pictures, writes effects-<dataset>.png there.
+--pictures, writes effects-<dataset>.png there. With --outcomes, one grid of every outcome per
+kind of model instead (data set and scheme by defense), for runs whose rows are declared by
+their outcome counts (another attack's backdoored models, the ONNX Runtime rows).
 """
 
 from __future__ import annotations
@@ -42,6 +45,31 @@ def grid(rs: list[dict]) -> str:
     return md_table(["scheme", "protocol", *defenses], out)
 
 
+def outcome_grid(rs: list[dict]) -> str:
+    """(data set, scheme) x defense: "detected k/n" for the backdoored models and "FA k/n" for the
+    clean ones, each followed by the outcomes that are not the truth."""
+    from qbd import measured_rows
+
+    found = rows(rs)
+    defenses = sorted({r["defense"] for r in found})
+    keys = sorted({(r["dataset"], r["scheme"]) for r in found}, key=lambda k: (k[0], scheme_key(k[1])))
+    by = {(r["dataset"], r["scheme"], r["defense"]): r for r in found}
+
+    def text(r: dict) -> str:
+        parts = []
+        for kind, word in (("backdoored", "detected"), ("clean", "FA")):
+            counts = r["outcomes"].get(kind)
+            if not counts:
+                continue
+            t = measured_rows.totals(counts, kind)
+            rest = {o: n for o, n in counts.items() if o not in ("pass", "false-alarm") and not (kind == "clean" and o == "pass")}
+            parts.append(f"{word} {t['flagged']}/{t['n']}" + (f" ({measured_rows.describe(rest)})" if rest else ""))
+        return "; ".join(parts)
+
+    out = _matrix(keys, defenses, lambda k, d: by.get((*k, d)), text)
+    return md_table(["data set", "scheme", *defenses], out)
+
+
 def _effect_text(e: dict) -> str:
     parts = []
     for side, word in (("detection", "det"), ("false_alarm", "FA")):
@@ -71,8 +99,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--pictures", type=Path)
+    ap.add_argument("--outcomes", action="store_true", help="one outcome grid over all the runs (no effects)")
     args = ap.parse_args()
     results = [r for p in args.runs for r in results_io.read(p)]
+    if args.outcomes:  # one grid per attack (a clean model's Result carries none: it joins its run's)
+        by_attack: dict[str, list[dict]] = {}
+        for p in args.runs:
+            rs = results_io.read(p)
+            a = next((r["attack"] for r in rs if r.get("attack")), None)
+            label = "clean" if a is None else a["name"] + (f" on {a['scheme']}" if a.get("scheme") else "")
+            by_attack.setdefault(label, []).extend(rs)
+        for label, rs in by_attack.items():
+            print(f"#### {label}\n\n{outcome_grid(rs)}\n")
+        return 0
     for ds in sorted({r["dataset"] for r in results}):
         rs = [r for r in results if r["dataset"] == ds]
         found = effects(rs)
