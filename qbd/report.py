@@ -340,7 +340,26 @@ def _versions() -> dict[str, str]:
 
     # the libraries a verdict depends on (kernels, quantization flows, clustering, SVD)
     libs = ("torch", "torchvision", "torchao", "numpy", "scipy", "scikit-learn")
-    return {"qbd": __version__, **{lib: version(lib) for lib in libs}, "python": platform.python_version()}
+    return {"qbd": __version__, **{lib: version(lib) for lib in libs}, "python": platform.python_version(),
+            "qbd_source": _source()}
+
+
+def _source() -> str:
+    """Which qbd ran: a git checkout's commit, and whether its tracked files were modified (a
+    version number does not change between commits), else "installed"."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return "installed"
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30,
+                               check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "a git checkout (git could not say which commit)"
+    return f"git {head.stdout.strip()}" + (" with uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def _platform() -> dict[str, Any]:

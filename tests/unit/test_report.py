@@ -301,6 +301,8 @@ def test_run_metadata_fills_what_the_caller_leaves_out(tmp_path):
     assert m["tier"] == "paper" and m["device"] == "cuda:0" and m["seeds"] == [0, 1]
     assert m["expectations"] == str(tmp_path / "t.toml")  # JSON-ready
     assert m["versions"]["qbd"] == __version__ and {"torch", "torchvision", "python"} <= set(m["versions"])
+    # which qbd: this checkout's commit (a version number does not change between commits)
+    assert m["versions"]["qbd_source"].startswith(("git ", "installed", "a git checkout"))
     assert {"os", "machine", "cpu", "cpu_count"} <= set(m["platform"]) and m["date"].endswith("+00:00")
     assert m["command"]  # None is absent: this process's command line
     assert run_metadata(command="qbd run", date="then")["command"] == "qbd run"
