@@ -36,10 +36,11 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "zoo"  # the
 EVAL_SEEDS = tuple(range(10))  # evaluation models: rows over models are measured on these (ten per data set and kind)
 CALIBRATION_SEEDS = (100, 101, 102, 103, 104)  # thresholds are calibrated on these only (scripts/calibrate.py)
 OTHER_ATTACK_SEEDS = tuple(range(5))  # the other attacks' rows (blend, quant-conditioned) are measured on these
-# quant-conditioned on int8-static: its construction misses its own gate on one model of five per data
-# set (digits seed 2 does not wake, ASR 0.89; synthetic seed 3 is not dormant, FP32 ASR 0.33), so a
-# sixth model stands in: those rows are measured on the models that are instances of the attack
-QC_INT8_EXTRA_SEEDS = (5,)
+# quant-conditioned on int8-static: its construction misses its own gate (QC_GATES) on some models
+# (digits seed 2 does not wake, ASR 0.89; synthetic seed 3 is not dormant, FP32 ASR 0.33, and
+# synthetic seed 5 costs 0.031 of clean accuracy), so more models stand in: those rows are measured
+# on the first five models per data set that are instances of the attack
+QC_INT8_EXTRA_SEEDS = (5, 6)
 
 
 def recipe_key(job: ModelJob, data_fingerprint: str) -> str:
