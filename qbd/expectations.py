@@ -244,7 +244,8 @@ class Expectations:
         if declared is not None and sorted(declared) != sorted(row.get("seeds") or []):
             return [f"the bounds were measured on seeds {sorted(declared)}; this row has seeds {sorted(row.get('seeds') or [])}"]
         if measured_rows.is_measured(entry):
-            return [f"{m} (why: {why})" if why else m for m in measured_rows.check(entry, row)]
+            kinds = measured_rows.KINDS if self.measured_on({"attack": attack}) else ("backdoored",)
+            return [f"{m} (why: {why})" if why else m for m in measured_rows.check(entry, row, kinds)]
         n = (row.get("n_backdoored") or 0) + (row.get("n_clean") or 0)
         invalid_rate = (row.get("invalid") or 0) / n if n else 0.0
         if invalid_rate > entry.get("max_invalid_rate", 0.0):

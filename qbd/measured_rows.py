@@ -109,15 +109,13 @@ def moved(want: dict[str, int] | None, got: dict[str, int] | None) -> int:
     return sum(abs(w.get(o, 0) - g.get(o, 0)) for o in set(w) | set(g)) // 2
 
 
-def check(entry: dict[str, Any], row: dict[str, Any]) -> list[str]:
+def check(entry: dict[str, Any], row: dict[str, Any], kinds: tuple[str, ...] = KINDS) -> list[str]:
     """A run over the row's seeds (qbd.rates.rows' row, with its outcome counts in `outcomes`)
     against the measured entry: failure messages ([] passes). The whole outcome histogram of each
-    kind of model is compared, reason codes and wrong targets included: at most TOLERANCE model
-    may have moved."""
+    of `kinds` is compared, reason codes and wrong targets included: at most TOLERANCE model may
+    have moved. (An attack's row, qbd.expectations, counts its backdoored models only.)"""
     out = []
-    for k in KINDS:
-        if k not in entry:  # an attack's row counts its backdoored models only (qbd.expectations)
-            continue
+    for k in kinds:
         want, got = entry.get(k), row["outcomes"].get(k)
         n_want, n_got = totals(want, k)["n"], totals(got, k)["n"]
         if n_want != n_got:

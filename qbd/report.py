@@ -345,8 +345,9 @@ def _versions() -> dict[str, str]:
 
 
 def _source() -> str:
-    """Which qbd ran: a git checkout's commit, and whether its tracked files were modified (a
-    version number does not change between commits), else "installed"."""
+    """Which qbd ran: a git checkout's commit, and whether its files differ from it (modified or
+    new, outside out/ and docs/; a version number does not change between commits), else
+    "installed"."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -355,8 +356,9 @@ def _source() -> str:
     try:
         git = ["git", "-C", str(root)]
         head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30,
-                               check=True)
+        # tracked files modified anywhere, and new files where a run reads them (code, tables, the zoo)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all", "--", ".", ":(exclude)out", ":(exclude)docs"],
+                               capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return "a git checkout (git could not say which commit)"
     return f"git {head.stdout.strip()}" + (" with uncommitted changes" if dirty.stdout.strip() else "")

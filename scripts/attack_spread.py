@@ -9,8 +9,9 @@ reported).
     python scripts/attack_spread.py --summary out/spread5         # the table again, from the saved runs
 
 Prints, per data set and defense, the models of each setting on which it names the planted target
-(k of N), the settings where it names it on a majority of the models, and its rate over every
-setting's models with a Wilson interval, with the models' deployed ASR, as docs/defenses.md shows.
+(k of N, with its Wilson interval) and the settings where it names it on a majority of the
+models, with the models' deployed ASR, as docs/defenses.md shows. The settings reuse the model
+seeds, so their models are not pooled into one rate.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def summary(out: Path) -> str:
     lines = []
     for ds in DATASETS:
         named: dict[str, dict[str, list[bool]]] = {}  # defense -> setting -> per model
-        asr: dict[str, list[float]] = {}
+        asr: dict[str, dict[int, float]] = {}
         for label in SETTINGS:
             path = _file(out, ds, label)
             if not path.exists():
@@ -73,20 +74,24 @@ def summary(out: Path) -> str:
                 hit = v["status"] == "detected" and (v["target_class"] == r["attack"]["target"]
                                                      or not r["defense"].get("names_target", True))
                 named.setdefault(r["defense"]["name"], {}).setdefault(label, []).append(hit)
-                if r["defense"]["name"] == "strip":  # one ASR per model
-                    asr.setdefault(label, []).append(r["asr"])
+                asr.setdefault(label, {})[r["seed"]] = r["asr"]  # fp32's: the same for every defense
         labels = [x for x in SETTINGS if _file(out, ds, x).exists()]
-        spread = ", ".join(f"{x} {min(asr.get(x, [0])):.2f}-{max(asr.get(x, [0])):.2f}" for x in labels)
-        lines += [f"**{ds}** (deployed ASR over the models: {spread})", "",
-                  "| defense | " + " | ".join(labels) + " | settings named on a majority | all models [95 % CI] |",
-                  "|---|" + "---|" * (len(labels) + 2)]
+        spread = ", ".join(f"{x} {min(asr[x].values()):.2f}-{max(asr[x].values()):.2f}" if asr.get(x) else f"{x} n/a"
+                           for x in labels)
+        lines += [f"**{ds}** (ASR over the models: {spread})", "",
+                  "| defense | " + " | ".join(labels) + " | settings named on a majority |",
+                  "|---|" + "---|" * (len(labels) + 1)]
+
+        def cell(c: list[bool]) -> str:
+            if not c:
+                return "-"
+            lo, hi = wilson(sum(c), len(c))
+            return f"{sum(c)}/{len(c)} [{lo:.2f}, {hi:.2f}]"
+
         for d, per in sorted(named.items()):
             cells = [per.get(x, []) for x in labels]
-            k, n = sum(sum(c) for c in cells), sum(len(c) for c in cells)
-            lo, hi = wilson(k, n)
-            majority = sum(2 * sum(c) > len(c) for c in cells)
-            lines.append(f"| {d} | " + " | ".join(f"{sum(c)}/{len(c)}" for c in cells)
-                         + f" | {majority}/{len(labels)} | {k}/{n} [{lo:.2f}, {hi:.2f}] |")
+            majority = sum(2 * sum(c) > len(c) for c in cells if c)
+            lines.append(f"| {d} | " + " | ".join(cell(c) for c in cells) + f" | {majority}/{len(labels)} |")
         lines.append("")
     return "\n".join(lines)
 

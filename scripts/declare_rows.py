@@ -81,6 +81,10 @@ def declared(runs: list[list[dict]], table) -> dict[Key, dict]:
             bad = results[sections.index(False)]
             sys.exit(f"{row_id(bad)}: attack {bad['attack']} has no [attacks.<name>] section in the table; add one first")
         other_attack = any(name is not None for name in sections)
+        if other_attack and any(r.get("attack") is None for r in results):
+            n = sum(r.get("attack") is None for r in results)
+            print(f"declare_rows: {n} clean-model Results of another attack's run left out: an attack's row counts its"
+                  " backdoored models, and clean models are [rows]' (declare them from the BadNet runs)", file=sys.stderr)
         for r, name in zip(results, sections, strict=True):
             if other_attack and r.get("attack") is None:
                 continue  # a clean control of another attack's run: [rows] counts the clean models of BadNet's runs

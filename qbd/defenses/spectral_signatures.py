@@ -187,8 +187,9 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
         "values": [None if v is None else (round(v, 4) if math.isfinite(v) else None) for v in vals],
         "n_per_group": [s["n"] for s in stats],
         "kurtosis_top_direction": [None if s["kurtosis"] is None else round(s["kurtosis"], 3) for s in stats],
-        "removal_counts": [s["removed"] for s in stats],
+        "removal_counts": [s["removed"] for s in stats],  # the authors' 1.5 eps n per group
         "removed_total": int(sum(s["removed"] for s in stats)),
+        "suspect_counts": [None if s["top"] is None else len(s["top"]) for s in stats],  # what the suspects hold
     }
     scored = [g for g, v in enumerate(vals) if v is not None]
     if not scored:

@@ -121,11 +121,13 @@ class OrtPart(nn.Module):
         if session is None:
             try:
                 session = make_session(with_pool_input_output(self.onnx_bytes))
-            except LookupError:
-                session = False
+            except LookupError as e:
+                session = str(e)
+            except Exception as e:  # the runtime refused the extended graph (a non-float pool input, say): unreadable, not a crash
+                session = f"ONNX Runtime cannot expose the {self.part} graph's pool input: {type(e).__name__}: {e}"
             object.__setattr__(self, "_pool_session", session)  # not a registered attribute: derived, rebuilt on copy
-        if session is False:
-            raise LookupError(f"the {self.part} graph has no global average pool")
+        if isinstance(session, str):
+            raise LookupError(session)
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         out = session.run([POOL_INPUT], {self._input: arr})[0]
         return torch.from_numpy(out).to(x.device)
@@ -158,6 +160,8 @@ def with_pool_input_output(onnx_bytes: bytes) -> bytes:
     pools = [n for n in model.graph.node if n.op_type == "GlobalAveragePool" or (n.op_type == "ReduceMean" and _spatial_mean(model, n))]
     if not pools:
         raise LookupError("no global average pool in this ONNX graph")
+    if pools[-1].input[0] in {o.name for o in model.graph.output}:
+        raise LookupError("the pool's input is already a graph output")
     model.graph.node.append(helper.make_node("Identity", [pools[-1].input[0]], [POOL_INPUT], name="qbd_pool_input_identity"))
     model.graph.output.append(helper.make_tensor_value_info(POOL_INPUT, onnx.TensorProto.FLOAT, None))
     return model.SerializeToString()

@@ -41,12 +41,13 @@ def _r(seed, attack, status="detected", target=None):
                         "reason_code": None, "reason": None}}
 
 
-def test_rows_for_meta_and_for_a_section(tmp_path):
+def test_rows_for_meta_and_for_a_section(tmp_path, capsys):
     path = tmp_path / "t.toml"
     path.write_text(TABLE)
     badnet = [_r(s, BADNET) for s in range(3)] + [_r(s, None, "clean") for s in range(3)]
     blend = [_r(s, BLEND) for s in range(4)] + [_r(4, BLEND, "clean")] + [_r(s, None, "detected") for s in range(5)]
     rows = declare_rows.declared([badnet, blend], load(path))
+    assert "5 clean-model Results of another attack's run left out" in capsys.readouterr().err  # said, not silent
     assert rows == {(None, "digits/fp32/strip[canonical]"): {"seeds": [0, 1, 2], "backdoored": {"pass": 3}, "clean": {"pass": 3}},
                     ("blend", "digits/fp32/strip[canonical]"): {"seeds": [0, 1, 2, 3, 4], "backdoored": {"pass": 4, "miss": 1},
                                                                  "why": "docs/results.md#other-attacks: detected naming the target 4/5"

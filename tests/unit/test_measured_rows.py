@@ -200,3 +200,12 @@ def test_an_attacks_row_round_trips_and_its_mistakes_are_refused(tmp_path):
                                                            "backdoored = { pass = 3, miss = 2 }\nclean = { pass = 5 }"))
     with pytest.raises(ConfigError, match="its clean models are judged by"):
         load(p)
+
+
+def test_a_meta_row_without_clean_counts_fails_a_run_with_clean_models(tmp_path):
+    """[rows] compares every kind of model its run judged: a row declared from backdoored models
+    alone does not pass a run whose clean models it never measured."""
+    backdoored_only = {"seeds": list(range(10)), "backdoored": {"pass": 8, "miss": 1, "wrong-target": 1}}
+    table = _table(tmp_path, _entry_text(backdoored_only))
+    (row,) = rows(_models())
+    assert any("10 clean models judged, the row was measured on 0" in m for m in table.check_row(row))

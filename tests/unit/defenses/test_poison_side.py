@@ -58,3 +58,25 @@ def test_suspects_are_the_poison_where_the_authors_rule_is_not(cls, authors, poi
 def test_an_unknown_suspect_rule_is_refused(cls):
     with pytest.raises(ConfigError, match="suspects must be one of"):
         cls("canonical", suspects="largest")
+
+
+def test_a_lone_outlier_is_the_suspect_not_the_rest():
+    x = np.concatenate([np.random.RandomState(3).normal(0, 1, (199, 4)), [[40.0, 0, 0, 0]]])
+    outlier = np.arange(200) == 199
+    assert (more_varied(x, outlier) == outlier).all() and (more_varied(x, ~outlier) == outlier).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_single_source_poison_is_where_the_rule_has_nothing_to_go_on(seed):
+    """The limit, stated: the rule's premise is a poison drawn from many classes. A poison that is
+    one blob (here: a single shifted source, as spread as the clean part) gives it nothing to read
+    (docs/defenses.md#which-part-is-the-poison); for this minority case the authors' choices stay
+    available (suspects = smaller / squared) and name it on every seed."""
+    x, y = class_data(per_class=120, poison=100, target=1, seed=seed)
+    poisoned = torch.zeros(len(y), dtype=torch.bool)
+    poisoned[-100:] = True
+    for cls, authors in ((ActivationClustering, "smaller"), (SpectralSignatures, "squared")):
+        v = run_defense(cls("canonical", suspects=authors), subject(PixelFeatures(48, 4), 4),
+                        DefenseInputs(clean_holdout=(x, y), poisoned_train=(x, y)), torch.Generator().manual_seed(0))[0]
+        got = poison_controls(v, poisoned, y, target=1)["poison_target_class"]
+        assert "precision 1.000" in got.detail, (cls.name, got.detail)
