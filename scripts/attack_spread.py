@@ -39,9 +39,9 @@ def _file(out: Path, ds: str, label: str) -> Path:
     return out / f"{ds}-{label.replace(' ', '_').replace('%', 'pct').replace('=', '')}.json"
 
 
-def run(out: Path, seeds: int = 1) -> None:
+def run(out: Path, seeds: int = 1, datasets: tuple[str, ...] = DATASETS) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for ds in DATASETS:
+    for ds in datasets:
         for label, opts in SETTINGS.items():
             path = _file(out, ds, label)
             if path.exists():
@@ -101,9 +101,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="run every setting (skipping those already saved) into this folder")
     ap.add_argument("--summary", type=Path, help="print the table from a folder of saved runs")
     ap.add_argument("--seeds", type=int, default=5, help="models per setting and data set (default: 5)")
+    ap.add_argument("--dataset", default=",".join(DATASETS), help=f"comma-separated (default: {','.join(DATASETS)})")
     args = ap.parse_args()
     if args.out:
-        run(args.out, args.seeds)
+        run(args.out, args.seeds, tuple(args.dataset.split(",")))
     print(summary(args.out or args.summary))
     return 0
 

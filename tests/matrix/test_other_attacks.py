@@ -6,11 +6,10 @@ The truth per cell: both models carry the planted backdoor, so a defense must sa
 naming its target, on FP32 and deployed alike. For quant-conditioned the FP32 model's backdoor is
 dormant (ASR <= 10 %) and wakes in the scheme it was conditioned on, int4-sim or int8-static
 (ASR >= 90 %): a defense that inspects FP32 and says
-clean has missed what will be deployed ("inspect what you deploy"). A defense that really fails a
-cell is a declared finding in the shipped table's [attacks.<name>] section (qbd/expected/smoke.toml),
-with the figures behind its why (docs/results.md#other-attacks); a cell whose score sits near its
-threshold is a borderline finding there. The test fails the moment a finding stops holding, and a
-crash or an unexplained invalid always fails.
+clean has missed what will be deployed ("inspect what you deploy"). Each cell is judged by its
+row, measured over five of the attack's pinned models: the shipped table's [attacks.<name>.rows]
+(qbd/expected/smoke.toml; docs/results.md#other-attacks). Its outcome must be one the row
+measured; a crash or an unexplained invalid always fails.
 """
 
 from __future__ import annotations
@@ -27,6 +26,9 @@ from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, seeded_job
 ATTACKS = {"blend": (BLEND_ATTACK, "int8-static"), "quant-conditioned": (QC_ATTACK, "int4-sim"),
            "quant-conditioned-int8-static": (QC_INT8_ATTACK, "int8-static")}
 DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
+# cells whose row is not declared, and why (judged against the truth alone)
+UNDECLARED = {("quant-conditioned-int8-static", "digits/int8-static/neural-cleanse[canonical]"):
+              "its surrogate disagrees with the deployed graph on one of the five models (qbd's limit, docs/results.md)"}
 
 
 
@@ -72,5 +74,6 @@ def test_defense_on_fp32_and_deployed(attack_bench, table, where, defense):
                                   engine=r["quant"]["audit"]["engine"])
     assert not problems, f"{r['cell']}: {problems}"
     assert r["truth"]["backdoor"] == ("dormant" if spec.name == "quant-conditioned" and scheme == "fp32" else "active")
+    assert (table.measured_row(r) is not None) != ((attack, r["cell"]) in UNDECLARED), f"{attack} {r['cell']}: measured row?"
     j = table.judge(r)
     assert j.judgement != "FAIL", f"{attack} {r['cell']}: {j.why}"

@@ -157,3 +157,23 @@ def test_build_retrains_a_pinned_model_within_tolerance(zoo, fingerprints, tmp_p
     assert new["file"] == old["file"] and new["job"] == old["job"]
     assert abs(new["clean_acc"] - old["clean_acc"]) <= CA_TOLERANCE, (new["clean_acc"], old["clean_acc"])
     assert abs(new["asr"] - old["asr"]) <= ASR_TOLERANCE, (new["asr"], old["asr"])
+
+
+def test_the_int8_conditioned_rows_are_measured_on_the_pinned_models_that_pass_their_gate():
+    """The seeds of quant-conditioned-on-int8-static's rows are named by hand in three places: the
+    zoo (QC_INT8_SEEDS, whose models the manifest test above gates), the shipped table's rows, and
+    the weekly workflow's commands. They must agree."""
+    from pathlib import Path
+
+    from qbd.expectations import load_for
+
+    table = load_for("smoke")
+    (section,) = [s for s in table.attacks.values() if s["attack"]["name"] == "quant-conditioned"
+                  and s["attack"].get("scheme") == "int8-static"]
+    assert section["rows"], "no measured rows for quant-conditioned on int8-static"
+    for rid, entry in section["rows"].items():
+        assert entry["seeds"] == sorted(pinned.QC_INT8_SEEDS[rid.split("/", 1)[0]]), rid
+    workflow = (Path(__file__).resolve().parents[2] / ".github" / "workflows" / "rows.yml").read_text()
+    for ds, seeds in pinned.QC_INT8_SEEDS.items():
+        assert (f"--dataset {ds} --attack quant-conditioned --qc-scheme int8-static --quant fp32,int8-static"
+                f" --seeds {','.join(map(str, seeds))}") in workflow, ds

@@ -23,6 +23,15 @@ from qbd.outcomes import declared_outcome
 TABLE = load(shipped("smoke"))
 META = dict(TABLE.attack_spec)
 MEASURED = sorted(rid for rid, e in TABLE.rows.items() if measured_rows.is_measured(e))
+# every measured row, meta's ([rows]) and each other attack's ([attacks.<name>.rows]): (section, row id)
+ALL_ROWS = [(None, rid) for rid in MEASURED] + sorted((name, rid) for name, s in TABLE.attacks.items() for rid in s.get("rows", {}))
+
+
+def _entry(section: str | None, rid: str) -> tuple[dict, dict]:
+    """A measured row's entry and the attack its backdoored models carry."""
+    if section is None:
+        return TABLE.rows[rid], META
+    return TABLE.attacks[section]["rows"][rid], TABLE.attacks[section]["attack"]
 
 
 def _parse(cell: str) -> tuple[str, bool, str, str, str]:
@@ -50,13 +59,15 @@ def _result(cell: str, o: str, seed: int = 0, attack: dict | None = None, names_
                         "evidence": {}, "controls": {}}}
 
 
-def _row_results(rid: str, counts: dict[str, dict[str, int]], seeds: list[int]) -> list[dict]:
+def _row_results(rid: str, counts: dict[str, dict[str, int]], seeds: list[int], attack: dict | None = None) -> list[dict]:
     ds, _, rest = rid.partition("/")
     out = []
     for kind in measured_rows.KINDS:
+        if kind not in counts:  # an attack's row counts its backdoored models only
+            continue
         cell = f"{ds}:clean/{rest}" if kind == "clean" else rid
-        outcomes = [o for o, n in (counts.get(kind) or {}).items() for _ in range(n)]
-        out += [_result(cell, o, seed) for o, seed in zip(outcomes, seeds, strict=True)]
+        outcomes = [o for o, n in counts[kind].items() for _ in range(n)]
+        out += [_result(cell, o, seed, attack) for o, seed in zip(outcomes, seeds, strict=True)]
     return out
 
 
@@ -83,51 +94,62 @@ def _moved(counts: dict[str, int], kind: str, k: int = 2) -> dict[str, int] | No
 
 def test_the_shipped_table_measures_its_rows():
     assert len(MEASURED) >= 80, "every BadNet row of the smoke tier, both data sets, is measured over its models"
-    assert all(len(TABLE.rows[rid]["seeds"]) >= 10 for rid in MEASURED)
+    assert all(len(TABLE.rows[rid]["seeds"]) >= 10 for rid in MEASURED if "onnx" not in rid)
+    # the ONNX Runtime schemes' rows and the other attacks' rows: over at least five models each
+    assert all(len(_entry(s, rid)[0]["seeds"]) >= 5 for s, rid in ALL_ROWS)
+    assert {s for s, _ in ALL_ROWS} >= {None, "blend", "quant-conditioned", "quant-conditioned-int8-static"}
 
 
-@pytest.mark.parametrize("rid", MEASURED)
-def test_a_row_fails_when_two_models_move(rid):
-    entry = TABLE.rows[rid]
+def _id(key: tuple[str | None, str]) -> str:
+    return f"{key[0] or 'rows'}:{key[1]}"
+
+
+@pytest.mark.parametrize("key", ALL_ROWS, ids=_id)
+def test_a_row_fails_when_two_models_move(key):
+    entry, attack = _entry(*key)
+    rid = key[1]
     seeds = entry["seeds"]
     from qbd.rates import rows
 
-    (row,) = rows(_row_results(rid, entry, seeds))
-    assert TABLE.check_row(row) == [], "the measured counts themselves must pass"
+    (row,) = rows(_row_results(rid, entry, seeds, attack))
+    assert TABLE.check_row(row, attack) == [], "the measured counts themselves must pass"
     for kind in measured_rows.KINDS:
         if kind not in entry:
             continue
         moved = _moved(entry[kind], kind)
         assert moved is not None
-        (row,) = rows(_row_results(rid, {**entry, kind: moved}, seeds))
-        assert TABLE.check_row(row), f"{rid}: two {kind} models moved across the truth, and the row still passes"
+        (row,) = rows(_row_results(rid, {**entry, kind: moved}, seeds, attack))
+        assert TABLE.check_row(row, attack), f"{rid}: two {kind} models moved across the truth, and the row still passes"
         # two more invalid verdicts (taken from the truth's side, or any other)
         c = dict(entry[kind])
         donor = max(c, key=c.get)
         if c[donor] >= 2 and not donor.startswith("invalid:"):
             c[donor] -= 2
             c["invalid:no-signal"] = c.get("invalid:no-signal", 0) + 2
-            (row,) = rows(_row_results(rid, {**entry, kind: {o: n for o, n in c.items() if n}}, seeds))
-            assert TABLE.check_row(row), f"{rid}: two more invalid {kind} verdicts, and the row still passes"
+            (row,) = rows(_row_results(rid, {**entry, kind: {o: n for o, n in c.items() if n}}, seeds, attack))
+            assert TABLE.check_row(row, attack), f"{rid}: two more invalid {kind} verdicts, and the row still passes"
 
 
 PLAUSIBLE = {"backdoored": ("pass", "miss", "wrong-target", "invalid:not-converged", "invalid:no-signal", "invalid:no-gradient"),
              "clean": ("pass", "false-alarm", "invalid:not-converged", "invalid:no-signal", "invalid:no-gradient")}
 
 
-@pytest.mark.parametrize("rid", MEASURED)
-def test_a_single_seed_cell_fails_an_outcome_its_row_never_measured(rid):
-    entry = TABLE.rows[rid]
+@pytest.mark.parametrize("key", ALL_ROWS, ids=_id)
+def test_a_single_seed_cell_fails_an_outcome_its_row_never_measured(key):
+    entry, attack = _entry(*key)
+    rid = key[1]
     ds, _, rest = rid.partition("/")
     for kind in measured_rows.KINDS:
+        if kind not in entry:  # an attack's row counts its backdoored models only
+            continue
         cell = f"{ds}:clean/{rest}" if kind == "clean" else rid
         for o in entry.get(kind, {}):
-            assert TABLE.judge(_result(cell, o)).judgement != "FAIL", f"{cell}: measured {o}, yet it fails"
+            assert TABLE.judge(_result(cell, o, attack=attack)).judgement != "FAIL", f"{cell}: measured {o}, yet it fails"
         unseen = [o for o in PLAUSIBLE[kind] if o not in entry.get(kind, {})]
         assert unseen, f"{rid}: the row admits every plausible {kind} outcome"  # only a crash could fail it
         for o in unseen:
-            assert TABLE.judge(_result(cell, o)).judgement == "FAIL", f"{cell}: {o} was never measured, yet it passes"
-        assert TABLE.judge(_result(cell, "invalid:error")).judgement == "FAIL"
+            assert TABLE.judge(_result(cell, o, attack=attack)).judgement == "FAIL", f"{cell}: {o} was never measured, yet it passes"
+        assert TABLE.judge(_result(cell, "invalid:error", attack=attack)).judgement == "FAIL"
 
 
 def _declared_cells() -> list[tuple[str, str, dict, dict | None]]:
