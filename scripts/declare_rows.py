@@ -8,9 +8,9 @@ Every row of the runs' Results on the table's meta attack becomes a measured row
 did not match its truth, a why with the figures. Results of another attack's models whose spec
 an [attacks.<name>] section states become that section's rows, counting the backdoored models
 only (`qbd run --attack blend --seeds 5 --no-controls --json > blend-digits.json`). The previous
-measured rows of the runs' data sets, and every cell finding of a row now measured (the row
-judges those cells), are replaced; everything else (comments, other sections, rows of data sets
-the runs do not cover) is kept as written. Re-running on the same runs rewrites the same text.
+measured rows of the runs' (data set, scheme)s, and every cell finding of a row now measured (the
+row judges those cells), are replaced; everything else (comments, other sections, rows of data
+sets and schemes the runs do not cover) is kept as written. Re-running on the same runs rewrites the same text.
 """
 
 from __future__ import annotations
@@ -109,12 +109,12 @@ def _old_rows(text: str) -> dict[Key, dict]:
 
 
 def rewrite(text: str, rows: dict[Key, dict]) -> str:
-    """The table's text with the measured rows of the runs' (section, data set)s and those rows'
-    cell findings replaced; rows of other data sets are kept as they are."""
+    """The table's text with the measured rows of the runs' (section, data set, scheme)s and those
+    rows' cell findings replaced; rows of other data sets and schemes are kept as they are."""
     import tomllib
 
-    covered = {(name, rid.split("/", 1)[0]) for name, rid in rows}
-    old = {k: e for k, e in _old_rows(text).items() if (k[0], k[1].split("/", 1)[0]) not in covered}
+    covered = {(name, *rid.split("/")[:2]) for name, rid in rows}  # (section, data set, scheme)
+    old = {k: e for k, e in _old_rows(text).items() if (k[0], *k[1].split("/")[:2]) not in covered}
     rows = dict(sorted({**old, **rows}.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])))
     lines = text.split("\n")
     if BEGIN in lines:

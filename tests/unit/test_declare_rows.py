@@ -59,6 +59,10 @@ def test_rows_for_meta_and_for_a_section(tmp_path, capsys):
     assert table.attacks["blend"]["rows"][CELL]["backdoored"] == {"pass": 4, "miss": 1} and not table.attacks["blend"]["cells"]
     assert table.rows[CELL]["clean"] == {"pass": 3}  # the blend run's clean controls (false alarms) are not [rows]' models
     assert declare_rows.rewrite(text, rows) == text
+    # a run of one scheme leaves the rows of the schemes it did not run (an ONNX run and the BadNet run)
+    other = {(None, "digits/int8-static/strip[canonical]"): {"seeds": [0, 1, 2], "backdoored": {"pass": 3}, "clean": {"pass": 3}}}
+    both = declare_rows.rewrite(text, other)
+    assert "[rows.\"digits/fp32/strip[canonical]\"]" in both and "[rows.\"digits/int8-static/strip[canonical]\"]" in both
 
 
 def test_an_attack_without_a_section_is_refused(tmp_path):
