@@ -76,6 +76,8 @@ def summary(out: Path) -> str:
                 named.setdefault(r["defense"]["name"], {}).setdefault(label, []).append(hit)
                 asr.setdefault(label, {})[r["seed"]] = r["asr"]  # fp32's: the same for every defense
         labels = [x for x in SETTINGS if _file(out, ds, x).exists()]
+        if not labels:  # a data set not run into this folder
+            continue
         spread = ", ".join(f"{x} {min(asr[x].values()):.2f}-{max(asr[x].values()):.2f}" if asr.get(x) else f"{x} n/a"
                            for x in labels)
         lines += [f"**{ds}** (ASR over the models: {spread})", "",
