@@ -213,7 +213,7 @@ class Expectations:
     def row_bounds(self, row_id: str, attack: dict[str, Any] | None = None) -> dict[str, float] | None:
         """The rate bounds declared for a row (None when it declares none); `attack`: its
         backdoored models' (default: meta's)."""
-        entry = self.rows.get(row_id) if attack is None else self.row_entry(row_id, attack)
+        entry = self.row_entry(row_id, attack)
         if measured_rows.is_measured(entry):
             return measured_rows.bounds(entry)  # type: ignore[arg-type]
         bounds = {k: entry[k] for k in ROW_BOUNDS if k in (entry or {})}  # detection first, then false alarms
@@ -226,7 +226,7 @@ class Expectations:
         the bounds were measured on, and, where the row names its `seeds`, exactly those seeds."""
         run = list(range(seeds)) if isinstance(seeds, int) else sorted(set(seeds))
         entry = self.row_entry(row_id, attack)
-        if len(run) < 2 or entry is None or self.row_bounds(row_id, attack or self.attack_spec) is None:
+        if len(run) < 2 or entry is None or self.row_bounds(row_id, attack) is None:
             return False
         declared = entry.get("seeds")
         return declared is None or sorted(declared) == run
@@ -235,7 +235,7 @@ class Expectations:
         """Failure messages of a row (qbd.rates.rows) against its declared bounds; [] passes
         (also for a row without bounds). `attack`: its backdoored models' (default: meta's)."""
         bounds = self.row_bounds(row["row"], attack) or {}
-        entry = (self.rows.get(row["row"]) if attack is None else self.row_entry(row["row"], attack)) or {}
+        entry = self.row_entry(row["row"], attack) or {}
         why = entry.get("why")
         out = []
         if not bounds:
@@ -271,7 +271,7 @@ class Expectations:
         if measured == "pass" or code in NEVER_EXPECTED:  # the truth passes; a crash or a timeout always fails
             return judge(result, None)
         rid = row_id(result)
-        bounds = ", ".join(f"{k} {v}" for k, v in (self.row_bounds(rid, result.get("attack") or self.attack_spec) or {}).items())
+        bounds = ", ".join(f"{k} {v}" for k, v in (self.row_bounds(rid, result.get("attack")) or {}).items())
         return Judgement(result["cell"], measured, verdict_word(result), "finding", f"the rates of row {rid}: {bounds}",
                          f"judged by its row's rates ({bounds}): {entry.get('why')}")
 
@@ -291,7 +291,7 @@ class Expectations:
             covered = not measured_rows.is_measured(entry) or measured_rows.kind_of(r) in entry
             out.append(self.judge(r, by_rates=rid in rated and covered))
         failures = [f"{row['row']}: {m}" for row in rows(results) if row["row"] in rated
-                    for m in self.check_row(row, attacks.get(row["row"]) or self.attack_spec)]
+                    for m in self.check_row(row, attacks.get(row["row"]))]
         return out, failures, len(rated)
 
     def rows_judged_by_rates(self, results: list[dict[str, Any]], seeds: int) -> frozenset[str]:
