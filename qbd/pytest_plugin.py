@@ -56,6 +56,7 @@ class QbdState:
     accept: bool
     expectations_path: Path | None
     expectations: Any = None  # qbd.expectations.Expectations, loaded at configure time
+    defenses_chosen: bool = False  # --qbd-defense named the matrix's defenses (no installed one joins unnamed)
     results: list[dict[str, Any]] = field(default_factory=list)
     accept_notes: list[str] = field(default_factory=list)
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -64,7 +65,7 @@ class QbdState:
     rows_by_rates: int = 0  # how many rows were judged by their rates
     pending_loads: list[dict[str, Any]] = field(default_factory=list)  # worker side, until the next report
     datasets: tuple[str, ...] | None = None  # --qbd-dataset: a subset of the tier's (None: all)
-    schemes: tuple[str, ...] | None = None  # --qbd-scheme: a subset of the tier's (None: all)
+    schemes: tuple[str, ...] | None = None  # --qbd-scheme: schemes of the catalog (None: the tier's)
     _matrix: dict[str, str] | None = None  # ref -> name with the entry points, once the matrix is built
 
     def matrix(self) -> dict[str, str]:
@@ -78,7 +79,7 @@ class QbdState:
             from qbd.defenses import available
 
             names = dict(self.defense_names)
-            for a in available():
+            for a in [] if self.defenses_chosen else available():
                 if a.builtin:
                     continue
                 if a.name in names.values():
@@ -103,7 +104,8 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("tier", {"choices": ("smoke", "paper")}, "matrix tier: smoke (CPU, embedded data) or paper (default: smoke)"),
     ("cache-dir", {}, "model store: a directory or a URL (s3://bucket/prefix, file:///path) shared by workers and hosts (default: $QBD_CACHE_DIR, else the user cache)"),
     ("data-root", {}, "where CIFAR-10 / GTSRB live for the paper tier (default: $QBD_DATA_ROOT)"),
-    ("defense", {"action": "append"}, "add a third-party defense 'module:Class' to the matrix (repeatable)"),
+    ("defense", {"action": "append"}, "run only these defenses, comma-separated (repeatable), as `qbd run --defense` takes them:"
+     " built-in or installed names, or a third-party 'module:Class' (default: the built-ins and the installed ones)"),
     ("protocol", {"choices": ("canonical", "paper", "both")}, "protocol(s) to run (default: both)"),
     ("report", {}, "write results.json, report.md and heatmap.png to this directory"),
     ("accept", {"action": "store_true"}, "propose a finding (with a why still to write) for every failing cell of this run, in the"
@@ -115,8 +117,8 @@ _OPTIONS: list[tuple[str, dict[str, Any], str]] = [
      " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
     ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
     ("dataset", {}, "run only these of the tier's data sets, comma-separated (default: all of them)"),
-    ("scheme", {}, "run only these of the tier's schemes, comma-separated (default: all of them; the clean model's"
-     " negative control runs on each of them)"),
+    ("scheme", {}, "run these schemes, comma-separated: the tier's or any other of the catalog, as `qbd run --quant` takes"
+     " (e.g. onnx-int8-static) (default: the tier's; the clean model's negative control runs on each of them)"),
     ("device", {}, "where models train and defenses run: auto (CUDA when present), cpu, cuda or cuda:N; under xdist a bare"
      " cuda (or auto on a GPU host) gives worker k cuda:{k mod GPUs} (default: the tier's: cpu for smoke, auto for paper)"),
 ]
@@ -204,8 +206,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if model_files and seeds > 1:
         raise pytest.UsageError(f"--qbd-seeds {seeds} evaluates {seeds} models per data set; --qbd-model-file is one model: drop one")
     refs = list(_opt(config, "defense", []) or [])
-    defense_names = _resolve_defenses(refs)
-    subset = {k: _subset(_opt(config, k), getattr(TIER_TABLE[tier], f"{k}s"), k) for k in ("dataset", "scheme")}
+    defense_names, chosen = _resolve_defenses(refs)
+    from qbd.quant import SCHEMES
+
+    # a data set of the tier's; a scheme of the catalog, as `qbd run --quant` takes (the tier's first)
+    subset = {"dataset": _subset(_opt(config, "dataset"), TIER_TABLE[tier].datasets, "dataset of this tier"),
+              "scheme": _subset(_opt(config, "scheme"), tuple(dict.fromkeys((*TIER_TABLE[tier].schemes, *SCHEMES.names()))), "scheme")}
     exp = _opt(config, "expectations")
     exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
     accept = bool(_opt(config, "accept", False))
@@ -228,6 +234,7 @@ def pytest_configure(config: pytest.Config) -> None:
         protocols=PROTOCOLS if proto == "both" else (proto,),
         defenses=sorted(defense_names, key=lambda r: defense_names[r]),
         defense_names=defense_names,
+        defenses_chosen=chosen,
         seeds=seeds,
         model_files=model_files,
         defense_timeout=timeout,
@@ -245,29 +252,41 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Collector(state, config), "qbd-collector")
 
 
-def _subset(text: str | None, valid: tuple[str, ...], option: str) -> tuple[str, ...] | None:
-    """--qbd-dataset / --qbd-scheme "a,b" -> ("a", "b"), each one of the tier's (did-you-mean otherwise)."""
+def _subset(text: str | None, valid: tuple[str, ...], kind: str) -> tuple[str, ...] | None:
+    """--qbd-dataset / --qbd-scheme "a,b" -> ("a", "b"), each one of `valid` (did-you-mean otherwise)."""
     if not text:
         return None
     from qbd.registry import unknown_message
 
+    option = kind.split()[0]
     items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
     for it in items:
         if it not in valid:
-            raise pytest.UsageError(f"--qbd-{option}: {unknown_message(option + ' of this tier', it, list(valid))}")
+            raise pytest.UsageError(f"--qbd-{option}: {unknown_message(kind, it, list(valid))}")
     return tuple(v for v in valid if v in items) or None
 
 
-def _resolve_defenses(refs: list[str]) -> dict[str, str]:
-    """Built-ins and --qbd-defense references -> names. A reference the user typed is imported now,
-    so a broken one is a usage error naming it; the entry points wait (QbdState.matrix)."""
-    from qbd.defenses import BUILTIN
-    from qbd.registry import load_ref
+def _resolve_defenses(values: list[str]) -> tuple[dict[str, str], bool]:
+    """--qbd-defense values (repeatable, each comma-separated, as `qbd run --defense` takes them):
+    names of built-in or installed defenses and 'module:Class' references -> ({ref: name}, whether
+    the user chose the matrix's defenses). None given: the built-ins, and the entry points join
+    later (QbdState.matrix). A reference the user typed is imported now, so a broken one is a
+    usage error naming it; a name is checked against the entry points' metadata, not imported."""
+    from qbd.defenses import BUILTIN, available
+    from qbd.registry import load_ref, unknown_message
 
-    names = {n: n for n in BUILTIN}
-    for ref in refs:
+    items = list(dict.fromkeys(v.strip() for raw in values for v in raw.split(",") if v.strip()))
+    if not items:
+        return {n: n for n in BUILTIN}, False
+    names: dict[str, str] = {}
+    for ref in items:
         if ":" not in ref:
-            raise pytest.UsageError(f"--qbd-defense {ref!r}: expected 'package.module:Class'")
+            installed = [a.name for a in available()]
+            if ref not in installed:
+                raise pytest.UsageError(f"--qbd-defense: {unknown_message('defense', ref, installed)}"
+                                        " (a third-party class is named as 'package.module:Class')")
+            names[ref] = ref
+            continue
         try:
             obj = load_ref(ref)
         except (ImportError, AttributeError) as e:
@@ -278,10 +297,10 @@ def _resolve_defenses(refs: list[str]) -> dict[str, str]:
                 f"--qbd-defense {ref!r}: {obj!r} is not a qbd defense (it needs a str `name`, a `requires` set and a"
                 " `detect(subject, inputs, generator) -> Verdict` method)"
             )
-        if name in names.values():
+        if name in names.values() or name in BUILTIN:
             raise pytest.UsageError(f"--qbd-defense {ref!r}: a defense named {name!r} is already in the matrix")
         names[ref] = name
-    return names
+    return names, True
 
 
 # -- parametrization ----------------------------------------------------------------------------

@@ -92,13 +92,23 @@ def test_paper_tier_skips_visibly_without_data(suite: pytest.Pytester, monkeypat
     [
         ("no_such_module_xyz:Thing", "*--qbd-defense 'no_such_module_xyz:Thing': cannot import it*"),
         ("os.path:join", "*is not a qbd defense*"),
-        ("nocolon", "*expected 'package.module:Class'*"),
+        ("nocolon", "*--qbd-defense: unknown defense 'nocolon'*'package.module:Class'*"),
+        ("stirp", "*unknown defense 'stirp' (did you mean 'strip'?)*"),
     ],
 )
 def test_bad_third_party_defense_is_a_usage_error(suite: pytest.Pytester, ref: str, message: str) -> None:
     result = suite.runpytest("--qbd-defense", ref, "--collect-only")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_defense_names_choose_the_matrix_as_qbd_run_takes_them(suite: pytest.Pytester) -> None:
+    """`--qbd-defense strip,neural-cleanse` (or repeated) runs those defenses only, as `qbd run --defense` does."""
+    result = suite.runpytest("--collect-only", "-q", "--qbd-dataset", "digits", "--qbd-defense", "strip,neural-cleanse",
+                             "--qbd-defense", "strip")
+    cells = [x for x in result.stdout.lines if "::test_cell[" in x]
+    assert len(cells) == 2 * 4 * 2 * 2  # two defenses x the tier's schemes x protocols x (backdoored, clean control)
+    assert all("/strip[" in c or "/neural-cleanse[" in c for c in cells)
 
 
 def test_bad_options_are_usage_errors(suite: pytest.Pytester) -> None:
@@ -640,7 +650,22 @@ def test_scheme_and_dataset_options_narrow_the_matrix(suite: pytest.Pytester) ->
     assert len([x for x in result.stdout.lines if "::test_attack[" in x]) == 2
     bad = suite.runpytest("--collect-only", "--qbd-scheme", "int8-statc")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*--qbd-scheme: unknown scheme of this tier 'int8-statc' (did you mean 'int8-static'?)*"])
+    bad.stderr.fnmatch_lines(["*--qbd-scheme: unknown scheme 'int8-statc' (did you mean 'int8-static'?)*"])
+    bad = suite.runpytest("--collect-only", "--qbd-dataset", "digts")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--qbd-dataset: unknown dataset of this tier 'digts' (did you mean 'digits'?)*"])
+
+
+def test_a_scheme_outside_the_tier_runs_as_qbd_run_takes_it(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                            outer_store: str) -> None:
+    """`qbd run --quant onnx-int8-static` and `--qbd-scheme onnx-int8-static` name the same scheme."""
+    _shared_cache(monkeypatch, outer_store)
+    collected = suite.runpytest("--collect-only", "-q", "--qbd-dataset", "digits", "--qbd-scheme", "onnx-int8-static")
+    cells = [x for x in collected.stdout.lines if "::test_cell[" in x]
+    assert len(cells) == 5 * 2 * 2 and all("/onnx-int8-static/" in c for c in cells)
+    result = suite.runpytest("-q", "--qbd-dataset", "digits", "--qbd-scheme", "onnx-int8-static", "--qbd-protocol", "canonical",
+                             "-k", "test_cell and digits/onnx-int8-static/strip")
+    result.assert_outcomes(passed=1)  # the backdoored model's cell, judged by its declared row
 
 
 def test_the_report_header_says_what_runs(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, outer_store: str) -> None:
