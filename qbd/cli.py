@@ -207,10 +207,11 @@ def asr_by_scheme(job: ModelJob, data: Any, tm: Any, tier: str) -> dict[str, flo
     evaluation split); None for a clean model."""
     if job.attack is None:
         return None
-    from qbd.evaluate import Bench
+    from qbd.evaluate import tier_bench
     from qbd.tiers import TIERS
 
-    bench = Bench(data, tm.model, job.attack, model_name=job.model.name, tier=tier)
+    # as `qbd run --seed N` builds it: the tier's split, seeded with the model's seed
+    bench = tier_bench(data, tm, job.attack, model_name=job.model.name, tier=tier, seed=job.train.seed)
     schemes = dict.fromkeys((*TIERS[tier].schemes, *((job.attack.scheme,) if job.attack.scheme else ())))
     return {s: round(bench.metrics(s)["asr"], 5) for s in schemes}
 

@@ -333,6 +333,19 @@ class Bench:
 MIN_TOP1_AGREEMENT = 0.98
 
 
+def tier_bench(data: DataSplit, tm: Any, attack: AttackSpec | None, *, model_name: str, tier: str, seed: int,
+               probe_attack: AttackSpec | None = None, device: str | torch.device = "cpu") -> Bench:
+    """The Bench the matrix builds for one trained model (`tm`, a qbd.zoo TrainedModel) of the
+    tier: the tier's holdout and stream, seeded with the model's seed. The one construction that
+    `qbd run`, `qbd train`, the plugin and the sweeps over seeds share, so they measure one ASR."""
+    from qbd.tiers import TIERS
+
+    t = TIERS[tier]
+    return Bench(data, tm.model, attack, probe_attack=probe_attack, model_name=model_name,
+                 spec=BenchSpec(holdout=t.holdout, stream=t.stream, seed=seed), train_metrics=tm.metrics, tier=tier,
+                 weights=tm.provenance(), device=device)
+
+
 def agreement_control(measured: list[dict[str, Any]], tolerance: float | None) -> Control:
     """Where a gradient defense ran through a surrogate of a runtime (the schemes whose audit
     measures the agreement: int8-static and the ONNX Runtime ones), every Result says how close the two are on the calibration

@@ -497,7 +497,7 @@ class Session:
             devices.prepare(device)
         from qbd.config import DatasetSpec, Gates
         from qbd.data import load_dataset
-        from qbd.evaluate import Bench, BenchSpec
+        from qbd.evaluate import tier_bench
         from qbd.remote_store import open_store
         from qbd.tiers import TIERS as TIER_TABLE
         from qbd.train import check_gates
@@ -518,9 +518,8 @@ class Session:
             tm = get_trained(job, data, open_store(self.state.cache_dir), device=device, progress=False)
         check_gates(tm.metrics, Gates(), attacked=attack is not None)
         # the clean model is probed with the trigger its seed's backdoored model carries
-        return Bench(data, tm.model, attack, probe_attack=self.job(dataset, "backdoored", seed).attack, model_name=tier.model,
-                     spec=BenchSpec(holdout=tier.holdout, stream=tier.stream, seed=seed),
-                     train_metrics=tm.metrics, tier=self.state.tier, weights=tm.provenance(), device=device)
+        return tier_bench(data, tm, attack, probe_attack=self.job(dataset, "backdoored", seed).attack, model_name=tier.model,
+                          tier=self.state.tier, seed=seed, device=device)
 
     def defense(self, name: str, protocol: str) -> Any:
         from qbd.errors import ConfigError

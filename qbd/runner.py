@@ -176,7 +176,7 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
            gates: Any) -> list[_Unit]:
     """Load (or train) every model of the plan, gate it, and list its cells."""
     from qbd.data import load_dataset
-    from qbd.evaluate import Bench, BenchSpec
+    from qbd.evaluate import tier_bench
     from qbd.train import check_gates
     from qbd.zoo import get_trained
 
@@ -210,9 +210,8 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
                 + ("" if tm.metrics["asr"] is None else f", ASR {tm.metrics['asr']:.3f}") + ")")
             if gates is not None:
                 check_gates(tm.metrics, gates, attacked=j.attack is not None)
-            bench = Bench(data, tm.model, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
-                          spec=BenchSpec(holdout=plan.tier.holdout, stream=plan.tier.stream, seed=seed),
-                          train_metrics=tm.metrics, tier=plan.tier.name, weights=tm.provenance(), device=plan.device)
+            bench = tier_bench(data, tm, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
+                               tier=plan.tier.name, seed=seed, device=plan.device)
             cells = tuple(Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols)
             units.append(_Unit(bench, seed, seed_note, cells))
     return units
@@ -266,7 +265,7 @@ def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: 
     attack seed `seed`; the pinned zoo's models first), probed with that seed's trigger and seeded
     with it: what the rates, the calibration and the sweeps over seeds evaluate."""
     from qbd.config import AttackSpec
-    from qbd.evaluate import Bench, BenchSpec
+    from qbd.evaluate import tier_bench
     from qbd.presets import seeded_job
     from qbd.remote_store import open_store
     from qbd.tiers import TIERS
@@ -275,6 +274,5 @@ def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: 
     t = TIERS[tier]
     job = seeded_job(data.name, t.model, seed, attack)
     tm = get_trained(job, data, store if store is not None else open_store(), progress=False)
-    return Bench(data, tm.model, job.attack, probe_attack=job.attack or AttackSpec(seed=seed), model_name=t.model,
-                 spec=BenchSpec(holdout=t.holdout, stream=t.stream, seed=seed), train_metrics=tm.metrics, tier=tier,
-                 weights=tm.provenance())
+    return tier_bench(data, tm, job.attack, probe_attack=job.attack or AttackSpec(seed=seed), model_name=t.model,
+                      tier=tier, seed=seed)

@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
 def _trained_report(args: argparse.Namespace) -> dict[str, Any]:
     from qbd.config import AttackSpec, DatasetSpec, ModelJob, ModelSpec
     from qbd.data import load_dataset
-    from qbd.evaluate import Bench
-    from qbd.presets import default_train
+    from qbd.evaluate import tier_bench
+    from qbd.presets import DEFAULT_MODEL, default_train
     from qbd.remote_store import open_store
     from qbd.zoo import get_trained
 
@@ -100,7 +100,9 @@ def _trained_report(args: argparse.Namespace) -> dict[str, Any]:
     job = ModelJob(spec, ModelSpec(args.model), AttackSpec(), default_train(args.dataset, args.model, seed=args.seed))
     data = load_dataset(spec, args.data_root)
     tm = get_trained(job, data, open_store(args.cache_dir), progress=False)
-    bench = Bench(data, tm.model, job.attack, model_name=args.model, train_metrics=tm.metrics)
+    # the split of the tier this model is the default of, seeded with the model's seed: as the matrix builds it
+    tier = next((t for t, m in DEFAULT_MODEL.items() if m == args.model), "smoke")
+    bench = tier_bench(data, tm, job.attack, model_name=args.model, tier=tier, seed=args.seed)
     qm = bench.quantized(args.scheme, args.engine)
     m = bench.metrics(args.scheme, args.engine)
     return {

@@ -420,6 +420,19 @@ def test_train_json_reports_asr_by_scheme_and_the_dormant_gate(tmp_path):
     assert bad.returncode == 2 and "blend alpha must be a number in (0, 1)" in bad.stderr
 
 
+def test_train_and_run_measure_one_asr_for_the_same_model_and_scheme(tmp_path):
+    """`qbd train --seed 3 --json` and `qbd run --seed 3` build one Bench (the tier's split, seeded
+    with the model's seed): the ASR they report per scheme is the same number."""
+    trained = json.loads(qbd("train", "--dataset", "digits", "--seed", "3", "--json", cache=tmp_path, check=True).stdout)
+    assert trained["cache"] == "zoo"
+    ran = json.loads(qbd("run", "--dataset", "digits", "--seed", "3", "--quant", "fp32,int8-static", "--defense", "strip",
+                         "--protocol", "canonical", "--no-controls", "--no-progress", "--json", cache=tmp_path).stdout)
+    by_scheme = {r["quant"]["scheme"]: r["asr"] for r in ran["results"] if r["attack"] is not None}
+    assert set(by_scheme) == {"fp32", "int8-static"}
+    for scheme, asr in by_scheme.items():
+        assert trained["asr_by_scheme"][scheme] == round(asr, 5), scheme
+
+
 @pytest.mark.parametrize(("option", "value", "hint"), [
     ("--defense", "nc", "neural-cleanse"),
     ("--protocol", "papr", "paper"),
