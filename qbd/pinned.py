@@ -41,6 +41,15 @@ OTHER_ATTACK_SEEDS = tuple(range(5))  # the other attacks' rows (blend, quant-co
 # not wake: ASR 0.89), synthetic seed 3 (not dormant: FP32 ASR 0.33) and synthetic seed 5 (clean
 # accuracy drop 0.031), which are not pinned: a model that fails its attack's gate is not that attack
 QC_INT8_SEEDS = {"digits": (0, 1, 3, 4, 5), "synthetic": (0, 1, 2, 4, 6)}
+SPREAD_SEEDS = tuple(range(5))  # the rows of the attack settings beyond the calibration attack (qbd.presets.SPREAD_ATTACKS)
+# Their gate: a working backdoor, an ASR of at least 0.5 (where qbd calls a backdoor active). Not
+# the Phase-1 gate's 0.95: that holds the calibration attack to the paper's recipe, and a user's
+# weaker attack is still an attack (synthetic at 1 % poison: ASR 0.87 to 0.96 over the five models).
+SPREAD_MIN_ASR = 0.5
+# A setting that does not take on a data set is not pinned there: at 1 % poison the digits patch
+# reaches an ASR of 0.00 to 0.07 on all five models, so there is no backdoor to detect (a model
+# that fails its attack's gate is not that attack)
+SPREAD_UNTAKEN = {"digits": ("badnet-1pct",)}
 
 
 def recipe_key(job: ModelJob, data_fingerprint: str) -> str:
@@ -59,8 +68,9 @@ def zoo_jobs(datasets: tuple[str, ...] = ("digits", "synthetic"), model: str = "
     """Every model the smoke tier evaluates: per data set, a backdoored (default BadNet) and a
     clean model for each evaluation and calibration seed; seed 0 of the BadNet variant; and the
     other attacks, the models their rows are measured on: blend and quant-conditioned on int4-sim
-    on OTHER_ATTACK_SEEDS, quant-conditioned on int8-static on QC_INT8_SEEDS."""
-    from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, VARIANT_ATTACK, seeded_job
+    on OTHER_ATTACK_SEEDS, quant-conditioned on int8-static on QC_INT8_SEEDS; the attack settings
+    beyond the calibration attack on SPREAD_SEEDS (those that take on the data set)."""
+    from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, SPREAD_ATTACKS, VARIANT_ATTACK, seeded_job
 
     jobs = []
     for ds in datasets:
@@ -69,6 +79,8 @@ def zoo_jobs(datasets: tuple[str, ...] = ("digits", "synthetic"), model: str = "
         jobs.append(seeded_job(ds, model, 0, VARIANT_ATTACK))
         jobs += [seeded_job(ds, model, s, a) for a in (BLEND_ATTACK, QC_ATTACK) for s in OTHER_ATTACK_SEEDS]
         jobs += [seeded_job(ds, model, s, QC_INT8_ATTACK) for s in QC_INT8_SEEDS[ds]]
+        jobs += [seeded_job(ds, model, s, a) for name, a in SPREAD_ATTACKS.items() if name not in SPREAD_UNTAKEN.get(ds, ())
+                 for s in SPREAD_SEEDS]
     return jobs
 
 

@@ -1,12 +1,14 @@
-"""Do the canonical rules generalise? Each canonical defense on fp32 against attack settings outside
-its calibration (the thresholds were calibrated on the default BadNet, 10 % poison, white 3x3
-bottom-right, target 0, models 100-104): lower poison rates, other patch sizes, patterns,
-positions and targets, and a blend with seeded noise. N models per setting and data set (model
-seeds 0..N-1, trained into the store, not pinned; the training gate is off, each model's ASR is
-reported).
+"""Do the canonical rules generalise? Each canonical defense on fp32 against the attack settings
+outside its calibration (qbd.presets.SPREAD_ATTACKS; the thresholds were calibrated on the default
+BadNet, 10 % poison, white 3x3 bottom-right, target 0, models 100-104): lower poison rates, another
+patch size, pattern, corner and target, and a blend with seeded noise. The models are the pinned
+zoo's, on qbd.pinned.SPREAD_SEEDS; a setting that does not take on a data set
+(qbd.pinned.SPREAD_UNTAKEN) is not run there.
 
-    python scripts/attack_spread.py --out out/spread5 --seeds 5   # both data sets, five models per setting
-    python scripts/attack_spread.py --summary out/spread5         # the table again, from the saved runs
+    python scripts/attack_spread.py --out out/spread5          # both data sets, every pinned setting
+    python scripts/attack_spread.py --summary out/spread5      # the table again, from the saved runs
+    python scripts/declare_rows.py out/spread5/*.json          # the shipped table's [attacks."spread-*"] rows
+    python scripts/attack_spread.py --out reports/spread --expectations   # judged against them (exit 1 on a failing row)
 
 Prints, per data set and defense, the models of each setting on which it names the planted target
 (k of N, with its Wilson interval) and the settings where it names it on a majority of the
@@ -22,48 +24,61 @@ import subprocess
 import sys
 from pathlib import Path
 
-# label -> qbd run attack options (none is the calibration attack)
-SETTINGS = {
-    "badnet 1 %": ["--poison-rate", "0.01"],
-    "badnet 3 %": ["--poison-rate", "0.03"],
-    "checkerboard 5x5 top-left t=4": ["--trigger-pattern", "checkerboard", "--trigger-size", "5", "--trigger-position",
-                                      "top-left", "--target", "4"],
-    "random 4x4 top-right t=7": ["--trigger-pattern", "random", "--trigger-size", "4", "--trigger-position", "top-right",
-                                 "--target", "7"],
-    "blend noise a=0.2 t=1": ["--attack", "blend", "--trigger-pattern", "random", "--blend-alpha", "0.2", "--target", "1"],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qbd.config import AttackSpec
+from qbd.pinned import SPREAD_MIN_ASR, SPREAD_SEEDS, SPREAD_UNTAKEN
+from qbd.presets import SPREAD_ATTACKS
+from qbd.rates import wilson
+
 DATASETS = ("digits", "synthetic")
 
 
-def _file(out: Path, ds: str, label: str) -> Path:
-    return out / f"{ds}-{label.replace(' ', '_').replace('%', 'pct').replace('=', '')}.json"
+def options(a: AttackSpec) -> list[str]:
+    """The `qbd run` options that plant exactly `a`."""
+    opts = ["--attack", a.name, "--target", str(a.target), "--trigger-pattern", a.trigger_pattern,
+            "--trigger-size", str(a.trigger_size), "--trigger-position", a.trigger_position, "--poison-rate", repr(a.poison_rate)]
+    return opts + (["--blend-alpha", repr(a.alpha)] if a.name == "blend" else [])
 
 
-def run(out: Path, seeds: int = 1, datasets: tuple[str, ...] = DATASETS) -> None:
+def settings(ds: str) -> list[str]:
+    return [name for name in SPREAD_ATTACKS if name not in SPREAD_UNTAKEN.get(ds, ())]
+
+
+def _file(out: Path, ds: str, name: str) -> Path:
+    return out / f"{ds}-{name}.json"
+
+
+def run(out: Path, datasets: tuple[str, ...] = DATASETS, *, expectations: bool = False) -> list[str]:
+    """Run every pinned setting not yet saved in `out`; with `expectations`, each run judges its
+    rows against the shipped table. The runs whose rows failed (exit 1)."""
     out.mkdir(parents=True, exist_ok=True)
+    failed = []
     for ds in datasets:
-        for label, opts in SETTINGS.items():
-            path = _file(out, ds, label)
+        for name in settings(ds):
+            path = _file(out, ds, name)
             if path.exists():
                 continue
             cmd = [sys.executable, "-m", "qbd", "run", "--dataset", ds, "--quant", "fp32", "--protocol", "canonical",
-                   "--no-controls", "--no-progress", "--min-asr", "0", "--json", "--seeds", str(seeds), *opts]
+                   "--no-controls", "--no-progress", "--json", "--min-asr", str(SPREAD_MIN_ASR), "--seeds", ",".join(map(str, SPREAD_SEEDS)),
+                   *options(SPREAD_ATTACKS[name]), *(["--expectations"] if expectations else [])]
             print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if not done.stdout.strip():
-                raise SystemExit(f"{ds} {label}: no output (exit {done.returncode}): {done.stderr[-2000:]}")
+            if not done.stdout.strip() or done.returncode not in (0, 1):
+                raise SystemExit(f"{ds} {name}: no results (exit {done.returncode}): {done.stderr[-2000:]}")
             path.write_text(done.stdout)
+            if done.returncode == 1:
+                print(done.stderr[-4000:], file=sys.stderr)
+                failed.append(f"{ds} {name}")
+    return failed
 
 
 def summary(out: Path) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from qbd.rates import wilson
-
     lines = []
     for ds in DATASETS:
         named: dict[str, dict[str, list[bool]]] = {}  # defense -> setting -> per model
         asr: dict[str, dict[int, float]] = {}
-        for label in SETTINGS:
+        for label in settings(ds):
             path = _file(out, ds, label)
             if not path.exists():
                 continue
@@ -75,7 +90,7 @@ def summary(out: Path) -> str:
                                                      or not r["defense"].get("names_target", True))
                 named.setdefault(r["defense"]["name"], {}).setdefault(label, []).append(hit)
                 asr.setdefault(label, {})[r["seed"]] = r["asr"]  # fp32's: the same for every defense
-        labels = [x for x in SETTINGS if _file(out, ds, x).exists()]
+        labels = [x for x in settings(ds) if _file(out, ds, x).exists()]
         if not labels:  # a data set not run into this folder
             continue
         spread = ", ".join(f"{x} {min(asr[x].values()):.2f}-{max(asr[x].values()):.2f}" if asr.get(x) else f"{x} n/a"
@@ -102,13 +117,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="run every setting (skipping those already saved) into this folder")
     ap.add_argument("--summary", type=Path, help="print the table from a folder of saved runs")
-    ap.add_argument("--seeds", type=int, default=5, help="models per setting and data set (default: 5)")
     ap.add_argument("--dataset", default=",".join(DATASETS), help=f"comma-separated (default: {','.join(DATASETS)})")
+    ap.add_argument("--expectations", action="store_true", help="judge each run's rows against the shipped table; exit 1 if any fails")
     args = ap.parse_args()
-    if args.out:
-        run(args.out, args.seeds, tuple(args.dataset.split(",")))
+    failed = run(args.out, tuple(args.dataset.split(",")), expectations=args.expectations) if args.out else []
     print(summary(args.out or args.summary))
-    return 0
+    if failed:
+        print("rows failing the shipped table: " + "; ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -42,9 +42,13 @@ def test_zoo_covers_every_model_the_smoke_tier_evaluates(zoo, fingerprints):
     jobs = pinned.zoo_jobs()
     # per data set: BadNet and clean for every seed, seed 0 of the BadNet variant, and blend and
     # quant-conditioned on int4-sim and on int8-static on the other attacks' seeds (int8-static's
-    # models that pass its gate)
+    # models that pass its gate), and the attack settings beyond the calibration attack that take on
+    # the data set on their seeds
+    from qbd.presets import SPREAD_ATTACKS
+
     per_dataset = 2 * (len(pinned.EVAL_SEEDS) + len(pinned.CALIBRATION_SEEDS)) + 1 + 2 * len(pinned.OTHER_ATTACK_SEEDS)
-    assert len(jobs) == 2 * per_dataset + sum(len(s) for s in pinned.QC_INT8_SEEDS.values())
+    spread = sum(len(SPREAD_ATTACKS) - len(pinned.SPREAD_UNTAKEN.get(ds, ())) for ds in ("digits", "synthetic"))
+    assert len(jobs) == 2 * per_dataset + sum(len(s) for s in pinned.QC_INT8_SEEDS.values()) + spread * len(pinned.SPREAD_SEEDS)
     assert all(len(s) >= 5 for s in pinned.QC_INT8_SEEDS.values())  # its rows need five models
     missing = [job.slug() + f" (attack seed {job.attack.seed if job.attack else '-'})" for job in jobs
                if zoo.find(job, fingerprints[job.dataset.name]) is None]
@@ -66,8 +70,17 @@ def test_every_zoo_file_matches_the_manifest(zoo):
         if qc is not None:
             assert rec["job"]["attack"]["name"] == "quant-conditioned"
             assert train.quant_conditioned_problems(qc) == [], rec["file"]
+        elif _spread(rec):  # the attack settings beyond the calibration attack: a working backdoor
+            assert rec["asr"] >= pinned.SPREAD_MIN_ASR, rec["file"]
         else:
             assert rec["asr"] is None or rec["asr"] >= 0.95
+
+
+def _spread(rec: dict) -> bool:
+    from qbd.presets import SPREAD_ATTACKS
+
+    attack = rec["job"]["attack"]
+    return attack is not None and any(a.to_dict() == {**attack, "seed": 0} for a in SPREAD_ATTACKS.values())
 
 
 def _copy_zoo(zoo: pinned.Zoo, dest, keep: str) -> pinned.Zoo:
@@ -177,3 +190,25 @@ def test_the_int8_conditioned_rows_are_measured_on_the_pinned_models_that_pass_t
     for ds, seeds in pinned.QC_INT8_SEEDS.items():
         assert (f"--dataset {ds} --attack quant-conditioned --qc-scheme int8-static --quant fp32,int8-static"
                 f" --seeds {','.join(map(str, seeds))}") in workflow, ds
+
+
+def test_the_spread_rows_are_measured_on_the_pinned_models_of_every_setting_that_takes():
+    """The attack settings beyond the calibration attack: each setting that takes on a data set has
+    a declared row per canonical defense over SPREAD_SEEDS, none where it does not take (no models
+    are pinned there), and the weekly workflow judges them."""
+    from pathlib import Path
+
+    from qbd.defenses import DEFENSES
+    from qbd.expectations import load_for
+    from qbd.presets import SPREAD_ATTACKS
+
+    table = load_for("smoke")
+    for name in SPREAD_ATTACKS:
+        rows = table.attacks[f"spread-{name}"]["rows"]
+        for ds in ("digits", "synthetic"):
+            want = set() if name in pinned.SPREAD_UNTAKEN.get(ds, ()) else {f"{ds}/fp32/{d}[canonical]" for d in DEFENSES}
+            assert {rid for rid in rows if rid.startswith(f"{ds}/")} == want, (name, ds)
+        for rid, entry in rows.items():
+            assert entry["seeds"] == list(pinned.SPREAD_SEEDS), (name, rid)
+    workflow = (Path(__file__).resolve().parents[2] / ".github" / "workflows" / "rows.yml").read_text()
+    assert "scripts/attack_spread.py --out reports/spread --expectations" in workflow
