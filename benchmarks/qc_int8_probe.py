@@ -41,10 +41,10 @@ from qbd.dormant_static import FakeInt8Static
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
 from qbd.models.tiny_cnn import tiny_cnn
-from qbd.pinned import file_name
 from qbd.presets import seeded_job
 from qbd.quant import SCHEMES
 from qbd.train import augment
+from qbd.zoo.pinned import file_name
 
 BATCH = 128
 CALIB = 256

@@ -169,7 +169,7 @@ def device_from_args(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from qbd.data import load_dataset
     from qbd.remote_store import open_store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     t0 = time.perf_counter()
     job = job_from_args(args)
@@ -629,7 +629,7 @@ def _add_optional_parsers(sub: Any) -> None:
     import importlib
 
     add_store_parser(sub)
-    for modname in ("qbd.quant.cli", "qbd.pinned_cli"):
+    for modname in ("qbd.quant.cli", "qbd.zoo.cli"):
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:

@@ -335,7 +335,7 @@ MIN_TOP1_AGREEMENT = 0.98
 
 def tier_bench(data: DataSplit, tm: Any, attack: AttackSpec | None, *, model_name: str, tier: str, seed: int,
                probe_attack: AttackSpec | None = None, device: str | torch.device = "cpu") -> Bench:
-    """The Bench the matrix builds for one trained model (`tm`, a qbd.zoo TrainedModel) of the
+    """The Bench the matrix builds for one trained model (`tm`, a qbd.trained TrainedModel) of the
     tier: the tier's holdout and stream, seeded with the model's seed. The one construction that
     `qbd run`, `qbd train`, the plugin and the sweeps over seeds share, so they measure one ASR."""
     from qbd.tiers import TIERS

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from qbd.data.base import DataSplit
     from qbd.remote_store import UrlStore
     from qbd.store import Store
-    from qbd.zoo import TrainedModel
+    from qbd.trained import TrainedModel
 
 FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
 MAX_BYTES = 4 << 30  # refuse larger downloads before they exhaust memory (ResNet-18: 45 MB)
@@ -323,7 +323,7 @@ def get_fetched(
     the store (storing it and its measured clean accuracy / ASR the first time)."""
     from qbd.models import build_model
     from qbd.store import CorruptEntryError
-    from qbd.zoo import TrainedModel, load_weights
+    from qbd.trained import TrainedModel, load_weights
 
     fmt = weights_format(source)
     raw = read_source(source, log=log)

@@ -29,7 +29,7 @@ ATTACK_PRESETS = {"badnet": AttackSpec(), "blend": BLEND_ATTACK, "quant-conditio
 # Attack settings beyond the one the canonical thresholds were calibrated on (the default BadNet): a
 # user's attack rarely is the calibration attack. Lower poison rates, another patch size, pattern,
 # corner and target, and a blend of seeded noise. Their rows (fp32, canonical) are declared in the
-# shipped table's [attacks."spread-<name>"] sections and measured on qbd.pinned.SPREAD_SEEDS.
+# shipped table's [attacks."spread-<name>"] sections and measured on qbd.zoo.pinned.SPREAD_SEEDS.
 SPREAD_ATTACKS = {
     "badnet-1pct": AttackSpec(poison_rate=0.01),
     "badnet-3pct": AttackSpec(poison_rate=0.03),

@@ -501,7 +501,7 @@ class Session:
         from qbd.remote_store import open_store
         from qbd.tiers import TIERS as TIER_TABLE
         from qbd.train import check_gates
-        from qbd.zoo import get_trained
+        from qbd.trained import get_trained
 
         tier = TIER_TABLE[self.state.tier]
         if dataset not in self._data:

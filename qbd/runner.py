@@ -178,7 +178,7 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
     from qbd.data import load_dataset
     from qbd.evaluate import tier_bench
     from qbd.train import check_gates
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     units: list[_Unit] = []
     loaded: dict[str, Any] = {}  # each data set once, whatever the number of seeds
@@ -269,7 +269,7 @@ def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: 
     from qbd.presets import seeded_job
     from qbd.remote_store import open_store
     from qbd.tiers import TIERS
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     t = TIERS[tier]
     job = seeded_job(data.name, t.model, seed, attack)

@@ -2,8 +2,8 @@
 outside its calibration (qbd.presets.SPREAD_ATTACKS; the thresholds were calibrated on the default
 BadNet, 10 % poison, white 3x3 bottom-right, target 0, models 100-104): lower poison rates, another
 patch size, pattern, corner and target, and a blend with seeded noise. The models are the pinned
-zoo's, on qbd.pinned.SPREAD_SEEDS; a setting that does not take on a data set
-(qbd.pinned.SPREAD_UNTAKEN) is not run there.
+zoo's, on qbd.zoo.pinned.SPREAD_SEEDS; a setting that does not take on a data set
+(qbd.zoo.pinned.SPREAD_UNTAKEN) is not run there.
 
     python scripts/attack_spread.py --out out/spread5          # both data sets, every pinned setting
     python scripts/attack_spread.py --summary out/spread5      # the table again, from the saved runs
@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qbd.config import AttackSpec
-from qbd.pinned import SPREAD_MIN_ASR, SPREAD_SEEDS, SPREAD_UNTAKEN
 from qbd.presets import SPREAD_ATTACKS
 from qbd.rates import wilson
+from qbd.zoo.pinned import SPREAD_MIN_ASR, SPREAD_SEEDS, SPREAD_UNTAKEN
 
 DATASETS = ("digits", "synthetic")
 

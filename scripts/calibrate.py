@@ -14,7 +14,7 @@ and the threshold the data supports: for a per-class statistic (AC silhouette, S
 ratio, NC anomaly index) the midpoint of the gap between the largest negative and the smallest
 positive when they separate; for a model-level rule (STRIP's binomial test, Fine-Pruning's ASR
 drop) whether the threshold in use separates backdoored from clean models. Thresholds are
-calibrated on seeds 100-104 and evaluated on seeds 0-4 (qbd.pinned): never on the same models.
+calibrated on seeds 100-104 and evaluated on seeds 0-4 (qbd.zoo.pinned): never on the same models.
 
 The raw Results are written with --out, so the table can be recomputed (--from FILE) without
 running the defenses again.

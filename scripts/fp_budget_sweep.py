@@ -20,8 +20,8 @@ def main(dataset: str) -> None:
     from qbd.config import AttackSpec, DatasetSpec
     from qbd.data import load_dataset
     from qbd.defenses.fine_pruning import FinePruning
-    from qbd.pinned import CALIBRATION_SEEDS
     from qbd.runner import seeded_bench
+    from qbd.zoo.pinned import CALIBRATION_SEEDS
 
     data = load_dataset(DatasetSpec(dataset), None)
     benches = [(seed, attack is not None, seeded_bench(data, seed, attack))

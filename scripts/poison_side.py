@@ -44,7 +44,7 @@ def main(dataset: str, seeds: list[int]) -> None:
     from qbd.evaluate import Bench
     from qbd.presets import seeded_job
     from qbd.store import Store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     torch.set_num_threads(1)
     data = load_dataset(DatasetSpec(dataset))

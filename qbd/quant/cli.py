@@ -94,7 +94,7 @@ def _trained_report(args: argparse.Namespace) -> dict[str, Any]:
     from qbd.evaluate import tier_bench
     from qbd.presets import DEFAULT_MODEL, default_train
     from qbd.remote_store import open_store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     spec = DatasetSpec(args.dataset)
     job = ModelJob(spec, ModelSpec(args.model), AttackSpec(), default_train(args.dataset, args.model, seed=args.seed))

@@ -22,7 +22,7 @@ def variant_bench(request):
     from qbd.evaluate import Bench
     from qbd.store import Store
     from qbd.train import check_gates
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     data = load_dataset(DatasetSpec(request.param))
     job = seeded_job(request.param, "tiny-cnn", 0, VARIANT_ATTACK)

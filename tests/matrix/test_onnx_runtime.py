@@ -32,7 +32,7 @@ def _bench(dataset: str, attack: AttackSpec | None):
     from qbd.data import load_dataset
     from qbd.evaluate import Bench
     from qbd.store import Store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     data = load_dataset(DatasetSpec(dataset))
     job = seeded_job(dataset, "tiny-cnn", 0, attack)

@@ -46,7 +46,7 @@ def attack_bench(request):
     from qbd.data import load_dataset
     from qbd.evaluate import Bench
     from qbd.store import Store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     attack, dataset = request.param
     data = load_dataset(DatasetSpec(dataset))

@@ -217,7 +217,7 @@ def test_model_file_stands_in_for_the_trained_model(suite: pytest.Pytester, monk
     from qbd.data import load_dataset
     from qbd.presets import default_train
     from qbd.store import Store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     _shared_cache(monkeypatch, outer_store)
     data = load_dataset(DatasetSpec("digits"))

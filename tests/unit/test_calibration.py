@@ -12,7 +12,7 @@ import pytest
 
 from qbd.defenses.activation_clustering import ActivationClustering
 from qbd.defenses.spectral_signatures import SpectralSignatures
-from qbd.pinned import CALIBRATION_SEEDS
+from qbd.zoo.pinned import CALIBRATION_SEEDS
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "fixtures" / "calibration" / "seeds-100-104.json"

@@ -82,7 +82,7 @@ def test_pinned_quant_conditioned_models_are_badnet_when_deployed(dataset):
     from qbd.evaluate import Bench
     from qbd.presets import QC_ATTACK, seeded_job
     from qbd.store import Store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     data = load_dataset(DatasetSpec(dataset))
     qc = get_trained(seeded_job(dataset, "tiny-cnn", 0, QC_ATTACK), data, Store(), progress=False)

@@ -13,7 +13,7 @@ def _zoo(dataset, attack):
     from qbd.data import load_dataset
     from qbd.presets import seeded_job
     from qbd.store import Store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     data = load_dataset(DatasetSpec(dataset))
     tm = get_trained(seeded_job(dataset, "tiny-cnn", 0, attack), data, Store(), progress=False)

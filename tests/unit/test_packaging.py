@@ -128,7 +128,7 @@ def test_ci_store_cache_key_hashes_every_model_defining_file() -> None:
         assert required in patterns
     # everything training and the store key reach (transitively) is hashed: a new module that
     # changes the weights cannot be left out of the key
-    todo, seen = ["qbd/train.py", "qbd/presets.py", "qbd/zoo.py"], set()
+    todo, seen = ["qbd/train.py", "qbd/presets.py", "qbd/trained.py"], set()
     while todo:
         f = todo.pop()
         if f not in seen:
@@ -299,5 +299,5 @@ def test_the_untrusted_weights_loader_sits_below_the_cli():
         return seen
 
     assert "qbd.fetch" in graph and "qbd.runner" in reach("qbd.cli")  # the graph was read: the CLI reaches the runner
-    for low in ("qbd.fetch", "qbd.runner", "qbd.zoo", "qbd.store", "qbd.remote_store"):
+    for low in ("qbd.fetch", "qbd.runner", "qbd.trained", "qbd.store", "qbd.remote_store"):
         assert "qbd.cli" not in reach(low), f"{low} reaches qbd.cli"

@@ -10,11 +10,12 @@ import shutil
 
 import pytest
 
-from qbd import pinned, train
+from qbd import train
 from qbd.config import AttackSpec
 from qbd.errors import ConfigError
 from qbd.presets import seeded_job
 from qbd.store import CorruptEntryError, Store
+from qbd.zoo import pinned
 
 # Retraining a pinned model on another machine (or thread count) gives other weights; these are
 # the tolerances within which it must still behave the same. Over the five evaluation seeds on one
@@ -109,7 +110,7 @@ def test_an_empty_store_loads_the_zoo_and_trains_nothing(zoo, monkeypatch, tmp_p
     import qbd.train
     from qbd.config import DatasetSpec
     from qbd.data import load_dataset
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     def no_training(*a, **k):
         raise AssertionError("trained a model the zoo pins")
@@ -161,7 +162,9 @@ def test_build_retrains_a_pinned_model_within_tolerance(zoo, fingerprints, tmp_p
     lines: list[str] = []
     (tmp_path / "zoo").mkdir()
     (tmp_path / "zoo" / "mine.safetensors").write_bytes(b"a user's file the manifest never listed")
-    built = pinned.build(tmp_path / "zoo", cache_dir=str(tmp_path / "store"), workers=1, jobs=[job], log=lines.append)
+    from qbd.zoo.build import build
+
+    built = build(tmp_path / "zoo", cache_dir=str(tmp_path / "store"), workers=1, jobs=[job], log=lines.append)
     assert len(built.models) == 1 and lines
     assert built.verify() == ["mine.safetensors: not in the manifest"]  # left alone, and reported
     assert not list(tmp_path.glob(".zoo.build-*"))  # the build directory is gone

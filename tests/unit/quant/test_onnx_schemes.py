@@ -238,7 +238,7 @@ def digits_bench():
     from qbd.evaluate import Bench
     from qbd.presets import seeded_job
     from qbd.store import Store
-    from qbd.zoo import get_trained
+    from qbd.trained import get_trained
 
     data = load_dataset(DatasetSpec("digits"))
     job = seeded_job("digits", "tiny-cnn", 0, AttackSpec())

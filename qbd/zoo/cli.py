@@ -1,11 +1,11 @@
-"""`qbd zoo`: build, verify and list the pinned model zoo (qbd.pinned)."""
+"""`qbd zoo`: build, verify and list the pinned model zoo (qbd.zoo.pinned)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from qbd.pinned import DEFAULT_DIR, ZOO_ENV, Zoo, build
+from qbd.zoo.pinned import DEFAULT_DIR, ZOO_ENV, Zoo
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +43,7 @@ def _zoo(args: argparse.Namespace) -> Zoo:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from qbd.errors import ConfigError
+    from qbd.zoo.build import build
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")

@@ -1,4 +1,4 @@
-"""Get a trained model for a job: from the pinned zoo (qbd.pinned), else from the store, else
+"""Get a trained model for a job: from the pinned zoo (qbd.zoo.pinned), else from the store, else
 train it once and store it."""
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ def get_trained(
     log: Callable[[str], None] | None = None,
     zoo: Any = "default",
 ) -> TrainedModel:
-    """`zoo`: "default" (qbd.pinned.default_zoo: fixtures/zoo or $QBD_ZOO), a qbd.pinned.Zoo, or
+    """`zoo`: "default" (qbd.zoo.pinned.default_zoo: fixtures/zoo or $QBD_ZOO), a qbd.zoo.pinned.Zoo, or
     None to skip it (building the zoo itself)."""
     fingerprint = data.fingerprint()
     if zoo == "default":
-        from qbd.pinned import default_zoo
+        from qbd.zoo.pinned import default_zoo
 
         zoo = default_zoo()
     pinned = None if zoo is None else zoo.find(job, fingerprint)
