@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(dataset=None)
     sel = r.add_argument_group("selection")
     sel.add_argument("--quant", default=None, help="schemes, comma-separated, or all (default: the tier's four)")
-    sel.add_argument("--defense", default=None, help="defenses (names or module:Class), comma-separated (default: all five)")
+    sel.add_argument("--defense", default=None, help="defenses (names or module:Class), comma-separated, or all (default: all: the five built-ins and every installed one)")
     sel.add_argument("--protocol", default=None, help="canonical, paper, or both comma-separated (default: both)")
     sel.add_argument("--gradient-path", choices=("deployed", "surrogate"), default=None,
                      help="what gradient-based defenses backpropagate through (default: deployed under paper, surrogate under canonical)")

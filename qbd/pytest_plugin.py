@@ -260,6 +260,10 @@ def _subset(text: str | None, valid: tuple[str, ...], kind: str) -> tuple[str, .
 
     option = kind.split()[0]
     items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not items:
+        raise pytest.UsageError(f"--qbd-{option} {text!r}: no {option} named")
+    if items == ("all",):  # as `qbd run --quant all`
+        return valid
     for it in items:
         if it not in valid:
             raise pytest.UsageError(f"--qbd-{option}: {unknown_message(kind, it, list(valid))}")
@@ -276,7 +280,9 @@ def _resolve_defenses(values: list[str]) -> tuple[dict[str, str], bool]:
     from qbd.registry import load_ref, unknown_message
 
     items = list(dict.fromkeys(v.strip() for raw in values for v in raw.split(",") if v.strip()))
-    if not items:
+    if values and not items:
+        raise pytest.UsageError("--qbd-defense: no defense named (give names or 'package.module:Class', comma-separated)")
+    if not items or items == ["all"]:  # `all`, as `qbd run --defense all`: the default matrix
         return {n: n for n in BUILTIN}, False
     names: dict[str, str] = {}
     for ref in items:
@@ -285,11 +291,13 @@ def _resolve_defenses(values: list[str]) -> tuple[dict[str, str], bool]:
             if ref not in installed:
                 raise pytest.UsageError(f"--qbd-defense: {unknown_message('defense', ref, installed)}"
                                         " (a third-party class is named as 'package.module:Class')")
+            if ref in names.values():
+                raise pytest.UsageError(f"--qbd-defense {ref!r}: a 'module:Class' given before it already has that name")
             names[ref] = ref
             continue
         try:
             obj = load_ref(ref)
-        except (ImportError, AttributeError) as e:
+        except (ImportError, AttributeError, ValueError) as e:
             raise pytest.UsageError(f"--qbd-defense {ref!r}: cannot import it: {type(e).__name__}: {e}") from None
         name = getattr(obj, "name", None)
         if not isinstance(name, str) or not name or not callable(getattr(obj, "detect", None)):
@@ -297,7 +305,9 @@ def _resolve_defenses(values: list[str]) -> tuple[dict[str, str], bool]:
                 f"--qbd-defense {ref!r}: {obj!r} is not a qbd defense (it needs a str `name`, a `requires` set and a"
                 " `detect(subject, inputs, generator) -> Verdict` method)"
             )
-        if name in names.values() or name in BUILTIN:
+        if name in BUILTIN:
+            raise pytest.UsageError(f"--qbd-defense {ref!r}: its name {name!r} is a built-in defense's; give your class another")
+        if name in names.values():
             raise pytest.UsageError(f"--qbd-defense {ref!r}: a defense named {name!r} is already in the matrix")
         names[ref] = name
     return names, True

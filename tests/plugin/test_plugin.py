@@ -109,6 +109,12 @@ def test_defense_names_choose_the_matrix_as_qbd_run_takes_them(suite: pytest.Pyt
     cells = [x for x in result.stdout.lines if "::test_cell[" in x]
     assert len(cells) == 2 * 4 * 2 * 2  # two defenses x the tier's schemes x protocols x (backdoored, clean control)
     assert all("/strip[" in c or "/neural-cleanse[" in c for c in cells)
+    for bad, message in (("strip:", "*cannot import it*"), (",", "*no defense named*")):
+        refused = suite.runpytest("--collect-only", "--qbd-defense", bad)
+        assert refused.ret == pytest.ExitCode.USAGE_ERROR, bad
+        refused.stderr.fnmatch_lines([message])
+    every = suite.runpytest("--collect-only", "-q", "--qbd-dataset", "digits", "--qbd-defense", "all")
+    assert len([x for x in every.stdout.lines if "::test_cell[" in x]) == 5 * 4 * 2 * 2
 
 
 def test_bad_options_are_usage_errors(suite: pytest.Pytester) -> None:
