@@ -102,7 +102,8 @@ ROW_BOUNDS = {
 # its false-alarm bound) and seeds (the model seeds the bounds were measured on)
 _ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note", *measured_rows.KINDS}
 _TABLES = ("cells", "attack", "audit", "rows")
-_OTHER_ATTACK_KEYS = {"attack", "cells", "rows"}
+_OTHER_ATTACK_KEYS = {"attack", "cells", "rows", "doc"}
+OTHER_ATTACKS_DOC = "docs/results.md#other-attacks"  # where an attack section's findings are explained, unless it says
 # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
 _ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
 
@@ -424,7 +425,8 @@ def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[
     for name, section in raw.items():
         where = f"{p}: attacks.{name!r}"
         if not isinstance(section, dict) or set(section) - _OTHER_ATTACK_KEYS:
-            raise ConfigError(f"{where}: a section holds `attack` (the spec its findings were measured on), `cells` and `rows`")
+            raise ConfigError(f"{where}: a section holds `attack` (the spec its findings were measured on), `cells`, `rows`"
+                              " and `doc` (where the docs explain its findings)")
         spec, cells, rows = section.get("attack"), section.get("cells", {}), section.get("rows", {})
         if not isinstance(spec, dict) or "name" not in spec:
             raise ConfigError(f"{where}: `attack` must be a table naming the attack (name = ...) and its whole spec")
@@ -450,7 +452,10 @@ def _load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[
         for key, entry in cells.items():
             if "outcome" in entry and _row_of(key) in rows:
                 raise ConfigError(f"{where}.cells.{key!r}: its row is measured over models and judges it; drop the entry")
-        out[name] = {"attack": dict(spec), "cells": dict(cells), "rows": dict(rows)}
+        doc = section.get("doc", OTHER_ATTACKS_DOC)
+        if not (isinstance(doc, str) and doc.startswith("docs/")):
+            raise ConfigError(f"{where}: doc must name a page under docs/ (and an anchor), got {doc!r}")
+        out[name] = {"attack": dict(spec), "cells": dict(cells), "rows": dict(rows), "doc": doc}
     return out
 
 
@@ -636,6 +641,8 @@ def dumps(e: Expectations, header: str = "") -> str:
     for name in sorted(e.attacks):
         section = e.attacks[name]
         lines += ["", f"[attacks.{_toml_value(name)}]", f"attack = {_toml_value(section['attack'])}"]
+        if section.get("doc", OTHER_ATTACKS_DOC) != OTHER_ATTACKS_DOC:
+            lines.append(f"doc = {_toml_value(section['doc'])}")
         for table in ("cells", "rows"):
             for key in sorted(section.get(table, {})):
                 lines += ["", f"[attacks.{_toml_value(name)}.{table}.{_toml_value(key)}]"]
@@ -653,7 +660,8 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
                        attack={k: dict(v) for k, v in e.attack.items()}, audit={k: dict(v) for k, v in e.audit.items()},
                        rows={k: dict(v) for k, v in e.rows.items()},
                        attacks={k: {"attack": dict(v["attack"]), "cells": {c: dict(x) for c, x in v["cells"].items()},
-                                    "rows": {c: dict(x) for c, x in v.get("rows", {}).items()}}
+                                    "rows": {c: dict(x) for c, x in v.get("rows", {}).items()},
+                                    "doc": v.get("doc", OTHER_ATTACKS_DOC)}
                                 for k, v in e.attacks.items()})
     before = e.judge_all(results)
     notes: list[str] = []

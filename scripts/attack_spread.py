@@ -73,6 +73,45 @@ def run(out: Path, datasets: tuple[str, ...] = DATASETS, *, expectations: bool =
     return failed
 
 
+def _majorities(out: Path) -> dict[tuple[str, str], int]:
+    """(data set, defense) -> the settings whose saved runs name the target on a majority of models."""
+    hits: dict[tuple[str, str, str], list[bool]] = {}
+    for ds in DATASETS:
+        for name in settings(ds):
+            path = _file(out, ds, name)
+            for r in json.loads(path.read_text())["results"] if path.exists() else []:
+                if r.get("attack") is not None:
+                    v = r["verdict"]
+                    hit = v["status"] == "detected" and (v["target_class"] == r["attack"]["target"] or not r["defense"].get("names_target", True))
+                    hits.setdefault((ds, r["defense"]["name"], name), []).append(hit)
+    out_: dict[tuple[str, str], int] = {}
+    for (ds, defense, _), h in hits.items():
+        out_[(ds, defense)] = out_.get((ds, defense), 0) + (2 * sum(h) > len(h))
+    return out_
+
+
+def declared_majorities() -> dict[tuple[str, str], int]:
+    """The same count from the shipped table's spread rows (their backdoored models' pass counts)."""
+    from qbd.expectations import load_for
+
+    table = load_for("smoke")
+    out: dict[tuple[str, str], int] = {}
+    for name in SPREAD_ATTACKS:
+        for rid, entry in table.attacks[f"spread-{name}"]["rows"].items():
+            ds, defense = rid.split("/", 1)[0], rid.split("/")[2].split("[")[0]
+            counts = entry["backdoored"]
+            out[(ds, defense)] = out.get((ds, defense), 0) + (2 * counts.get("pass", 0) > sum(counts.values()))
+    return out
+
+
+def majority_changes(out: Path) -> list[str]:
+    """Where a run's settings-on-a-majority count differs from the declared rows' (docs/defenses.md
+    quotes those counts; each row's own tolerance of one model could move them unnoticed)."""
+    measured, declared = _majorities(out), declared_majorities()
+    return [f"{ds} {d}: named on a majority of models on {measured.get((ds, d), 0)} settings, declared {n}"
+            for (ds, d), n in sorted(declared.items()) if measured.get((ds, d), 0) != n and (ds, d) in measured]
+
+
 def summary(out: Path) -> str:
     lines = []
     for ds in DATASETS:
@@ -118,9 +157,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="run every setting (skipping those already saved) into this folder")
     ap.add_argument("--summary", type=Path, help="print the table from a folder of saved runs")
     ap.add_argument("--dataset", default=",".join(DATASETS), help=f"comma-separated (default: {','.join(DATASETS)})")
-    ap.add_argument("--expectations", action="store_true", help="judge each run's rows against the shipped table; exit 1 if any fails")
+    ap.add_argument("--expectations", action="store_true", help="judge each run's rows against the shipped table, and each"
+                    " defense's count of settings named on a majority of models against the declared rows'; exit 1 if any fails")
     args = ap.parse_args()
     failed = run(args.out, tuple(args.dataset.split(",")), expectations=args.expectations) if args.out else []
+    if args.expectations:
+        failed += majority_changes(args.out)
     print(summary(args.out or args.summary))
     if failed:
         print("rows failing the shipped table: " + "; ".join(failed), file=sys.stderr)

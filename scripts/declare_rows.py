@@ -40,9 +40,9 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
 
 
-def why(entry: dict, defense: str) -> str:
-    """The figures of a row that is a finding: each kind's truth count with its Wilson interval and
-    what the other models did."""
+def why(entry: dict, doc: str) -> str:
+    """The figures of a row that is a finding, after the docs page that explains it: each kind's
+    truth count with its Wilson interval and what the other models did."""
     parts = []
     for kind, label in (("backdoored", "detected naming the target"), ("clean", "false alarms")):
         counts = entry.get(kind)
@@ -55,7 +55,7 @@ def why(entry: dict, defense: str) -> str:
             inval = {o: n for o, n in counts.items() if o.startswith("invalid:")}
             rest = f" ({measured_rows.describe(inval)})" if inval else ""
         parts.append(f"{label} {_rate(t['flagged'], t['n'])}{rest}")
-    return ANCHOR.format(defense=defense) + ": " + "; ".join(parts)
+    return doc + ": " + "; ".join(parts)
 
 
 Key = tuple[str | None, str]  # (the [attacks.<name>] section, None for meta's attack; the row id)
@@ -93,7 +93,8 @@ def declared(runs: list[list[dict]], table) -> dict[Key, dict]:
     for (name, rid), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         entry = measured_rows.measured(rs)
         if not measured_rows.all_truth(entry):
-            entry["why"] = why(entry, rs[0]["defense"]["name"] if name is None else "other-attacks")
+            doc = ANCHOR.format(defense=rs[0]["defense"]["name"]) if name is None else table.attacks[name]["doc"]
+            entry["why"] = why(entry, doc)
         out[(name, rid)] = entry
     return out
 

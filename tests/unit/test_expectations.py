@@ -697,6 +697,7 @@ BADNET_TOML = ('{ name = "badnet", target = 0, trigger_pattern = "white", trigge
 @pytest.mark.parametrize(("text", "message"), [
     ('[attacks.blend]\nattack = { target = 2 }\n', "naming the attack"),
     (f'[attacks.blend]\nattack = {BLEND_TOML}\nextra = 1\n', "a section holds"),
+    (f'[attacks.blend]\nattack = {BLEND_TOML}\ndoc = "README.md"\n', "doc must name a page under docs/"),
     ('[attacks.blend]\nattack = { name = "blend", trigger_pattern = "checkerboard" }\n', "must state the whole spec"),
     ('[attacks.blend]\nattack = { name = "blend", trigger_pattern = "white" }\n', "blend takes trigger pattern"),
     (f'[attacks.badnet]\nattack = {BADNET_TOML}\n[attacks.badnet.cells."{BD}"]\noutcome = "miss"\nwhy = {WHY}\n',
