@@ -215,3 +215,9 @@ def test_the_spread_rows_are_measured_on_the_pinned_models_of_every_setting_that
             assert entry["seeds"] == list(pinned.SPREAD_SEEDS), (name, rid)
     workflow = (Path(__file__).resolve().parents[2] / ".github" / "workflows" / "rows.yml").read_text()
     assert "scripts/attack_spread.py --out reports/spread --expectations" in workflow
+
+
+def test_the_old_get_trained_import_says_where_it_moved():
+    """qbd/zoo.py (a job's model) became qbd/trained.py when qbd.zoo became the zoo's package."""
+    with pytest.raises(ImportError, match=r"moved to qbd\.trained\.get_trained"):
+        from qbd.zoo import get_trained  # noqa: F401
