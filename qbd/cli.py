@@ -383,7 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r, j in zip(results, judgements, strict=True):
         r["judgement"] = j.to_dict()
     rows = rates.rows(results)
-    from qbd.report import run_facts, run_metadata
+    from qbd.run_metadata import run_facts, run_metadata
 
     # the same "run" in --json, results.json and report.md: the Results' facts (model, attack, seeds), then ours
     run_info = run_metadata(**{**run_facts(results), "tier": tier.name, "device": plan.device,
@@ -414,7 +414,7 @@ def _gate(results: list[dict[str, Any]], gating: bool, table: Any, *, row_failur
     """With --expectations: print every cell (and every deployed model's CA / ASR bound, the
     Table 2 view, and every row outside its declared rate bounds) that fails its expectation,
     and exit 1 on any."""
-    from qbd.report import count_line, first_seed
+    from qbd.tables import count_line, first_seed
 
     def seed_note(r: dict[str, Any]) -> str:
         return f" (seed {r.get('seed', 0)})" if multi_seed else ""

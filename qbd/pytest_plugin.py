@@ -647,7 +647,8 @@ class Collector:
         if self.is_worker:
             return
         if state.report_dir and state.results:
-            from qbd.report import run_metadata, write_report
+            from qbd.report import write_report
+            from qbd.run_metadata import run_metadata
 
             table = state.expectations_path or (state.expectations.path if state.expectations is not None else None)
             # the device each cell ran on comes from its Result (placement); the option may say "auto"
@@ -692,7 +693,8 @@ class Collector:
         state = self.state
         if self.is_worker or not state.results:
             return
-        from qbd.report import budgets, terminal
+        from qbd.report import terminal
+        from qbd.tables import budgets
 
         tr = terminalreporter
         tr.section(f"qbd {state.tier} matrix")

@@ -4,7 +4,7 @@ validation. Torch-free.
 A results file (results.json, `qbd run --json`) is `{"schema": 1, "results": [Result, ...],
 "rows": [row, ...], "effects": [effect, ...], "run": {...}}`; "effects" are quantization's paired
 effects against fp32 on the same models (qbd.effects); "run" (the run's metadata: versions,
-command, tier, device..., qbd.report.run_metadata) is optional, and a file written before rows or
+command, tier, device..., qbd.run_metadata) is optional, and a file written before rows or
 effects existed has no "rows" or "effects": it still loads, under the same schema version (a
 reader that ignores unknown keys reads them all).
 

@@ -23,7 +23,7 @@ from qbd.effects import effects
 from qbd.effects_report import save, table
 from qbd.figure import scheme_key
 from qbd.rates import rows
-from qbd.report import md_table
+from qbd.tables import md_table
 
 
 def _matrix(row_keys: list[tuple], col_keys: list, get, text) -> list[list[str]]:

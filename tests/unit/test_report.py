@@ -4,7 +4,8 @@ line, the outcomes table (failures first) and the reason code of every invalid c
 import pytest
 
 from qbd.expectations import DEFAULT_ATTACK, Expectations
-from qbd.report import count_line, invalid_reasons, markdown, outcomes, table1, terminal
+from qbd.report import markdown, terminal
+from qbd.tables import count_line, invalid_reasons, outcomes, table1
 
 ATTACK = {**DEFAULT_ATTACK, "seed": 0}
 FINDING_WHY = "docs/quantization.md: no autograd kernel"
@@ -136,7 +137,7 @@ def test_the_rate_heatmap_annotates_detections_and_false_alarms(tmp_path, monkey
     texts = []
     real = matplotlib.axes.Axes.text
     monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **k: texts.append(s) or real(self, x, y, s, *a, **k))
-    from qbd.report import heatmap
+    from qbd.heatmap import heatmap
 
     heatmap(_five_seeds() + [_seeded(s, "clean", clean_model=True, scheme="fp32") for s in range(5)], tmp_path / "h.png")
     assert sorted(texts) == ["4/5\nFA 1/5", "FA 0/5"]
@@ -189,7 +190,7 @@ def test_each_cell_is_drawn_in_its_outcomes_colour(tmp_path):
     import numpy as np
     from matplotlib.colors import to_rgb
 
-    from qbd.report import CATEGORIES, HATCH_COLOUR, draw_outcomes
+    from qbd.heatmap import CATEGORIES, HATCH_COLOUR, draw_outcomes
 
     rs, expected = _one_of_each()
     drawn = draw_outcomes(rs)
@@ -208,7 +209,7 @@ def test_each_cell_is_drawn_in_its_outcomes_colour(tmp_path):
 
 
 def test_the_heatmap_writes_what_each_cell_says_and_has_a_legend_of_every_category():
-    from qbd.report import CATEGORIES, draw_outcomes
+    from qbd.heatmap import CATEGORIES, draw_outcomes
 
     rs, _ = _one_of_each()
     drawn = draw_outcomes(rs)
@@ -228,7 +229,7 @@ def test_the_heatmap_writes_what_each_cell_says_and_has_a_legend_of_every_catego
 
 
 def test_the_ca_asr_panel_shows_each_rows_deployed_model():
-    from qbd.report import draw_outcomes
+    from qbd.heatmap import draw_outcomes
 
     rs, _ = _one_of_each()
     for r in rs:
@@ -259,8 +260,8 @@ def test_the_ca_asr_panel_shows_each_rows_deployed_model():
     (_scored(_result("x", "clean"), 12345.6), "miss", "clean / 12346"),
 ])
 def test_a_cells_category_and_text(result, category, text):
-    from qbd.report import category as category_of
-    from qbd.report import cell_text
+    from qbd.heatmap import category as category_of
+    from qbd.heatmap import cell_text
 
     assert category_of(result) == category and cell_text(result) == text
 
@@ -268,7 +269,7 @@ def test_a_cells_category_and_text(result, category, text):
 def test_the_palette_tells_every_category_apart():
     from matplotlib.colors import to_rgb
 
-    from qbd.report import CATEGORIES
+    from qbd.heatmap import CATEGORIES
 
     colours = [(to_rgb(c.colour), c.hatch) for c in CATEGORIES.values()]
     assert len(set(colours)) == len(colours)
@@ -276,8 +277,8 @@ def test_the_palette_tells_every_category_apart():
 
 
 def test_the_rate_heatmap_has_a_legend_and_hatches_a_missing_cell():
+    from qbd.heatmap import CATEGORIES, NOTHING_TO_DETECT, draw_rates
     from qbd.rates import rows
-    from qbd.report import CATEGORIES, NOTHING_TO_DETECT, draw_rates
 
     rs = _five_seeds() + [_seeded(s, "clean", clean_model=True, scheme="fp32") for s in range(5)]
     other = [{**r, "defense": {**r["defense"], "name": "ss"}, "cell": r["cell"].replace("strip", "ss")}
@@ -295,7 +296,7 @@ def test_run_metadata_fills_what_the_caller_leaves_out(tmp_path):
     import json
 
     from qbd import __version__
-    from qbd.report import run_metadata
+    from qbd.run_metadata import run_metadata
 
     m = run_metadata(tier="paper", device="cuda:0", expectations=tmp_path / "t.toml", seeds=(0, 1), command=None)
     assert m["tier"] == "paper" and m["device"] == "cuda:0" and m["seeds"] == [0, 1]
@@ -346,14 +347,15 @@ def test_write_report_carries_the_run_in_both_files_and_links_the_picture(tmp_pa
 def test_the_default_command_is_the_command_line_as_typed(monkeypatch, argv, command):
     import sys
 
-    from qbd.report import run_metadata
+    from qbd.run_metadata import run_metadata
 
     monkeypatch.setattr(sys, "argv", argv)
     assert run_metadata()["command"] == command
 
 
 def test_an_empty_run_still_writes_its_report(tmp_path):
-    from qbd.report import draw_outcomes, write_report
+    from qbd.heatmap import draw_outcomes
+    from qbd.report import write_report
     from qbd.results import read_run
 
     paths = write_report([], tmp_path)
