@@ -17,7 +17,8 @@ import torch
 from qbd.attacks import apply_trigger, poison, triggered_test
 from qbd.config import QC_GATES, AttackSpec, ConfigError, cell_id, to_dict
 from qbd.data.base import DataSplit
-from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of, run_defense
+from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of
+from qbd.defenses.sandbox import run_defense
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models.base import Classifier
 from qbd.quant.common import model_device

@@ -430,7 +430,8 @@ import types
 import pytest
 
 from qbd.config import cell_id, to_dict
-from qbd.defenses.base import DefenseInputs, run_defense
+from qbd.defenses.base import DefenseInputs
+from qbd.defenses.sandbox import run_defense
 from qbd.pytest_plugin import Session
 
 

@@ -21,7 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qbd.defenses.base import REASON_CODES, Control, DefenseInputs, Subject, Verdict, run_defense
+from qbd.defenses.base import REASON_CODES, Control, DefenseInputs, Subject, Verdict
+from qbd.defenses.sandbox import run_defense
 from qbd.errors import ConfigError
 from qbd.models import build_model
 
@@ -486,9 +487,9 @@ def test_a_timed_defense_inside_a_pool_worker(cell):
 # -- without fork: the thread fallback ----------------------------------------------------------
 @pytest.fixture
 def no_fork(monkeypatch):
-    from qbd.defenses import base
+    from qbd.defenses import sandbox
 
-    monkeypatch.setattr(base, "_NO_FORK", ((lambda: True, "testing the fallback"),))
+    monkeypatch.setattr(sandbox, "_NO_FORK", ((lambda: True, "testing the fallback"),))
 
 
 def test_the_fallback_stops_a_python_loop(cell, no_fork):
@@ -641,7 +642,7 @@ def test_a_message_cut_off_by_the_childs_death_is_a_death():
     """The child died while sending: the parent reads a truncated message, never raises."""
     import multiprocessing
 
-    from qbd.defenses import base
+    from qbd.defenses import sandbox
 
     receive, send = multiprocessing.Pipe(duplex=False)
     send._send(b"\x00\x00\x10\x00" + b"x" * 10)  # a header promising 4096 bytes, then 10
@@ -661,7 +662,7 @@ def test_a_message_cut_off_by_the_childs_death_is_a_death():
             return False
 
     try:
-        out = base._await(Gone(), receive, None, time.monotonic() + 5)
+        out = sandbox._await(Gone(), receive, None, time.monotonic() + 5)
     finally:
         os.close(dead_r)
-    assert isinstance(out, base._Died)
+    assert isinstance(out, sandbox._Died)

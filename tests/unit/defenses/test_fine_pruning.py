@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from qbd.defenses import _features as feat
-from qbd.defenses.base import DefenseInputs, Subject, run_defense
+from qbd.defenses.base import DefenseInputs, Subject
 from qbd.defenses.fine_pruning import FinePruning, decide, decide_paper
+from qbd.defenses.sandbox import run_defense
 from qbd.errors import ConfigError
 from qbd.quant.intn_sim import quantize_weight
 from tests.unit.defenses import Constant, CornerBackdoor, NaNFeatures, add_trigger, quadrant_images, subject

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from qbd.defenses._memory import MIB, bytes_per_image, images_within
-from qbd.defenses.base import DefenseInputs, Subject, run_defense
+from qbd.defenses.base import DefenseInputs, Subject
 from qbd.defenses.neural_cleanse import NeuralCleanse
+from qbd.defenses.sandbox import run_defense
 from qbd.defenses.strip import Strip
 from qbd.models import build_model
 from qbd.quant import SCHEMES

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from qbd.defenses.base import DefenseInputs, Subject, run_defense
+from qbd.defenses.base import DefenseInputs, Subject
 from qbd.defenses.neural_cleanse import NeuralCleanse, _squash, batch_plan, decide, initial_trigger, resolve_mode
+from qbd.defenses.sandbox import run_defense
 from qbd.errors import ConfigError
 from qbd.metrics import to_unit
 from qbd.models import build_model

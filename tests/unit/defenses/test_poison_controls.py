@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qbd.defenses.activation_clustering import ActivationClustering, cluster_class
-from qbd.defenses.base import DefenseInputs, Verdict, run_defense, vouch
+from qbd.defenses.base import DefenseInputs, Verdict
+from qbd.defenses.sandbox import run_defense, vouch
 from qbd.defenses.spectral_signatures import SpectralSignatures, spectrum
 from qbd.evaluate import poison_controls
 from tests.unit.defenses import PixelFeatures, class_data, subject

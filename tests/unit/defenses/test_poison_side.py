@@ -9,7 +9,8 @@ import torch
 
 from qbd.defenses._poison_side import more_varied, split_line, spread
 from qbd.defenses.activation_clustering import ActivationClustering
-from qbd.defenses.base import DefenseInputs, run_defense
+from qbd.defenses.base import DefenseInputs
+from qbd.defenses.sandbox import run_defense
 from qbd.defenses.spectral_signatures import SpectralSignatures
 from qbd.errors import ConfigError
 from qbd.evaluate import poison_controls

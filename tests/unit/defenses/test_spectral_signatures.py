@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from qbd.defenses.base import DefenseInputs, run_defense
+from qbd.defenses.base import DefenseInputs
+from qbd.defenses.sandbox import run_defense
 from qbd.defenses.spectral_signatures import SpectralSignatures, decide, spectrum
 from qbd.errors import ConfigError
 from tests.unit.defenses import NaNFeatures, PixelFeatures, class_data, subject

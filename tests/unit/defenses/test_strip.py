@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from qbd.defenses.base import DefenseInputs, run_defense
+from qbd.defenses.base import DefenseInputs
+from qbd.defenses.sandbox import run_defense
 from qbd.defenses.strip import Strip, decide, decide_paper, significant_count, superimpose
 from qbd.errors import ConfigError
 from tests.unit.defenses import Constant, CornerBackdoor, NaNFeatures, add_trigger, quadrant_images, subject

@@ -215,7 +215,8 @@ class _ForwardInChild:
 @pytest.mark.parametrize("name", NAMES)
 def test_session_runs_in_a_forked_child(name, applied, probe) -> None:
     """run_defense with a timeout forks: the sessions must not hang there (one thread, no pool)."""
-    from qbd.defenses.base import DefenseInputs, Subject, run_defense
+    from qbd.defenses.base import DefenseInputs, Subject
+    from qbd.defenses.sandbox import run_defense
 
     qm = applied[name]
     m = qm.model
