@@ -46,7 +46,9 @@ def s3_bucket():
                 mp.setenv(k, v)
             import s3fs
 
-            s3fs.S3FileSystem(skip_instance_cache=True).mkdir("qbd-test")
+            # moto keeps its buckets per process, not per server: when the scheduler splits this module
+            # and a worker sets the fixture up again, the bucket is already there (each test has its own prefix)
+            s3fs.S3FileSystem(skip_instance_cache=True).makedirs("qbd-test", exist_ok=True)
             yield "qbd-test"
     finally:
         werkzeug.setLevel(level)
