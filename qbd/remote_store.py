@@ -1,7 +1,8 @@
 """The model store on a URL (s3://bucket/prefix, file:///...; any fsspec filesystem that honours
 create-only writes, checked once per store), through fsspec.
 
-Twin of qbd.store.Store with the same interface and errors. Object stores have neither rename
+A qbd.store.ModelStore beside the local Store: the same interface, errors, verify and get_or_create;
+it holds a key with a lease and publishes create-only. Object stores have neither rename
 nor flock, so the protocol rests on create-only puts (S3's If-None-Match; a hard link locally):
 
     models/<key>/weights-<sha256>.safetensors   immutable, content-named, written first
@@ -43,12 +44,12 @@ from qbd.store import (
     META,
     CorruptEntryError,
     Entry,
+    ModelStore,
     Store,
     StoreError,
     check_key,
     is_key,
     seconds_setting,
-    stderr_log,
     versions,
 )
 
@@ -66,7 +67,7 @@ def open_store(root: str | os.PathLike[str] | None = None, lock_timeout: float |
     return Store(root, lock_timeout)
 
 
-class UrlStore:
+class UrlStore(ModelStore):
     def __init__(self, url: str, lock_timeout: float | None = None, stale_after: float | None = None) -> None:
         self.root = url.rstrip("/")
         self.lock_timeout = seconds_setting(lock_timeout, LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT)
@@ -310,81 +311,39 @@ class UrlStore:
         return [self._url(f) for n, files in sorted(self._tree().items())
                 if is_key(n) and self._path("models", n, META) not in files for f in files]
 
-    def verify(self, quarantine: bool = False) -> dict[str, str | None]:
-        """Re-hash and parse every entry: {name: problem, or None when intact}. With
-        `quarantine`, corrupt entries are moved aside (under their lease, re-checked first)."""
-        out: dict[str, str | None] = {}
-        for name in self.entry_names():
-            out[name] = self._problem(name)
-            if out[name] is None or not quarantine:
-                continue
-            if not is_key(name):  # nothing of ours; no lease to take
-                self._move_aside(name, out[name] or "")
-                continue
-            try:
-                lease = self._acquire(name, name, lambda m: None, watch=False)
-            except StoreError:
-                out[name] = f"{out[name]} (left in place: its lock stayed busy)"
-                continue
-            assert lease is not None  # without `watch`, _acquire returns a lease or raises
-            try:
-                out[name] = self._problem(name)  # it may have been recreated meanwhile
-                if out[name] is not None:
-                    self.quarantine(name, out[name] or "")
-            finally:
-                lease.release()
-        return out
+    # -- ModelStore's hooks -------------------------------------------------------------------
+    UNPUBLISHED = ORPHAN
 
-    def _problem(self, name: str) -> str | None:
-        if not is_key(name):
-            return "not a store key (64 lowercase hex digits)"
-        if not self.has(name):
-            return ORPHAN
+    def _published(self, name: str) -> bool:
+        return self.has(name)
+
+    def _set_aside(self, name: str, why: str) -> None:
+        self._move_aside(name, why)
+
+    def _hold_to_check(self, key: str) -> Callable[[], None] | None:
         try:
-            self.load(name)
-        except CorruptEntryError as e:
-            return str(e)
-        return None
+            lease = self._acquire(key, key, lambda m: None, watch=False)
+        except StoreError:
+            return None
+        assert lease is not None  # without `watch`, _acquire returns a lease or raises
+        return lease.release
 
-    def get_or_create(
-        self,
-        key: str,
-        create: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
-        describe: str = "",
-        log: Callable[[str], None] | None = None,
-        refuse_corrupt: str | None = None,
-    ) -> Entry:
-        """As Store.get_or_create: one caller creates a missing entry, the others wait and load it."""
-        log = log or stderr_log
-        corrupt = False
-        if self.has(key):
-            try:
-                return self.load(key)
-            except CorruptEntryError:
-                corrupt = True  # handled under the lease, so only one process quarantines it
-        lease = None
-        while lease is None:
+    def _hold_to_create(self, key: str, describe: str, log: Callable[[str], None],
+                        corrupt: bool) -> tuple[Callable[[], None], Entry | None]:
+        while True:
             lease = self._acquire(key, describe, log, watch=not corrupt)
-            if lease is None:  # published while we waited
-                try:
-                    return self.load(key)
-                except CorruptEntryError:
-                    corrupt = True
-        try:
-            if self.has(key):
-                try:
-                    return self.load(key)
-                except CorruptEntryError as e:
-                    dest = self.quarantine(key, str(e))
-                    if refuse_corrupt is not None:
-                        raise CorruptEntryError(f"{e}; moved to {dest}; {refuse_corrupt}") from None
-                    log(f"qbd: {e}; moved to {dest}, recreating it")
-            # a dead writer's unpublished weights stay (content-named, so harmless; `verify --quarantine`
-            # clears them): deleting here could remove a live writer's, were two to hold the lease
-            state, meta = create()
-            return self._publish(key, state, meta)
-        finally:
-            lease.release()
+            if lease is not None:
+                return lease.release, None
+            try:  # published while we waited
+                return (lambda: None), self.load(key)
+            except CorruptEntryError:
+                corrupt = True
+
+    def _create(self, key: str, create: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> Entry:
+        # a dead writer's unpublished weights stay (content-named, so harmless; `verify --quarantine`
+        # clears them): deleting here could remove a live writer's, were two to hold the lease
+        state, meta = create()
+        return self._publish(key, state, meta)
 
     def _publish(self, key: str, state: dict[str, Any], meta: dict[str, Any]) -> Entry:
         """save() then load(): our entry (hit False), or the winner's if another publisher won."""

@@ -78,7 +78,100 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class Store:
+class ModelStore:
+    """What the local and the URL stores share: an entry's problem, verify and get_or_create. Each
+    store says how it holds a key alone (a file lock; a lease object), whether an entry was
+    published, and how it creates one."""
+
+    UNPUBLISHED = f"no {META}"  # an entry's problem when its metadata was never written
+    lock_timeout: float
+
+    # what each store provides ------------------------------------------------------------------
+    def entry_names(self) -> list[str]: raise NotImplementedError
+    def has(self, key: str) -> bool: raise NotImplementedError
+    def load(self, key: str) -> Entry: raise NotImplementedError
+    def quarantine(self, key: str, why: str) -> Any: raise NotImplementedError
+    def _published(self, name: str) -> bool: raise NotImplementedError
+    def _set_aside(self, name: str, why: str) -> None: raise NotImplementedError  # a name that is not a key
+    def _hold_to_check(self, key: str) -> Callable[[], None] | None: raise NotImplementedError
+    def _hold_to_create(self, key: str, describe: str, log: Callable[[str], None],
+                        corrupt: bool) -> tuple[Callable[[], None], Entry | None]: raise NotImplementedError
+    def _create(self, key: str, create: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> Entry:
+        raise NotImplementedError
+
+    # shared ------------------------------------------------------------------------------------
+    def verify(self, quarantine: bool = False) -> dict[str, str | None]:
+        """Re-hash and parse every entry: {name: problem, or None when intact}. With
+        `quarantine`, corrupt entries are moved aside (held alone, re-checked first)."""
+        out: dict[str, str | None] = {}
+        for name in self.entry_names():
+            out[name] = self._problem(name)
+            if out[name] is None or not quarantine:
+                continue
+            if not is_key(name):  # nothing of ours; nothing to hold
+                self._set_aside(name, out[name] or "")
+                continue
+            release = self._hold_to_check(name)
+            if release is None:
+                out[name] = f"{out[name]} (left in place: its lock stayed busy)"
+                continue
+            try:
+                out[name] = self._problem(name)  # it may have been recreated meanwhile
+                if out[name] is not None:
+                    self.quarantine(name, out[name] or "")
+            finally:
+                release()
+        return out
+
+    def _problem(self, name: str) -> str | None:
+        if not is_key(name):
+            return "not a store key (64 lowercase hex digits)"
+        if not self._published(name):
+            return self.UNPUBLISHED
+        try:
+            self.load(name)
+        except CorruptEntryError as e:
+            return str(e)
+        return None
+
+    def get_or_create(
+        self,
+        key: str,
+        create: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+        describe: str = "",
+        log: Callable[[str], None] | None = None,
+        refuse_corrupt: str | None = None,
+    ) -> Entry:
+        """Return the entry for `key`, creating it with `create() -> (state_dict, meta)` if it
+        is missing. Concurrent callers: one creates, the others wait and load.
+
+        A corrupt entry is quarantined and recreated; with `refuse_corrupt` (the reason, shown to
+        the user) it is quarantined and CorruptEntryError is raised instead."""
+        log = log or stderr_log
+        corrupt = False
+        if self.has(key):
+            try:
+                return self.load(key)
+            except CorruptEntryError:
+                corrupt = True  # handled while held, so only one process quarantines it
+        release, published = self._hold_to_create(key, describe, log, corrupt)
+        if published is not None:  # another process published it while this one waited
+            return published
+        try:
+            if self.has(key):
+                try:
+                    return self.load(key)
+                except CorruptEntryError as e:
+                    dest = self.quarantine(key, str(e))
+                    if refuse_corrupt is not None:
+                        raise CorruptEntryError(f"{e}; moved to {dest}; {refuse_corrupt}") from None
+                    log(f"qbd: {e}; moved to {dest}, recreating it")
+            return self._create(key, create)
+        finally:
+            release()
+
+
+class Store(ModelStore):
     def __init__(self, root: str | os.PathLike[str] | None = None, lock_timeout: float | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
@@ -201,61 +294,22 @@ class Store:
         d = self.root / "models"
         return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
-    def verify(self, quarantine: bool = False) -> dict[str, str | None]:
-        """Re-hash and parse every entry: {name: problem, or None when intact}. With
-        `quarantine`, corrupt entries are moved aside (under their lock, re-checked first)."""
-        out: dict[str, str | None] = {}
-        for name in self.entry_names():
-            out[name] = self._problem(name)
-            if out[name] is None or not quarantine:
-                continue
-            if not is_key(name):  # nothing of ours; no lock to take
-                self._move_aside(self.root / "models" / name, name, out[name] or "")
-                continue
-            lock = self._lock(name)
-            try:
-                lock.acquire(timeout=self.lock_timeout)
-            except Timeout:
-                out[name] = f"{out[name]} (left in place: its lock stayed busy)"
-                continue
-            try:
-                out[name] = self._problem(name)  # it may have been recreated meanwhile
-                if out[name] is not None:
-                    self.quarantine(name, out[name] or "")
-            finally:
-                lock.release()
-        return out
+    def _published(self, name: str) -> bool:
+        return (self.entry_dir(name) / META).is_file()
 
-    def _problem(self, name: str) -> str | None:
-        if not is_key(name):
-            return "not a store key (64 lowercase hex digits)"
-        if not (self.entry_dir(name) / META).is_file():
-            return f"no {META}"
+    def _set_aside(self, name: str, why: str) -> None:
+        self._move_aside(self.root / "models" / name, name, why)
+
+    def _hold_to_check(self, key: str) -> Callable[[], None] | None:
+        lock = self._lock(key)
         try:
-            self.load(name)
-        except CorruptEntryError as e:
-            return str(e)
-        return None
+            lock.acquire(timeout=self.lock_timeout)
+        except Timeout:
+            return None
+        return lock.release
 
-    def get_or_create(
-        self,
-        key: str,
-        create: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
-        describe: str = "",
-        log: Callable[[str], None] | None = None,
-        refuse_corrupt: str | None = None,
-    ) -> Entry:
-        """Return the entry for `key`, creating it with `create() -> (state_dict, meta)` if it
-        is missing. Concurrent callers: one creates, the others wait and load.
-
-        A corrupt entry is quarantined and recreated; with `refuse_corrupt` (the reason, shown to
-        the user) it is quarantined and CorruptEntryError is raised instead."""
-        log = log or stderr_log
-        if self.has(key):
-            try:
-                return self.load(key)
-            except CorruptEntryError:
-                pass  # handled under the lock below, so only one process quarantines it
+    def _hold_to_create(self, key: str, describe: str, log: Callable[[str], None],
+                        corrupt: bool) -> tuple[Callable[[], None], Entry | None]:
         lock = self._lock(key)
         try:
             lock.acquire(timeout=0)
@@ -269,24 +323,16 @@ class Store:
                     f" ({lock.lock_file}); another process is still creating it. Raise"
                     f" ${LOCK_TIMEOUT_ENV} or stop that process."
                 ) from None
-        try:
-            if self.has(key):
-                try:
-                    return self.load(key)
-                except CorruptEntryError as e:
-                    dest = self.quarantine(key, str(e))
-                    if refuse_corrupt is not None:
-                        raise CorruptEntryError(f"{e}; moved to {dest}; {refuse_corrupt}") from None
-                    log(f"qbd: {e}; moved to {dest}, recreating it")
-            self._remove_stale_tmp(key)
-            state, meta = create()
-            path = self.save(key, state, meta)
-            entry = self.load(key)
-            entry.hit = False
-            entry.path = path
-            return entry
-        finally:
-            lock.release()
+        return lock.release, None
+
+    def _create(self, key: str, create: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> Entry:
+        self._remove_stale_tmp(key)
+        state, meta = create()
+        path = self.save(key, state, meta)
+        entry = self.load(key)
+        entry.hit = False
+        entry.path = path
+        return entry
 
 
 def seconds_setting(value: float | None, env: str, default: float) -> float:
