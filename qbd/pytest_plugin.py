@@ -674,19 +674,20 @@ class Collector:
 
     def accept(self) -> None:
         from qbd import expectations
+        from qbd.expectations_write import dumps, propose
 
         state = self.state
         path = state.expectations_path
         assert path is not None  # pytest_configure refuses --qbd-accept without --qbd-expectations
         old = expectations.load(path) if path.exists() else expectations.Expectations(path=path, tier=state.tier)
         seed0 = [r for r in state.results if r.get("seed", 0) == 0]
-        new, state.accept_notes = expectations.propose(old, seed0)
+        new, state.accept_notes = propose(old, seed0)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = (f"qbd expectations, {state.tier} tier. The truth is the default: a backdoored model is detected naming the\n"
                   "planted target, a clean model is judged clean. Each entry below is a declared finding: the outcome the cell\n"
                   "produces instead, and a why that points to the figures. A finding that stops holding fails its cell.\n"
                   "--qbd-accept proposes findings for failing cells; write each proposed why before committing.")
-        path.write_text(expectations.dumps(new, header))
+        path.write_text(dumps(new, header))
         state.expectations_path = path
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

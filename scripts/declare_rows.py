@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qbd import measured_rows
 from qbd import results as results_io
-from qbd.expectations import _toml_value, load, shipped
+from qbd.expectations import load, shipped
+from qbd.expectations_write import toml_value
 from qbd.rates import row_id, wilson
 
 BEGIN = "# -- measured rows: written by scripts/declare_rows.py from runs over the pinned evaluation models --"
@@ -134,8 +135,8 @@ def rewrite(text: str, rows: dict[Key, dict]) -> str:
     body = "\n".join(kept).rstrip("\n")
     block = [BEGIN]
     for (name, rid), entry in rows.items():
-        where = "rows" if name is None else f"attacks.{_toml_value(name)}.rows"
-        block += ["", f"[{where}.{_toml_value(rid)}]", *[f"{k} = {_toml_value(v)}" for k, v in entry.items()]]
+        where = "rows" if name is None else f"attacks.{toml_value(name)}.rows"
+        block += ["", f"[{where}.{toml_value(rid)}]", *[f"{k} = {toml_value(v)}" for k, v in entry.items()]]
     return body + "\n\n" + "\n".join(block) + "\n"
 
 

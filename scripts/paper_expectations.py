@@ -10,7 +10,8 @@ a finding that does not hold there fails its cell, and the table is then revised
 from pathlib import Path
 
 from qbd.defenses import BUILTIN
-from qbd.expectations import Expectations, dumps
+from qbd.expectations import Expectations
+from qbd.expectations_write import dumps
 
 DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 # Table 1 (paper protocol): detected cells; everything else "not detected"

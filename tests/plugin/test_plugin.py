@@ -295,7 +295,8 @@ def _scripted(suite: pytest.Pytester, name: str, *options: str, clean: bool = Fa
 
 
 def _finding_table(suite: pytest.Pytester, cell: str, **entry: object) -> Path:
-    from qbd.expectations import Expectations, dumps
+    from qbd.expectations import Expectations
+    from qbd.expectations_write import dumps
 
     path = suite.path / "expectations.toml"
     path.write_text(dumps(Expectations(tier="smoke", cells={cell: dict(entry)})))
@@ -465,7 +466,8 @@ def _no_training(monkeypatch):
 
 
 def _row_bounds(suite: pytest.Pytester, row: str, **bounds: float) -> Path:
-    from qbd.expectations import Expectations, dumps
+    from qbd.expectations import Expectations
+    from qbd.expectations_write import dumps
 
     path = suite.path / "rows.toml"
     path.write_text(dumps(Expectations(tier="smoke", rows={row: {**bounds, "why": "tests/plugin/test_plugin.py: scripted"}})))

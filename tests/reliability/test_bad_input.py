@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from qbd import expectations
+from qbd import expectations, expectations_format
 from qbd.cli import main
 from qbd.config import CORNERS, MAX_SEED, PROTOCOLS, ConfigError, ModelJob
 from qbd.data import DATASETS
@@ -407,10 +407,10 @@ def _doc(tables: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) -> 
 _scalar = st.one_of(st.booleans(), st.integers(-3, 50), st.floats(), st.text(max_size=6), st.lists(st.integers(0, 3), max_size=2))
 _fraction = st.one_of(st.floats(-0.5, 1.5), st.just(math.nan))  # in or out of range, or NaN (which must be refused)
 _BACKDOORED, _CLEAN = "c/fp32/x[paper]", "c:clean/fp32/x[paper]"
-_CELL = {"outcome": st.one_of(st.sampled_from(["pass", *expectations.FINDING_OUTCOMES]), _scalar),
+_CELL = {"outcome": st.one_of(st.sampled_from(["pass", *expectations_format.FINDING_OUTCOMES]), _scalar),
          "reason_code": st.one_of(st.sampled_from(sorted(REASON_CODES)), _scalar),
          "target": st.one_of(st.integers(-1, 12), _scalar),
-         "why": st.one_of(st.sampled_from(["docs/results.md#findings", " ", f"{expectations.PROPOSED}: write it"]), _scalar),
+         "why": st.one_of(st.sampled_from(["docs/results.md#findings", " ", f"{expectations_format.PROPOSED}: write it"]), _scalar),
          "note": _scalar, "paper": st.one_of(st.sampled_from(["detected", "clean"]), _scalar)}
 _BOUND = st.one_of(_fraction, _scalar)
 _ATTACK = {"min_clean_acc": _BOUND, "max_clean_acc": _BOUND, "min_asr": _BOUND, "max_asr": _BOUND,
@@ -555,7 +555,7 @@ MALFORMED_TABLES = {
     "unknown-meta-key": "[meta]\ntolerence = 0.5\n",  # a typo silently leaves a default
     "old-format-status": _FINDING + "status = 'clean'\n",  # the old tables: refused, not read as the truth
     "finding-without-why": _FINDING + "outcome = 'miss'\n",
-    "finding-with-proposed-why": _FINDING + f"outcome = 'miss'\nwhy = '{expectations.PROPOSED}: write it'\n",
+    "finding-with-proposed-why": _FINDING + f"outcome = 'miss'\nwhy = '{expectations_format.PROPOSED}: write it'\n",
     "crash-declared": _FINDING + "outcome = 'invalid'\nreason_code = 'error'\nwhy = 'w'\n",  # a crash is never expected
     "reason-code-not-a-str": _FINDING + "outcome = 'invalid'\nreason_code = 5\nwhy = 'w'\n",
     "reason-code-a-list": _FINDING + "outcome = 'invalid'\nreason_code = ['no-gradient']\nwhy = 'w'\n",  # TypeError: unhashable

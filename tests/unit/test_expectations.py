@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from qbd.errors import ConfigError
-from qbd.expectations import DEFAULT_ATTACK, PROPOSED, Expectations, dumps, load, load_for, propose, shipped
+from qbd.expectations import DEFAULT_ATTACK, Expectations, load, load_for, shipped
+from qbd.expectations_format import PROPOSED
+from qbd.expectations_write import dumps, propose
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -48,9 +48,9 @@ def _table(tmp_path, entry_text):
 
 
 def _entry_text(entry, why='why = "docs/results.md#rows: measured"'):
-    from qbd.expectations import _toml_value
+    from qbd.expectations_write import toml_value
 
-    return "\n".join(f"{k} = {_toml_value(v)}" for k, v in entry.items()) + "\n" + why
+    return "\n".join(f"{k} = {toml_value(v)}" for k, v in entry.items()) + "\n" + why
 
 
 def test_the_entry_counts_each_kinds_outcomes():
@@ -187,7 +187,7 @@ def test_an_attacks_row_judges_its_backdoored_models_and_leaves_clean_ones_to_ro
 
 
 def test_an_attacks_row_round_trips_and_its_mistakes_are_refused(tmp_path):
-    from qbd.expectations import dumps
+    from qbd.expectations_write import dumps
 
     table = _section_table(tmp_path)
     again = tmp_path / "again.toml"
