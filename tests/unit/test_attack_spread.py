@@ -14,7 +14,8 @@ _spec.loader.exec_module(attack_spread)
 
 
 def test_the_options_plant_exactly_the_preset(tmp_path):
-    from qbd.cli import build_parser, job_from_args
+    from qbd.cli import build_parser
+    from qbd.cli_options import job_from_args
 
     for name, attack in SPREAD_ATTACKS.items():
         args = build_parser().parse_args(["run", "--dataset", "digits", *attack_spread.options(attack)])

@@ -355,7 +355,8 @@ def test_without_bounds_every_seeds_cell_is_judged_on_its_own(plugin, seed_cache
 
 def test_seed_s_is_model_s_of_the_zoo():
     """`--seed s` without --attack-seed is the zoo's model s: training seed and attack seed s."""
-    from qbd.cli import build_parser, job_from_args
+    from qbd.cli import build_parser
+    from qbd.cli_options import job_from_args
     from qbd.presets import seeded_job
 
     args = build_parser().parse_args(["train", "--dataset", "digits", "--seed", "3"])
