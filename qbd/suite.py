@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from qbd.pytest_plugin import ATTACK_PROPERTY, AUDIT_PROPERTY, RESULT_PROPERTY
+from qbd.plugin.state import ATTACK_PROPERTY, AUDIT_PROPERTY, RESULT_PROPERTY
 
 
 def _evidence(result: dict[str, Any], limit: int = 1500) -> str:

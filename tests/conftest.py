@@ -8,9 +8,9 @@ def _cores_per_worker() -> None:
     """Under `pytest -n N`, each worker gets cores/N torch threads (see qbd.pytest_plugin)."""
     import torch
 
-    from qbd.pytest_plugin import _share_cores
+    from qbd.plugin.session import share_cores
 
-    _share_cores(torch)
+    share_cores(torch)
 
 
 # The suite's longest tests, longest first (`pytest -n auto --durations=40` on the 2-core Xeon:

@@ -433,7 +433,7 @@ import pytest
 from qbd.config import cell_id, to_dict
 from qbd.defenses.base import DefenseInputs
 from qbd.defenses.sandbox import run_defense
-from qbd.pytest_plugin import Session
+from qbd.plugin.session import Session
 
 
 class FakeBench:

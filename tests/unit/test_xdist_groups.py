@@ -1,11 +1,12 @@
 """Scheduling groups: every qbd case maps to its (data set, model kind, seed, scheme) group, from the
-same case list that parametrizes the tests (qbd.pytest_plugin._cases)."""
+same case list that parametrizes the tests (qbd.plugin.cases.matrix_cases)."""
 
 from __future__ import annotations
 
 import pytest
 
-from qbd.pytest_plugin import QbdState, groups_by_param_id
+from qbd.plugin.cases import groups_by_param_id
+from qbd.plugin.state import QbdState
 from qbd.xdist_groups import param_id
 
 

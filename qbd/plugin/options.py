@@ -1,0 +1,137 @@
+"""The plugin's options (--qbd-*, each also an ini key qbd_*) and how they are read and checked:
+the model files, the data sets and schemes, the defenses they name. Torch-free."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# -- options ------------------------------------------------------------------------------------
+OPTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("tier", {"choices": ("smoke", "paper")}, "matrix tier: smoke (CPU, embedded data) or paper (default: smoke)"),
+    ("cache-dir", {}, "model store: a directory or a URL (s3://bucket/prefix, file:///path) shared by workers and hosts (default: $QBD_CACHE_DIR, else the user cache)"),
+    ("data-root", {}, "where CIFAR-10 / GTSRB live for the paper tier (default: $QBD_DATA_ROOT)"),
+    ("defense", {"action": "append"}, "run only these defenses, comma-separated (repeatable), as `qbd run --defense` takes them:"
+     " built-in or installed names, or a third-party 'module:Class' (default: the built-ins and the installed ones)"),
+    ("protocol", {"choices": ("canonical", "paper", "both")}, "protocol(s) to run (default: both)"),
+    ("report", {}, "write results.json, report.md and heatmap.png to this directory"),
+    ("accept", {"action": "store_true"}, "propose a finding (with a why still to write) for every failing cell of this run, in the"
+     " expectations file; existing findings, whys and pins are kept"),
+    ("seeds", {"type": int}, "run every cell on this many model seeds (0 .. N-1, each a test of its own), report each row's"
+     " detection and false-alarm rates, and check the rate bounds the expectations declare (default: 1)"),
+    ("expectations", {}, "expectations TOML (default: the table qbd ships for the tier, qbd/expected/<tier>.toml)"),
+    ("model-file", {"action": "append"}, "DATASET=PATH@SHA256: use these (untrusted) weights as DATASET's backdoored model"
+     " instead of training it; safetensors or a weights_only state dict, pinned by sha256 (repeatable)"),
+    ("defense-timeout", {"type": float}, "seconds a defense may run per cell; past it the cell is invalid (default: no limit)"),
+    ("dataset", {}, "run only these of the tier's data sets, comma-separated (default: all of them)"),
+    ("scheme", {}, "run these schemes, comma-separated: the tier's or any other of the catalog, as `qbd run --quant` takes"
+     " (e.g. onnx-int8-static) (default: the tier's; the clean model's negative control runs on each of them)"),
+    ("device", {}, "where models train and defenses run: auto (CUDA when present), cpu, cuda or cuda:N; under xdist a bare"
+     " cuda (or auto on a GPU host) gives worker k cuda:{k mod GPUs} (default: the tier's: cpu for smoke, auto for paper)"),
+]
+
+
+def opt(config: pytest.Config, name: str, default: Any = None) -> Any:
+    key = f"qbd_{name.replace('-', '_')}"
+    v = config.getoption(key)
+    if v is None or v == []:
+        v = config.getini(key)
+    return default if v is None or v == [] else v
+
+
+def parse_model_files(specs: list[str]) -> dict[str, Any]:
+    """["digits=/m.safetensors@<sha256>", ...] -> {"digits": Source}; torch-free (qbd.fetch is)."""
+    from qbd.errors import QbdUserError
+    from qbd.fetch import Source
+
+    out: dict[str, Any] = {}
+    for spec in specs:
+        dataset, eq, rest = spec.partition("=")
+        path, at, digest = rest.rpartition("@")
+        if not (eq and at and dataset and path):
+            raise pytest.UsageError(f"--qbd-model-file {spec!r}: expected DATASET=PATH@SHA256")
+        if dataset in out:
+            raise pytest.UsageError(f"--qbd-model-file: two files for {dataset!r}")
+        try:
+            out[dataset] = Source(path, digest)
+        except QbdUserError as e:
+            raise pytest.UsageError(f"--qbd-model-file {spec!r}: {e}") from None
+    return out
+
+
+def subset_of(text: str | None, valid: tuple[str, ...], kind: str) -> tuple[str, ...] | None:
+    """--qbd-dataset / --qbd-scheme "a,b" -> ("a", "b"), each one of `valid` (did-you-mean otherwise)."""
+    if not text:
+        return None
+    from qbd.registry import unknown_message
+
+    option = kind.split()[0]
+    items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not items:
+        raise pytest.UsageError(f"--qbd-{option} {text!r}: no {option} named")
+    if items == ("all",):  # as `qbd run --quant all`
+        return valid
+    for it in items:
+        if it not in valid:
+            raise pytest.UsageError(f"--qbd-{option}: {unknown_message(kind, it, list(valid))}")
+    return tuple(v for v in valid if v in items) or None
+
+
+def resolve_defenses(values: list[str]) -> tuple[dict[str, str], bool]:
+    """--qbd-defense values (repeatable, each comma-separated, as `qbd run --defense` takes them):
+    names of built-in or installed defenses and 'module:Class' references -> ({ref: name}, whether
+    the user chose the matrix's defenses). None given: the built-ins, and the entry points join
+    later (QbdState.matrix). A reference the user typed is imported now, so a broken one is a
+    usage error naming it; a name is checked against the entry points' metadata, not imported."""
+    from qbd.defenses import BUILTIN, available
+    from qbd.registry import load_ref, unknown_message
+
+    items = list(dict.fromkeys(v.strip() for raw in values for v in raw.split(",") if v.strip()))
+    if values and not items:
+        raise pytest.UsageError("--qbd-defense: no defense named (give names or 'package.module:Class', comma-separated)")
+    if not items or items == ["all"]:  # `all`, as `qbd run --defense all`: the default matrix
+        return {n: n for n in BUILTIN}, False
+    names: dict[str, str] = {}
+    for ref in items:
+        if ":" not in ref:
+            installed = [a.name for a in available()]
+            if ref not in installed:
+                raise pytest.UsageError(f"--qbd-defense: {unknown_message('defense', ref, installed)}"
+                                        " (a third-party class is named as 'package.module:Class')")
+            if ref in names.values():
+                raise pytest.UsageError(f"--qbd-defense {ref!r}: a 'module:Class' given before it already has that name")
+            names[ref] = ref
+            continue
+        try:
+            obj = load_ref(ref)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise pytest.UsageError(f"--qbd-defense {ref!r}: cannot import it: {type(e).__name__}: {e}") from None
+        name = getattr(obj, "name", None)
+        if not isinstance(name, str) or not name or not callable(getattr(obj, "detect", None)):
+            raise pytest.UsageError(
+                f"--qbd-defense {ref!r}: {obj!r} is not a qbd defense (it needs a str `name`, a `requires` set and a"
+                " `detect(subject, inputs, generator) -> Verdict` method)"
+            )
+        if name in BUILTIN:
+            raise pytest.UsageError(f"--qbd-defense {ref!r}: its name {name!r} is a built-in defense's; give your class another")
+        if name in names.values():
+            raise pytest.UsageError(f"--qbd-defense {ref!r}: a defense named {name!r} is already in the matrix")
+        names[ref] = name
+    return names, True
+
+
+# -- parametrization ----------------------------------------------------------------------------
+def data_missing(dataset: str, root: str | None) -> str | None:
+    """Why a paper-tier data set cannot run (checked on the file system, without torch)."""
+    from qbd.data import DATA_ROOT_ENV
+
+    base = root or os.environ.get(DATA_ROOT_ENV)
+    if not base:
+        return f"{dataset}: no data root (pass --qbd-data-root or set ${DATA_ROOT_ENV})"
+    marker = {"cifar10": "cifar-10-batches-py", "gtsrb": "gtsrb"}.get(dataset)
+    if marker and not (Path(base) / marker).exists():
+        return f"{dataset}: {Path(base) / marker} not found"
+    return None
