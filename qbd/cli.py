@@ -1,4 +1,4 @@
-"""Command line: `qbd train`, `qbd run` (qbd.run_cli), `qbd quant` (qbd.quant.cli), `qbd store`
+"""Command line: `qbd train`, `qbd run` (qbd.run_cli), `qbd quant` (qbd.quant_cli), `qbd store`
 (qbd.store_cli, over qbd.fetch), `qbd zoo` (qbd.zoo.cli), `qbd list`; the options they share are
 qbd.cli_options'.
 
@@ -172,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_parsers(sub: Any) -> None:
-    """Sub-commands that live beside their package (e.g. qbd.quant.cli)."""
+    """Sub-commands in modules of their own (qbd.quant_cli, qbd.zoo.cli), added when importable."""
     import importlib
 
     add_store_parser(sub)
-    for modname in ("qbd.quant.cli", "qbd.zoo.cli"):
+    for modname in ("qbd.quant_cli", "qbd.zoo.cli"):
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:

@@ -15,7 +15,6 @@ from qbd.config import (
     DEFAULT_BLEND_ALPHA,
     DEFAULT_QC_SCHEME,
     QC_SCHEMES,
-    TIERS,
     TRIGGER_PATTERNS,
     AttackSpec,
     DatasetSpec,
@@ -25,6 +24,7 @@ from qbd.config import (
 )
 from qbd.errors import ConfigError, QbdUserError
 from qbd.registry import UnknownNameError, unknown_message
+from qbd.tiers import TIERS
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # success; a run that failed (gate, corrupt store...); a usage error
 
@@ -113,7 +113,7 @@ def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
     g.add_argument("--dataset", default="synthetic", help="data set (default: synthetic; `qbd list` shows all)")
     g.add_argument("--model", default=None, help="architecture (default: tiny-cnn, resnet18-cifar for --tier paper)")
     if tier:
-        g.add_argument("--tier", choices=TIERS, default="smoke", help="default settings tier (default: smoke)")
+        g.add_argument("--tier", choices=tuple(TIERS), default="smoke", help="default settings tier (default: smoke)")
     g.add_argument("--seed", type=positive_int, default=0, help="training seed (default: 0)")
     g.add_argument("--epochs", type=positive_int, default=None, help="override the preset's epochs")
     g.add_argument("--device", default=None, help="where to train and run the defenses: auto (CUDA when present), cpu, cuda or"
@@ -169,8 +169,6 @@ def job_from_args(args: argparse.Namespace) -> ModelJob:
 def device_from_args(args: argparse.Namespace) -> str:
     """--device resolved on this host (qbd.devices): a concrete "cpu" or "cuda:N"."""
     from qbd import devices
-    from qbd.tiers import TIERS
-
     # `is None`, not falsiness: an empty --device= is a spelling to refuse, not "the tier's default"
     return devices.resolve(TIERS[getattr(args, "tier", "smoke")].device if args.device is None else args.device)
 
@@ -219,8 +217,6 @@ def asr_by_scheme(job: ModelJob, data: Any, tm: Any, tier: str) -> dict[str, flo
     if job.attack is None:
         return None
     from qbd.evaluate import tier_bench
-    from qbd.tiers import TIERS
-
     # as `qbd run --seed N` builds it: the tier's split, seeded with the model's seed
     bench = tier_bench(data, tm, job.attack, model_name=job.model.name, tier=tier, seed=job.train.seed)
     schemes = dict.fromkeys((*TIERS[tier].schemes, *((job.attack.scheme,) if job.attack.scheme else ())))

@@ -37,7 +37,6 @@ QC_ENGINES = {"int8-static": "x86"}
 # least 90 %, FP32 clean accuracy at most 2 points below the stage-1 BadNet model's
 QC_GATES = {"max_fp32_asr": 0.10, "min_deployed_asr": 0.90, "max_clean_acc_drop": 0.02}
 PROTOCOLS = ("canonical", "paper")
-TIERS = ("smoke", "paper")
 # Bump when qbd.train, qbd.dormant, qbd.attacks or a model definition changes the weights a spec produces:
 # the revision is part of every store key, so stale models are never reused.
 TRAINING_REVISION = 2

@@ -20,12 +20,13 @@ from typing import Any
 
 import pytest
 
-from qbd.config import PROTOCOLS, TIERS
+from qbd.config import PROTOCOLS
 from qbd.plugin.cases import groups_by_param_id, marks, matrix_cases
 from qbd.plugin.collector import Collector, header
 from qbd.plugin.options import OPTIONS, opt, parse_model_files, resolve_defenses, subset_of
 from qbd.plugin.session import Session
 from qbd.plugin.state import MARKERS, QBD_ARGS, STATE, QbdState
+from qbd.tiers import TIERS
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,9 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--qbd-tier {tier!r}: valid: {', '.join(TIERS)}")
     from qbd import devices
     from qbd.errors import ConfigError
-    from qbd.tiers import TIERS as TIER_TABLE
 
-    device = opt(config, "device", TIER_TABLE[tier].device)
+    device = opt(config, "device", TIERS[tier].device)
     try:
         devices.check(device)
     except ConfigError as e:
@@ -86,8 +86,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from qbd.quant import SCHEMES
 
     # a data set of the tier's; a scheme of the catalog, as `qbd run --quant` takes (the tier's first)
-    subset = {"dataset": subset_of(opt(config, "dataset"), TIER_TABLE[tier].datasets, "dataset of this tier"),
-              "scheme": subset_of(opt(config, "scheme"), tuple(dict.fromkeys((*TIER_TABLE[tier].schemes, *SCHEMES.names()))), "scheme")}
+    subset = {"dataset": subset_of(opt(config, "dataset"), TIERS[tier].datasets, "dataset of this tier"),
+              "scheme": subset_of(opt(config, "scheme"), tuple(dict.fromkeys((*TIERS[tier].schemes, *SCHEMES.names()))), "scheme")}
     exp = opt(config, "expectations")
     exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
     accept = bool(opt(config, "accept", False))

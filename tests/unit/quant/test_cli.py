@@ -1,4 +1,4 @@
-"""qbd quant audit (qbd/quant/cli.py), driven through its own argparse parser."""
+"""qbd quant audit (qbd/quant_cli.py), driven through its own argparse parser."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from qbd import quant_cli as cli
 from qbd.config import ConfigError
-from qbd.quant import cli
 
 
 def run(argv: list[str]) -> int:
