@@ -1,7 +1,10 @@
-"""Why a verdict is invalid: a closed set, so reports, expectations and gates can count them.
-Torch-free (the expectations loader and the reports read it)."""
+"""A verdict's vocabulary: its statuses, and why it is invalid (a closed set, so reports,
+expectations and gates can count them). Torch-free (the expectations loader, the Result checks
+and the reports read it; qbd.defenses.base hands it to defense authors)."""
 
 from __future__ import annotations
+
+STATUSES: tuple[str, ...] = ("detected", "clean", "invalid")
 
 REASON_CODES: dict[str, str] = {
     "no-gradient": "a gradient-based defense received no (or a zero / non-finite) input gradient",

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from qbd.outcomes import JUDGEMENTS
-from qbd.reason_codes import REASON_CODES
+from qbd.reason_codes import REASON_CODES, STATUSES
 
-STATUSES = ("detected", "clean", "invalid")
 WEIGHT_ORIGINS = ("trained", "fetched", "zoo")
 SCHEMA_VERSION = 1
 SCHEMA_FILE = "result.schema.json"

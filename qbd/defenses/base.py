@@ -18,10 +18,9 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES  # noqa: F401  (re-exported for defense authors)
+from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES, STATUSES  # noqa: F401  (re-exported for defense authors)
 
 Status = Literal["detected", "clean", "invalid"]
-STATUSES: tuple[str, ...] = ("detected", "clean", "invalid")
 REQUIREMENTS = frozenset({"clean_holdout", "poisoned_train", "triggered_inputs", "triggered_probe", "input_gradients"})
 
 
