@@ -33,7 +33,7 @@ class UsageError(QbdUserError):
     """A user mistake; printed as one line, exit code 2."""
 
 
-def int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -46,7 +46,7 @@ def int_at_least(minimum: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-positive_int = int_at_least(0, "an integer")
+_positive_int = _int_at_least(0, "an integer")
 
 
 def positive_float(text: str) -> float:
@@ -59,14 +59,14 @@ def positive_float(text: str) -> float:
     return v
 
 
-seed_count = int_at_least(1, "a number of seeds")
+_seed_count = _int_at_least(1, "a number of seeds")
 
 
 def seeds_arg(text: str) -> int | tuple[int, ...]:
     """--seeds: a number of models (seeds --seed .. --seed+N-1), or the model seeds themselves,
     comma-separated (a row measured on the models that pass their attack's gate, say)."""
     if "," not in text:
-        return seed_count(text)
+        return _seed_count(text)
     try:
         seeds = tuple(int(x) for x in text.split(","))
     except ValueError:
@@ -80,10 +80,10 @@ def workers_arg(text: str) -> int | str:
     """`auto` or a count of worker processes (1: in this process)."""
     if text == "auto":
         return text
-    return int_at_least(1, "a worker count (or auto)")(text)
+    return _int_at_least(1, "a worker count (or auto)")(text)
 
 
-def unit_float(text: str) -> float:
+def _unit_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -114,8 +114,8 @@ def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
     g.add_argument("--model", default=None, help="architecture (default: tiny-cnn, resnet18-cifar for --tier paper)")
     if tier:
         g.add_argument("--tier", choices=tuple(TIERS), default="smoke", help="default settings tier (default: smoke)")
-    g.add_argument("--seed", type=positive_int, default=0, help="training seed (default: 0)")
-    g.add_argument("--epochs", type=positive_int, default=None, help="override the preset's epochs")
+    g.add_argument("--seed", type=_positive_int, default=0, help="training seed (default: 0)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs")
     g.add_argument("--device", default=None, help="where to train and run the defenses: auto (CUDA when present), cpu, cuda or"
                    " cuda:N (default: the tier's: cpu for smoke, auto for paper)")
     g.add_argument("--data-root", default=None, help="where CIFAR-10 / GTSRB live (else $QBD_DATA_ROOT)")
@@ -125,23 +125,23 @@ def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
     a.add_argument("--attack", choices=ATTACKS, default="badnet",
                    help="badnet (a patch), blend (a full-image pattern mixed in at --blend-alpha) or quant-conditioned (a"
                    " BadNet patch dormant in FP32 that wakes in --qc-scheme) (default: badnet)")
-    a.add_argument("--target", type=positive_int, default=None,
+    a.add_argument("--target", type=_positive_int, default=None,
                    help="target class (default: the attack's preset, the pinned zoo's: 0, for blend 2)")
     a.add_argument("--trigger-pattern", choices=TRIGGER_PATTERNS, default=None,
                    help="default: the attack's preset: white (badnet, quant-conditioned), checkerboard (blend; or random noise)")
     a.add_argument("--blend-alpha", type=float, default=None, help=f"blend: the pattern's weight, in (0, 1) (default: {DEFAULT_BLEND_ALPHA})")
     a.add_argument("--qc-scheme", choices=QC_SCHEMES, default=None,
                    help=f"quant-conditioned: the scheme whose quantized model obeys the trigger (default: {DEFAULT_QC_SCHEME})")
-    a.add_argument("--trigger-size", type=positive_int, default=3, help="side in pixels (default: 3)")
+    a.add_argument("--trigger-size", type=_positive_int, default=3, help="side in pixels (default: 3)")
     a.add_argument("--trigger-position", default="bottom-right", help=f"{', '.join(CORNERS)} or x,y (default: bottom-right)")
     a.add_argument("--poison-rate", type=float, default=0.10, help="share of training samples poisoned, in (0, 1] (default: 0.1)")
-    a.add_argument("--attack-seed", type=positive_int, default=None,
+    a.add_argument("--attack-seed", type=_positive_int, default=None,
                    help="which samples are poisoned; the random pattern (default: the training seed, so --seed s is model s"
                    " of the pinned zoo)")
     a.add_argument("--clean", action="store_true", help="train without poisoning (the negative control)")
     gg = p.add_argument_group("phase-1 gate")
-    gg.add_argument("--min-clean-acc", type=unit_float, default=Gates.min_clean_acc)
-    gg.add_argument("--min-asr", type=unit_float, default=Gates.min_asr)
+    gg.add_argument("--min-clean-acc", type=_unit_float, default=Gates.min_clean_acc)
+    gg.add_argument("--min-asr", type=_unit_float, default=Gates.min_asr)
 
 
 def job_from_args(args: argparse.Namespace) -> ModelJob:

@@ -255,7 +255,7 @@ class Bench:
             gradient_path = "surrogate" if protocol == "canonical" and needs_grad else "deployed"
         t0 = time.perf_counter()
         # a run-wide engine (--engine fbgemm) is for the schemes that take one; fp32 and the
-        # simulated schemes run as they are (qbd.cli refuses an engine no selected scheme takes)
+        # simulated schemes run as they are (qbd.run_cli refuses an engine no selected scheme takes)
         from qbd.quant import SCHEMES
 
         engine = engine if SCHEMES.get(scheme).engines else None

@@ -22,9 +22,9 @@ META_KEYS = {"tier", "min_clean_acc", "min_asr", "attack"}
 
 CELL_KEYS = {"outcome", "reason_code", "target", "why", "note", "paper", "margin"}
 
-BOUNDS = ("min_clean_acc", "max_clean_acc", "min_asr", "max_asr")
+_BOUNDS = ("min_clean_acc", "max_clean_acc", "min_asr", "max_asr")
 
-ATTACK_KEYS = {*BOUNDS, "why", "note", "paper_clean_acc", "paper_asr"}
+ATTACK_KEYS = {*_BOUNDS, "why", "note", "paper_clean_acc", "paper_asr"}
 
 AUDIT_KEYS = {"input_gradient", "surrogate_gradient", "min_quantized_fraction", "max_quantized_fraction", "note"}
 
@@ -43,12 +43,12 @@ ROW_KEYS = {*ROW_BOUNDS, "max_invalid_rate", "seeds", "why", "note", *measured_r
 
 TABLES = ("cells", "attack", "audit", "rows")
 
-OTHER_ATTACK_KEYS = {"attack", "cells", "rows", "doc"}
+_OTHER_ATTACK_KEYS = {"attack", "cells", "rows", "doc"}
 
 OTHER_ATTACKS_DOC = "docs/results.md#other-attacks"  # where an attack section's findings are explained, unless it says
 
 # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
-ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
+_ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
 
 def row_of(cell: str) -> str:
     """A cell id's row id: without ":clean" (a row covers both kinds of model)."""
@@ -73,7 +73,7 @@ def load_other_attacks(p: Path, raw: Any, meta_attack: dict[str, Any]) -> dict[s
     out: dict[str, dict[str, Any]] = {}
     for name, section in raw.items():
         where = f"{p}: attacks.{name!r}"
-        if not isinstance(section, dict) or set(section) - OTHER_ATTACK_KEYS:
+        if not isinstance(section, dict) or set(section) - _OTHER_ATTACK_KEYS:
             raise ConfigError(f"{where}: a section holds `attack` (the spec its findings were measured on), `cells`, `rows`"
                               " and `doc` (where the docs explain its findings)")
         spec, cells, rows = section.get("attack"), section.get("cells", {}), section.get("rows", {})
@@ -165,7 +165,7 @@ def _check_cell(where: str, key: str, entry: dict[str, Any]) -> None:
             raise ConfigError(f"{where}: target must be a class index >= 0")
 
 def _check_attack(where: str, key: str, entry: dict[str, Any]) -> None:
-    for name in (*BOUNDS, "paper_clean_acc", "paper_asr"):
+    for name in (*_BOUNDS, "paper_clean_acc", "paper_asr"):
         v = entry.get(name)
         if v is not None and not is_fraction(v):
             raise ConfigError(f"{where}: {name} must be a fraction in [0, 1], got {v!r}")
@@ -175,7 +175,7 @@ def _check_attack(where: str, key: str, entry: dict[str, Any]) -> None:
     for name in ("why", "note"):
         if name in entry and not isinstance(entry[name], str):
             raise ConfigError(f"{where}: {name} must be a string")
-    if any(b in entry for b in BOUNDS):
+    if any(b in entry for b in _BOUNDS):
         _check_why(where, entry)
 
 def _check_audit(where: str, key: str, entry: dict[str, Any]) -> None:
@@ -192,7 +192,7 @@ def _check_audit(where: str, key: str, entry: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: note must be a string")
 
 def _check_row(where: str, key: str, entry: dict[str, Any]) -> None:
-    m = ROW_ID.match(key)
+    m = _ROW_ID.match(key)
     if not m:
         hint = " (a row covers the backdoored and the clean models: no ':clean')" if ":clean/" in key else ""
         raise ConfigError(f"{where}: not a row id: expected dataset/scheme/defense[protocol]{hint}")

@@ -14,7 +14,7 @@ from qbd.reason_codes import NEVER_EXPECTED
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def toml_key(k: str) -> str:
+def _toml_key(k: str) -> str:
     """A bare key where TOML allows one (letters, digits, - and _), else a quoted one."""
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_value(k)
 
@@ -28,7 +28,7 @@ def toml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON escapes are TOML's; TOML also refuses DEL
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -1,5 +1,5 @@
 """Untrusted model weights: fetch them with a pinned sha256, check they fit the architecture,
-and keep them in the store beside the trained models. The `qbd store` commands (qbd/cli.py)
+and keep them in the store beside the trained models. The `qbd store` commands (qbd/store_cli.py)
 call it; this module never imports the CLI.
 
     qbd store fetch URL_OR_PATH --sha256 HEX [--dataset digits --model tiny-cnn --target 0 ...]

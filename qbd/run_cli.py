@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # model number s: training seed s and attack seed s (independently trained and poisoned)
         jobs += [seeded_job(ds, job.model.name, s, job.attack, precision=job.train.precision, epochs=args.epochs)
                  for s in seeds]
-    model_file = model_file_from_args(args, datasets)
+    model_file = _model_file_from_args(args, datasets)
     plan = RunPlan(
         jobs=tuple(jobs), tier=tier, schemes=schemes, defenses=defenses, protocols=protocols,
         controls=not args.no_controls, gradient_path=args.gradient_path, engine=args.engine,
@@ -169,7 +169,7 @@ def _gate(results: list[dict[str, Any]], gating: bool, table: Any, *, row_failur
     return EXIT_FAIL if failing else EXIT_OK
 
 
-def model_file_from_args(args: argparse.Namespace, datasets: tuple[str, ...]) -> Any:
+def _model_file_from_args(args: argparse.Namespace, datasets: tuple[str, ...]) -> Any:
     """--model-file PATH --sha256 HEX -> qbd.fetch.Source (None without --model-file)."""
     if args.model_file is None:
         if args.sha256 is not None:

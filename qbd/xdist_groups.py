@@ -4,7 +4,7 @@ one worker, so a worker loads a model at most once and each quantized copy is ma
 Imported by the plugin's `pytest_xdist_make_scheduler` only, i.e. only under xdist. xdist's own
 loadgroup names groups by rewriting each item's node id on the workers, which pytest 9 no longer
 honours; here the controller maps node ids to groups itself, from the same case list that
-parametrizes the tests (qbd.pytest_plugin.groups_by_param_id). Tests that are not qbd cases are
+parametrizes the tests (qbd.plugin.cases.groups_by_param_id). Tests that are not qbd cases are
 scheduled one by one, as under `--dist load`; an xdist `@group` suffix is still honoured.
 """
 

@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _cores_per_worker() -> None:
-    """Under `pytest -n N`, each worker gets cores/N torch threads (see qbd.pytest_plugin)."""
+    """Under `pytest -n N`, each worker gets cores/N torch threads (qbd.plugin.session.share_cores)."""
     import torch
 
     from qbd.plugin.session import share_cores

@@ -11,7 +11,7 @@ from qbd.plugin.options import data_missing
 from qbd.plugin.state import QbdState
 
 
-def group(dataset: str, kind: str, seed: int, scheme: str) -> str:
+def _group(dataset: str, kind: str, seed: int, scheme: str) -> str:
     """The scheduling group of a case: its model and scheme. Under xdist (qbd.xdist_groups) a
     worker loads a model at most once and each (model, scheme) is quantized by one worker only;
     grouping by model alone would leave all but 4 workers idle on the one-seed matrix (2 data
@@ -37,11 +37,11 @@ def matrix_cases(state: QbdState) -> dict[str, list[tuple[str, tuple[Any, ...], 
                 cells += [Cell(ds, s, name, proto, "clean") for s in schemes]
     cells.sort(key=lambda c: c.id)
     pairs = sorted((ds, s) for ds in datasets for s in schemes)
-    attack = [(f"{ds}/{s}", ((ds, s),), group(ds, "backdoored", 0, s)) for ds, s in pairs]
+    attack = [(f"{ds}/{s}", ((ds, s),), _group(ds, "backdoored", 0, s)) for ds, s in pairs]
     return {
         # one seed: seed 0 (the qbd_seed fixture), today's ids
-        "qbd_cell": [(c.id, (c,), group(c.dataset, c.control, 0, c.scheme)) for c in cells],
-        "qbd_cell+qbd_seed": [(f"{c.id}-seed{s}", (c, s), group(c.dataset, c.control, s, c.scheme))
+        "qbd_cell": [(c.id, (c,), _group(c.dataset, c.control, 0, c.scheme)) for c in cells],
+        "qbd_cell+qbd_seed": [(f"{c.id}-seed{s}", (c, s), _group(c.dataset, c.control, s, c.scheme))
                               for c in cells for s in range(state.seeds)],
         "qbd_attack_case": attack,
         "qbd_audit_case": attack,

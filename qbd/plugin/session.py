@@ -79,7 +79,7 @@ class Session:
 
         device = self.device
         if devices.is_cpu(device):  # one thread: CPU verdicts must not depend on the worker count
-            single_thread(torch)
+            _single_thread(torch)
         else:  # the CPU-only int8 cells share the host's cores among the GPU workers
             share_cores(torch)
             devices.prepare(device)
@@ -135,7 +135,7 @@ def share_cores(torch: Any) -> None:
             torch.set_num_threads(share)
 
 
-def single_thread(torch: Any) -> None:
+def _single_thread(torch: Any) -> None:
     """Matrix cells run on one thread whatever the worker count: Fine-Pruning's fine-tuning
     reduces gradients differently per thread count, and `pytest -n 0` must give the same
     verdicts as `pytest -n 2` (use -n auto for the cores)."""

@@ -1,6 +1,6 @@
 """The package's shape: no import cycle between qbd's modules (imports inside functions count: a
-lazy import is still a dependency), and no module past the size where it holds more than one
-concern."""
+lazy import is still a dependency; so does a module loaded by its full name), and no module past
+the size where it holds more than one concern."""
 
 import ast
 from pathlib import Path
@@ -27,6 +27,8 @@ def _graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 # `from qbd import rates` names the module qbd.rates; `from qbd.x import y` the module qbd.x
                 targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules:
+                targets = [node.value]  # a module loaded by name (importlib.import_module("qbd.zoo.cli"))
             for t in targets:
                 while t and t not in modules:
                     t = t.rpartition(".")[0]
@@ -78,3 +80,10 @@ def test_the_cycle_finder_finds_one():
 def test_no_module_holds_more_than_one_concern_by_size():
     big = {str(p.relative_to(QBD.parent)): n for p in QBD.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert big == {}, f"split these by concern: {big}"
+
+
+def test_the_sandboxs_old_names_say_where_they_went():
+    import pytest
+
+    with pytest.raises(ImportError, match=r"moved to qbd\.defenses\.sandbox\.run_defense"):
+        from qbd.defenses.base import run_defense  # noqa: F401
