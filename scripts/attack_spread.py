@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qbd.config import AttackSpec
+from qbd.outcomes import outcome
 from qbd.presets import SPREAD_ATTACKS
 from qbd.rates import wilson
 from qbd.zoo.pinned import SPREAD_MIN_ASR, SPREAD_SEEDS, SPREAD_UNTAKEN
@@ -80,10 +81,8 @@ def _majorities(out: Path) -> dict[tuple[str, str], int]:
         for name in settings(ds):
             path = _file(out, ds, name)
             for r in json.loads(path.read_text())["results"] if path.exists() else []:
-                if r.get("attack") is not None:
-                    v = r["verdict"]
-                    hit = v["status"] == "detected" and (v["target_class"] == r["attack"]["target"] or not r["defense"].get("names_target", True))
-                    hits.setdefault((ds, r["defense"]["name"], name), []).append(hit)
+                if r.get("attack") is not None:  # the backdoored models: named is qbd's own "pass" against the truth
+                    hits.setdefault((ds, r["defense"]["name"], name), []).append(outcome(r) == "pass")
     out_: dict[tuple[str, str], int] = {}
     for (ds, defense, _), h in hits.items():
         out_[(ds, defense)] = out_.get((ds, defense), 0) + (2 * sum(h) > len(h))
@@ -124,10 +123,7 @@ def summary(out: Path) -> str:
             for r in json.loads(path.read_text())["results"]:
                 if r.get("attack") is None:
                     continue
-                v = r["verdict"]
-                hit = v["status"] == "detected" and (v["target_class"] == r["attack"]["target"]
-                                                     or not r["defense"].get("names_target", True))
-                named.setdefault(r["defense"]["name"], {}).setdefault(label, []).append(hit)
+                named.setdefault(r["defense"]["name"], {}).setdefault(label, []).append(outcome(r) == "pass")
                 asr.setdefault(label, {})[r["seed"]] = r["asr"]  # fp32's: the same for every defense
         labels = [x for x in settings(ds) if _file(out, ds, x).exists()]
         if not labels:  # a data set not run into this folder
