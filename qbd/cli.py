@@ -81,14 +81,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     from qbd.data import DATASETS
     from qbd.defenses import available
     from qbd.models import MODELS
-    from qbd.quant import SCHEMES
+    from qbd.quant import available as available_schemes
     from qbd.tiers import TIERS
 
     defenses = available()
     out = {
         "datasets": DATASETS.names(),
         "models": MODELS.names(),
-        "schemes": SCHEMES.names(),
+        "schemes": [a.name for a in available_schemes()],
+        "scheme_origins": {a.name: a.origin for a in available_schemes() if not a.builtin},
         "defenses": [{"name": a.name, "ref": a.ref, "origin": a.origin} for a in defenses],
         "protocols": list(PROTOCOLS),
         "attacks": list(ATTACKS),
@@ -100,7 +101,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print("datasets: ", ", ".join(out["datasets"]))
     print("models:   ", ", ".join(out["models"]))
-    print("schemes:  ", ", ".join(out["schemes"]))
+    print("schemes:  ", ", ".join(f"{n} ({out['scheme_origins'][n]})" if n in out["scheme_origins"] else n for n in out["schemes"]))
     print("defenses: ", ", ".join(a.name if a.builtin else f"{a.name} ({a.origin})" for a in defenses))
     print("protocols:", ", ".join(out["protocols"]))
     print("attacks:  ", ", ".join(out["attacks"]))

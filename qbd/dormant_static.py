@@ -223,7 +223,7 @@ def _embed(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dev: torc
 
 def _fit_head(model: Classifier, data: DataSplit, job: ModelJob, dev: torch.device) -> dict[str, Any]:
     """Stage 3: the head alone (features frozen), full batch, on FP32 and deployed features."""
-    from qbd.quant import SCHEMES
+    from qbd.quant import get_scheme
 
     assert job.attack is not None
     t = job.attack.target
@@ -232,7 +232,7 @@ def _fit_head(model: Classifier, data: DataSplit, job: ModelJob, dev: torch.devi
     with torch.no_grad():
         e_clean, e_trig = _embed(model.embed, clean, dev), _embed(model.embed, trig, dev)
         cpu = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)  # torch's int8 kernels are CPU-only
-        deployed = SCHEMES.get("int8-static").apply(cpu, calibration_images(data), engine=ENGINE).model
+        deployed = get_scheme("int8-static").apply(cpu, calibration_images(data), engine=ENGINE).model
         # the deployed head's input range is calibrated on FP32 features of clean images
         top = float(e_clean.max())
         d_clean = _embed(deployed.embed, clean, torch.device("cpu")).clamp(0, top).to(dev)

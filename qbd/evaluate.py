@@ -128,11 +128,11 @@ class Bench:
 
     # -- quantized models ---------------------------------------------------------------------
     def quantized(self, scheme: str, engine: str | None = None) -> Any:
-        from qbd.quant import SCHEMES
+        from qbd.quant import get_scheme
 
         key = (scheme, engine)
         if key not in self._quantized:
-            self._quantized[key] = _place(SCHEMES.get(scheme), SCHEMES.get(scheme).apply(self.model, self.calib(), engine=engine),
+            self._quantized[key] = _place(get_scheme(scheme), get_scheme(scheme).apply(self.model, self.calib(), engine=engine),
                                           self.device)
         return self._quantized[key]
 
@@ -149,12 +149,12 @@ class Bench:
     def placement(self, scheme: str, engine: str | None = None) -> dict[str, str]:
         """Where the cell's deployed model and its surrogate run, and why the former is not on the
         bench's device when it is not."""
-        from qbd.quant import SCHEMES
+        from qbd.quant import get_scheme
 
         deployed = str(model_device(self.quantized(scheme, engine).model))
         out = {"device": str(self.device), "deployed": deployed, "surrogate": str(self.device)}
         if deployed != str(self.device):
-            runs_on = "/".join(getattr(SCHEMES.get(scheme), "devices", ("cpu",)))
+            runs_on = "/".join(getattr(get_scheme(scheme), "devices", ("cpu",)))
             out["note"] = f"{scheme} runs on {runs_on} only: the deployed model stays on {deployed}"
         return out
 
@@ -225,9 +225,9 @@ class Bench:
     def redeploy(self, model: Classifier, scheme: str, engine: str | None = None) -> Subject:
         """An edited copy of the float model (a repair), deployed through the same scheme and
         calibration data as the cell's model."""
-        from qbd.quant import SCHEMES
+        from qbd.quant import get_scheme
 
-        s = SCHEMES.get(scheme)
+        s = get_scheme(scheme)
         m = _place(s, s.apply(model.cpu(), self.calib(), engine=engine), self.device).model  # quantized on the CPU
         return Subject(m, m.embed, m.classify, self.data.num_classes, scheme=scheme, gradient_path="deployed", device=model_device(m))
 
@@ -256,9 +256,9 @@ class Bench:
         t0 = time.perf_counter()
         # a run-wide engine (--engine fbgemm) is for the schemes that take one; fp32 and the
         # simulated schemes run as they are (qbd.run_cli refuses an engine no selected scheme takes)
-        from qbd.quant import SCHEMES
+        from qbd.quant import get_scheme
 
-        engine = engine if SCHEMES.get(scheme).engines else None
+        engine = engine if get_scheme(scheme).engines else None
         qm = self.quantized(scheme, engine)
         metrics = self.metrics(scheme, engine)
         subject = self.subject(scheme, gradient_path, engine)
@@ -300,7 +300,9 @@ class Bench:
 
     def _add_controls(self, verdict: Verdict, qm: Any, scheme: str, metrics: dict[str, float]) -> None:
         audit = qm.audit
-        if scheme != "fp32":
+        from qbd.quant import get_scheme
+
+        if getattr(get_scheme(scheme), "quantizes", True):  # a third-party scheme may be a bare Scheme
             verdict.controls.setdefault(
                 "quantizer_applied",
                 Control(audit.quantized_param_fraction > 0, audit.quantized_param_fraction, f"{len(audit.quantized_modules)} modules quantized"),

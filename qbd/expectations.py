@@ -325,8 +325,12 @@ class Expectations:
                            + (f" (declared finding no longer holds: {why})" if own and why and bound in self.attack.get(key, {}) else ""))
         return out
 
-    def check_audit(self, key: str, audit: dict[str, Any], surrogate_gradient: bool) -> list[str]:
+    def check_audit(self, key: str, audit: dict[str, Any], surrogate_gradient: bool, builtin: bool = True) -> list[str]:
+        """`builtin`: a scheme qbd ships, whose audit its table must state; a third-party scheme the
+        table does not name is held to its own claim (`differentiable`) instead."""
         exp = self.audit.get(key)
+        if exp is None and not builtin:
+            exp = {"input_gradient": audit["differentiable"]}
         if exp is None:
             return [f"no expectation for audit {key!r} in {self.path}: state what the quantizer must do"]
         out = []

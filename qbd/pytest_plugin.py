@@ -83,11 +83,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--qbd-seeds {seeds} evaluates {seeds} models per data set; --qbd-model-file is one model: drop one")
     refs = list(opt(config, "defense", []) or [])
     defense_names, chosen = resolve_defenses(refs)
-    from qbd.quant import SCHEMES
+    from qbd.quant import scheme_names
 
     # a data set of the tier's; a scheme of the catalog, as `qbd run --quant` takes (the tier's first)
     subset = {"dataset": subset_of(opt(config, "dataset"), TIERS[tier].datasets, "dataset of this tier"),
-              "scheme": subset_of(opt(config, "scheme"), tuple(dict.fromkeys((*TIERS[tier].schemes, *SCHEMES.names()))), "scheme")}
+              "scheme": subset_of(opt(config, "scheme"), tuple(dict.fromkeys((*TIERS[tier].schemes, *scheme_names()))), "scheme")}
     exp = opt(config, "expectations")
     exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
     accept = bool(opt(config, "accept", False))

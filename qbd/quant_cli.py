@@ -20,7 +20,7 @@ import textwrap
 from typing import Any
 
 from qbd.config import ConfigError
-from qbd.quant import SCHEMES
+from qbd.quant import get_scheme, scheme_names
 
 UNTRAINED_MEAN = (0.5, 0.5, 0.5)
 UNTRAINED_STD = (0.25, 0.25, 0.25)
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"seeded random weights; int8-static calibrates on {CALIB_SHAPE[0]} seeded uniform images",
     )
     source.add_argument("--dataset", metavar="NAME", help="a model trained on NAME, from the model store")
-    audit.add_argument("--scheme", required=True, help=f"one of: {', '.join(SCHEMES.names())}")
+    audit.add_argument("--scheme", required=True, help=f"one of: {', '.join(scheme_names())}")
     audit.add_argument("--engine", help="quantized engine for int8 schemes (x86, fbgemm, qnnpack)")
     audit.add_argument("--num-classes", type=int, default=10, metavar="N", help="classes with --untrained (default 10)")
     audit.add_argument("--seed", type=int, default=0, help="training seed with --dataset (default 0)")
@@ -60,8 +60,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.scheme not in SCHEMES:
-        raise ConfigError(f"unknown quantization scheme {args.scheme!r}; valid: {', '.join(SCHEMES.names())}")
+    from qbd.registry import UnknownNameError
+
+    try:
+        scheme = get_scheme(args.scheme)  # a built-in or an installed entry point
+    except UnknownNameError as e:  # its message lists the valid names and a did-you-mean
+        raise ConfigError(str(e)) from None
     if not 2 <= args.num_classes <= MAX_CLASSES:  # the bound keeps a typo from allocating gigabytes
         raise ConfigError(f"--num-classes must be in [2, {MAX_CLASSES}], got {args.num_classes}")
     import torch
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model = build_model(args.model, args.num_classes, UNTRAINED_MEAN, UNTRAINED_STD, seed=UNTRAINED_SEED)
     calib = torch.rand(CALIB_SHAPE, generator=torch.Generator().manual_seed(CALIB_SEED))
-    qm = SCHEMES.get(args.scheme).apply(model, calib, args.engine)
+    qm = scheme.apply(model, calib, args.engine)
     report = {
         "model": args.model,
         "source": "untrained",

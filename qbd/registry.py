@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -110,3 +112,38 @@ def unknown_message(kind: str, name: str, valid: list[str]) -> str:
     """ "unknown defense 'nc' (did you mean 'neural-cleanse'?); valid: ..." """
     hint = suggestion(name, valid)
     return f"unknown {kind} {name!r}" + (f" (did you mean {hint!r}?)" if hint else "") + f"; valid: {', '.join(valid) or '(none)'}"
+
+
+@dataclass(frozen=True)
+class Available:
+    """A catalog entry the user can name: `ref` is what loads it (a built-in name or
+    "module:attr"); `origin` says where it came from ("built-in", or the distribution of an entry
+    point)."""
+
+    name: str
+    ref: str
+    origin: str = "built-in"
+
+    @property
+    def builtin(self) -> bool:
+        return self.origin == "built-in"
+
+
+def installed(kind: str, group: str, builtin: tuple[str, ...]) -> list[Available]:
+    """The built-ins, then the `group` entry points, sorted by name. Reads package metadata and
+    imports nothing. An entry point that shadows a built-in, repeats another's name or is malformed
+    is skipped with a warning naming its distribution, never an error: someone else's broken
+    package must not stop a run that does not name it."""
+    from importlib.metadata import entry_points
+
+    out = {n: Available(n, n) for n in builtin}
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "an unknown distribution"
+        problem = (f"its name is a built-in {kind}'s" if ep.name in builtin
+                   else f"another entry point ({out[ep.name].origin}) has that name" if ep.name in out
+                   else "its value is not 'module:attr'" if ":" not in ep.value else None)
+        if problem:
+            warnings.warn(f"qbd: skipped the {group} entry point {ep.name!r} = {ep.value!r} of {dist}: {problem}", stacklevel=3)
+            continue
+        out[ep.name] = Available(ep.name, ep.value, f"entry point of {dist}")
+    return sorted(out.values(), key=lambda a: a.name)

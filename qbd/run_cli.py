@@ -19,7 +19,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qbd.config import PROTOCOLS
     from qbd.data import DATASETS
     from qbd.defenses import BUILTIN, available
-    from qbd.quant import SCHEMES
+    from qbd.quant import get_scheme, scheme_names
     from qbd.remote_store import open_store
     from qbd.runner import RunPlan, load_defense, run
     from qbd.tiers import TIERS
@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # `is not None`: an empty --quant= is a mistake to report, not a request for the default
     datasets = (csv_names(args.dataset, DATASETS.names(), "dataset") if args.dataset is not None
                 else ("synthetic",) if args.tier == "smoke" else tier.datasets)
-    schemes = csv_names(args.quant, SCHEMES.names(), "quant") if args.quant is not None else tier.schemes
+    schemes = csv_names(args.quant, scheme_names(), "quant") if args.quant is not None else tier.schemes
     if args.quant is None and args.attack == "quant-conditioned" and not args.clean:
         # the deployment its backdoor wakes in is the cell that matters; it is not always a tier scheme
         schemes = tuple(dict.fromkeys((*schemes, probe_from_args(args).scheme)))
@@ -61,12 +61,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if args.engine not in supported_engines():
             raise ConfigError(f"quantized engine {args.engine!r} is not available in this torch build; valid: {', '.join(supported_engines())}")
-        takers = [s for s in schemes if SCHEMES.get(s).engines]
+        takers = [s for s in schemes if get_scheme(s).engines]
         if not takers:
             raise ConfigError(f"--engine {args.engine}: none of the selected schemes ({', '.join(schemes)}) takes a quantized engine")
         for s in takers:  # every scheme that takes engines must take this one (the others ignore it)
-            if args.engine not in SCHEMES.get(s).engines:
-                raise ConfigError(f"--engine {args.engine}: scheme {s!r} does not run on it; valid: {', '.join(SCHEMES.get(s).engines)}")
+            if args.engine not in get_scheme(s).engines:
+                raise ConfigError(f"--engine {args.engine}: scheme {s!r} does not run on it; valid: {', '.join(get_scheme(s).engines)}")
     args.device = device_from_args(args)  # before any training: a missing GPU fails here
     jobs = []
     for ds in datasets:

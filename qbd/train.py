@@ -218,7 +218,7 @@ def _dormant_stage(model: Classifier, job: ModelJob, data: DataSplit, dev: torch
     """quant-conditioned: stage 1 (above) planted BadNet; the scheme's construction
     (qbd.dormant.CONSTRUCTIONS) hides it from FP32 and keeps it in the deployed model."""
     from qbd.dormant import CONSTRUCTIONS, calibration_images
-    from qbd.quant import SCHEMES
+    from qbd.quant import get_scheme
 
     assert job.attack is not None and job.attack.scheme is not None
     before = evaluate(model, job, data, dev)
@@ -228,7 +228,7 @@ def _dormant_stage(model: Classifier, job: ModelJob, data: DataSplit, dev: torch
     model.to(memory_format=torch.contiguous_format).eval()
     # calibrated (int8-static; intN-sim needs none) on clean training images the construction did
     # not fit; the matrix measures it again with the defender's calibration (qbd.evaluate.Bench)
-    scheme = SCHEMES.get(job.attack.scheme)
+    scheme = get_scheme(job.attack.scheme)
     where = dev if dev.type in scheme.devices else torch.device("cpu")  # torch's int8 kernels are CPU-only
     deployed = scheme.apply(model.to(where), calibration_images(data, held_out=True), engine=QC_ENGINES.get(job.attack.scheme)).model
     model.to(dev)

@@ -1,6 +1,11 @@
 """Quantization schemes: name -> scheme, each with `.apply(model, calib, engine)` returning a
 QuantizedModel (deployed model, audit, surrogate). See docs/quantization.md.
 
+One catalog: the built-ins below plus the `qbd.schemes` entry points of installed distributions
+(a scheme of your own: docs/quantization.md#your-own-scheme). Everything that takes a scheme name
+(`qbd run --quant`, `--qbd-scheme`, the bench) resolves it with `get_scheme` and lists the valid
+ones with `scheme_names`.
+
 Torch-free on purpose: entries are lazy, so the CLI and the pytest plugin can list scheme
 names without importing torch.
 """
@@ -9,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qbd.registry import Registry
+from qbd.registry import Available, Registry, installed, load_ref, unknown_message
 
 if TYPE_CHECKING:
     from qbd.quant.base import Scheme
@@ -26,4 +31,45 @@ for _bits in SIM_BITS:
     SCHEMES.add_lazy(f"int{_bits}-sim", f"qbd.quant.intn_sim:INT{_bits}_SIM")
 del _bits
 
-__all__ = ["SCHEMES", "SIM_BITS"]
+BUILTIN = tuple(SCHEMES.names())
+ENTRY_POINT_GROUP = "qbd.schemes"
+
+
+def available() -> list[Available]:
+    """The built-in schemes and the `qbd.schemes` entry points, sorted by name; nothing imported."""
+    return installed("quantization scheme", ENTRY_POINT_GROUP, BUILTIN)
+
+
+def scheme_names() -> list[str]:
+    return [a.name for a in available()]
+
+
+def get_scheme(name: str) -> Scheme:
+    """The scheme called `name`: a built-in, or an installed entry point (its module imported now;
+    its value a scheme object or a class taking no arguments)."""
+    from qbd.errors import ConfigError
+    from qbd.registry import UnknownNameError
+
+    if name in SCHEMES:
+        return SCHEMES.get(name)
+    entries = {a.name: a for a in available()}
+    if name not in entries:
+        raise UnknownNameError(unknown_message("quantization scheme", name, sorted(entries)))
+    entry = entries[name]
+    try:
+        obj = load_ref(entry.ref)
+        scheme = obj() if isinstance(obj, type) else obj
+    except Exception as e:  # someone else's package: say whose, whatever it raised
+        raise ConfigError(f"quantization scheme {name!r} of the {entry.origin} ({entry.ref}): cannot load it"
+                          f" ({type(e).__name__}: {e})") from None
+    missing = [a for a in ("name", "differentiable", "engines", "apply") if not hasattr(scheme, a)]
+    if missing:
+        raise ConfigError(f"quantization scheme {name!r} of the {entry.origin} ({entry.ref}) is not a scheme: it has no"
+                          f" {', '.join(missing)} (write it on qbd.quant.scheme.SchemeBase)")
+    if scheme.name != name:  # cells and reports are named after the entry point
+        raise ConfigError(f"quantization scheme {name!r} of the {entry.origin}: the object it names says its name is"
+                          f" {scheme.name!r}")
+    return scheme
+
+
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "SCHEMES", "SIM_BITS", "available", "get_scheme", "scheme_names"]

@@ -2,50 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from qbd.models import Classifier
-from qbd.quant.audit import build_audit
-from qbd.quant.base import QuantizedClassifier, QuantizedModel
-from qbd.quant.common import calib_batches, check_engine, eval_copy, input_shape, model_device
+from qbd.quant.base import QuantizedClassifier
+from qbd.quant.scheme import Quantized, SchemeBase
 
 
-class FP32:
+class FP32(SchemeBase):
     name = "fp32"
-    differentiable = True
-    engines: tuple[str, ...] = ()
-    devices: tuple[str, ...] = ("cpu", "cuda")  # where the deployed model can run
+    quantizes = False  # the deployment every quantized one is compared with (qbd.effects)
 
-    def apply(
-        self,
-        model: Classifier,
-        calib: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        engine: str | None = None,
-    ) -> QuantizedModel:
-        check_engine(self.name, engine, self.engines)
-        batches = calib_batches(calib)
-        copy = eval_copy(model)
-        deployed = QuantizedClassifier.from_parts(copy, copy.features, copy.head)
-        audit = build_audit(
-            scheme=self.name,
-            differentiable=self.differentiable,
-            fp32_model=model,
-            deployed=deployed,
-            input_shape=input_shape(batches),
-            engine=None,
-            backend="float32 (no quantization)",
-            bits=None,
-            quantized_modules=[],
-            quantized_params=0,
-            max_levels=None,
-            max_rel_err=None,
-            surrogate_rel_tolerance=None,
-            kernel_ops={},
-            device=model_device(copy),
-        )
-        return QuantizedModel(scheme=self.name, model=deployed, audit=audit, differentiable=True)
+    def quantize(self, model: Classifier, calib: list[torch.Tensor], engine: str | None) -> Quantized:
+        return Quantized(QuantizedClassifier.from_parts(model, model.features, model.head), backend="float32 (no quantization)")
 
 
 SCHEME = FP32()

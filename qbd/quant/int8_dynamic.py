@@ -18,24 +18,16 @@ which an image's output depends on that image alone; its tolerance is stated aga
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from qbd.models import Classifier
-from qbd.quant.audit import build_audit, max_levels_of_codes, max_rel_error, op_counts
-from qbd.quant.base import QuantizedClassifier, QuantizedModel
-from qbd.quant.common import (
-    calib_batches,
-    check_engine,
-    eval_copy,
-    input_shape,
-    model_device,
-    require_cpu,
-    weight_layers,
-)
+from qbd.quant.audit import max_levels_of_codes, max_rel_error, op_counts
+from qbd.quant.base import QuantizedClassifier
+from qbd.quant.common import weight_layers
 from qbd.quant.engine import EngineBound, quantized_engine
+from qbd.quant.scheme import Quantized, SchemeBase
 from qbd.quant.surrogate import DynamicLinearSTE
 from qbd.quant.warnings import ignoring_known_warnings
 
@@ -50,23 +42,15 @@ _REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False}
 SURROGATE_REL_TOLERANCE = 1e-3
 
 
-class Int8Dynamic:
+class Int8Dynamic(SchemeBase):
     name = "int8-dynamic"
     differentiable = False
     engines: tuple[str, ...] = ("x86", "qnnpack", "fbgemm")  # default first; the paper used qnnpack
     devices: tuple[str, ...] = ("cpu",)  # torch's int8 kernels are CPU-only; the surrogate can move
 
-    def apply(
-        self,
-        model: Classifier,
-        calib: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        engine: str | None = None,
-    ) -> QuantizedModel:
-        engine = check_engine(self.name, engine, self.engines)
-        assert engine is not None
-        batches = calib_batches(calib)  # dynamic quantization needs no calibration
-        require_cpu(self.name, model, batches)
-        fp = eval_copy(model)
+    def quantize(self, model: Classifier, calib: list[torch.Tensor], engine: str | None) -> Quantized:
+        assert engine is not None  # dynamic quantization needs no calibration
+        fp = model
         # The engine decides how the int8 weights are packed; packed weights then run with
         # their own kernels whatever the global engine is later.
         with quantized_engine(engine), ignoring_known_warnings():
@@ -86,31 +70,18 @@ class Int8Dynamic:
             rel_err = max(rel_err, max_rel_error(w_float, w_int8.dequantize(), torch.tensor(w_int8.q_scale())))
             q.set_submodule(name, EngineBound(module, engine))  # copies keep the packing engine
         deployed = QuantizedClassifier.from_parts(fp, q.features, q.head, normalize=q.normalize)
-
         reduce_range = _REDUCE_RANGE[engine]
-
-        def surrogate() -> QuantizedClassifier:
-            return _float_twin(deployed, reduce_range)
-
-        audit = build_audit(
-            scheme=self.name,
-            differentiable=self.differentiable,
-            fp32_model=model,
-            deployed=deployed,
-            input_shape=input_shape(batches),
-            engine=engine,
+        return Quantized(
+            deployed,
             backend="torch.ao.quantization.quantize_dynamic({nn.Linear}, qint8)",
             bits=8,
             quantized_modules=names,
             quantized_params=quantized,
             max_levels=levels or None,
             max_rel_err=rel_err if names else None,
-            surrogate_rel_tolerance=SURROGATE_REL_TOLERANCE,
             kernel_ops=op_counts(kernels),
-            device=model_device(deployed),
-        )
-        return QuantizedModel(
-            scheme=self.name, model=deployed, audit=audit, differentiable=False, surrogate_factory=surrogate
+            surrogate_factory=lambda: _float_twin(deployed, reduce_range),
+            surrogate_rel_tolerance=SURROGATE_REL_TOLERANCE,
         )
 
 

@@ -15,15 +15,13 @@ dequantized weights and straight-through fake quantization at the calibrated sca
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 
-from qbd.config import ConfigError
 from qbd.models import Classifier
-from qbd.quant.audit import build_audit, calibration_agreement, op_counts
-from qbd.quant.base import QuantizedClassifier, QuantizedModel
-from qbd.quant.common import calib_batches, check_engine, eval_copy, input_shape, model_device, require_cpu
+from qbd.quant.audit import calibration_agreement, op_counts
+from qbd.quant.base import QuantizedClassifier
+from qbd.quant.scheme import Quantized, SchemeBase
 from qbd.quant.static_flow import StaticFlow
 from qbd.registry import Registry
 
@@ -38,28 +36,19 @@ FLOWS.add_lazy("qnnpack", "qbd.quant.static_fx:FLOW")
 SURROGATE_REL_TOLERANCE = 0.05
 
 
-class Int8Static:
+class Int8Static(SchemeBase):
     name = "int8-static"
     differentiable = False
     engines: tuple[str, ...] = ("x86", "fbgemm", "qnnpack")  # default first
     devices: tuple[str, ...] = ("cpu",)  # torch's int8 kernels are CPU-only; the surrogate can move
+    needs_calibration = True
 
-    def apply(
-        self,
-        model: Classifier,
-        calib: torch.Tensor | Sequence[torch.Tensor] | None,
-        engine: str | None = None,
-    ) -> QuantizedModel:
-        engine = check_engine(self.name, engine, self.engines)
+    def quantize(self, model: Classifier, calib: list[torch.Tensor], engine: str | None) -> Quantized:
         assert engine is not None
-        batches = calib_batches(calib)
-        if not batches:
-            raise ConfigError("int8-static needs calibration data: clean holdout batches N x 3 x H x W in [0, 1]")
-        require_cpu(self.name, model, batches)
         flow = FLOWS.get(engine)
-        fp = eval_copy(model)
+        fp = model
         with torch.no_grad():
-            normalized = [fp.normalize(b) for b in batches]
+            normalized = [fp.normalize(b) for b in calib]
             embedded = [fp.features(z) for z in normalized]
         features = flow.quantize_part(fp.features, normalized, engine)
         head = flow.quantize_part(fp.head, embedded, engine)
@@ -75,29 +64,21 @@ class Int8Static:
                 normalize, features.twin(), head.twin(), deployed.num_classes, deployed.feature_dim
             )
 
-        # measured as for the ONNX Runtime schemes, so a gradient defense's Result can say how close
-        # the model it inspected is to the one deployed (static ranges: batch-independent)
-        agree = calibration_agreement(deployed, surrogate(), batches, SURROGATE_REL_TOLERANCE, per_image_runtime=False)
-        audit = build_audit(
-            scheme=self.name,
-            differentiable=self.differentiable,
-            fp32_model=model,
-            deployed=deployed,
-            input_shape=input_shape(batches),
-            engine=engine,
+        return Quantized(
+            deployed,
             backend=flow.backend,
             bits=8,
             quantized_modules=[name for name, _ in layers],
             quantized_params=sum(s.numel for _, s in layers),
             max_levels=max((s.levels for _, s in layers), default=None),
             max_rel_err=max((s.rel_error for _, s in layers), default=None),
-            surrogate_rel_tolerance=SURROGATE_REL_TOLERANCE,
             kernel_ops=op_counts(features.kernel_ops + head.kernel_ops),
-            device=model_device(fp),
-            surrogate_agreement=agree,
-        )
-        return QuantizedModel(
-            scheme=self.name, model=deployed, audit=audit, differentiable=False, surrogate_factory=surrogate
+            surrogate_factory=surrogate,
+            surrogate_rel_tolerance=SURROGATE_REL_TOLERANCE,
+            # measured as for the ONNX Runtime schemes, so a gradient defense's Result can say how
+            # close the model it inspected is to the one deployed (static ranges: batch-independent)
+            surrogate_agreement=calibration_agreement(deployed, surrogate(), calib, SURROGATE_REL_TOLERANCE,
+                                                      per_image_runtime=False),
         )
 
 

@@ -9,14 +9,10 @@ so input gradients are exact and the deployed model is its own surrogate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from qbd.models import Classifier
-from qbd.quant.audit import build_audit, max_levels_per_channel, max_rel_error
-from qbd.quant.base import QuantizedClassifier, QuantizedModel
-from qbd.quant.common import calib_batches, check_engine, eval_copy, input_shape, model_device, weight_layers
+from qbd.quant.scheme import Quantized, SchemeBase, quantize_weights
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -42,9 +38,7 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return w_q.reshape(w.shape).to(w.dtype), scale.to(w.dtype)
 
 
-class IntNSim:
-    differentiable = True
-    engines: tuple[str, ...] = ()
+class IntNSim(SchemeBase):
     devices: tuple[str, ...] = ("cpu", "cuda")  # float weights on an integer grid run anywhere
 
     def __init__(self, bits: int) -> None:
@@ -56,47 +50,10 @@ class IntNSim:
     def __repr__(self) -> str:
         return f"IntNSim(bits={self.bits})"
 
-    def apply(
-        self,
-        model: Classifier,
-        calib: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        engine: str | None = None,
-    ) -> QuantizedModel:
-        check_engine(self.name, engine, self.engines)
-        batches = calib_batches(calib)  # not needed for weights-only quantization; validated
-        deployed = eval_copy(model)
-        names: list[str] = []
-        quantized = 0
-        levels = 0
-        rel_err = 0.0
-        with torch.no_grad():
-            for name, layer in weight_layers(deployed):
-                w = layer.weight
-                w_q, scale = quantize_weight(w, self.bits)
-                levels = max(levels, max_levels_per_channel(w_q))
-                rel_err = max(rel_err, max_rel_error(w, w_q, scale))
-                w.copy_(w_q)
-                names.append(name)
-                quantized += w.numel()
-        qc = QuantizedClassifier.from_parts(deployed, deployed.features, deployed.head)
-        audit = build_audit(
-            scheme=self.name,
-            differentiable=self.differentiable,
-            fp32_model=model,
-            deployed=qc,
-            input_shape=input_shape(batches),
-            engine=None,
-            backend="float fake-quantized weights (simulation)",
-            bits=self.bits,
-            quantized_modules=names,
-            quantized_params=quantized,
-            max_levels=levels or None,
-            max_rel_err=rel_err if names else None,
-            surrogate_rel_tolerance=None,
-            kernel_ops={},
-            device=model_device(deployed),
-        )
-        return QuantizedModel(scheme=self.name, model=qc, audit=audit, differentiable=True)
+    def quantize(self, model: Classifier, calib: list[torch.Tensor], engine: str | None) -> Quantized:
+        # calibration data is not needed for weights-only quantization (the base validates it)
+        return quantize_weights(model, lambda w: quantize_weight(w, self.bits),
+                                backend="float fake-quantized weights (simulation)", bits=self.bits)
 
 
 # One instance per registered name (qbd.quant registers them lazily by attribute).

@@ -37,17 +37,10 @@ from torch import nn
 
 from qbd.config import ConfigError
 from qbd.models import Classifier
-from qbd.quant.audit import build_audit, calibration_agreement, max_levels_of_codes, max_rel_error, op_counts
-from qbd.quant.base import QuantizedClassifier, QuantizedModel
-from qbd.quant.common import (
-    calib_batches,
-    check_engine,
-    eval_copy,
-    input_shape,
-    model_device,
-    require_cpu,
-    weight_layers,
-)
+from qbd.quant.audit import calibration_agreement, max_levels_of_codes, max_rel_error, op_counts
+from qbd.quant.base import QuantizedClassifier
+from qbd.quant.common import weight_layers
+from qbd.quant.scheme import Quantized, SchemeBase
 
 INSTALL = "pip install 'pytest-qbd[onnx]'"
 # onnxscript: torch.onnx.export(dynamo=True) translates the exported program with it
@@ -331,7 +324,7 @@ def weight_audit(float_graph: Any, q_model: Any, part: str, layer_names: set[str
     return out
 
 
-class _OnnxInt8:
+class _OnnxInt8(SchemeBase):
     name: str
     kind: str  # static | dynamic
     tolerance: float
@@ -340,27 +333,18 @@ class _OnnxInt8:
     # The runtime is the scheme: there is no engine to choose (qbd's --engine names torch's).
     engines: tuple[str, ...] = ()
     devices: tuple[str, ...] = ("cpu",)  # CPUExecutionProvider; the surrogate moves anywhere
+    needs_calibration = True
 
-    def apply(
-        self,
-        model: Classifier,
-        calib: torch.Tensor | Sequence[torch.Tensor] | None,
-        engine: str | None = None,
-    ) -> QuantizedModel:
-        check_engine(self.name, engine, self.engines)
-        batches = calib_batches(calib)
-        if not batches:
-            raise ConfigError(f"{self.name} needs calibration data: clean holdout batches N x 3 x H x W in [0, 1]")
-        require_cpu(self.name, model, batches)
+    def quantize(self, model: Classifier, calib: list[torch.Tensor], engine: str | None) -> Quantized:
         require_onnx()
         import onnx
         import onnxruntime as ort
 
         from qbd.quant.onnx_surrogate import OnnxTorchGraph
 
-        fp = eval_copy(model)
+        fp = model
         with torch.no_grad():
-            normalized = [fp.normalize(b.float()) for b in batches]
+            normalized = [fp.normalize(b.float()) for b in calib]
             embedded = [fp.features(z) for z in normalized]
         layer_names = {name for name, _ in weight_layers(fp)}
         parts: dict[str, OrtPart] = {}
@@ -384,14 +368,8 @@ class _OnnxInt8:
             return QuantizedClassifier(copy.deepcopy(deployed.normalize), OnnxTorchGraph(q_models["features"], per_image=per_image),
                                        OnnxTorchGraph(q_models["head"], per_image=per_image), deployed.num_classes, deployed.feature_dim)
 
-        agree = calibration_agreement(deployed, surrogate(), batches, self.tolerance, per_image_runtime=per_image)
-        audit = build_audit(
-            scheme=self.name,
-            differentiable=self.differentiable,
-            fp32_model=model,
-            deployed=deployed,
-            input_shape=input_shape(batches),
-            engine="onnxruntime",
+        return Quantized(
+            deployed,
             backend=f"onnxruntime {ort.__version__} CPUExecutionProvider, {self.backend} (onnx {onnx.__version__},"
                     f" torch.onnx.export dynamo)",
             bits=8,
@@ -399,14 +377,13 @@ class _OnnxInt8:
             quantized_params=sum(x["numel"] for x in layers),
             max_levels=max((x["levels"] for x in layers), default=None),
             max_rel_err=max((x["rel_error"] for x in layers), default=None),
-            surrogate_rel_tolerance=self.tolerance,
             kernel_ops=dict(sorted(kernel_ops.items())),
-            device=model_device(fp),
+            surrogate_factory=surrogate,
+            surrogate_rel_tolerance=self.tolerance,
+            surrogate_agreement=calibration_agreement(deployed, surrogate(), calib, self.tolerance, per_image_runtime=per_image),
             model_bytes=sum(len(p.onnx_bytes) for p in parts.values()),
-            surrogate_agreement=agree,
+            engine="onnxruntime",
         )
-        return QuantizedModel(scheme=self.name, model=deployed, audit=audit, differentiable=False,
-                              surrogate_factory=surrogate)
 
 
 class OnnxInt8Static(_OnnxInt8):

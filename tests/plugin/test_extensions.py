@@ -1,0 +1,172 @@
+"""A third party adds a quantization scheme and a defense to qbd: one file and one entry point each,
+nothing of qbd edited. Both front-ends, `qbd run` and the pytest plugin, then run them like the
+built-ins (catalog: qbd.quant.get_scheme, qbd.defenses.available)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TOY_SCHEME = '''
+"""Symmetric 6-bit weights with one scale per tensor (not per channel, as qbd's intN-sim)."""
+import torch
+
+from qbd.quant.scheme import SchemeBase, quantize_weights
+
+
+def _round(w):
+    scale = w.detach().abs().max().double() / 31
+    if scale == 0:
+        return w.clone(), scale
+    return (torch.clamp(torch.round(w.double() / scale), -32, 31) * scale).to(w.dtype), scale
+
+
+class Int6PerTensor(SchemeBase):
+    name = "toy-int6-tensor"
+
+    def quantize(self, model, calib, engine):
+        return quantize_weights(model, _round, backend="toy: int6 per-tensor weights", bits=6)
+'''
+
+TOY_DEFENSE = '''
+"""Flag the model when a white square in a corner sends most clean images to one class."""
+import torch
+
+from qbd.defenses.base import Verdict
+
+
+class CornerSquare:
+    name = "toy-corner"
+    requires = frozenset({"clean_holdout"})
+
+    def __init__(self, protocol="canonical"):
+        self.protocol = protocol
+        self.params = {"capture": 0.8, "size": 3}
+
+    def detect(self, subject, inputs, generator):
+        x = inputs.clean_holdout[0][:200].float() / 255.0
+        s, best = self.params["size"], (0.0, None)
+        with torch.no_grad():
+            for r, c in ((0, 0), (0, -s), (-s, 0), (-s, -s)):
+                xp = x.clone()
+                xp[:, :, r:r + s or None, c:c + s or None] = 1.0
+                counts = torch.bincount(subject.model(xp).argmax(1), minlength=subject.num_classes)
+                best = max(best, (float(counts.max()) / len(x), int(counts.argmax())), key=lambda b: b[0])
+        share, cls = best
+        if share >= self.params["capture"]:
+            return Verdict("detected", score=share, threshold=self.params["capture"], target_class=cls)
+        return Verdict("clean", score=share, threshold=self.params["capture"])
+'''
+
+
+@pytest.fixture
+def toy_site(tmp_path: Path) -> dict[str, str]:
+    """An installed distribution: the two files and a dist-info naming one entry point for each.
+    Returns the environment a subprocess needs to see it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "toy_scheme.py").write_text(TOY_SCHEME)
+    (site / "toy_defense.py").write_text(TOY_DEFENSE)
+    dist = site / "qbd_toys-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-toys\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[qbd.schemes]\ntoy-int6-tensor = toy_scheme:Int6PerTensor\n\n"
+                                           "[qbd.defenses]\ntoy-corner = toy_defense:CornerSquare\n")
+    return {**os.environ, "PYTHONPATH": str(site), "QBD_CACHE_DIR": str(tmp_path / "store")}
+
+
+def _qbd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qbd", *args], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=env["PYTHONPATH"])
+
+
+def test_listed(toy_site: dict[str, str]) -> None:
+    listed = json.loads(_qbd(toy_site, "list", "--json").stdout)
+    assert "toy-int6-tensor" in listed["schemes"] and listed["scheme_origins"] == {"toy-int6-tensor": "entry point of qbd-toys"}
+    assert {"name": "toy-corner", "ref": "toy_defense:CornerSquare", "origin": "entry point of qbd-toys"} in listed["defenses"]
+
+
+def test_qbd_run_runs_them(toy_site: dict[str, str]) -> None:
+    """The toy defense on the toy scheme and on fp32, the backdoored model and its clean control
+    (the zoo's digits models): it names the planted target and stays quiet on the clean model."""
+    r = _qbd(toy_site, "run", "--dataset", "digits", "--quant", "fp32,toy-int6-tensor", "--defense", "toy-corner",
+             "--protocol", "canonical", "--json", "--no-progress", "-j", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {res["cell"]: res for res in json.loads(r.stdout)["results"]}
+    assert set(results) == {f"digits{c}/{s}/toy-corner[canonical]" for c in ("", ":clean") for s in ("fp32", "toy-int6-tensor")}
+    toy = results["digits/toy-int6-tensor/toy-corner[canonical]"]
+    assert toy["quant"]["audit"]["bits"] == 6 and toy["quant"]["audit"]["quantized_param_fraction"] > 0.9
+    assert toy["quant"]["audit"]["backend"] == "toy: int6 per-tensor weights"
+    assert toy["verdict"]["status"] == "detected" and toy["verdict"]["target_class"] == toy["truth"]["target"]
+    assert results["digits:clean/toy-int6-tensor/toy-corner[canonical]"]["verdict"]["status"] == "clean"
+
+
+def test_pytest_runs_them(toy_site: dict[str, str], tmp_path: Path) -> None:
+    """The plugin takes the same names (`--qbd-scheme`, `--qbd-defense`) and runs the same cells."""
+    (tmp_path / "test_qbd.py").write_text("from qbd.suite import test_attack, test_audit, test_cell  # noqa: F401\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--qbd-dataset", "digits",
+                        "--qbd-scheme", "toy-int6-tensor", "--qbd-defense", "toy-corner", "--qbd-protocol", "canonical",
+                        "-o", "addopts=", "test_qbd.py"],
+                       capture_output=True, text=True, env=toy_site, timeout=900, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    for cell in ("digits/toy-int6-tensor/toy-corner[canonical]", "digits:clean/toy-int6-tensor/toy-corner[canonical]"):
+        assert f"test_cell[{cell}] PASSED" in out or "4 passed" in out, out[-3000:]
+    assert "4 passed" in out, out[-3000:]  # the two cells, the scheme's audit and the attack's gates
+
+
+def _dist_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, entry_points: str, module: str = "", name: str = "") -> None:
+    """A distribution qbd-bad on sys.path; `module` the source of the module `name`."""
+    site = tmp_path / "inproc"
+    (site / "qbd_bad-0.1.dist-info").mkdir(parents=True)
+    (site / "qbd_bad-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-bad\nVersion: 0.1\n")
+    (site / "qbd_bad-0.1.dist-info" / "entry_points.txt").write_text(entry_points)
+    if module:
+        (site / f"{name}.py").write_text(module)
+    monkeypatch.syspath_prepend(str(site))
+
+
+@pytest.mark.parametrize(("value", "module", "message"), [
+    ("no_such_module_qbd:X", "", "cannot load it (ModuleNotFoundError"),
+    ("bad_scheme_a:NotAScheme", "class NotAScheme:\n    name = 'bad-one'\n", "is not a scheme: it has no differentiable, engines, apply"),
+    ("bad_scheme_b:Misnamed", "from qbd.quant.scheme import SchemeBase\nclass Misnamed(SchemeBase):\n    name = 'other'\n",
+     "says its name is 'other'"),
+])
+def test_a_broken_scheme_entry_point_is_an_error_naming_its_distribution(monkeypatch, tmp_path, value, module, message) -> None:
+    from qbd.errors import ConfigError
+    from qbd.quant import get_scheme, scheme_names
+
+    _dist_on_path(monkeypatch, tmp_path, f"[qbd.schemes]\nbad-one = {value}\n", module, value.partition(":")[0])
+    assert "bad-one" in scheme_names()  # listed from metadata, nothing imported
+    with pytest.raises(ConfigError, match="entry point of qbd-bad") as e:
+        get_scheme("bad-one")
+    assert message in str(e.value)
+
+
+def test_an_entry_point_cannot_shadow_a_builtin_scheme(monkeypatch, tmp_path) -> None:
+    from qbd.quant import available, get_scheme
+
+    _dist_on_path(monkeypatch, tmp_path, "[qbd.schemes]\nint8-static = bad_scheme:Fake\n")
+    with pytest.warns(UserWarning, match="its name is a built-in quantization scheme's"):
+        entries = {a.name: a for a in available()}
+    assert entries["int8-static"].builtin and type(get_scheme("int8-static")).__module__ == "qbd.quant.int8_static"
+
+
+def test_a_third_party_scheme_is_held_to_its_own_claim() -> None:
+    """The shipped table states no audit for a scheme it does not know: the scheme's own
+    `differentiable` claim is the expectation, and a claim the probe contradicts fails."""
+    from qbd.expectations import load, shipped
+
+    exp = load(shipped("smoke"))
+    honest = {"differentiable": True, "input_gradient": True, "quantized_param_fraction": 0.9}
+    assert exp.check_audit("digits/toy", honest, True, builtin=False) == []
+    lying = {**honest, "differentiable": False}
+    assert exp.check_audit("digits/toy", lying, True, builtin=False)
+    assert exp.check_audit("digits/toy", honest, True, builtin=True)  # a built-in must be stated in the table
