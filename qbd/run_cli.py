@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from qbd.cli_options import EXIT_FAIL, EXIT_OK, UsageError, csv_names, device_from_args, job_from_args, probe_from_args
@@ -105,10 +104,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise e.cause from None
         stopped, results = e, e.results
     from qbd import rates
+    from qbd.gate import judge_run
 
     # over several seeds a row with declared rate bounds or counts is judged by them (qbd.expectations)
-    judgements, row_failures, rated = table.judge_run(results, n_seeds)
-    for r, j in zip(results, judgements, strict=True):
+    gate = judge_run(table, results, n_seeds)
+    for r, j in zip(results, gate.judgements, strict=True):
         r["judgement"] = j.to_dict()
     rows = rates.rows(results)
     from qbd.run_metadata import run_facts, run_metadata
@@ -129,44 +129,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         paths = write_report(results, args.report, title=f"qbd {args.tier} matrix", run=run_info)
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    rc = _gate(results, args.expectations is not None, table, row_failures=row_failures, rated=rated,
-               multi_seed=n_seeds > 1)
+    rc = _gate(results, gate, args.expectations is not None, table)
     if stopped is not None:
         print(f"qbd: {stopped} (the {len(results)} finished cells are reported above)", file=sys.stderr)
         return EXIT_FAIL
     return rc
 
 
-def _gate(results: list[dict[str, Any]], gating: bool, table: Any, *, row_failures: Sequence[str] = (), rated: int = 0,
-          multi_seed: bool = False) -> int:
-    """With --expectations: print every cell (and every deployed model's CA / ASR bound, the
-    Table 2 view, and every row outside its declared rate bounds) that fails its expectation,
-    and exit 1 on any."""
-    from qbd.tables import count_line, first_seed
+def _gate(results: list[dict[str, Any]], gate: Any, gating: bool, table: Any) -> int:
+    """Say what the run measured; with --expectations, print everything that fails (qbd.gate) and
+    exit 1 on any."""
+    from qbd.tables import count_line
 
-    def seed_note(r: dict[str, Any]) -> str:
-        return f" (seed {r.get('seed', 0)})" if multi_seed else ""
-
-    failing = [f"{r['cell']}{seed_note(r)}: {r['judgement']['why']}" for r in results if r["judgement"]["judgement"] == "FAIL"]
-    # the first seed's models, as Table 2 shows them (and as the plugin's test_attack checks them):
-    # the bounds were measured on one model per data set
-    _, first = first_seed([r for r in results if r.get("attack") is not None])
-    deployed = {(r["dataset"], r["quant"]["scheme"]): r for r in first}
-    for (ds, scheme), r in sorted(deployed.items()):
-        key = f"{ds}/{scheme}"
-        failing += [f"{key}{seed_note(r)} (deployed model): {m}"
-                    for m in table.check_attack(key, r["clean_acc"], r["asr"], own=table.measured_on(r),
-                                                          attack=r.get("attack"), engine=r["quant"]["audit"].get("engine"))]
-    failing += row_failures
     source = str(table.path) if table.path else "the truth alone (no table shipped for this tier)"
     print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {source})", file=sys.stderr)
-    if rated:
-        print(f"qbd: rows judged over their models: {rated}, failing: {len(row_failures)}", file=sys.stderr)
+    if gate.rated:
+        print(f"qbd: rows judged over their models: {gate.rated}, failing: {len(gate.rows)}", file=sys.stderr)
     if not gating:
         return EXIT_OK
-    for line in failing:
+    for line in gate.failing:
         print(f"qbd: FAIL {line}", file=sys.stderr)
-    return EXIT_FAIL if failing else EXIT_OK
+    return EXIT_FAIL if gate.failing else EXIT_OK
 
 
 def _model_file_from_args(args: argparse.Namespace, datasets: tuple[str, ...]) -> Any:

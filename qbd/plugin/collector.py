@@ -103,15 +103,21 @@ class Collector:
         self.check_rows(session)
 
     def check_rows(self, session: pytest.Session) -> None:
-        """Over several seeds: the rows with declared rate bounds are judged by their rates; one
-        outside its bounds fails the run (its cells, judged by the rates, passed)."""
-        from qbd.rates import rows
+        """The run through qbd's one gate (qbd.gate, as `qbd run --expectations` judges it): over
+        several seeds the rows with declared rates are judged by them, and one outside its bounds
+        fails the run (its cells, judged by the rates, passed). Whatever else the gate fails was
+        a failing test already; should a test have passed it, the run fails all the same."""
+        from qbd.expectations import Expectations
+        from qbd.gate import judge_run
 
         state = self.state
-        rated = [row for row in rows(state.results) if state.by_rates(row["row"])]
-        state.rows_by_rates = len(rated)
-        state.row_failures = [f"{row['row']}: {m}" for row in rated for m in state.expectations.check_row(row)]
-        if state.row_failures and session.exitstatus == pytest.ExitCode.OK:
+        table = state.expectations or Expectations(path=state.expectations_path, tier=state.tier)  # None: the truth alone
+        gate = judge_run(table, state.results, state.seeds)
+        state.rows_by_rates = gate.rated
+        state.row_failures = list(gate.rows)
+        if gate.failing and session.exitstatus == pytest.ExitCode.OK:
+            # every test passed: any cell or model the gate fails is a disagreement to show
+            state.gate_only = [*gate.cells, *gate.deployed]
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def accept(self) -> None:
@@ -149,6 +155,8 @@ class Collector:
             tr.write_line(f"rows judged over their models: {state.rows_by_rates}, failing: {len(state.row_failures)}")
             for line in state.row_failures:
                 tr.write_line(f"qbd: FAIL {line}", red=True)
+        for line in state.gate_only:
+            tr.write_line(f"qbd: FAIL {line} (judged over the whole run)", red=True)
         tr.write_line("")
         tr.write_line("budgets used:")
         for line in budgets(state.results):
