@@ -21,3 +21,23 @@ REASON_CODES: dict[str, str] = {
 # the defense failed to run, or to say why, or inspected a surrogate that is not the deployed model:
 # never an expected outcome, so such a cell always fails
 NEVER_EXPECTED = frozenset({"error", "timeout", "unspecified", "surrogate-disagrees"})
+
+
+def verdict_problems(status: object, reason: object, reason_code: object) -> list[str]:
+    """What is wrong with a verdict's status, reason and reason code: the one rule that the
+    Verdict type (on construction), the sandbox (on what a defense returned) and the Result check
+    (on JSON) apply; qbd/schema/result.schema.json states it too (tests/unit/test_results.py).
+    An invalid verdict needs a reason and a code; no other status carries a code."""
+    if not isinstance(status, str) or status not in STATUSES:
+        return [f"status must be one of {', '.join(STATUSES)}, got {status!r}"]
+    out = []
+    if reason is not None and not isinstance(reason, str):
+        out.append(f"reason must be a str, not {type(reason).__name__}")
+    if status == "invalid":
+        if not reason:
+            out.append("an invalid verdict needs a reason")
+        if not (isinstance(reason_code, str) and reason_code in REASON_CODES):
+            out.append(f"an invalid verdict needs a reason_code from {', '.join(REASON_CODES)}, got {reason_code!r}")
+    elif reason_code is not None:
+        out.append(f"only an invalid verdict carries a reason_code; a {status!r} verdict has {reason_code!r}")
+    return out

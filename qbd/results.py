@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qbd.outcomes import JUDGEMENTS
-from qbd.reason_codes import REASON_CODES, STATUSES
+from qbd.reason_codes import verdict_problems
 
 WEIGHT_ORIGINS = ("trained", "fetched", "zoo")
 SCHEMA_VERSION = 1
@@ -82,14 +82,7 @@ def problems(result: Any) -> list[str]:
             out.append(f"defense lacks {k!r}")
     v = result["verdict"]
     out += [f"verdict lacks {k!r}" for k in _VERDICT if k not in v]
-    if v.get("status") not in STATUSES:
-        out.append(f"verdict.status must be one of {STATUSES}, got {v.get('status')!r}")
-    if v.get("status") == "invalid" and not v.get("reason"):
-        out.append("an invalid verdict needs a reason")
-    if v.get("status") == "invalid" and not (isinstance(v.get("reason_code"), str) and v["reason_code"] in REASON_CODES):
-        out.append(f"an invalid verdict needs a reason_code from {sorted(REASON_CODES)}, got {v.get('reason_code')!r}")
-    if v.get("status") != "invalid" and v.get("reason_code") is not None:
-        out.append("only an invalid verdict carries a reason_code")
+    out += verdict_problems(v.get("status"), v.get("reason"), v.get("reason_code"))
     j = result.get("judgement")  # optional: the outcome against the truth and the expectations (qbd.outcomes)
     if j is not None and not (isinstance(j, dict) and j.get("judgement") in JUDGEMENTS and isinstance(j.get("outcome"), str)):
         out.append(f"judgement must be null or an object with judgement pass|finding|FAIL and an outcome, got {j!r}")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES, STATUSES  # noqa: F401  (re-exported for defense authors)
+from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES, STATUSES, verdict_problems  # noqa: F401  (re-exported for defense authors)
 
 Status = Literal["detected", "clean", "invalid"]
 REQUIREMENTS = frozenset({"clean_holdout", "poisoned_train", "triggered_inputs", "triggered_probe", "input_gradients"})
@@ -52,14 +52,12 @@ class Verdict:
     suspects: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"verdict status must be one of {STATUSES}, got {self.status!r}")
-        if self.status == "invalid" and not self.reason:
-            raise ValueError("an invalid verdict needs a reason")
-        if self.reason_code is not None and self.reason_code not in REASON_CODES:
-            raise ValueError(f"unknown reason code {self.reason_code!r}; valid: {', '.join(REASON_CODES)}")
-        if self.status != "invalid" and self.reason_code is not None:
-            raise ValueError("only an invalid verdict carries a reason code")
+        # a defense may leave an invalid verdict's code out; qbd then files it as "unspecified"
+        if self.status == "invalid" and self.reason_code is None:
+            self.reason_code = "unspecified"
+        problems = verdict_problems(self.status, self.reason, self.reason_code)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def invalid(cls, reason: str, code: str = "unspecified", **kw: Any) -> Verdict:

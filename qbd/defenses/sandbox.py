@@ -23,7 +23,6 @@ import torch
 
 from qbd.defenses.base import (
     _NOT_A_NUMBER,
-    STATUSES,
     Control,
     Defense,
     DefenseInputs,
@@ -34,7 +33,7 @@ from qbd.defenses.base import (
     _jsonable,
     check_defense,
 )
-from qbd.reason_codes import REASON_CODES
+from qbd.reason_codes import verdict_problems
 
 
 def run_defense(
@@ -112,12 +111,10 @@ def vouch(v: Any, name: str, num_classes: int | None = None) -> Verdict:
     if not isinstance(v, Verdict):
         return Verdict.invalid(f"{name}.detect returned {type(v).__name__}, not a Verdict", "error")
     # Verdict checks these on construction, but its fields stay assignable afterwards
-    if not isinstance(v.status, str) or v.status not in STATUSES:
-        return Verdict.invalid(f"{name} returned an unknown status {v.status!r}; valid: {', '.join(STATUSES)}", "error")
-    if v.reason is not None and not isinstance(v.reason, str):
-        return Verdict.invalid(f"{name} returned a {type(v.reason).__name__} reason, not a str", "error")
-    if v.status == "invalid" and not v.reason:
-        return Verdict.invalid(f"{name} returned an invalid verdict without a reason", "error")
+    problems = verdict_problems(v.status, v.reason, "unspecified" if v.status == "invalid" and v.reason_code is None
+                                else v.reason_code)
+    if problems:
+        return Verdict.invalid(f"{name} returned an ill-formed verdict: {'; '.join(problems)}", "error")
     if not isinstance(v.evidence, Mapping):
         return Verdict.invalid(f"{name} returned evidence of type {type(v.evidence).__name__}, not a mapping", "error")
     if not isinstance(v.controls, Mapping):
@@ -141,14 +138,7 @@ def vouch(v: Any, name: str, num_classes: int | None = None) -> Verdict:
         if target < 0 or (num_classes is not None and target >= num_classes):
             return Verdict.invalid(f"{name} returned target class {target}, outside 0..{(num_classes or 0) - 1}", "error",
                                    evidence=dict(v.evidence), controls=dict(v.controls))
-    code = v.reason_code
-    if v.status != "invalid":
-        if code is not None:
-            return Verdict.invalid(f"{name} returned a {v.status!r} verdict with reason code {code!r}", "error")
-    elif code is None:
-        code = "unspecified"
-    elif not isinstance(code, str) or code not in REASON_CODES:
-        return Verdict.invalid(f"{name} returned reason code {code!r}; valid: {', '.join(REASON_CODES)}", "error")
+    code = "unspecified" if v.status == "invalid" and v.reason_code is None else v.reason_code
     out = Verdict(status=v.status, score=figures["score"], threshold=figures["threshold"], target_class=target,
                   reason=v.reason, evidence=dict(v.evidence), controls=dict(v.controls), reason_code=code,
                   suspects=_suspects(v.suspects))

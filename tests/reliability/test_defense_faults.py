@@ -88,10 +88,10 @@ MALFORMED = [
     ({"status": "clean"}, ("returned dict, not a Verdict",), "error"),
     ("clean", ("returned str, not a Verdict",), "error"),
     (("clean", 0.1), ("returned tuple",), "error"),
-    (_mutated(status="maybe"), ("unknown status 'maybe'", "valid: detected, clean, invalid"), "error"),
-    (_mutated(status=None), ("unknown status None",), "error"),
-    (_mutated(status="invalid", reason=None), ("without a reason",), "error"),
-    (_mutated(reason=42), ("int reason",), "error"),
+    (_mutated(status="maybe"), ("status must be one of detected, clean, invalid, got 'maybe'",), "error"),
+    (_mutated(status=None), ("status must be one of", "got None"), "error"),
+    (_mutated(status="invalid", reason=None), ("an invalid verdict needs a reason",), "error"),
+    (_mutated(reason=42), ("reason must be a str, not int",), "error"),
     (_mutated(score=float("nan")), ("non-finite score (nan)",), "diverged"),
     (_mutated(score=float("-inf")), ("non-finite score",), "diverged"),
     (_mutated(threshold=float("inf")), ("non-finite threshold",), "diverged"),
@@ -108,9 +108,9 @@ MALFORMED = [
     (_mutated(evidence={"x": {1, 2}}), ("not JSON-serialisable",), "error"),
     (_mutated(controls=[Control(True)]), ("controls of type list",), "error"),
     (_mutated(controls={"positive": True}), ("control 'positive' as a bool, not a Control",), "error"),
-    (_mutated(reason_code="no-signal"), ("'clean' verdict with reason code 'no-signal'",), "error"),
-    (_mutated(status="invalid", reason="r", reason_code="maybe"), ("reason code 'maybe'",), "error"),
-    (_mutated(status="invalid", reason="r", reason_code=["error"]), ("reason code ['error']",), "error"),
+    (_mutated(reason_code="no-signal"), ("only an invalid verdict carries a reason_code; a 'clean' verdict has 'no-signal'",), "error"),
+    (_mutated(status="invalid", reason="r", reason_code="maybe"), ("needs a reason_code from", "got 'maybe'"), "error"),
+    (_mutated(status="invalid", reason="r", reason_code=["error"]), ("got ['error']",), "error"),
 ]
 
 

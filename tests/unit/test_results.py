@@ -186,8 +186,8 @@ def test_the_schemas_enums_and_required_keys_are_the_codes():
     """The schema and problems() cannot drift apart: same statuses, reason codes, judgements,
     weight origins and required keys."""
     from qbd.outcomes import JUDGEMENTS
-    from qbd.reason_codes import REASON_CODES
-    from qbd.results import _ATTACK, _AUDIT, _TOP, _VERDICT, STATUSES, WEIGHT_ORIGINS, schema
+    from qbd.reason_codes import REASON_CODES, STATUSES
+    from qbd.results import _ATTACK, _AUDIT, _TOP, _VERDICT, WEIGHT_ORIGINS, schema
 
     s = schema()
     assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
