@@ -30,17 +30,13 @@ import numpy as np
 
 from qbd.config import DatasetSpec
 from qbd.data.base import DataSplit, DataUnavailableError
+from qbd.data.layouts import CIFAR_ARCHIVE, CIFAR_URL, find_cifar_batches
 
 # Per-channel mean and std of the 50,000 training images. The std is the per-pixel one; the
 # (0.2023, 0.1994, 0.2010) found in many repositories is a mistaken per-image average.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
-BASE_FOLDER = "cifar-10-batches-py"  # torchvision.datasets.CIFAR10.base_folder
-# Where the batch folder may sit, relative to the data root; the first is torchvision's layout.
-LAYOUTS = (Path(BASE_FOLDER), Path("cifar10") / BASE_FOLDER)
-URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
-ARCHIVE = "cifar-10-python.tar.gz"
 _ROW = 3 * 32 * 32
 
 # Exceptions that reading a damaged or hostile pickle can raise; all mean "not a usable batch".
@@ -62,7 +58,7 @@ def load(spec: DatasetSpec, root: Path | None) -> DataSplit:
     """Load CIFAR-10 from `root`. `spec.seed` is unused: the train/test split is fixed."""
     from torchvision.datasets import CIFAR10  # lazy: torchvision is a heavy import
 
-    batch_dir = find_batch_dir(root)
+    batch_dir = find_cifar_batches(root)
     if _is_official_release(batch_dir):
         x_train, y_train, classes = _read_with_torchvision(CIFAR10, batch_dir, train=True)
         x_test, y_test, _ = _read_with_torchvision(CIFAR10, batch_dir, train=False)
@@ -74,38 +70,10 @@ def load(spec: DatasetSpec, root: Path | None) -> DataSplit:
 
 
 def required_files() -> list[str]:
-    """The files torchvision's CIFAR10 reads, in its order."""
+    """The files torchvision's CIFAR10 reads, in its order (qbd.data.layouts.CIFAR_FILES must equal it)."""
     from torchvision.datasets import CIFAR10
 
     return [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
-
-
-def find_batch_dir(root: Path | None) -> Path:
-    """The folder holding the batch files, or DataUnavailableError saying where to put them."""
-    if root is None:
-        raise DataUnavailableError(
-            "CIFAR-10 needs a data root: pass --data-root DIR or set QBD_DATA_ROOT=DIR, where"
-            f" DIR/{BASE_FOLDER}/data_batch_1 exists. " + _how_to_get(Path("DIR"))
-        )
-    root = Path(root)
-    candidates = [root / layout for layout in LAYOUTS]
-    # Prefer a layout whose folder exists, so "missing files" names the folder the user made.
-    batch_dir = next((c for c in candidates if c.is_dir()), candidates[0])
-    missing = [name for name in required_files() if not (batch_dir / name).is_file()]
-    if missing:
-        where = " or ".join(str(c) for c in candidates)
-        raise DataUnavailableError(
-            f"CIFAR-10 not found: {batch_dir} lacks {', '.join(missing)}. Expected the batch"
-            f" files data_batch_1..data_batch_5, test_batch and batches.meta in {where}. " + _how_to_get(root)
-        )
-    return batch_dir
-
-
-def _how_to_get(root: Path) -> str:
-    return (
-        f"Download {ARCHIVE} (the 'CIFAR-10 python version') from {URL} and extract it with"
-        f" `tar -xzf {ARCHIVE} -C {root}`; qbd never downloads data."
-    )
 
 
 def _is_official_release(batch_dir: Path) -> bool:
@@ -209,7 +177,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     except _READ_ERRORS as exc:
         raise DataUnavailableError(
             f"CIFAR-10 file {path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {' '.join(str(exc).split())}). Replace"
-            f" it with the file from {ARCHIVE} ({URL})."
+            f" it with the file from {CIFAR_ARCHIVE} ({CIFAR_URL})."
         ) from exc
     if not isinstance(entry, dict):
         raise DataUnavailableError(f"CIFAR-10 file {path} does not hold a dict (got {type(entry).__name__})")

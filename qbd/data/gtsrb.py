@@ -22,14 +22,9 @@ from PIL import Image, UnidentifiedImageError
 
 from qbd.config import DatasetSpec
 from qbd.data.base import DataSplit, DataUnavailableError
+from qbd.data.layouts import GTSRB_TEST_CSV, GTSRB_TRAIN, check_gtsrb, gtsrb_how_to_get
 
 SIZE = 32
-BASE_FOLDER = "gtsrb"
-TRAIN_FOLDER = Path(BASE_FOLDER) / "GTSRB" / "Training"
-TEST_FOLDER = Path(BASE_FOLDER) / "GTSRB" / "Final_Test" / "Images"
-TEST_CSV = Path(BASE_FOLDER) / "GT-final_test.csv"
-URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
-ARCHIVES = ("GTSRB-Training_fixed.zip", "GTSRB_Final_Test_Images.zip", "GTSRB_Final_Test_GT.zip")
 
 # Sign names of ClassId 0..42 (the benchmark's signnames).
 CLASSES: tuple[str, ...] = (
@@ -77,9 +72,6 @@ CLASSES: tuple[str, ...] = (
     "End of no passing",
     "End of no passing by vehicles over 3.5 metric tons",
 )
-# Torchvision's ImageFolder logic numbers the class folders in sorted order; these names make
-# that order equal to the ClassId.
-CLASS_FOLDERS = tuple(f"{i:05d}" for i in range(len(CLASSES)))
 
 # Per-channel mean/std of the GTSRB training images, the values commonly used for this data set
 # in PyTorch code. Fixed constants (see DataSplit); they were not recomputed here because no
@@ -92,52 +84,10 @@ def load(spec: DatasetSpec, root: Path | None) -> DataSplit:
     """Load GTSRB from `root`. `spec.seed` is unused: the benchmark's train/test split is fixed."""
     from torchvision.datasets import GTSRB  # lazy: torchvision is a heavy import
 
-    root = check_layout(root)
+    root = check_gtsrb(root)
     x_train, y_train = _read(GTSRB, root, "train")
     x_test, y_test = _read(GTSRB, root, "test")
     return DataSplit.from_numpy("gtsrb", (x_train, y_train), (x_test, y_test), CLASSES, MEAN, STD)
-
-
-def check_layout(root: Path | None) -> Path:
-    """Return `root` if torchvision's layout is there, else DataUnavailableError saying where."""
-    if root is None:
-        raise DataUnavailableError(
-            "GTSRB needs a data root: pass --data-root DIR or set QBD_DATA_ROOT=DIR, where"
-            f" DIR/{TRAIN_FOLDER}/00000 exists. " + _how_to_get(Path("DIR"))
-        )
-    root = Path(root)
-    problems = []
-    train = root / TRAIN_FOLDER
-    if not train.is_dir():
-        problems.append(f"{train}/ is missing")
-    else:
-        present = sorted(p.name for p in train.iterdir() if p.is_dir())
-        if present != list(CLASS_FOLDERS):
-            missing = sorted(set(CLASS_FOLDERS) - set(present))
-            extra = sorted(set(present) - set(CLASS_FOLDERS))
-            detail = "; ".join(
-                part
-                for part in (
-                    f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
-                    f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
-                )
-                if part
-            )
-            problems.append(f"{train}/ must hold exactly the class folders 00000..00042 ({detail})")
-    if not (root / TEST_FOLDER).is_dir():
-        problems.append(f"{root / TEST_FOLDER}/ is missing")
-    if not (root / TEST_CSV).is_file():
-        problems.append(f"{root / TEST_CSV} is missing")
-    if problems:
-        raise DataUnavailableError(f"GTSRB not found under {root}: {'; '.join(problems)}. " + _how_to_get(root))
-    return root
-
-
-def _how_to_get(root: Path) -> str:
-    return (
-        f"Download {', '.join(ARCHIVES)} from {URL} and unzip all three into {root / BASE_FOLDER}/"
-        " (torchvision.datasets.GTSRB's layout); qbd never downloads data."
-    )
 
 
 def _resize(image: Image.Image) -> np.ndarray:
@@ -147,7 +97,7 @@ def _resize(image: Image.Image) -> np.ndarray:
 
 
 def _read(gtsrb_cls: type, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    where = root / (TRAIN_FOLDER if split == "train" else TEST_CSV)
+    where = root / (GTSRB_TRAIN if split == "train" else GTSRB_TEST_CSV)
     try:
         ds = gtsrb_cls(str(root), split=split, transform=_resize, download=False)
         n = len(ds)
@@ -162,10 +112,10 @@ def _read(gtsrb_cls: type, root: Path, split: str) -> tuple[np.ndarray, np.ndarr
         # (missing column, non-integer ClassId).
         raise DataUnavailableError(
             f"GTSRB {split} split under {where} is incomplete or malformed ({type(exc).__name__}: {exc}). "
-            + _how_to_get(root)
+            + gtsrb_how_to_get(root)
         ) from exc
     if n == 0:
-        raise DataUnavailableError(f"GTSRB {split} split under {where} has no images. " + _how_to_get(root))
+        raise DataUnavailableError(f"GTSRB {split} split under {where} has no images. " + gtsrb_how_to_get(root))
     if int(y.min()) < 0 or int(y.max()) >= len(CLASSES):
         raise DataUnavailableError(f"GTSRB {split} labels under {where} fall outside 0..{len(CLASSES) - 1}")
     return x, y

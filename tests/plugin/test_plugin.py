@@ -84,7 +84,7 @@ def test_paper_tier_skips_visibly_without_data(suite: pytest.Pytester, monkeypat
     monkeypatch.delenv("QBD_DATA_ROOT", raising=False)
     result = suite.runpytest("--qbd-tier", "paper", "-rs", "-k", "neural-cleanse and fp32 and canonical")
     result.assert_outcomes(skipped=4)  # 2 data sets x (backdoored, clean model)
-    result.stdout.fnmatch_lines(["*cifar10: no data root*", "*gtsrb: no data root*"])
+    result.stdout.fnmatch_lines(["*CIFAR-10 needs a data root*", "*GTSRB needs a data root*"])  # the loaders' own words
 
 
 @pytest.mark.parametrize(

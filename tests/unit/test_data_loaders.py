@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 
 from qbd.config import DatasetSpec
-from qbd.data import DATA_ROOT_ENV, load_dataset
+from qbd.data import DATA_ROOT_ENV, layouts, load_dataset
 from qbd.data import cifar10 as cifar_mod
 from qbd.data import gtsrb as gtsrb_mod
 from qbd.data.base import DataUnavailableError
@@ -130,7 +130,7 @@ def test_cifar10_none_root_says_how_to_configure() -> None:
         DATA_ROOT_ENV,
         "cifar-10-batches-py/data_batch_1",
         "cifar-10-python.tar.gz",
-        cifar_mod.URL,
+        layouts.CIFAR_URL,
     ):
         assert needle in msg
 
@@ -321,7 +321,7 @@ def test_gtsrb_none_root_says_how_to_configure() -> None:
         DATA_ROOT_ENV,
         "gtsrb/GTSRB/Training/00000",
         "GTSRB_Final_Test_GT.zip",
-        gtsrb_mod.URL,
+        layouts.GTSRB_URL,
     ):
         assert needle in msg
 
@@ -330,27 +330,27 @@ def test_gtsrb_empty_root_names_the_expected_paths(tmp_path: Path) -> None:
     with pytest.raises(DataUnavailableError) as err:
         load_dataset(GTSRB, tmp_path)
     msg = str(err.value)
-    for path in (gtsrb_mod.TRAIN_FOLDER, gtsrb_mod.TEST_FOLDER, gtsrb_mod.TEST_CSV):
+    for path in (layouts.GTSRB_TRAIN, layouts.GTSRB_TEST, layouts.GTSRB_TEST_CSV):
         assert str(tmp_path / path) in msg
 
 
 def test_gtsrb_missing_test_csv(tmp_path: Path) -> None:
     write_gtsrb(tmp_path)
-    (tmp_path / gtsrb_mod.TEST_CSV).unlink()
+    (tmp_path / layouts.GTSRB_TEST_CSV).unlink()
     with pytest.raises(DataUnavailableError, match=r"GT-final_test\.csv is missing"):
         load_dataset(GTSRB, tmp_path)
 
 
 def test_gtsrb_missing_class_folder(tmp_path: Path) -> None:
     write_gtsrb(tmp_path)
-    shutil.rmtree(tmp_path / gtsrb_mod.TRAIN_FOLDER / "00042")
+    shutil.rmtree(tmp_path / layouts.GTSRB_TRAIN / "00042")
     with pytest.raises(DataUnavailableError, match=r"00000\.\.00042 \(missing 00042\)"):
         load_dataset(GTSRB, tmp_path)
 
 
 def test_gtsrb_class_folder_without_images(tmp_path: Path) -> None:
     write_gtsrb(tmp_path)
-    for ppm in (tmp_path / gtsrb_mod.TRAIN_FOLDER / "00007").glob("*.ppm"):
+    for ppm in (tmp_path / layouts.GTSRB_TRAIN / "00007").glob("*.ppm"):
         ppm.unlink()
     with pytest.raises(DataUnavailableError, match="GTSRB train split"):
         load_dataset(GTSRB, tmp_path)
@@ -358,14 +358,14 @@ def test_gtsrb_class_folder_without_images(tmp_path: Path) -> None:
 
 def test_gtsrb_test_image_missing(tmp_path: Path) -> None:
     write_gtsrb(tmp_path, n_test=3)
-    (tmp_path / gtsrb_mod.TEST_FOLDER / "00001.ppm").unlink()
+    (tmp_path / layouts.GTSRB_TEST / "00001.ppm").unlink()
     with pytest.raises(DataUnavailableError, match=r"00001\.ppm"):
         load_dataset(GTSRB, tmp_path)
 
 
 def test_gtsrb_corrupt_image(tmp_path: Path) -> None:
     write_gtsrb(tmp_path, n_test=3)
-    (tmp_path / gtsrb_mod.TEST_FOLDER / "00002.ppm").write_bytes(b"P6\n32 32\n255\n\x00\x01")
+    (tmp_path / layouts.GTSRB_TEST / "00002.ppm").write_bytes(b"P6\n32 32\n255\n\x00\x01")
     with pytest.raises(DataUnavailableError, match="GTSRB test split"):
         load_dataset(GTSRB, tmp_path)
 
@@ -373,9 +373,30 @@ def test_gtsrb_corrupt_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize("class_id", ["43", "-1", "x"])
 def test_gtsrb_bad_class_id(tmp_path: Path, class_id: str) -> None:
     write_gtsrb(tmp_path, n_test=2)
-    csv_path = tmp_path / gtsrb_mod.TEST_CSV
+    csv_path = tmp_path / layouts.GTSRB_TEST_CSV
     lines = csv_path.read_text().splitlines()
     lines[1] = lines[1].rsplit(";", 1)[0] + ";" + class_id
     csv_path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataUnavailableError, match="GTSRB test"):
         load_dataset(GTSRB, tmp_path)
+
+
+def test_the_layouts_are_torchvisions():
+    """qbd.data.layouts states the files without importing torchvision; they must be its own."""
+    assert list(layouts.CIFAR_FILES) == cifar_mod.required_files()
+    assert len(layouts.GTSRB_CLASS_FOLDERS) == len(gtsrb_mod.CLASSES)
+
+
+@pytest.mark.parametrize("layout", list(layouts.CIFAR_LAYOUTS))
+def test_the_plugin_accepts_every_root_the_loader_accepts(tmp_path, layout):
+    """The plugin skips a data set by the loader's own check: both CIFAR-10 layouts run, and a
+    root without the files is skipped with the loader's message."""
+    from qbd.plugin.options import data_missing
+
+    assert data_missing("cifar10", str(tmp_path)).startswith("CIFAR-10 not found")
+    (tmp_path / layout).mkdir(parents=True)
+    for name in layouts.CIFAR_FILES:
+        (tmp_path / layout / name).write_bytes(b"")
+    assert data_missing("cifar10", str(tmp_path)) is None
+    assert layouts.find_cifar_batches(tmp_path) == tmp_path / layout
+    assert data_missing("digits", None) is None  # embedded: needs no root
