@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qbd.errors import ConfigError
+from qbd.remote_fs import PUTS, StoreUnreachable, conditional_answer, filesystem, protocol
 from qbd.store import (
     CACHE_ENV,
     DEFAULT_LOCK_TIMEOUT,
@@ -72,7 +73,7 @@ class UrlStore(ModelStore):
         self.root = url.rstrip("/")
         self.lock_timeout = seconds_setting(lock_timeout, LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT)
         self.stale_after = seconds_setting(stale_after, STALE_AFTER_ENV, DEFAULT_STALE_AFTER)
-        self.fs, self._base = _filesystem(self.root)
+        self.fs, self._base = filesystem(self.root)
         self._create_only_checked = False
 
     # -- paths: `_path` for fsspec, `_url` for people -------------------------------------------
@@ -157,7 +158,7 @@ class UrlStore(ModelStore):
     # -- write -------------------------------------------------------------------------------
     def _put(self, path: str, data: bytes, create: bool = False) -> None:
         """Write one object whole; with `create`, FileExistsError if it exists already."""
-        put = _PUTS.get(_protocol(self.fs))
+        put = PUTS.get(protocol(self.fs))
         if put is not None:
             put(path, data, create)
             return
@@ -168,7 +169,7 @@ class UrlStore(ModelStore):
                 self.fs.pipe_file(path, data, mode="create" if create else "overwrite")
                 return
             except StoreUnreachable as e:
-                answer = _conditional_answer(e.__cause__)
+                answer = conditional_answer(e.__cause__)
                 if create and answer == "exists":  # a 412 the backend did not map to FileExistsError
                     raise FileExistsError(path) from e
                 if answer != "conflict" or attempt == _CONFLICT_RETRIES:
@@ -189,7 +190,7 @@ class UrlStore(ModelStore):
             self._create_only_checked = True
             return
         except StoreUnreachable as e:
-            if _conditional_answer(e.__cause__) == "exists":
+            if conditional_answer(e.__cause__) == "exists":
                 self._create_only_checked = True
                 return
             raise
@@ -395,91 +396,3 @@ class _Lease:
         with contextlib.suppress(OSError):  # a lease left behind goes stale; never mask the caller's outcome
             if self._mine():
                 self.store._rm(self.path)
-
-
-def _local_put(path: str, data: bytes, create: bool) -> None:
-    """Whole-object writes on a local disk: write aside, then link (create-only: fails if the
-    name exists) or rename into place. fsspec's own create mode checks then writes: not atomic."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        if create:
-            os.link(tmp, path)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-# filesystems whose fsspec writes are not whole-object or not create-only by themselves
-_PUTS: dict[str, Callable[[str, bytes, bool], None]] = {"file": _local_put, "local": _local_put}
-
-
-def _protocol(fs: Any) -> str:
-    p = fs.protocol
-    return p if isinstance(p, str) else p[0]
-
-
-def _filesystem(url: str) -> tuple[Any, str]:
-    import fsspec.core
-    from fsspec.registry import known_implementations
-
-    proto = url.split("://", 1)[0]
-    try:
-        # a fresh instance: cached ones keep the endpoint/credentials of when they were made
-        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
-    except ImportError as e:
-        pkg = known_implementations.get(proto, {}).get("class", "").split(".")[0]
-        hint = f"pip install {pkg}" if pkg and pkg != "fsspec" else str(e)
-        raise ConfigError(f"model store {url}: {proto}:// needs a package that is not installed: {hint}") from None
-    except ValueError as e:
-        raise ConfigError(f"model store {url}: unknown protocol {proto!r} ({e})") from None
-    return _Guarded(fs, url), path.rstrip("/")
-
-
-class StoreUnreachable(StoreError, OSError):
-    """The backend failed (endpoint down, access denied): not damage, so nothing is quarantined."""
-
-
-class _Guarded:
-    """An fsspec filesystem whose failures, other than the protocol's own answers (not found,
-    exists), become StoreUnreachable naming the store: botocore's errors, for one, are not OSErrors."""
-
-    def __init__(self, fs: Any, url: str) -> None:
-        self._fs = fs
-        self._url = url
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._fs, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return attr(*args, **kwargs)
-            except (FileNotFoundError, FileExistsError):
-                raise
-            except Exception as e:
-                raise StoreUnreachable(f"model store {self._url}: {type(e).__name__}: {e}") from e
-
-        return call
-
-
-def _conditional_answer(error: BaseException | None) -> str | None:
-    """How a failed conditional put was answered: "exists" (412 Precondition Failed), "conflict"
-    (409, simultaneous conditional writes: retry), or None (something else)."""
-    import errno
-
-    text = f"{type(error).__name__} {error}"
-    code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
-    if code == "PreconditionFailed" or "PreconditionFailed" in text or "412" in text.split():
-        return "exists"
-    if (code == "ConditionalRequestConflict" or "ConditionalRequestConflict" in text
-            or (isinstance(error, OSError) and error.errno == errno.EBUSY)):
-        return "conflict"
-    return None

@@ -64,7 +64,7 @@ def test_nc_full_run(benchmark, setup, mode):
 # as many times, with the same channels_last input (`plain`). The gap between `nc-loop` and
 # `plain` is the loop's own overhead (masking, Adam, bookkeeping); `plain-contiguous` is the
 # textbook loop (default layout); `plain-folded` runs the model with BatchNorm folded into its
-# convolutions (NeuralCleanse's opt-in `fold_batchnorm`, qbd.defenses.neural_cleanse.fast_view).
+# convolutions (NeuralCleanse's opt-in `fold_batchnorm`, qbd.defenses.nc_reverse.fast_view).
 # Each entry records its GFLOP/s (torch's FLOP counter).
 STEPS = 20  # per class: 10 classes x 20 steps = 200 forward+backward passes of 32 images
 
@@ -91,7 +91,7 @@ def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 def test_nc_loop_vs_plain_pytorch(benchmark, setup, variant):
     import copy
 
-    from qbd.defenses.neural_cleanse import fast_view
+    from qbd.defenses.nc_reverse import fast_view
 
     benchmark.group = "nc-vs-plain"
     subject, inputs = setup

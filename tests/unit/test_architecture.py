@@ -6,9 +6,9 @@ import ast
 from pathlib import Path
 
 QBD = Path(__file__).resolve().parents[2] / "qbd"
-# the largest modules today, each one concern (neural_cleanse.py: the authors' optimisation and its
-# schedule; remote_store.py: the URL store's lease protocol): a module growing past this splits
-MAX_LINES = 520
+# the largest modules today, each one concern (sandbox.py: running a defense under a time limit;
+# evaluate.py: the bench): a module growing past this splits (the aim is about 450)
+MAX_LINES = 470
 
 
 def _module(path: Path) -> str:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qbd.defenses.base import DefenseInputs, Subject
-from qbd.defenses.neural_cleanse import NeuralCleanse, _squash, batch_plan, decide, initial_trigger, resolve_mode
+from qbd.defenses.nc_reverse import _squash, batch_plan, initial_trigger
+from qbd.defenses.neural_cleanse import NeuralCleanse, decide, resolve_mode
 from qbd.defenses.sandbox import run_defense
 from qbd.errors import ConfigError
 from qbd.metrics import to_unit
@@ -243,7 +244,7 @@ def _with_bn_stats(model):
 
 
 def test_fast_view_is_the_same_function_with_batchnorm_folded():
-    from qbd.defenses.neural_cleanse import fast_view
+    from qbd.defenses.nc_reverse import fast_view
 
     model = _with_bn_stats(build_model("tiny-cnn", 10, (0.5,) * 3, (0.25,) * 3, seed=0))
     for p in model.parameters():
@@ -264,7 +265,7 @@ def test_fast_view_is_the_same_function_with_batchnorm_folded():
 
 
 def test_fast_view_leaves_a_model_with_nothing_to_fold_alone():
-    from qbd.defenses.neural_cleanse import fast_view
+    from qbd.defenses.nc_reverse import fast_view
 
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     assert fast_view(plain) == (plain, {"bn_folded": 0})
@@ -299,10 +300,10 @@ def test_the_verdict_records_its_compute_and_why_each_class_stopped(tiny, protoc
 def test_no_flops_are_claimed_when_the_counter_saw_none():
     """A graph of quantized kernels (int8-static deployed) is invisible to torch's FLOP counter:
     the Result then records images and seconds, and no FLOPs or GFLOP/s, rather than zero."""
-    from qbd.defenses.neural_cleanse import _merge
+    from qbd.defenses.nc_reverse import merge
 
     part = {**_res([1.0]), "classes": [0], "stopped": ["budget"], "compute": {"images": 64, "flops_per_image": 0, "seconds": 0.5}}
-    c = _merge([part, {**part, "classes": [1]}])["compute"]
+    c = merge([part, {**part, "classes": [1]}])["compute"]
     assert (c["images"], c["seconds"], c["flops"], c["gflop_per_s"]) == (128, 1.0, None, None)
 
 
