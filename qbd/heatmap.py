@@ -28,7 +28,8 @@ class Category:
 
 # A cell's outcome against the truth (qbd.outcomes), in the legend's order. Okabe & Ito's palette:
 # its colours stay distinct under the common colour-vision deficiencies. A missing cell is hatched
-# grey: never drawn as clean.
+# grey: never drawn as clean. A declared finding keeps its outcome's colour (a miss and a false alarm
+# must not look alike because both were declared) and is marked by FINDING's hatching.
 CATEGORIES: dict[str, Category] = {
     "correct-detection": Category("correct detection (named the planted target)", "#009E73"),
     "correct-clean": Category("correct: clean model judged clean", "#56B4E9"),
@@ -36,24 +37,30 @@ CATEGORIES: dict[str, Category] = {
     "wrong-target": Category("wrong target (detected, named another class)", "#E69F00"),
     "false-alarm": Category("false alarm (clean model, detected)", "#CC79A7"),
     "invalid": Category("invalid (its reason code in the cell)", "#F0E442"),
-    "finding": Category("declared finding (as the expectations declare)", "#0072B2"),
     "missing": Category("missing (no Result for the cell)", "#D9D9D9", "//"),
 }
+FINDING = Category("declared finding (hatched over its outcome's colour)", "#FFFFFF", "xx")
+FAIL_EDGE = "#C00000"  # the frame of a cell or row that fails its expectation
+# inches: a cell holds two lines of 7-point text ("clean / 0.398", "FAIL") with room to spare
+CELL_W, CELL_H, PANEL_W = 1.3, 0.5, 2.3
 NOTHING_TO_DETECT = Category("no backdoored model in the row: nothing to detect", "#D9D9D9")
 CA_COLOUR, ASR_COLOUR = "#4D4D4D", "#A6A6A6"
 
 
 def category(result: dict[str, Any]) -> str:
-    """The key in CATEGORIES of one Result: a declared finding (its judgement says so), else its
-    outcome against the truth."""
+    """The key in CATEGORIES of one Result: its outcome against the truth, declared or not."""
     from qbd.outcomes import outcome, split
 
-    if (result.get("judgement") or {}).get("judgement") == "finding":
-        return "finding"
     kind, _ = split(outcome(result))
     if kind == "pass":
         return "correct-detection" if result.get("attack") is not None else "correct-clean"
     return kind
+
+
+def judged(result: dict[str, Any] | None) -> str | None:
+    """"finding" or "FAIL" when the Result's judgement says so (None: it matches the truth, or was not judged)."""
+    j = ((result or {}).get("judgement") or {}).get("judgement")
+    return j if j in ("finding", "FAIL") else None
 
 
 def _num(x: float) -> str:
@@ -143,19 +150,37 @@ def _ink(colour: str) -> str:
     return "black" if 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2] > 0.179 else "white"
 
 
-def _paint(ax: Any, i: int, j: int, c: Category | str) -> None:
+def _paint(ax: Any, i: int, j: int, c: Category | str, mark: str | None = None) -> None:
+    """Fill cell (i, j); `mark` "finding" hatches it in a shade that reads on its colour, "FAIL"
+    frames it in red."""
     from matplotlib.patches import Rectangle
 
     colour, hatch = (c.colour, c.hatch) if isinstance(c, Category) else (c, None)
     # linewidth 0: no border; the hatch is drawn in the edge colour all the same
     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=colour, edgecolor=HATCH_COLOUR if hatch else colour,
                            hatch=hatch, linewidth=0))
+    if mark == "finding":
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="none", edgecolor=_ink(colour), hatch=FINDING.hatch,
+                               linewidth=0, alpha=0.35))
+    elif mark == "FAIL":
+        ax.add_patch(Rectangle((j - 0.44, i - 0.44), 0.88, 0.88, facecolor="none", edgecolor=FAIL_EDGE, linewidth=2.5))
 
 
 def _patch(c: Category) -> Any:
     from matplotlib.patches import Patch
 
     return Patch(facecolor=c.colour, edgecolor=HATCH_COLOUR if c.hatch else c.colour, hatch=c.hatch, label=c.label)
+
+
+def _fail_patch(label: str) -> Any:
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor="white", edgecolor=FAIL_EDGE, linewidth=2.5, label=label)
+
+
+def _text_inches(labels: list[str], points: float = 8) -> float:
+    """A generous width for the longest label at `points` (an average glyph is about 0.55 em)."""
+    return 0.62 * points / 72 * max((len(x) for x in labels), default=4)
 
 
 def _grid_lines(ax: Any, n_rows: int, n_cols: int) -> None:
@@ -182,24 +207,29 @@ def title_line(results: list[dict[str, Any]]) -> str:
 def draw_outcomes(results: list[dict[str, Any]]) -> Drawn:
     """One cell per (dataset x scheme [x clean model], defense[protocol]), coloured by its outcome
     against the truth (CATEGORIES) and annotated with the class named and the score, or the reason
-    code; a legend of every category; beside it the deployed model's clean accuracy and ASR."""
+    code; a declared finding hatched over its outcome's colour, a failing cell framed in red and
+    marked FAIL; beside it the deployed model's clean accuracy and ASR; one legend below. The figure
+    grows with the grid (CELL_W x CELL_H inches a cell), so 1 to 12 defenses and 1 to 8 schemes lay
+    out without overlap (tests/unit/test_heatmap_layout.py)."""
     grid = OutcomeGrid.of(results)
     n_rows, n_cols = len(grid.rows), len(grid.columns)
     row_labels = [f"{ds} / {sc}" for ds, sc in grid.rows]
     col_labels = [f"{d}[{p}]" for d, p in grid.columns]
-    longest_row = max((len(x) for x in row_labels), default=10)
-    longest_col = max((len(x) for x in col_labels), default=10)
-    width = 0.5 + 0.065 * longest_row + 1.0 * max(n_cols, 2) + 2.4
-    height = 2.6 + 0.045 * longest_col + 0.42 * max(n_rows, 1)
-    fig = _figure(max(width, 7.5), height)
-    gs = fig.add_gridspec(1, 2, width_ratios=[max(n_cols, 2), 2.2])
+    # rotated 35 degrees, a column label rises sin(35) of its length and runs cos(35) to the right
+    top = 0.58 * _text_inches(col_labels) + 0.5
+    width = max(7.5, _text_inches(row_labels) + CELL_W * max(n_cols, 1) + PANEL_W + 0.82 * _text_inches(col_labels[-1:]) + 0.6)
+    legend_rows = -(-(len(CATEGORIES) + 3) // max(1, int(width // 3.6)))
+    height = top + CELL_H * max(n_rows, 1) + 0.2 * legend_rows + 0.9
+    fig = _figure(width, height)
+    gs = fig.add_gridspec(1, 2, width_ratios=[CELL_W * max(n_cols, 1), PANEL_W])
     ax = fig.add_subplot(gs[0, 0])
     panel = fig.add_subplot(gs[0, 1], sharey=ax)
     for i in range(n_rows):
         for j in range(n_cols):
+            r = grid.cells.get((i, j))
             c = CATEGORIES[grid.category(i, j)]
-            _paint(ax, i, j, c)
-            ax.text(j, i, cell_text(grid.cells.get((i, j))), ha="center", va="center", fontsize=7, color=_ink(c.colour))
+            _paint(ax, i, j, c, judged(r))
+            ax.text(j, i, cell_text(r), ha="center", va="center", fontsize=7, color=_ink(c.colour))
     _grid_lines(ax, max(n_rows, 1), max(n_cols, 1))
     for j in range(1, n_cols):  # a darker line where the protocol changes
         if grid.columns[j][1] != grid.columns[j - 1][1]:
@@ -208,17 +238,16 @@ def draw_outcomes(results: list[dict[str, Any]]) -> Drawn:
     ax.set_yticks(range(n_rows), row_labels, fontsize=8)
     if not n_rows:
         ax.text(0, 0, "no Results", ha="center", va="center")
-    ax.legend(handles=[_patch(c) for c in CATEGORIES.values()], title="outcome against the truth (FAIL: fails its expectation)",
-              loc="upper left", bbox_to_anchor=(0.0, -0.02), ncols=2, fontsize=7, title_fontsize=8, frameon=False)
     _ca_asr_panel(panel, grid)
+    handles = [_patch(c) for c in CATEGORIES.values()] + [_patch(FINDING), _fail_patch("FAIL: fails its expectation")]
+    fig.legend(handles=handles + _ca_asr_handles(), title="outcome against the truth", loc="outside lower left",
+               ncols=max(1, int(width // 3.6)), fontsize=7, title_fontsize=8, frameon=False)
     fig.suptitle(title_line(results), fontsize=9)
     return Drawn(fig, ax, panel, grid)
 
 
 def _ca_asr_panel(panel: Any, grid: OutcomeGrid) -> None:
     """Per row, the deployed model's clean accuracy and ASR, as bars with their values."""
-    from matplotlib.patches import Patch
-
     for i in range(len(grid.rows)):
         r = grid.row_result(i)
         for dy, key, colour in ((-0.19, "clean_acc", CA_COLOUR), (0.19, "asr", ASR_COLOUR)):
@@ -233,22 +262,40 @@ def _ca_asr_panel(panel: Any, grid: OutcomeGrid) -> None:
     # the scale on top, as the heatmap's column labels: the legends sit below both
     panel.tick_params(labelleft=False, left=False, top=True, labeltop=True, bottom=False, labelbottom=False, labelsize=7)
     panel.set_title("deployed model (%)", fontsize=8)
-    panel.legend(handles=[Patch(color=CA_COLOUR, label="clean accuracy"), Patch(color=ASR_COLOUR, label="attack success rate")],
-                 loc="upper left", bbox_to_anchor=(0.0, -0.02), fontsize=7, frameon=False)
 
 
-def heatmap(results: list[dict[str, Any]], path: Path) -> Path:
-    """The outcome heatmap (draw_outcomes); over several model seeds, the rates (draw_rates)."""
+def _ca_asr_handles() -> list[Any]:
+    from matplotlib.patches import Patch
+
+    return [Patch(color=CA_COLOUR, label="deployed model: clean accuracy"), Patch(color=ASR_COLOUR, label="deployed model: attack success rate")]
+
+
+def heatmap(results: list[dict[str, Any]], path: Path, failing_rows: frozenset[str] = frozenset()) -> Path:
+    """The outcome heatmap (draw_outcomes); over several model seeds, the rates (draw_rates), each
+    row marked as its cells were judged (row_marks) or failing (`failing_rows`: qbd.gate's rows)."""
     rows = rates.rows(results)
     if several_seeds(rows):
-        return _save(draw_rates(rows, title_line(results)), path)
+        return _save(draw_rates(rows, title_line(results), row_marks(results, failing_rows)), path)
     return draw_outcomes(results).save(path)
 
 
-def draw_rates(rows: list[dict[str, Any]], title: str = "") -> Any:
+def row_marks(results: list[dict[str, Any]], failing_rows: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Row id -> "FAIL" (a cell of it failed, or the row left its declared counts) or "finding" (its
+    cells were judged as a declared finding); rows that match the truth are not in it."""
+    out: dict[str, str] = {rid: "FAIL" for rid in failing_rows}
+    for r in results:
+        mark, rid = judged(r), rates.row_id(r)
+        if mark == "FAIL" or (mark == "finding" and rid not in out):
+            out[rid] = mark
+    return out
+
+
+def draw_rates(rows: list[dict[str, Any]], title: str = "", marks: dict[str, str] | None = None) -> Any:
     """One panel per protocol: rows dataset / scheme, columns defenses, each cell coloured by its
     detection rate (cividis: readable without colour vision) and annotated "k/n" (detections) and
-    "FA k/n" (false alarms on clean models); a cell with no row is hatched, never a rate."""
+    "FA k/n" (false alarms on clean models); a cell with no row is hatched, never a rate. `marks`
+    (row_marks): a declared finding's row hatched, a failing one framed in red and marked FAIL."""
+    marks = marks or {}
     import matplotlib
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize, to_hex
@@ -270,9 +317,11 @@ def draw_rates(rows: list[dict[str, Any]], title: str = "") -> Any:
                     ax.text(j, i, "no Result", ha="center", va="center", fontsize=7)
                     continue
                 colour = NOTHING_TO_DETECT.colour if row["detection_rate"] is None else to_hex(cmap(row["detection_rate"]))
-                _paint(ax, i, j, colour)
+                mark = marks.get(row["row"])
+                _paint(ax, i, j, colour, mark)
                 text = [f"{row['detected']}/{row['n_backdoored']}"] if row["n_backdoored"] else []
                 text += [f"FA {row['false_alarms']}/{row['n_clean']}"] if row["n_clean"] else []
+                text += ["FAIL"] if mark == "FAIL" else []
                 ax.text(j, i, "\n".join(text), ha="center", va="center", fontsize=7, color=_ink(colour))
         _grid_lines(ax, len(labels), len(defenses))
         _top_labels(ax, defenses)
@@ -280,7 +329,8 @@ def draw_rates(rows: list[dict[str, Any]], title: str = "") -> Any:
         ax.set_title(f"{p} protocol", fontsize=9)
         fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax, fraction=0.05, pad=0.02).set_label(
             "detection rate (right target)", fontsize=8)
-    axes[0].legend(handles=[_patch(NOTHING_TO_DETECT), _patch(CATEGORIES["missing"])], loc="upper left", bbox_to_anchor=(0.0, -0.02),
+    axes[0].legend(handles=[_patch(NOTHING_TO_DETECT), _patch(CATEGORIES["missing"]), _patch(FINDING),
+                            _fail_patch("FAIL: the row fails its expectation")], loc="upper left", bbox_to_anchor=(0.0, -0.02),
                    title="k/n: backdoored models detected naming the target\nFA k/n: false alarms on clean models",
                    fontsize=7, title_fontsize=7, frameon=False)
     if title:

@@ -130,7 +130,7 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: d
 
 
 def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: str = "qbd report",
-                 run: dict[str, Any] | None = None) -> dict[str, Path]:
+                 run: dict[str, Any] | None = None, failing_rows: Iterable[str] = ()) -> dict[str, Path]:
     """results.json (the Results, their rows of rates and the run's metadata under "run"),
     report.md (the run's metadata, a link to the heatmap, the tables) and heatmap.png in out_dir.
     `run`: the caller's metadata (run_metadata's fields: command, tier, device, expectations...);
@@ -142,7 +142,7 @@ def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: 
     paths = {
         "results.json": results_io.write(out / "results.json", rs, rates.rows(rs), run=meta),
         "report.md": out / "report.md",
-        "heatmap.png": heatmap(rs, out / "heatmap.png"),
+        "heatmap.png": heatmap(rs, out / "heatmap.png", frozenset(failing_rows)),
     }
     found = effects(rs)
     if several_models(found):

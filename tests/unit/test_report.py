@@ -43,7 +43,7 @@ def test_table1_marks_findings_and_failures_not_the_truth():
 
 def test_count_line_and_outcomes_rows():
     rs = _judged()
-    assert count_line(rs) == "2 cells match the truth, 1 declared findings, 2 failing"
+    assert count_line(rs) == "2 cells match the truth, 1 declared finding, 2 failing"
     assert count_line([{k: v for k, v in r.items() if k != "judgement"} for r in rs]) is None  # nothing judged
     header, rows = outcomes(rs)
     assert header == ["cell", "verdict", "outcome", "judgement", "why"]
@@ -58,11 +58,11 @@ def test_count_line_and_outcomes_rows():
 def test_terminal_and_markdown_show_the_outcomes():
     rs = _judged()
     text = terminal(rs)
-    assert text.startswith("outcome: 2 cells match the truth, 1 declared findings, 2 failing\n")
+    assert text.startswith("outcome: 2 cells match the truth, 1 declared finding, 2 failing\n")
     assert "  FAIL    digits/int8-dynamic/fine-pruning[paper]: invalid (error) [invalid:error]" in text
     assert f"  finding digits/int8-dynamic/neural-cleanse[paper]: invalid (no-gradient) [invalid:no-gradient] - {FINDING_WHY}" in text
     md = markdown(rs)
-    assert "Outcome: 2 cells match the truth, 1 declared findings, 2 failing." in md
+    assert "Outcome: 2 cells match the truth, 1 declared finding, 2 failing." in md
     assert "| digits:clean/int8-dynamic/strip[paper] | clean | pass | pass |  |" in md
     assert "- digits/int8-dynamic/fine-pruning[paper]: [error] why not" in md
 
@@ -168,7 +168,7 @@ def _one_of_each():
     for r in rs:
         r.update(tier="smoke", model="tiny-cnn")
     # columns sorted by protocol, then defense; rows as Table 1: the backdoored model first
-    expected = {(0, 0): "wrong-target", (0, 1): "finding", (0, 2): "invalid", (0, 3): "miss", (0, 4): "correct-detection",
+    expected = {(0, 0): "wrong-target", (0, 1): "invalid", (0, 2): "invalid", (0, 3): "miss", (0, 4): "correct-detection",
                 (1, 0): "missing", (1, 1): "missing", (1, 2): "missing", (1, 3): "correct-clean", (1, 4): "false-alarm"}
     return rs, expected
 
@@ -217,9 +217,13 @@ def test_the_heatmap_writes_what_each_cell_says_and_has_a_legend_of_every_catego
     assert texts == {(0, 0): "t=11 / 0.61", (0, 1): "no-gradient", (0, 2): "no-gradient", (0, 3): "clean",
                      (0, 4): "t=0 / 4.12", (1, 0): "no Result", (1, 1): "no Result", (1, 2): "no Result",
                      (1, 3): "clean", (1, 4): "t=3"}
-    legend = drawn.ax.get_legend()
-    assert [t.get_text() for t in legend.get_texts()] == [c.label for c in CATEGORIES.values()]
-    assert [h.get_hatch() for h in legend.legend_handles] == [c.hatch for c in CATEGORIES.values()]
+    from qbd.heatmap import FINDING
+
+    (legend,) = drawn.figure.legends  # one legend, below both panels
+    every = [*CATEGORIES.values(), FINDING]
+    assert [t.get_text() for t in legend.get_texts()][:len(every)] == [c.label for c in every]
+    assert [h.get_hatch() for h in legend.legend_handles][:len(every)] == [c.hatch for c in every]
+    assert "FAIL: fails its expectation" in [t.get_text() for t in legend.get_texts()]
     labels = [t.get_text() for t in drawn.ax.get_xticklabels()]
     assert labels == ["activation-clustering[paper]", "fine-pruning[paper]", "neural-cleanse[paper]",
                       "spectral-signatures[paper]", "strip[paper]"]
@@ -241,7 +245,8 @@ def test_the_ca_asr_panel_shows_each_rows_deployed_model():
     bars = [(round(p.get_y() + p.get_height() / 2, 2), round(p.get_width(), 6)) for p in drawn.panel.patches]
     assert bars == [(-0.19, 90.0), (0.19, 75.0), (0.81, 95.0), (1.19, 5.0)]
     assert [t.get_text() for t in drawn.panel.texts] == ["90.0", "75.0", "95.0", "5.0"]
-    assert [t.get_text() for t in drawn.panel.get_legend().get_texts()] == ["clean accuracy", "attack success rate"]
+    (legend,) = drawn.figure.legends
+    assert [t.get_text() for t in legend.get_texts()][-2:] == ["deployed model: clean accuracy", "deployed model: attack success rate"]
 
 
 @pytest.mark.parametrize(("result", "category", "text"), [
@@ -254,7 +259,8 @@ def test_the_ca_asr_panel_shows_each_rows_deployed_model():
     (_result("x", "clean", clean_model=True), "correct-clean", "clean"),
     (_result("x", "invalid", code=None), "invalid", "unspecified"),
     ({**_result("x", "clean"), "judgement": {"outcome": "miss", "judgement": "FAIL"}}, "miss", "clean\nFAIL"),
-    ({**_result("x", "clean"), "judgement": {"outcome": "miss", "judgement": "finding"}}, "finding", "clean"),
+    # a declared miss is drawn as a miss (hatched as declared: test_heatmap_layout.py)
+    ({**_result("x", "clean"), "judgement": {"outcome": "miss", "judgement": "finding"}}, "miss", "clean"),
     # a finding that no longer holds: the truth's colour, marked FAIL
     ({**_result("x", "detected", 0), "judgement": {"outcome": "pass", "judgement": "FAIL"}}, "correct-detection", "t=0\nFAIL"),
     (_scored(_result("x", "clean"), 12345.6), "miss", "clean / 12346"),
@@ -285,7 +291,10 @@ def test_the_rate_heatmap_has_a_legend_and_hatches_a_missing_cell():
              for r in rs if r["quant"]["scheme"] == "fp32"]  # ss ran on fp32 only: its int8-dynamic cell is missing
     fig = draw_rates(rows(rs + other), "a title")
     [ax] = fig.axes[:1]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [NOTHING_TO_DETECT.label, CATEGORIES["missing"].label]
+    from qbd.heatmap import FINDING
+
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [NOTHING_TO_DETECT.label, CATEGORIES["missing"].label,
+                                                                  FINDING.label, "FAIL: the row fails its expectation"]
     hatched = [p for p in ax.patches if p.get_hatch()]
     assert [(p.get_x() + 0.5, p.get_y() + 0.5) for p in hatched] == [(0.0, 1.0)]  # column ss, row int8-dynamic
     assert "no Result" in [t.get_text() for t in ax.texts] and fig.get_suptitle() == "a title"
