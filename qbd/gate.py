@@ -22,6 +22,11 @@ class Gate:
     def failing(self) -> tuple[str, ...]:
         return (*self.cells, *self.deployed, *self.rows)
 
+    @property
+    def failing_rows(self) -> frozenset[str]:
+        """The ids of the rows outside their declared rates or counts."""
+        return frozenset(line.partition(": ")[0] for line in self.rows)
+
 
 def judge_run(table: Any, results: list[dict[str, Any]], seeds: int) -> Gate:
     """`table`: qbd.expectations.Expectations; `seeds`: models per data set (rows are judged over

@@ -62,7 +62,7 @@ def run(out: Path, datasets: tuple[str, ...] = DATASETS, *, expectations: bool =
                 continue
             cmd = [sys.executable, "-m", "qbd", "run", "--dataset", ds, "--quant", "fp32", "--protocol", "canonical",
                    "--no-controls", "--no-progress", "--json", "--min-asr", str(SPREAD_MIN_ASR), "--seeds", ",".join(map(str, SPREAD_SEEDS)),
-                   *options(SPREAD_ATTACKS[name]), *(["--expectations"] if expectations else [])]
+                   *options(SPREAD_ATTACKS[name]), *([] if expectations else ["--no-gate"])]
             print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if not done.stdout.strip() or done.returncode not in (0, 1):

@@ -88,6 +88,8 @@ class Collector:
         state = self.state
         if self.is_worker:
             return
+        if not state.accept:
+            self.check_rows(session)
         if state.report_dir and state.results:
             from qbd.report import write_report
             from qbd.run_metadata import run_metadata
@@ -95,12 +97,10 @@ class Collector:
             table = state.expectations_path or (state.expectations.path if state.expectations is not None else None)
             # the device each cell ran on comes from its Result (placement); the option may say "auto"
             write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix",
-                         run=run_metadata(tier=state.tier, device_option=state.device, expectations=str(table) if table else None))
-        if state.accept:
-            if state.results or state.attack or state.audit:
-                self.accept()
-            return
-        self.check_rows(session)
+                         run=run_metadata(tier=state.tier, device_option=state.device, expectations=str(table) if table else None),
+                         failing_rows=[line.partition(": ")[0] for line in state.row_failures])
+        if state.accept and (state.results or state.attack or state.audit):
+            self.accept()
 
     def check_rows(self, session: pytest.Session) -> None:
         """The run through qbd's one gate (qbd.gate, as `qbd run --expectations` judges it): over
@@ -175,8 +175,11 @@ def loads_summary(loads: list[dict[str, Any]]) -> list[str]:
     """Which worker loaded which model, on which device: one line per model (a model loaded by
     several workers was split across groups: each paid for its data and quantized copies)."""
     by_model: dict[str, list[str]] = {}
+    origin: dict[str, str] = {}
     for load in loads:
         by_model.setdefault(load["model"], []).append(f"{load['worker']} ({load['device']})")
+        origin[load["model"]] = load.get("origin", "unknown")
     if not by_model:
         return []
-    return ["models loaded:"] + [f"  {model}: {', '.join(sorted(w))}" for model, w in sorted(by_model.items())]
+    return ["models loaded (weights from; loaded by):"] + [f"  {model}: {origin[model]}; {', '.join(sorted(w))}"
+                                                           for model, w in sorted(by_model.items())]

@@ -201,7 +201,7 @@ def test_gate_passes_when_every_declared_finding_holds(plugin, tmp_path):
     judged = {res["cell"]: res["judgement"] for res in json.loads(r.stdout)["results"]}
     assert {c: (j["outcome"], j["judgement"]) for c, j in judged.items()} == {
         MISSED: ("miss", "finding"), "digits:clean/fp32/always-clean[canonical]": ("pass", "pass")}
-    assert f"qbd: outcome: 1 cells match the truth, 1 declared findings, 0 failing (expectations: {table})" in r.stderr
+    assert f"qbd: outcome: 1 cell matches the truth, 1 declared finding, 0 failing (expectations: {table})" in r.stderr
     assert "qbd: FAIL" not in r.stderr
 
 
@@ -213,11 +213,11 @@ def test_gate_fails_a_declared_finding_that_does_not_hold(plugin, tmp_path):
     assert "0 cells match the truth, 0 declared findings, 1 failing" in r.stderr
 
 
-@pytest.mark.parametrize("gate", [True, False], ids=["with-expectations", "without"])
+@pytest.mark.parametrize("gate", [True, False], ids=["gated", "no-gate"])
 def test_a_crashing_defense_fails_its_cell_with_the_traceback(plugin, tmp_path, gate):
-    """Against the table qbd ships (no FILE): a crash is never expected. Without --expectations
-    the outcome is shown, and the exit code is left alone."""
-    r = qbd(*GATE, "--no-controls", "--defense", "qbd_gate_plugin:Crash", *(["--expectations"] if gate else []),
+    """Against the table qbd ships (the default): a crash is never expected. What prints FAIL exits
+    1, as pytest does; --no-gate prints the same and exits 0."""
+    r = qbd(*GATE, "--no-controls", "--defense", "qbd_gate_plugin:Crash", *([] if gate else ["--no-gate"]),
             "--report", str(tmp_path / "out"), path=plugin)
     assert r.returncode == (1 if gate else 0), r.stderr
     (res,) = json.loads(r.stdout)["results"]
@@ -225,12 +225,10 @@ def test_a_crashing_defense_fails_its_cell_with_the_traceback(plugin, tmp_path, 
     assert (res["judgement"]["outcome"], res["judgement"]["judgement"]) == ("invalid:error", "FAIL")
     assert f"(expectations: {expectations.shipped('smoke')})" in r.stderr
     assert "0 cells match the truth, 0 declared findings, 1 failing" in r.stderr
-    if gate:
-        fail = r.stderr[r.stderr.index("qbd: FAIL digits/fp32/crash[canonical]: "):]
-        assert "Traceback (most recent call last)" in fail and "qbd_gate_plugin.py" in fail
-        assert "ValueError: boom in a third-party defense" in fail
-    else:
-        assert "qbd: FAIL" not in r.stderr
+    fail = r.stderr[r.stderr.index("qbd: FAIL digits/fp32/crash[canonical]: "):]
+    assert "Traceback (most recent call last)" in fail and "qbd_gate_plugin.py" in fail
+    assert "ValueError: boom in a third-party defense" in fail
+    assert ("exit 0 all the same (--no-gate)" in r.stderr) is not gate
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| digits/fp32/crash[canonical] | invalid (error) | invalid:error | FAIL |" in md
     assert "INVALID (error) [FAIL]" in md
@@ -265,7 +263,7 @@ def seed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_run_seeds_reports_rows_of_rates(plugin, seed_cache, tmp_path):
-    r = qbd(*SEEDS, "--seeds", "2", "--quant", "fp32,int8-dynamic", "--defense", ALWAYS, "--json", "--report", str(tmp_path / "out"),
+    r = qbd(*SEEDS, "--no-gate", "--seeds", "2", "--quant", "fp32,int8-dynamic", "--defense", ALWAYS, "--json", "--report", str(tmp_path / "out"),
             cache=seed_cache, path=plugin)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -280,11 +278,11 @@ def test_run_seeds_reports_rows_of_rates(plugin, seed_cache, tmp_path):
         zero = row["defense"] == "always-zero"
         assert (row["detected"], row["false_alarms"]) == ((2, 2) if zero else (0, 0))
         assert results_io.row_problems(row) == []
-    assert "qbd: digits/tiny-cnn/badnet-t0-white3-bottom-right-p0.1/s2 (seed 2): model" in r.stderr
+    assert "qbd: digits/tiny-cnn/badnet-t0-white3-bottom-right-p0.1/s2 (seed 2): trained now, stored" in r.stderr or "(seed 2): from the store" in r.stderr
     assert "digits:clean/int8-dynamic/always-zero[canonical] (seed 1): detected (target 0)" in r.stderr
     assert results_io.load(tmp_path / "out" / "results.json")[1] == rows
     assert "## Rates over seeds" in (tmp_path / "out" / "report.md").read_text()
-    text = qbd(*SEEDS, "--seeds", "2", "--quant", "fp32", "--defense", ALWAYS, cache=seed_cache, path=plugin)
+    text = qbd(*SEEDS, "--no-gate", "--seeds", "2", "--quant", "fp32", "--defense", ALWAYS, cache=seed_cache, path=plugin)
     assert text.returncode == 0, text.stderr
     assert "Rates over seeds" in text.stdout
     row = next(line for line in text.stdout.splitlines() if line.startswith("digits/fp32/always-zero[canonical]"))
@@ -292,7 +290,7 @@ def test_run_seeds_reports_rows_of_rates(plugin, seed_cache, tmp_path):
     assert row.count("2/2 = 1.00 [0.34, 1.00]") == 2
     # the model seeds named instead of counted: the same models (store hits), the same rows
     assert SEEDS[-2:] == ("--seed", "1")
-    listed = qbd(*SEEDS[:-2], "--seeds", "2,1", "--quant", "fp32,int8-dynamic", "--defense", ALWAYS, "--json",
+    listed = qbd(*SEEDS[:-2], "--no-gate", "--seeds", "2,1", "--quant", "fp32,int8-dynamic", "--defense", ALWAYS, "--json",
                  cache=seed_cache, path=plugin)
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["rows"] == rows
@@ -301,16 +299,16 @@ def test_run_seeds_reports_rows_of_rates(plugin, seed_cache, tmp_path):
 def test_a_single_seed_run_prints_rows_in_json_but_no_rates_table(plugin, seed_cache):
     # --attack-seed 1: the very model --seeds trains as seed 1 (a store hit). The --seeds run first, here:
     # under xdist the test that also runs it may be on another worker, with its own store
-    warm = qbd(*SEEDS, "--seeds", "2", "--quant", "fp32", "--defense", ALWAYS, "--no-controls", cache=seed_cache, path=plugin)
+    warm = qbd(*SEEDS, "--no-gate", "--seeds", "2", "--quant", "fp32", "--defense", ALWAYS, "--no-controls", cache=seed_cache, path=plugin)
     assert warm.returncode == 0, warm.stderr
-    r = qbd(*SEEDS, "--attack-seed", "1", "--quant", "fp32,int8-dynamic", "--defense", "qbd_gate_plugin:AlwaysZero", "--json",
+    r = qbd(*SEEDS, "--no-gate", "--attack-seed", "1", "--quant", "fp32,int8-dynamic", "--defense", "qbd_gate_plugin:AlwaysZero", "--json",
             cache=seed_cache, path=plugin)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["results"]) == 4  # two schemes, and the clean control on each of them
     assert [(row["row"], row["n_backdoored"], row["n_clean"]) for row in out["rows"]] == [
         ("digits/fp32/always-zero[canonical]", 1, 1), ("digits/int8-dynamic/always-zero[canonical]", 1, 1)]
-    assert "model hit" in r.stderr and "(seed 1)" not in r.stderr
+    assert "from the store (trained earlier)" in r.stderr and "(seed 1)" not in r.stderr
     text = qbd(*SEEDS, "--attack-seed", "1", "--quant", "fp32", "--defense", "qbd_gate_plugin:AlwaysZero", cache=seed_cache, path=plugin)
     assert "Rates over seeds" not in text.stdout
 
@@ -465,7 +463,7 @@ def test_cli_sees_entry_point_defenses(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(example)])}
     listed = subprocess.run([sys.executable, "-m", "qbd", "list"], capture_output=True, text=True, env=env, timeout=300)
     assert "corner-patch-probe (entry point of qbd-ep-demo)" in listed.stdout, listed.stdout + listed.stderr
-    r = subprocess.run([sys.executable, "-m", "qbd", "run", *FAST, "--quant", "fp32", "--defense", "corner-patch-probe",
+    r = subprocess.run([sys.executable, "-m", "qbd", "run", "--no-gate", *FAST, "--quant", "fp32", "--defense", "corner-patch-probe",
                         "--protocol", "canonical", "--no-controls", "--json", "-j", "1"],
                        capture_output=True, text=True, env={**env, "QBD_CACHE_DIR": str(tmp_path / "store")}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -478,7 +476,8 @@ def test_a_broken_installed_defense_is_skipped_by_default_but_an_error_when_name
 
     site = _installed(tmp_path / "site", "qbd-broken-demo", "broken-probe = no_such_module_xyz:Thing")
     env = {**os.environ, "PYTHONPATH": str(site), "QBD_CACHE_DIR": str(tmp_path / "store")}
-    args = [sys.executable, "-m", "qbd", "run", *FAST, "--quant", "fp32", "--protocol", "paper", "--no-controls", "--json", "-j", "1"]
+    args = [sys.executable, "-m", "qbd", "run", "--no-gate", *FAST, "--quant", "fp32", "--protocol", "paper", "--no-controls", "--json",
+            "-j", "1"]
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "qbd: skipped defense the entry point of qbd-broken-demo" in r.stderr
