@@ -208,4 +208,6 @@ class Counts:
         return cls(judgements.count("pass"), judgements.count("finding"), judgements.count("FAIL"))
 
     def line(self) -> str:
-        return f"{self.truth} cells match the truth, {self.findings} declared findings, {self.failing} failing"
+        cells = "1 cell matches" if self.truth == 1 else f"{self.truth} cells match"
+        findings = "1 declared finding" if self.findings == 1 else f"{self.findings} declared findings"
+        return f"{cells} the truth, {findings}, {self.failing} failing"

@@ -33,7 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qbd", "qbd: backdoor defenses under quantization")
     for name, kw, help_text in OPTIONS:
         group.addoption(f"--qbd-{name}", dest=f"qbd_{name.replace('-', '_')}", default=None, help=help_text, **kw)
-        ini_type = "linelist" if kw.get("action") == "append" else "bool" if kw.get("action") == "store_true" else "string"
+        # typed like the option (pytest >= 8.4 reads int and float ini values): `qbd_seeds = 10` is 10, not "10"
+        ini_type = ("linelist" if kw.get("action") == "append" else "bool" if kw.get("action") == "store_true"
+                    else {int: "int", float: "float"}.get(kw.get("type"), "string"))
         parser.addini(f"qbd_{name.replace('-', '_')}", help_text, type=ini_type, default=None)
 
 

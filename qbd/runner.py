@@ -205,7 +205,7 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
                 tm = get_fetched(plan.model_file, j, data, store, device=plan.device, log=log)
             else:
                 tm = get_trained(j, data, store, device=plan.device, progress=progress, log=log)
-            log(f"qbd: {j.slug()}{' (fetched)' if 'fetched' in tm.entry.meta else ''}{seed_note}: model {tm.cache}"
+            log(f"qbd: {j.slug()}{seed_note}: {tm.source}"
                 f" (clean acc {tm.metrics['clean_acc']:.3f}"
                 + ("" if tm.metrics["asr"] is None else f", ASR {tm.metrics['asr']:.3f}") + ")")
             if gates is not None:

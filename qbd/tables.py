@@ -61,7 +61,8 @@ def budgets(results: list[dict[str, Any]]) -> list[str]:
     seen: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in results:
         seen.setdefault((r["defense"]["name"], r["defense"]["protocol"], r.get("tier", "?")), r["defense"]["params"])
-    return [f"{d} [{p}, {t} tier]: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())) for (d, p, t), params in sorted(seen.items())]
+    return [f"{d} [{p}, {t} tier]: " + (", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "(it records no params)")
+            for (d, p, t), params in sorted(seen.items())]
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:

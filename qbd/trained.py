@@ -33,6 +33,17 @@ class TrainedModel:
         return "hit" if self.entry.hit else "miss"
 
     @property
+    def source(self) -> str:
+        """Where the weights came from, in words, for progress lines ("cache hit" would read as an
+        outcome beside the matrix's `miss`)."""
+        fetched = "fetched" in self.entry.meta
+        if "zoo" in self.entry.meta:
+            return "from the pinned zoo"
+        if self.entry.hit:
+            return "from the store" + (" (fetched earlier)" if fetched else " (trained earlier)")
+        return ("fetched" if fetched else "trained") + " now, stored"
+
+    @property
     def weights_file(self) -> Path | str:
         """The safetensors file the weights were loaded from (a zoo file, or the store entry's;
         a URL for a store on a URL)."""

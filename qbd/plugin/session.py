@@ -51,9 +51,12 @@ class Session:
     def bench(self, dataset: str, kind: str = "backdoored", seed: int = 0) -> Any:
         key = (dataset, kind, seed)
         if key not in self._benches:
-            self._benches[key] = self._make_bench(dataset, kind, seed)
+            self._benches[key] = bench = self._make_bench(dataset, kind, seed)
+            origin = (getattr(bench, "weights", None) or {}).get("origin", "unknown")
             self.state.pending_loads.append({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-                                             "model": f"{dataset}/{kind}/seed{seed}", "device": self.device})
+                                             "model": f"{dataset}/{kind}/seed{seed}", "device": self.device,
+                                             "origin": {"zoo": "the pinned zoo", "trained": "trained by qbd (the store)",
+                                                        "fetched": "fetched (pinned sha256)"}.get(origin, origin)})
         return self._benches[key]
 
     def job(self, dataset: str, kind: str = "backdoored", seed: int = 0, device: str = "cpu") -> Any:

@@ -117,6 +117,12 @@ def test_defense_names_choose_the_matrix_as_qbd_run_takes_them(suite: pytest.Pyt
     assert len([x for x in every.stdout.lines if "::test_cell[" in x]) == 5 * 4 * 2 * 2
 
 
+def test_ini_values_have_their_options_types(suite: pytest.Pytester) -> None:
+    suite.makeini("[pytest]\nqbd_seeds = 2\nqbd_defense_timeout = 30.5\nqbd_tier = smoke\n")
+    config = suite.parseconfig()
+    assert (config.getini("qbd_seeds"), config.getini("qbd_defense_timeout"), config.getini("qbd_tier")) == (2, 30.5, "smoke")
+
+
 def test_bad_options_are_usage_errors(suite: pytest.Pytester) -> None:
     assert suite.runpytest("--qbd-seeds", "0", "--collect-only").ret == pytest.ExitCode.USAGE_ERROR
     one_model = suite.runpytest("--qbd-seeds", "2", "--qbd-model-file", f"digits=m.safetensors@{'0' * 64}", "--collect-only")
@@ -356,7 +362,7 @@ def test_a_declared_finding_passes_and_fails_once_it_stops_holding(suite: pytest
     table = _finding_table(suite, "digits/fp32/says-clean[canonical]", outcome="miss", why=why)
     held = _scripted(suite, "says-clean", "--qbd-expectations", str(table))
     held.assert_outcomes(passed=1)
-    held.stdout.fnmatch_lines(["*1 declared findings*", "*finding*digits/fp32/says-clean[[]canonical[]]*" + glob.escape(why) + "*"])
+    held.stdout.fnmatch_lines(["*1 declared finding*", "*finding*digits/fp32/says-clean[[]canonical[]]*" + glob.escape(why) + "*"])
     # the same finding declared for a defense that now gets it right: the finding no longer holds
     table = _finding_table(suite, "digits/fp32/names-zero[canonical]", outcome="miss", why=why)
     fixed = _scripted(suite, "names-zero", "--qbd-expectations", str(table))
@@ -375,7 +381,7 @@ def test_accept_proposes_a_finding_whose_why_must_be_written(suite: pytest.Pytes
     table = suite.path / "expectations.toml"
     proposed = _scripted(suite, "says-clean", "--qbd-expectations", str(table), "--qbd-accept")
     proposed.stdout.fnmatch_lines(["*before: 0 cells match the truth, 0 declared findings, 1 failing*",
-                                   "*after:  0 cells match the truth, 1 declared findings, 0 failing*",
+                                   "*after:  0 cells match the truth, 1 declared finding, 0 failing*",
                                    "*proposed: digits/fp32/says-clean[[]canonical[]]: miss*"])
     text = table.read_text()
     assert 'outcome = "miss"' in text and "PROPOSED by --qbd-accept" in text
@@ -401,7 +407,7 @@ def test_built_in_cells_use_the_shipped_expectations_from_any_directory(suite: p
     assert load(shipped("smoke")).rows[cell]["backdoored"] == {"invalid:no-gradient": 10}  # measured over the zoo's models
     result = suite.runpytest("-k", cell)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*0 cells match the truth, 1 declared findings, 0 failing*"])
+    result.stdout.fnmatch_lines(["*0 cells match the truth, 1 declared finding, 0 failing*"])
 
 
 
@@ -591,8 +597,10 @@ def test_each_model_and_scheme_is_loaded_by_one_worker(suite: pytest.Pytester, m
         workers_of.setdefault((model, scheme), set()).add(worker)
     assert len(workers_of) == 8 and all(len(w) == 1 for w in workers_of.values()), workers_of
     assert {w for ws in workers_of.values() for w in ws} == {"gw0", "gw1"}, "one worker did everything"
-    loads = dict(re.findall(r"^  (digits/\w+/seed0): (.+)$", out, flags=re.M))
-    assert set(loads) == {"digits/backdoored/seed0", "digits/clean/seed0"}, out[-3000:]
+    loaded = dict(re.findall(r"^  (digits/\w+/seed0): (.+)$", out, flags=re.M))
+    assert set(loaded) == {"digits/backdoored/seed0", "digits/clean/seed0"}, out[-3000:]
+    assert all(line.startswith("the pinned zoo; ") for line in loaded.values()), loaded  # where the weights came from
+    loads = {model: line.split("; ", 1)[1] for model, line in loaded.items()}
     for model, where in loads.items():
         workers = [w.split(" ")[0] for w in where.split(", ")]
         assert len(workers) == len(set(workers)), f"{model} loaded twice by one worker: {where}"

@@ -313,8 +313,8 @@ def test_propose_only_for_failing_cells_without_a_finding():
         "d/fp32/other[paper]": {"outcome": "wrong-target", "target": 4},
         CLEAN: {"outcome": "false-alarm"},
     }
-    assert lines[:2] == ["before: 1 cells match the truth, 0 declared findings, 9 failing",
-                         "after:  1 cells match the truth, 4 declared findings, 5 failing"]
+    assert lines[:2] == ["before: 1 cell matches the truth, 0 declared findings, 9 failing",
+                         "after:  1 cell matches the truth, 4 declared findings, 5 failing"]
     for cell in ("d/fp32/crash[paper]", "d/fp32/slow[paper]", "d/fp32/mute[paper]"):
         assert cell not in new.cells
         assert any(line.startswith("  not proposed") and cell in line for line in lines)

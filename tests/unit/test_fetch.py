@@ -307,7 +307,7 @@ def test_run_with_model_file_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "QBD_CACHE_DIR": str(cache)},
     )
     assert r.returncode == 0, r.stderr
-    assert "(fetched): model miss" in r.stderr
+    assert ": fetched now, stored" in r.stderr
     (res,) = json.loads(r.stdout)["results"]
     assert res["cell"] == "digits/fp32/strip[canonical]" and res["model"] == "tiny-cnn"
     assert abs(res["asr"] - trained["asr"]) <= 0.02 and trained["asr"] > 0.9  # the planted backdoor came with the file

@@ -72,7 +72,7 @@ def test_counts():
           Judgement("c", "miss", "clean", "FAIL", "t", "x"), Judgement("d", "invalid:error", "invalid", "FAIL", "t", "x")]
     words = [j.judgement for j in js]
     assert Counts.of(words) == Counts(truth=1, findings=1, failing=2)
-    assert Counts.of(words).line() == "1 cells match the truth, 1 declared findings, 2 failing"
+    assert Counts.of(words).line() == "1 cell matches the truth, 1 declared finding, 2 failing"
     assert Counts.of([]) == Counts(0, 0, 0)
 
 
