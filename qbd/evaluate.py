@@ -73,6 +73,7 @@ class Bench:
         self._metrics: dict[tuple[str, str | None], dict[str, float]] = {}
         self._agreement: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
         self._unchanged: dict[tuple[str, Any, str | None], bool | None] = {}
+        self._distributions: dict[str, dict[str, str] | None] = {}
         n_test = len(data.y_test)
         if n_test < 20:
             raise ConfigError(f"{data.name}: {n_test} test images are too few to split into holdout and evaluation sets")
@@ -287,6 +288,7 @@ class Bench:
             "quant": {"scheme": scheme, "audit": audit},
             "placement": self.placement(scheme, engine),
             "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params,
+                        "distribution": self._distribution(defense),
                         "input_unchanged": self.input_unchanged(scheme, params.get("layer"), gradient_path, engine),
                         # a detection must name the planted target unless the defense declares it names none
                         "names_target": getattr(defense, "names_target", True) is not False},
@@ -297,6 +299,15 @@ class Bench:
             "seconds": round(time.perf_counter() - t0, 3),
             "versions": _versions(),
         }
+
+    def _distribution(self, defense: Any) -> dict[str, str] | None:
+        from qbd.defenses import ENTRY_POINT_GROUP
+        from qbd.registry import distribution_of
+
+        module = type(defense).__module__
+        if module not in self._distributions:  # package metadata is read once per module
+            self._distributions[module] = distribution_of(defense, ENTRY_POINT_GROUP)
+        return self._distributions[module]
 
     def _add_controls(self, verdict: Verdict, qm: Any, scheme: str, metrics: dict[str, float]) -> None:
         audit = qm.audit

@@ -147,3 +147,26 @@ def installed(kind: str, group: str, builtin: tuple[str, ...]) -> list[Available
             continue
         out[ep.name] = Available(ep.name, ep.value, f"entry point of {dist}")
     return sorted(out.values(), key=lambda a: a.name)
+
+
+def distribution_of(obj: object, group: str) -> dict[str, str] | None:
+    """The installed distribution that provides `obj`'s class, {"name", "version"}, for the record
+    (a Result says which release of a defense produced it): the distribution of the `group` entry
+    point naming its module, else the one whose files hold its top-level package, else None (a
+    module on sys.path that no distribution installed)."""
+    from importlib import metadata
+
+    module = type(obj).__module__
+    top = module.partition(".")[0]
+    if top == "qbd":
+        from qbd import __version__
+
+        return {"name": "pytest-qbd", "version": __version__}
+    for ep in metadata.entry_points(group=group):
+        dist = getattr(ep, "dist", None)
+        if dist is not None and ep.value.partition(":")[0] == module:
+            return {"name": dist.name, "version": dist.version}
+    names = metadata.packages_distributions().get(top) or []
+    if names:
+        return {"name": names[0], "version": metadata.version(names[0])}
+    return None

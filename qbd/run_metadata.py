@@ -13,7 +13,7 @@ from qbd.tables import seeds_text
 
 # -- run metadata -------------------------------------------------------------------------------------
 # the order report.md's header lists them in; a caller's other keys follow
-RUN_FIELDS = ("command", "tier", "model", "attack", "seeds", "device", "expectations", "versions", "platform", "date")
+RUN_FIELDS = ("command", "tier", "model", "defenses", "attack", "seeds", "device", "expectations", "versions", "platform", "date")
 
 
 def run_metadata(**fields: Any) -> dict[str, Any]:
@@ -42,7 +42,11 @@ def run_facts(results: list[dict[str, Any]]) -> dict[str, Any]:
             attacks.append(a)
     if not results:
         return {}
+    # which release of each defense produced the verdicts (a third-party defense's own version)
+    defenses = {r["defense"]["name"]: (f"{d['name']} {d['version']}" if (d := r["defense"].get("distribution")) else "not installed")
+                for r in results if isinstance(r.get("defense"), dict) and "distribution" in r["defense"]}
     facts = {"tier": distinct(r.get("tier") for r in results), "model": distinct(r.get("model") for r in results),
+             "defenses": dict(sorted(defenses.items())) or None,
              "attack": attacks, "seeds": sorted({int(r.get("seed", 0)) for r in results}),
              "device": distinct((r.get("placement") or {}).get("device") for r in results)}
     return {k: v for k, v in facts.items() if v is not None}

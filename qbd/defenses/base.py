@@ -81,8 +81,12 @@ class Verdict:
 class Subject:
     """The model a defense inspects, as deployed (or its differentiable surrogate).
 
-    forward(x) maps pixel-space images in [0, 1] to logits; embed/classify split it at the
-    penultimate layer, so that classify(embed(x)) == forward(x).
+    forward(x) maps float pixel-space images in [0, 1] (N x 3 x H x W) to logits, and refuses
+    uint8 with a TypeError: DefenseInputs holds uint8 pixels, so convert them first
+    (qbd.metrics.to_unit). embed/classify split it at the penultimate layer, so that
+    classify(embed(x)) == forward(x). Put your tensors on `device`, not on
+    `next(model.parameters()).device`: a deployed int8 or ONNX Runtime model holds its weights
+    as packed or foreign buffers and has no parameters at all.
     """
 
     model: nn.Module

@@ -21,6 +21,11 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # every qbd model starts here, whatever the scheme: integer pixels would be normalised
+        # as 0..255 and give confident garbage, not an error
+        if not x.is_floating_point():
+            raise TypeError(f"qbd models take float images in [0, 1], N x 3 x H x W; got {x.dtype}. DefenseInputs holds"
+                            " uint8 pixels: convert them with qbd.metrics.to_unit(x) (x.float() / 255)")
         return (x - self.mean) / self.std
 
 

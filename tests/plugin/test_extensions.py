@@ -63,6 +63,17 @@ class CornerSquare:
         if share >= self.params["capture"]:
             return Verdict("detected", score=share, threshold=self.params["capture"], target_class=cls)
         return Verdict("clean", score=share, threshold=self.params["capture"])
+
+
+class QuantAlarm(CornerSquare):
+    """CornerSquare in fp32; on any quantized deployment it flags class 0, backdoored or not."""
+
+    name = "toy-quant-alarm"
+
+    def detect(self, subject, inputs, generator):
+        if subject.scheme != "fp32":
+            return Verdict("detected", score=1.0, threshold=self.params["capture"], target_class=0)
+        return super().detect(subject, inputs, generator)
 '''
 
 
@@ -78,7 +89,8 @@ def toy_site(tmp_path: Path) -> dict[str, str]:
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-toys\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[qbd.schemes]\ntoy-int6-tensor = toy_scheme:Int6PerTensor\n\n"
-                                           "[qbd.defenses]\ntoy-corner = toy_defense:CornerSquare\n")
+                                           "[qbd.defenses]\ntoy-corner = toy_defense:CornerSquare\n"
+                                           "toy-quant-alarm = toy_defense:QuantAlarm\n")
     return {**os.environ, "PYTHONPATH": str(site), "QBD_CACHE_DIR": str(tmp_path / "store")}
 
 
@@ -106,6 +118,9 @@ def test_qbd_run_runs_them(toy_site: dict[str, str]) -> None:
     assert toy["quant"]["audit"]["backend"] == "toy: int6 per-tensor weights"
     assert toy["verdict"]["status"] == "detected" and toy["verdict"]["target_class"] == toy["truth"]["target"]
     assert results["digits:clean/toy-int6-tensor/toy-corner[canonical]"]["verdict"]["status"] == "clean"
+    # which release produced the verdicts: the toy's distribution, in each Result and in the run's metadata
+    assert toy["defense"]["distribution"] == {"name": "qbd-toys", "version": "0.1"}
+    assert json.loads(r.stdout)["run"]["defenses"] == {"toy-corner": "qbd-toys 0.1"}
 
 
 def test_pytest_runs_them(toy_site: dict[str, str], tmp_path: Path) -> None:
@@ -120,6 +135,26 @@ def test_pytest_runs_them(toy_site: dict[str, str], tmp_path: Path) -> None:
     for cell in ("digits/toy-int6-tensor/toy-corner[canonical]", "digits:clean/toy-int6-tensor/toy-corner[canonical]"):
         assert f"test_cell[{cell}] PASSED" in out or "4 passed" in out, out[-3000:]
     assert "4 passed" in out, out[-3000:]  # the two cells, the scheme's audit and the attack's gates
+
+
+def test_a_false_alarm_only_once_quantized_fails_in_both_front_ends(toy_site: dict[str, str], tmp_path: Path) -> None:
+    """The negative control runs on every scheme, single seed included: a defense that is quiet on
+    the clean fp32 model and flags the clean int4-sim one fails that cell, in `qbd run` (exit 1)
+    and in pytest (that test fails), and nothing else fails."""
+    cell = "digits:clean/int4-sim/toy-quant-alarm[canonical]"
+    r = _qbd(toy_site, "run", "--dataset", "digits", "--quant", "fp32,int4-sim", "--defense", "toy-quant-alarm",
+             "--protocol", "canonical", "--json", "--no-progress", "-j", "1")
+    assert r.returncode == 1, r.stderr[-3000:]
+    fails = [line for line in r.stderr.splitlines() if line.startswith("qbd: FAIL")]
+    assert len(fails) == 1 and fails[0].startswith(f"qbd: FAIL {cell}: ") and "false-alarm" in fails[0], fails
+    (tmp_path / "test_qbd.py").write_text("from qbd.suite import test_attack, test_audit, test_cell  # noqa: F401\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rf", "--qbd-dataset", "digits",
+                        "--qbd-scheme", "fp32,int4-sim", "--qbd-defense", "toy-quant-alarm", "--qbd-protocol", "canonical",
+                        "-o", "addopts=", "-k", "test_cell", "test_qbd.py"],
+                       capture_output=True, text=True, env=toy_site, timeout=900, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and "1 failed, 3 passed" in out, out[-3000:]
+    assert f"FAILED test_qbd.py::test_cell[{cell}]" in out, out[-3000:]
 
 
 def _dist_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, entry_points: str, module: str = "", name: str = "") -> None:

@@ -27,8 +27,11 @@ def _preloaded() -> None:
     for mod in pkgutil.walk_packages(qbd.__path__, "qbd."):
         if not mod.name.endswith("__main__"):  # importing it would run the CLI
             importlib.import_module(mod.name)
+    # torchao's x86 quantizer imports torch._inductor, which registers global artefacts once: a second
+    # import after an inner run dropped it fails ("already registered") in the next test that quantizes
     for name in ("numpy.fft", "scipy.stats", "sklearn.datasets", "sklearn.model_selection", "sklearn.cluster",
-                 "sklearn.decomposition", "torchvision.datasets", "matplotlib.pyplot"):
+                 "sklearn.decomposition", "torchvision.datasets", "matplotlib.pyplot",
+                 "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"):
         with contextlib.suppress(ImportError):  # optional ones: the inner run reports it if needed
             importlib.import_module(name)
 

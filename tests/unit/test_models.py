@@ -52,3 +52,18 @@ def test_seeded_build_is_reproducible_and_leaves_global_rng():
 def test_unknown_model_lists_valid_ones():
     with pytest.raises(KeyError, match="valid: resnet18-cifar, tiny-cnn"):
         build_model("vgg", 10, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_every_deployed_model_refuses_uint8_pixels():
+    """A defense that forgets /255 gets an error naming the fix, not confident garbage, on every scheme."""
+    from qbd.quant import get_scheme
+
+    model = build_model("tiny-cnn", 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), seed=0).eval()
+    calib = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels = (calib[:4] * 255).to(torch.uint8)
+    for scheme in ("fp32", "int4-sim", "int8-dynamic", "int8-static"):
+        qm = get_scheme(scheme).apply(model, calib)
+        for m in (qm.model, qm.surrogate()):
+            with pytest.raises(TypeError, match=r"float images in \[0, 1\].*to_unit"):
+                m(pixels)
+        assert qm.model(calib[:4]).shape == (4, 10)
