@@ -3,7 +3,7 @@ calibrated activation ranges and not the int8 weight grid: three weight-grid or 
 constructions on tiny-cnn, none meets the attack's gate (qbd.config.QC_GATES: FP32 ASR <= 0.10,
 deployed ASR >= 0.90).
 
-Each starts from the pinned BadNet seed-0 model of the data set (fixtures/zoo) and prints, after
+Each starts from the pinned BadNet seed-0 model of the data set (qbd/zoo/weights) and prints, after
 every epoch, clean accuracy and ASR of the FP32 model, of int8-sim (per-channel int8 weights) and
 of the real int8-static deployment (qbd's scheme, calibrated on 256 clean test images):
 
@@ -59,7 +59,7 @@ def _badnet(dataset: str, width: int) -> tuple[Classifier, AttackSpec, object]:
     job = seeded_job(dataset, "tiny-cnn", 0, AttackSpec())
     if width == 16:
         model = build_model("tiny-cnn", data.num_classes, data.mean, data.std, seed=0)
-        model.load_state_dict(load_file(f"fixtures/zoo/{file_name(job)}"))
+        model.load_state_dict(load_file(f"qbd/zoo/weights/{file_name(job)}"))
         return model.eval(), job.attack, data
     torch.manual_seed(0)
     model = tiny_cnn(data.num_classes, data.mean, data.std, width=width)

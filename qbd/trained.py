@@ -76,7 +76,7 @@ def get_trained(
     log: Callable[[str], None] | None = None,
     zoo: Any = "default",
 ) -> TrainedModel:
-    """`zoo`: "default" (qbd.zoo.pinned.default_zoo: fixtures/zoo or $QBD_ZOO), a qbd.zoo.pinned.Zoo, or
+    """`zoo`: "default" (qbd.zoo.pinned.default_zoo: qbd/zoo/weights or $QBD_ZOO), a qbd.zoo.pinned.Zoo, or
     None to skip it (building the zoo itself)."""
     fingerprint = data.fingerprint()
     if zoo == "default":

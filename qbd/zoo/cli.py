@@ -9,7 +9,7 @@ from qbd.zoo.pinned import DEFAULT_DIR, ZOO_ENV, Zoo
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    zoo = subparsers.add_parser("zoo", help="the pinned model zoo (fixtures/zoo): build, verify, list")
+    zoo = subparsers.add_parser("zoo", help="the pinned model zoo (qbd/zoo/weights): build, verify, list")
     commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="COMMAND")
     b = commands.add_parser("build", help="train every zoo model and (re)write the zoo and its manifest",
                             description="Train the smoke tier's models (digits and synthetic; backdoored and clean;"

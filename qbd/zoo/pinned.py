@@ -1,5 +1,5 @@
-"""The pinned model zoo: trained weights committed with the repository (fixtures/zoo/), so every
-machine evaluates the same models.
+"""The pinned model zoo: trained weights committed with the repository and shipped in the package
+(qbd/zoo/weights/), so every machine evaluates the same models.
 
 Training on CPU is bitwise reproducible on one machine, not across CPUs (an Intel and an AMD
 machine reduce floats differently), so a suite that trains its own models judges different
@@ -9,8 +9,8 @@ sha256, training job, recipe key, clean accuracy, ASR, torch version and CPU. `q
 looks here before the store; every file is sha256-verified on every load.
 
 Layout:
-    fixtures/zoo/manifest.json
-    fixtures/zoo/<dataset>-<attack>-s<seed>.safetensors
+    qbd/zoo/weights/manifest.json
+    qbd/zoo/weights/<dataset>-<attack>-s<seed>.safetensors
 
 $QBD_ZOO names another zoo directory; `QBD_ZOO=off` disables the zoo (everything is trained).
 Torch-free except `load`.
@@ -32,7 +32,7 @@ from qbd.errors import ConfigError
 ZOO_ENV = "QBD_ZOO"
 MANIFEST = "manifest.json"
 FORMAT = 1
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "fixtures" / "zoo"  # the repository's checkout
+DEFAULT_DIR = Path(__file__).resolve().parent / "weights"  # inside the package: a wheel carries it
 EVAL_SEEDS = tuple(range(10))  # evaluation models: rows over models are measured on these (ten per data set and kind)
 CALIBRATION_SEEDS = (100, 101, 102, 103, 104)  # thresholds are calibrated on these only (scripts/calibrate.py)
 OTHER_ATTACK_SEEDS = tuple(range(5))  # the other attacks' rows (blend, quant-conditioned) are measured on these
@@ -159,7 +159,7 @@ class Zoo:
             raise CorruptEntryError(f"zoo model {pinned.path}: cannot read it: {e}") from None
         if digest != pinned.sha256:
             raise CorruptEntryError(f"zoo model {pinned.path}: sha256 {digest[:12]}... does not match the manifest's"
-                                    f" {pinned.sha256[:12]}...; restore it (git checkout fixtures/zoo) or rebuild the zoo")
+                                    f" {pinned.sha256[:12]}...; restore it (git checkout qbd/zoo/weights) or rebuild the zoo")
         return load_file(str(pinned.path))
 
     def verify(self) -> list[str]:
@@ -211,8 +211,8 @@ class Zoo:
 
 
 def default_zoo() -> Zoo | None:
-    """$QBD_ZOO (a directory, or "off"), else the repository's fixtures/zoo when it exists
-    (an installed wheel has none: its models are trained into the store)."""
+    """$QBD_ZOO (a directory, or "off"), else the zoo inside the package (qbd/zoo/weights: in a
+    checkout and in an installed wheel alike)."""
     raw = os.environ.get(ZOO_ENV)
     if raw is not None and raw.strip().lower() in ("off", "0", "none", ""):
         return None

@@ -1,4 +1,4 @@
-"""The pinned model zoo (fixtures/zoo): it covers every model the smoke tier evaluates, its files
+"""The pinned model zoo (qbd/zoo/weights): it covers every model the smoke tier evaluates, its files
 match the manifest, a tampered file is refused, an empty store trains nothing, and training still
 reproduces a pinned model's clean accuracy and ASR within stated tolerances (not bitwise: the zoo
 exists because training differs between CPUs)."""
@@ -27,7 +27,7 @@ ASR_TOLERANCE = 0.03
 @pytest.fixture(scope="module")
 def zoo() -> pinned.Zoo:
     z = pinned.default_zoo()
-    assert z is not None, "fixtures/zoo is missing: run `qbd zoo build --dir fixtures/zoo -j 2`"
+    assert z is not None, "qbd/zoo/weights is missing: run `qbd zoo build --dir qbd/zoo/weights -j 2`"
     return z
 
 
