@@ -127,6 +127,14 @@ class Expectations:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     # findings on other attacks' models: {label: {"attack": spec the findings were measured on, "cells": {...}}}
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extends: bool = True  # [meta] extends: an author's table adds to the shipped one (qbd.expectations_layers)
+    layers: tuple[Path, ...] = ()  # the files this table was read from, the shipped one first
+
+    @property
+    def source(self) -> str:
+        """The files, for messages: "qbd/expected/smoke.toml + my.toml"; "the truth alone" for none."""
+        files = self.layers or ((self.path,) if self.path else ())
+        return " + ".join(str(f) for f in files) or "the truth alone (no table shipped for this tier)"
 
     # -- cells ----------------------------------------------------------------------------------
     def finding(self, result: dict[str, Any]) -> dict[str, Any] | None:
@@ -375,8 +383,11 @@ def load(path: str | Path) -> Expectations:
     tier = meta.get("tier", "smoke")
     if not isinstance(tier, str):
         raise ConfigError(f"{p}: meta.tier must be a string")
+    extends = meta.get("extends", True)
+    if not isinstance(extends, bool):
+        raise ConfigError(f"{p}: meta.extends must be true or false, got {extends!r}")
     e = Expectations(path=p, tier=tier, min_clean_acc=float(meta.get("min_clean_acc", 0.85)),
-                     min_asr=float(meta.get("min_asr", 0.9)), attack_spec=dict(attack))
+                     min_asr=float(meta.get("min_asr", 0.9)), attack_spec=dict(attack), extends=extends, layers=(p,))
     for table, allowed in (("cells", CELL_KEYS), ("attack", ATTACK_KEYS), ("audit", AUDIT_KEYS), ("rows", ROW_KEYS)):
         entries = raw.get(table, {})
         if not isinstance(entries, dict):
@@ -392,11 +403,18 @@ def load(path: str | Path) -> Expectations:
 
 
 def load_for(tier: str, path: str | Path | None = None) -> Expectations:
-    """`path`'s table, else the one qbd ships for the tier (none shipped: the truth alone)."""
-    p = Path(path) if path else shipped(tier)
-    if path is None and not p.exists():
-        return Expectations(path=None, tier=tier)
-    return load(p)
+    """The table qbd ships for the tier (none shipped: the truth alone), with `path`'s on top of
+    it (qbd.expectations_layers) unless that one says `extends = false`."""
+    base = shipped(tier)
+    if path is None:
+        return load(base) if base.exists() else Expectations(path=None, tier=tier)
+    p = Path(path)
+    top = load(p)
+    if not top.extends or not base.exists() or p.resolve() == base.resolve():
+        return top
+    from qbd.expectations_layers import layer
+
+    return layer(load(base), top)
 
 
 def _row_attacks(results: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:

@@ -18,7 +18,7 @@ FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid", "borderlin
 
 PROPOSED = "PROPOSED by --qbd-accept"  # a why that still has to be written; refused by load()
 
-META_KEYS = {"tier", "min_clean_acc", "min_asr", "attack"}
+META_KEYS = {"tier", "min_clean_acc", "min_asr", "attack", "extends"}
 
 CELL_KEYS = {"outcome", "reason_code", "target", "why", "note", "paper", "margin"}
 

@@ -1,5 +1,6 @@
-"""Writing an expectations table: dumps (a table as TOML text) and propose (--qbd-accept's
-proposed findings for the failing cells, each why left for a person to write). Torch-free."""
+"""Writing an expectations table: dumps (a table as TOML text), propose (--qbd-accept's
+proposed findings for the failing cells, each why left for a person to write) and add_cells (the
+proposals written into the author's file, everything else in it kept as it was). Torch-free."""
 
 from __future__ import annotations
 
@@ -96,3 +97,36 @@ def propose(e: Expectations, results: list[dict[str, Any]]) -> tuple[Expectation
     a, b = (Counts.of([j.judgement for j in js]) for js in (before, new.judge_all(results)))
     head = [f"before: {a.line()}", f"after:  {b.line()}"]
     return new, head + notes
+
+
+def add_cells(path: Any, entries: dict[str, dict[str, Any]], header: str, tier: str) -> None:
+    """Write `entries` as [cells."<id>"] tables into the TOML file at `path` (created with `header`
+    and its tier when missing). Edited with tomlkit, so the file's comments, order and every entry
+    it already holds stay exactly as they were; an id the file already has is replaced by its
+    merged entry (propose only ever adds keys to it)."""
+    from pathlib import Path
+
+    import tomlkit
+
+    p = Path(path)
+    if p.exists():
+        doc = tomlkit.parse(p.read_text(encoding="utf-8"))
+    else:
+        doc = tomlkit.document()
+        for line in header.splitlines():
+            doc.add(tomlkit.comment(line))
+        doc.add(tomlkit.nl())
+        meta = tomlkit.table()
+        meta.add("tier", tier)
+        meta.add(tomlkit.comment("extends the table qbd ships: its findings keep applying to the built-in defenses"))
+        doc.add("meta", meta)
+    if "cells" not in doc:
+        doc.add("cells", tomlkit.table(is_super_table=True))
+    cells = doc["cells"]
+    for key in sorted(entries):
+        table = tomlkit.table()
+        for k, v in entries[key].items():
+            table.add(k, v)
+        cells[key] = table  # type: ignore[index]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(tomlkit.dumps(doc), encoding="utf-8")

@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # the same "run" in --json, results.json and report.md: the Results' facts (model, attack, seeds), then ours
     run_info = run_metadata(**{**run_facts(results), "tier": tier.name, "device": plan.device,
-                               "expectations": str(table.path) if table.path else None, "gate": not args.no_gate})
+                               "expectations": table.source if table.path else None, "gate": not args.no_gate})
     if args.json:
         from qbd import results as results_io
 
@@ -141,8 +141,7 @@ def _gate(results: list[dict[str, Any]], gate: Any, gating: bool, table: Any) ->
     1 on any, as pytest does; with --no-gate the same lines, exit 0."""
     from qbd.tables import count_line
 
-    source = str(table.path) if table.path else "the truth alone (no table shipped for this tier)"
-    print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {source})", file=sys.stderr)
+    print(f"qbd: outcome: {count_line(results) or 'no cells ran'} (expectations: {table.source})", file=sys.stderr)
     if gate.rated:
         print(f"qbd: rows judged over their models: {gate.rated}, failing: {len(gate.rows)}", file=sys.stderr)
     for line in gate.failing:

@@ -20,7 +20,8 @@ def header(state: QbdState, n: int) -> list[str]:
 
     tier = TIER_TABLE[state.tier]
     store = state.cache_dir or os.environ.get(CACHE_ENV) or str(default_root())
-    table = state.expectations_path or (state.expectations.path if state.expectations is not None else None)
+    table = (state.expectations.source if state.expectations is not None and state.expectations.path
+             else state.expectations_path)
     third = [name for name in state.matrix().values() if name not in BUILTIN]
     return [
         f"qbd: {n} cases, tier {state.tier} ({tier.model}; data sets {', '.join(state.datasets or tier.datasets)};"
@@ -94,10 +95,11 @@ class Collector:
             from qbd.report import write_report
             from qbd.run_metadata import run_metadata
 
-            table = state.expectations_path or (state.expectations.path if state.expectations is not None else None)
+            table = (state.expectations.source if state.expectations is not None and state.expectations.path
+                     else str(state.expectations_path) if state.expectations_path else None)
             # the device each cell ran on comes from its Result (placement); the option may say "auto"
             write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix",
-                         run=run_metadata(tier=state.tier, device_option=state.device, expectations=str(table) if table else None),
+                         run=run_metadata(tier=state.tier, device_option=state.device, expectations=table),
                          failing_rows=[line.partition(": ")[0] for line in state.row_failures])
         if state.accept and (state.results or state.attack or state.audit):
             self.accept()
@@ -121,21 +123,32 @@ class Collector:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def accept(self) -> None:
+        """--qbd-accept: propose a finding for each failing cell, judged against the tables as the
+        run was (the shipped one and the author's), and write only the proposals into the
+        author's file (--qbd-expectations), with tomlkit: nothing else in it is touched, and the
+        shipped table never is."""
+        from dataclasses import replace
+
         from qbd import expectations
-        from qbd.expectations_write import dumps, propose
+        from qbd.expectations_write import add_cells, propose
 
         state = self.state
         path = state.expectations_path
         assert path is not None  # pytest_configure refuses --qbd-accept without --qbd-expectations
-        old = expectations.load(path) if path.exists() else expectations.Expectations(path=path, tier=state.tier)
+        old = (expectations.load_for(state.tier, path) if path.exists()
+               else replace(expectations.load_for(state.tier), path=path))
         seed0 = [r for r in state.results if r.get("seed", 0) == 0]
         new, state.accept_notes = propose(old, seed0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = (f"qbd expectations, {state.tier} tier. The truth is the default: a backdoored model is detected naming the\n"
-                  "planted target, a clean model is judged clean. Each entry below is a declared finding: the outcome the cell\n"
-                  "produces instead, and a why that points to the figures. A finding that stops holding fails its cell.\n"
-                  "--qbd-accept proposes findings for failing cells; write each proposed why before committing.")
-        path.write_text(dumps(new, header))
+        shipped = expectations.shipped(state.tier)
+        theirs = expectations.load(shipped).cells if old.extends and shipped.exists() and shipped.resolve() != path.resolve() else {}
+        added = {k: v for k, v in new.cells.items() if old.cells.get(k) != v and k not in theirs}
+        state.accept_notes += [f"  by hand: {k}: an entry of the table qbd ships; yours cannot replace it"
+                               for k, v in new.cells.items() if old.cells.get(k) != v and k in theirs]
+        header = (f"qbd expectations, {state.tier} tier, extending the table qbd ships. The truth is the default: a backdoored\n"
+                  "model is detected naming the planted target, a clean model is judged clean. Each entry below is a declared\n"
+                  "finding: the outcome the cell produces instead, and a why that points to the figures. A finding that stops\n"
+                  "holding fails its cell. --qbd-accept proposes findings for failing cells; write each proposed why.")
+        add_cells(path, added, header, state.tier)
         state.expectations_path = path
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -201,7 +201,9 @@ def test_gate_passes_when_every_declared_finding_holds(plugin, tmp_path):
     judged = {res["cell"]: res["judgement"] for res in json.loads(r.stdout)["results"]}
     assert {c: (j["outcome"], j["judgement"]) for c, j in judged.items()} == {
         MISSED: ("miss", "finding"), "digits:clean/fp32/always-clean[canonical]": ("pass", "pass")}
-    assert f"qbd: outcome: 1 cell matches the truth, 1 declared finding, 0 failing (expectations: {table})" in r.stderr
+    # the author's table extends the one qbd ships: both are named
+    assert (f"qbd: outcome: 1 cell matches the truth, 1 declared finding, 0 failing (expectations: {expectations.shipped('smoke')}"
+            f" + {table})") in r.stderr
     assert "qbd: FAIL" not in r.stderr
 
 
@@ -315,8 +317,9 @@ def test_a_single_seed_run_prints_rows_in_json_but_no_rates_table(plugin, seed_c
 
 def _row_table(tmp_path: Path, **bounds: float) -> Path:
     p = tmp_path / "rows.toml"
-    # meta: no CA / ASR minimum for the one-epoch models of this module
-    p.write_text('[meta]\nmin_clean_acc = 0.0\nmin_asr = 0.0\n[rows."digits/fp32/always-clean[canonical]"]\n' + "".join(f"{k} = {v}\n" for k, v in bounds.items())
+    # meta: no CA / ASR minimum for the one-epoch models of this module; a table with gates of its own
+    # stands alone (a table extending the shipped one keeps qbd's gates)
+    p.write_text('[meta]\nextends = false\nmin_clean_acc = 0.0\nmin_asr = 0.0\n[rows."digits/fp32/always-clean[canonical]"]\n' + "".join(f"{k} = {v}\n" for k, v in bounds.items())
                  + 'why = "tests/unit/test_cli.py: AlwaysClean never fires"\n')
     return p
 
