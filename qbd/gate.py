@@ -31,18 +31,18 @@ class Gate:
 def judge_run(table: Any, results: list[dict[str, Any]], seeds: int) -> Gate:
     """`table`: qbd.expectations.Expectations; `seeds`: models per data set (rows are judged over
     them when above one)."""
-    from qbd.tables import first_seed
-
     judgements, row_failures, rated = table.judge_run(results, seeds)
 
     def note(r: dict[str, Any]) -> str:
         return f" (seed {r.get('seed', 0)})" if seeds > 1 else ""
 
     cells = [f"{r['cell']}{note(r)}: {j.why}" for r, j in zip(results, judgements, strict=True) if j.judgement == "FAIL"]
-    # the first seed's models, as Table 2 shows them (and as the plugin's test_attack checks them):
-    # the bounds were measured on one model per data set
-    _, first = first_seed([r for r in results if r.get("attack") is not None])
-    models = {(r["dataset"], r["quant"]["scheme"]): r for r in first}
+    # the deployed-model bounds were measured on one model per data set, the zoo's seed 0 (as the
+    # plugin's test_attack checks them): any other model (another seed, one trained here, one
+    # fetched) has no measured bound, and is not judged by one
+    measured = [r for r in results if r.get("attack") is not None and int(r.get("seed", 0)) == 0
+                and (r.get("weights") or {}).get("origin") == "zoo"]
+    models = {(r["dataset"], r["quant"]["scheme"]): r for r in measured}
     deployed = [f"{ds}/{scheme}{note(r)} (deployed model): {m}" for (ds, scheme), r in sorted(models.items())
                 for m in table.check_attack(f"{ds}/{scheme}", r["clean_acc"], r["asr"], own=table.measured_on(r),
                                             attack=r.get("attack"), engine=r["quant"]["audit"].get("engine"))]

@@ -14,7 +14,7 @@ detection and false-alarm rates (qbd.rates), and the heatmap the rates.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,11 @@ def terminal(results: list[dict[str, Any]]) -> str:
 
 
 def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: dict[str, Any] | None = None,
-             picture: str | None = None, effects_picture: str | None = None) -> str:
+             picture: str | None = None, effects_picture: str | None = None, failing: Sequence[str] = ()) -> str:
     """report.md's text; `run`: the run's metadata (run_metadata) as a header block; `picture`: the
     heatmap's file name, relative to report.md, shown above the tables; `effects_picture`: the
-    effects' picture, shown with their table, the report's headline."""
+    effects' picture, shown with their table, the report's headline; `failing`: everything the
+    gate fails (qbd.gate: cells, deployed models, rows), listed first."""
     rows = rates.rows(results)
     shown, note = shown_cells(results, rows)
     parts = [f"# {title}", ""]
@@ -92,6 +93,9 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: d
                      " target and a clean model is judged clean; a declared finding is a known deviation with its why;"
                      " anything else fails.")
     parts.append("")
+    if failing:
+        parts += [f"## What fails ({len(failing)}: the run exits 1)", "",
+                  *[f"- `{line.splitlines()[0]}`" for line in failing], ""]
     found = effects(results)
     if several_models(found):
         parts += ["## Quantization's effect, paired with fp32 on the same models", "", EFFECTS_NOTE, ""]
@@ -130,7 +134,7 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: d
 
 
 def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: str = "qbd report",
-                 run: dict[str, Any] | None = None, failing_rows: Iterable[str] = ()) -> dict[str, Path]:
+                 run: dict[str, Any] | None = None, failing_rows: Iterable[str] = (), failing: Sequence[str] = ()) -> dict[str, Path]:
     """results.json (the Results, their rows of rates and the run's metadata under "run"),
     report.md (the run's metadata, a link to the heatmap, the tables) and heatmap.png in out_dir.
     `run`: the caller's metadata (run_metadata's fields: command, tier, device, expectations...);
@@ -148,9 +152,9 @@ def write_report(results: Iterable[dict[str, Any]], out_dir: str | Path, title: 
     if several_models(found):
         paths["effects.png"] = save_effects(found, out / "effects.png", title_line(rs))
     paths["report.md"].write_text(markdown(rs, title, run=meta, picture=paths["heatmap.png"].name,
-                                           effects_picture="effects.png" if "effects.png" in paths else None))
+                                           effects_picture="effects.png" if "effects.png" in paths else None, failing=failing))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:  # the step summary cannot show a file of the job's disk: no picture there
         with open(summary, "a") as f:
-            f.write(markdown(rs, title, run=meta) + "\n")
+            f.write(markdown(rs, title, run=meta, failing=failing) + "\n")
     return paths

@@ -127,7 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.report:
         from qbd.report import write_report
 
-        paths = write_report(results, args.report, title=f"qbd {args.tier} matrix", run=run_info, failing_rows=gate.failing_rows)
+        paths = write_report(results, args.report, title=f"qbd {args.tier} matrix", run=run_info, failing_rows=gate.failing_rows,
+                             failing=gate.failing)
         print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     rc = _gate(results, gate, not args.no_gate, table)
     if stopped is not None:

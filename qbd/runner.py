@@ -59,6 +59,9 @@ def load_defense(ref: str, protocol: str, tier: str) -> Any:
     obj = _instantiate(cls, ref, protocol, tier)
     if origin and getattr(obj, "name", None) != name:  # cells are named after the entry point
         raise ConfigError(f"defense {name!r} of the {origin}: the class it names says its name is {obj.name!r}")
+    if obj.name in DEFENSES and cls is not DEFENSES.get(obj.name):
+        # it would be judged by the built-in's declared findings (as the plugin refuses it too)
+        raise ConfigError(f"--defense {ref!r}: its name {obj.name!r} is a built-in defense's; give your class another")
     return obj
 
 
@@ -76,11 +79,24 @@ def _instantiate(cls: Any, ref: str, protocol: str, tier: str) -> Any:
         except TypeError as e:
             raise ConfigError(f"--defense {ref!r}: cannot instantiate it ({e})") from None
     else:
-        obj = cls
+        import copy
+
+        obj = copy.copy(cls)  # an instance named directly: one copy per protocol
     try:
         check_defense(obj)
     except TypeError as e:
         raise ConfigError(f"--defense {ref!r}: {e}") from None
+    # the cell's protocol decides its data diet and its id: a defense that keeps no `protocol` is
+    # told it; one that says another protocol than the cell's would be fed and named wrongly
+    said = getattr(obj, "protocol", None)
+    if said is None:
+        try:
+            obj.protocol = protocol
+        except AttributeError:
+            raise ConfigError(f"--defense {ref!r}: it has no `protocol` attribute and qbd cannot set one") from None
+    elif said != protocol:
+        raise ConfigError(f"--defense {ref!r}: asked for the {protocol!r} protocol, it says `protocol = {said!r}`"
+                          " (take a protocol= keyword argument, or leave the attribute out)")
     return obj
 
 

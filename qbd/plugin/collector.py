@@ -100,7 +100,8 @@ class Collector:
             # the device each cell ran on comes from its Result (placement); the option may say "auto"
             write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix",
                          run=run_metadata(tier=state.tier, device_option=state.device, expectations=table),
-                         failing_rows=[line.partition(": ")[0] for line in state.row_failures])
+                         failing_rows=[line.partition(": ")[0] for line in state.row_failures],
+                         failing=state.gate_failing)
         if state.accept and (state.results or state.attack or state.audit):
             self.accept()
 
@@ -117,6 +118,7 @@ class Collector:
         gate = judge_run(table, state.results, state.seeds)
         state.rows_by_rates = gate.rated
         state.row_failures = list(gate.rows)
+        state.gate_failing = list(gate.failing)
         if gate.failing and session.exitstatus == pytest.ExitCode.OK:
             # every test passed: any cell or model the gate fails is a disagreement to show
             state.gate_only = [*gate.cells, *gate.deployed]

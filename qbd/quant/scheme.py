@@ -54,6 +54,24 @@ class Quantized:
     engine: str | None = None  # the audit's engine where it is not one of `engines` (a runtime's name)
 
 
+# the bound a surrogate is held to when its scheme states none: int8-static's (a one-level flip of a
+# value near a rounding tie, propagated)
+DEFAULT_SURROGATE_TOLERANCE = 0.05
+
+
+def _check_changed(name: str, model: Classifier, deployed: QuantizedClassifier, batch: torch.Tensor) -> None:
+    """A scheme that says it quantizes must change the model: logits bit-identical to the float
+    model's on the calibration images mean nothing was quantized, whatever its audit claims."""
+    from qbd.errors import ConfigError
+
+    with torch.no_grad():
+        x = batch[:64]
+        same = torch.equal(model(x.to(model_device(model))).cpu(), deployed(x.to(model_device(deployed))).cpu())
+    if same:
+        raise ConfigError(f"scheme {name!r} quantizes nothing: its deployed model's logits equal the float model's on"
+                          " the calibration images (set `quantizes = False` for a reference deployment)")
+
+
 class SchemeBase:
     """A quantization scheme (the qbd.quant.base.Scheme protocol): subclass, set `name`, write
     `quantize`. `quantizes = False` marks the reference deployment (fp32), which quantizes nothing."""
@@ -64,6 +82,10 @@ class SchemeBase:
     devices: tuple[str, ...] = ("cpu", "cuda")  # where the deployed model can run
     needs_calibration: bool = False
     quantizes: bool = True
+    # measure the surrogate against the deployed model on the calibration images when `quantize`
+    # did not (a gradient defense's cells then carry the surrogate_agrees_with_runtime control);
+    # int8-dynamic opts out: its runtime's ranges depend on the batch, its surrogate's on the image
+    measures_agreement: bool = True
 
     def quantize(self, model: Classifier, calib: list[torch.Tensor], engine: str | None) -> Quantized:
         """`model`: a private eval-mode copy of the caller's float model (edit it freely); `calib`:
@@ -83,6 +105,14 @@ class SchemeBase:
             require_cpu(self.name, model, batches)
         fp = eval_copy(model)
         q = self.quantize(fp, batches, engine)
+        if self.quantizes and batches:
+            _check_changed(self.name, model, q.deployed, batches[0])
+        agreement = q.surrogate_agreement
+        if agreement is None and q.surrogate_factory is not None and self.measures_agreement and batches:
+            from qbd.quant.audit import calibration_agreement
+
+            tolerance = q.surrogate_rel_tolerance if q.surrogate_rel_tolerance is not None else DEFAULT_SURROGATE_TOLERANCE
+            agreement = calibration_agreement(q.deployed, q.surrogate_factory(), batches, tolerance, per_image_runtime=False)
         audit = build_audit(
             scheme=self.name,
             differentiable=self.differentiable,
@@ -100,7 +130,7 @@ class SchemeBase:
             kernel_ops=q.kernel_ops,
             device=model_device(fp),
             model_bytes=q.model_bytes,
-            surrogate_agreement=q.surrogate_agreement,
+            surrogate_agreement=agreement,
         )
         return QuantizedModel(scheme=self.name, model=q.deployed, audit=audit, differentiable=self.differentiable,
                               surrogate_factory=q.surrogate_factory)

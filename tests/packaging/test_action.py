@@ -58,7 +58,11 @@ def test_the_gate_fails_the_job_on_a_fail_and_says_why(tmp_path):
     r = _gate(tmp_path, QBD_DEFENSE="never_detects:NeverDetects")
     assert r.returncode == 1, r.stderr[-3000:]
     assert "qbd: FAIL digits/fp32/never-detects[canonical]" in r.stderr
-    assert "**qbd: exit 1** (a cell, a deployed model or a row fails its expectation" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**qbd: exit 1** (a cell, a deployed model or a row fails its expectation" in summary
+    # the report says what failed, as the log does: the summary and the uploaded report.md agree with the red job
+    for text in (summary, (tmp_path / "report" / "report.md").read_text()):
+        assert "## What fails (2: the run exits 1)" in text and "- `digits/fp32/never-detects[canonical]: " in text
 
 
 def test_the_gate_wants_a_defense(tmp_path):

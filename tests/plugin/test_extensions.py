@@ -205,3 +205,44 @@ def test_a_third_party_scheme_is_held_to_its_own_claim() -> None:
     lying = {**honest, "differentiable": False}
     assert exp.check_audit("digits/toy", lying, True, builtin=False)
     assert exp.check_audit("digits/toy", honest, True, builtin=True)  # a built-in must be stated in the table
+
+
+def test_the_base_measures_what_a_third_party_scheme_could_only_claim():
+    """A scheme that says it quantizes but changes nothing is refused, whatever its audit claims; a
+    non-differentiable scheme's surrogate is measured against its deployed model (so a gradient
+    defense's cells carry the surrogate_agrees_with_runtime control), and a surrogate that is not
+    the deployed model fails that measurement."""
+    import copy
+
+    import torch
+
+    from qbd.errors import ConfigError
+    from qbd.models import build_model
+    from qbd.quant.base import QuantizedClassifier
+    from qbd.quant.scheme import Quantized, SchemeBase, quantize_weights
+
+    class ChangesNothing(SchemeBase):
+        name = "changes-nothing"
+
+        def quantize(self, model, calib, engine):
+            return Quantized(QuantizedClassifier.from_parts(model, model.features, model.head), backend="claims int4",
+                             bits=4, quantized_modules=["features.0"], quantized_params=10**6)
+
+    class FloatSurrogate(SchemeBase):
+        """Deploys 2-bit weights, but hands gradient defenses the float model as its 'surrogate'."""
+
+        name = "float-surrogate"
+        differentiable = False
+
+        def quantize(self, model, calib, engine):
+            original = copy.deepcopy(model)
+            q = quantize_weights(model, lambda w: (torch.sign(w) * w.abs().mean(), w.abs().mean()), backend="2-level", bits=2)
+            q.surrogate_factory = lambda: QuantizedClassifier.from_parts(original, original.features, original.head)
+            return q
+
+    model = build_model("tiny-cnn", 10, (0.5,) * 3, (0.25,) * 3, seed=0).eval()
+    calib = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="quantizes nothing"):
+        ChangesNothing().apply(model, calib)
+    agreement = FloatSurrogate().apply(model, calib).audit.surrogate_agreement
+    assert agreement is not None and agreement["within_tolerance"] is False and agreement["rel_tolerance"] == 0.05

@@ -6,9 +6,9 @@ from qbd.gate import judge_run
 from tests.unit.test_measured_rows import ROW, _entry_text, _models, _table
 
 
-def _deployed(results, clean_acc=0.99, asr=1.0):
+def _deployed(results, clean_acc=0.99, asr=1.0, origin="zoo"):
     for r in results:
-        r.update(clean_acc=clean_acc, asr=asr)
+        r.update(clean_acc=clean_acc, asr=asr, weights={"origin": origin})
         r["quant"]["audit"] = {"engine": None}
     return results
 
@@ -25,6 +25,11 @@ def test_a_single_seed_run_fails_a_cell_off_its_rows_rule_and_a_model_below_its_
     # the deployed backdoored model under the tier's minimum clean accuracy fails the run, its cells passing
     low = judge_run(table, _deployed([dict(r) for r in ok], clean_acc=0.2), 1)
     assert low.cells == () and len(low.deployed) == 1 and "digits/int4-sim (deployed model)" in low.deployed[0]
+    # the bounds were measured on the zoo's seed-0 model: another seed, or weights trained or fetched
+    # elsewhere, have no measured bound and are not judged by one
+    other_seed = [{**r, "seed": 1, "attack": {**r["attack"], "seed": 1}} if r["attack"] else {**r, "seed": 1} for r in ok]
+    assert judge_run(table, _deployed(other_seed, clean_acc=0.2), 1).deployed == ()
+    assert judge_run(table, _deployed([dict(r) for r in ok], clean_acc=0.2, origin="fetched"), 1).deployed == ()
 
 
 def test_ten_models_judge_the_row_by_its_counts(tmp_path):

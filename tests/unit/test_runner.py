@@ -134,3 +134,41 @@ def test_a_run_wide_engine_reaches_only_the_schemes_that_take_one():
     assert fp32["defense"]["input_unchanged"] is None and static["defense"]["input_unchanged"] is False
     dynamic = bench.run(defense, "int8-dynamic")
     assert dynamic["defense"]["input_unchanged"] is True  # only the classifier is quantized: SS reads fp32's activations
+
+
+_DEFENSES = '''
+from qbd.defenses.base import Verdict
+
+class NoProtocol:
+    name = "no-proto"
+    requires = frozenset({"clean_holdout"})
+    params = {}
+
+    def detect(self, subject, inputs, generator):
+        return Verdict("clean")
+
+class AlwaysCanonical(NoProtocol):
+    name = "always-canonical"
+
+    def __init__(self):
+        self.protocol = "canonical"
+
+class CallsItselfStrip(NoProtocol):
+    name = "strip"
+'''
+
+
+def test_a_defense_runs_the_cells_protocol_and_cannot_borrow_a_builtins_name(tmp_path, monkeypatch):
+    """A class that keeps no protocol is told the cell's (its data diet and its cell id follow it);
+    one that insists on another is refused, as is a module:Class calling itself by a built-in's
+    name (it would be judged by that defense's declared findings)."""
+    (tmp_path / "qbd_runner_fakes.py").write_text(_DEFENSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert {runner.load_defense("qbd_runner_fakes:NoProtocol", p, "smoke").protocol for p in ("canonical", "paper")} == {
+        "canonical", "paper"}
+    assert runner.load_defense("qbd_runner_fakes:AlwaysCanonical", "canonical", "smoke").protocol == "canonical"
+    with pytest.raises(ConfigError, match="asked for the 'paper' protocol, it says `protocol = 'canonical'`"):
+        runner.load_defense("qbd_runner_fakes:AlwaysCanonical", "paper", "smoke")
+    with pytest.raises(ConfigError, match="its name 'strip' is a built-in defense's"):
+        runner.load_defense("qbd_runner_fakes:CallsItselfStrip", "canonical", "smoke")
+    assert type(runner.load_defense("qbd.defenses.strip:Strip", "canonical", "smoke")).__name__ == "Strip"  # the built-in itself
