@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from qbd.attacks import apply_trigger, poison, triggered_test
+from qbd.cell_controls import agreement_control, poison_controls, surrogate_disagrees
 from qbd.config import QC_GATES, AttackSpec, ConfigError, cell_id, to_dict
 from qbd.data.base import DataSplit
 from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of
@@ -74,6 +75,8 @@ class Bench:
         self._agreement: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
         self._unchanged: dict[tuple[str, Any, str | None], bool | None] = {}
         self._distributions: dict[str, dict[str, str] | None] = {}
+        # the float model's weights as given: restored if a defense edits them (_tampered)
+        self._pristine = {k: v.clone() for k, v in self.model.state_dict().items()}
         n_test = len(data.y_test)
         if n_test < 20:
             raise ConfigError(f"{data.name}: {n_test} test images are too few to split into holdout and evaluation sets")
@@ -264,7 +267,10 @@ class Bench:
         metrics = self.metrics(scheme, engine)
         subject = self.subject(scheme, gradient_path, engine)
         inputs = replace(self.inputs(protocol, frozenset(defense.requires)), progress=progress)
+        before = self._fingerprints(subject)
         verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed), timeout_s=timeout_s)
+        if self._fingerprints(subject) != before:
+            verdict = self._tampered(verdict, defense.name, scheme, engine)
         self._add_controls(verdict, qm, scheme, metrics)
         if gradient_path == "surrogate" and qm.audit.surrogate_agreement:
             # assigned, not setdefault: a defense must not be able to pre-fill a passing control
@@ -299,6 +305,26 @@ class Bench:
             "seconds": round(time.perf_counter() - t0, 3),
             "versions": _versions(),
         }
+
+    def _fingerprints(self, subject: Subject) -> tuple[str, str]:
+        from qbd.integrity import fingerprint
+
+        return fingerprint(subject.model), fingerprint(self.model)
+
+    def _tampered(self, verdict: Verdict, name: str, scheme: str, engine: str | None) -> Verdict:
+        """The defense edited a model it was given: its verdict is about a model nobody deploys,
+        and the next cells must not inherit the edit. The float model is restored and everything
+        deployed from it is rebuilt on demand."""
+        import copy
+
+        self.model.load_state_dict(self._pristine)
+        self.__dict__.pop("float_on_device", None)
+        for cache in (self._quantized, self._surrogates):
+            cache.clear()
+        said = {"status": verdict.status, "target_class": verdict.target_class, "score": verdict.score}
+        return Verdict.invalid(f"{name} changed the weights of the model it was given ({scheme}); a defense must work on"
+                               " a copy (copy.deepcopy(subject.model)) or on subject.float_model through subject.redeploy",
+                               "error", evidence={"defense_verdict": said}, controls=copy.copy(verdict.controls))
 
     def _distribution(self, defense: Any) -> dict[str, str] | None:
         from qbd.defenses import ENTRY_POINT_GROUP
@@ -342,11 +368,6 @@ class Bench:
         return {"backdoored": self.attack is not None, "target": target, "target_named": named, "backdoor": backdoor}
 
 
-# a surrogate whose top-1 disagrees with the runtime on more than this share of the images is not
-# inspecting the deployed model
-MIN_TOP1_AGREEMENT = 0.98
-
-
 def tier_bench(data: DataSplit, tm: Any, attack: AttackSpec | None, *, model_name: str, tier: str, seed: int,
                probe_attack: AttackSpec | None = None, device: str | torch.device = "cpu") -> Bench:
     """The Bench the matrix builds for one trained model (`tm`, a qbd.trained TrainedModel) of the
@@ -360,95 +381,11 @@ def tier_bench(data: DataSplit, tm: Any, attack: AttackSpec | None, *, model_nam
                  weights=tm.provenance(), device=device)
 
 
-def agreement_control(measured: list[dict[str, Any]], tolerance: float | None) -> Control:
-    """Where a gradient defense ran through a surrogate of a runtime (the schemes whose audit
-    measures the agreement: int8-static and the ONNX Runtime ones), every Result says how close the two are on the calibration
-    images, held-out clean images and triggered images (static ranges are fitted on the first, so
-    the other two are the test): top-1 agreement and max |delta logit| / max |runtime logit|
-    against the scheme's tolerance. Passed only if every set is within both."""
-    def ok(a: dict[str, Any]) -> bool:
-        top1, rel = a.get("top1_agreement"), a.get("max_rel_logit_delta")
-        return top1 is not None and top1 >= MIN_TOP1_AGREEMENT and (tolerance is None or (rel is not None and rel <= tolerance))
-
-    parts = [f"{a.get('data')} ({a.get('n_images')}): top-1 {_fmt(a.get('top1_agreement'))}, rel {_fmt4(a.get('max_rel_logit_delta'))}"
-             for a in measured]
-    top1s = [a["top1_agreement"] for a in measured if a.get("top1_agreement") is not None]
-    return Control(all(ok(a) for a in measured), min(top1s) if top1s else None,
-                   f"surrogate vs runtime: {'; '.join(parts)} (max |delta logit| / max |runtime logit| <= {tolerance},"
-                   f" top-1 >= {MIN_TOP1_AGREEMENT})")
-
-
-def surrogate_disagrees(verdict: Verdict, control: Control) -> Verdict:
-    """The verdict of a gradient defense whose surrogate does not agree with the deployed runtime
-    is about another model: it becomes invalid (surrogate-disagrees, never an expected outcome),
-    the surrogate's own verdict kept as evidence."""
-    said = {"status": verdict.status, "target_class": verdict.target_class, "score": verdict.score,
-            "threshold": verdict.threshold, "reason_code": verdict.reason_code}
-    return Verdict.invalid(f"the surrogate the defense inspected does not agree with the deployed runtime: {control.detail}",
-                           "surrogate-disagrees", evidence={**verdict.evidence, "surrogate_verdict": said},
-                           controls=verdict.controls, suspects=verdict.suspects)
-
-
-def _fmt4(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
 def _place(scheme: Any, qm: Any, device: torch.device) -> Any:
     """Move the deployed model to `device` where its scheme runs there (`Scheme.devices`)."""
     if device.type != "cpu" and device.type in getattr(scheme, "devices", ("cpu",)):
         qm.model.to(device)
     return qm
-
-
-def poison_controls(verdict: Verdict, is_poisoned: torch.Tensor, labels: torch.Tensor, target: int) -> dict[str, Control]:
-    """Score a data-inspecting defense's per-sample suspects against the known poison (the
-    defense never sees it): `poison_removal`, the suspects of the classes it flagged (what it
-    would filter out); `poison_target_class`, its suspects in the planted target class, flagged
-    or not (did it single out the poison at all?). Both are precision / recall of the suspects as
-    labelled; for a two-sided split (AC) the detail adds the agreement up to swapping the sides.
-    Malformed suspects (a third-party defense) give a failed control saying so, never a crash."""
-    import numpy as np
-
-    poisoned = is_poisoned.cpu().numpy().astype(bool)
-    n = len(poisoned)
-    try:
-        by_class = {int(c): np.asarray(i, dtype=np.int64).reshape(-1) for c, i in verdict.suspects["by_class"].items()}  # type: ignore[index]
-        flagged = [int(c) for c in (verdict.evidence.get("flagged") or [])]
-        if any(len(i) and (i.min() < 0 or i.max() >= n) for i in by_class.values()):
-            raise ValueError(f"suspect indices outside 0..{n - 1}")
-    except (TypeError, ValueError, KeyError) as e:
-        bad = Control(False, None, f"the defense's per-sample suspects are malformed: {e}")
-        return {"poison_removal": bad, "poison_target_class": bad}
-
-    def scored(mask: np.ndarray, within: np.ndarray) -> tuple[float | None, float | None, int, int]:
-        tp = int((mask & poisoned & within).sum())
-        k, m = int((mask & within).sum()), int((poisoned & within).sum())
-        return (tp / k if k else None), (tp / m if m else None), k, m
-
-    everywhere = np.ones(n, dtype=bool)
-    removed = np.zeros(n, dtype=bool)
-    for c in flagged:
-        removed[by_class.get(c, np.zeros(0, dtype=np.int64))] = True
-    precision, recall, k, m = scored(removed, everywhere)
-    out = {"poison_removal": Control(bool(recall is not None and recall >= 0.5 and (precision or 0.0) >= 0.5), recall,
-                                     f"suspects of the flagged classes {sorted(flagged)}: {k} samples, precision"
-                                     f" {_fmt(precision)}, recall {_fmt(recall)} against the {m} poisoned")}
-    in_target = labels.cpu().numpy() == target
-    if in_target.any():
-        suspect = np.zeros(n, dtype=bool)
-        suspect[by_class.get(target, np.zeros(0, dtype=np.int64))] = True
-        precision, recall, k, m = scored(suspect, in_target)
-        same = float((suspect[in_target] == poisoned[in_target]).mean())
-        out["poison_target_class"] = Control(
-            bool(recall is not None and recall >= 0.5 and (precision or 0.0) >= 0.5), recall,
-            f"target class {target}: {k} suspects of its {int(in_target.sum())} samples, precision {_fmt(precision)}, recall"
-            f" {_fmt(recall)} against its {m} poisoned; suspects/rest agree with poisoned/clean on {same:.3f} of the class"
-            f" ({max(same, 1.0 - same):.3f} up to swapping the sides)")
-    return out
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _attack_dict(attack: AttackSpec | None) -> dict[str, Any] | None:

@@ -35,3 +35,47 @@ def test_subject_carries_the_float_model_and_redeploys_onto_the_schemes_grid():
     same = subject.redeploy(bench.model)
     assert torch.allclose(same.model(x), bench.quantized("int4-sim").model(x))
     assert not torch.allclose(repaired.model(x), same.model(x))
+
+
+class _Editor:
+    """Edits what it is given in place: the deployed model, or the float model a repair starts from."""
+
+    requires = frozenset({"clean_holdout"})
+    protocol = "canonical"
+
+    def __init__(self, which):
+        self.name, self.which, self.params = f"edits-{which}", which, {}
+
+    def detect(self, subject, inputs, generator):
+        from qbd.defenses.base import Verdict
+
+        target = subject.model if self.which == "deployed" else subject.float_model
+        with torch.no_grad():
+            for prm in target.parameters():
+                prm.zero_()
+        return Verdict("detected", score=9.0, threshold=1.0, target_class=0)
+
+
+class _Reader:
+    """Reports the logits it sees, to show what the next cell inspects."""
+
+    name, requires, params, protocol = "reads", frozenset({"clean_holdout"}), {}, "canonical"
+
+    def detect(self, subject, inputs, generator):
+        from qbd.defenses.base import Verdict
+
+        x = inputs.clean_holdout[0][:8].float() / 255
+        with torch.no_grad():
+            return Verdict("clean", score=float(subject(x).abs().sum()), threshold=0.0)
+
+
+def test_a_defense_that_edits_its_model_is_invalid_and_the_next_cell_sees_the_model_as_deployed():
+    for which, scheme in (("deployed", "int4-sim"), ("float", "int8-dynamic")):
+        bench = _bench()
+        before = bench.run(_Reader(), scheme)["verdict"]["score"]
+        edited = bench.run(_Editor(which), scheme)
+        assert (edited["verdict"]["status"], edited["verdict"]["reason_code"]) == ("invalid", "error")
+        assert "changed the weights of the model it was given" in edited["verdict"]["reason"]
+        assert edited["verdict"]["evidence"]["defense_verdict"]["status"] == "detected"  # what it said, kept as evidence
+        assert bench.run(_Reader(), scheme)["verdict"]["score"] == before  # the next cell: the model as deployed
+        assert bench.run(_Reader(), "fp32")["verdict"]["score"] > 0  # and the float model restored

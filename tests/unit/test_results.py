@@ -334,7 +334,7 @@ def test_a_results_file_carries_the_runs_metadata(tmp_path):
 
 
 def test_agreement_control_passes_only_when_every_image_set_agrees():
-    from qbd.evaluate import MIN_TOP1_AGREEMENT, agreement_control
+    from qbd.cell_controls import MIN_TOP1_AGREEMENT, agreement_control
 
     def a(data, top1, rel):
         return {"data": data, "n_images": 10, "top1_agreement": top1, "max_rel_logit_delta": rel, "max_abs_logit_delta": rel}

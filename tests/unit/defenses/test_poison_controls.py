@@ -1,6 +1,6 @@
 """Per-sample controls of the data-inspecting defenses (AC, SS): the suspects a defense names are
 mapped back to the right input rows, and the bench scores them against the known poison
-(qbd.evaluate.poison_controls) as labelled sets; malformed suspects never crash a cell."""
+(qbd.cell_controls.poison_controls) as labelled sets; malformed suspects never crash a cell."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from qbd.cell_controls import poison_controls
 from qbd.defenses.activation_clustering import ActivationClustering, cluster_class
 from qbd.defenses.base import DefenseInputs, Verdict
 from qbd.defenses.sandbox import run_defense, vouch
 from qbd.defenses.spectral_signatures import SpectralSignatures, spectrum
-from qbd.evaluate import poison_controls
 from tests.unit.defenses import PixelFeatures, class_data, subject
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from qbd.cell_controls import poison_controls
 from qbd.defenses._poison_side import more_varied, split_line, spread
 from qbd.defenses.activation_clustering import ActivationClustering
 from qbd.defenses.base import DefenseInputs
 from qbd.defenses.sandbox import run_defense
 from qbd.defenses.spectral_signatures import SpectralSignatures
 from qbd.errors import ConfigError
-from qbd.evaluate import poison_controls
 from tests.unit.defenses import PixelFeatures, class_data, subject
 
 
