@@ -213,10 +213,22 @@ def _name_of(defense: Any) -> str:
 def _call(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Any:
     """detect's return value, or the exception it raised (SystemExit included: a defense that
     calls sys.exit must not end the run; KeyboardInterrupt still does)."""
+    from qbd.quant.warnings import recording_no_autograd_kernel
+
     try:
-        return defense.detect(subject, inputs, generator)
+        with recording_no_autograd_kernel() as torch_notes:
+            out = defense.detect(subject, inputs, generator)
     except (Exception, SystemExit) as e:
         return e
+    needs = getattr(defense, "requires", ()) or ()
+    if torch_notes and isinstance(out, Verdict) and out.status != "invalid" and "input_gradients" not in needs:
+        # it backpropagated through a deployed kernel that has no autograd and got no gradient: its
+        # answer rests on gradients that never arrived (a silent miss otherwise)
+        return Verdict.invalid(f"{_name_of(defense)} backpropagated through the deployed model, whose kernels have no"
+                               f" autograd ({torch_notes[0]}), so its gradients are missing: declare 'input_gradients' in"
+                               " `requires` to be given a differentiable surrogate", "no-gradient",
+                               evidence={"defense_verdict": {"status": out.status, "target_class": out.target_class}})
+    return out
 
 
 def _why_not_fork() -> str | None:

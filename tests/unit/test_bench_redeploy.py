@@ -79,3 +79,27 @@ def test_a_defense_that_edits_its_model_is_invalid_and_the_next_cell_sees_the_mo
         assert edited["verdict"]["evidence"]["defense_verdict"]["status"] == "detected"  # what it said, kept as evidence
         assert bench.run(_Reader(), scheme)["verdict"]["score"] == before  # the next cell: the model as deployed
         assert bench.run(_Reader(), "fp32")["verdict"]["score"] > 0  # and the float model restored
+
+
+class _GradientProbe:
+    """Backpropagates to the pixels without declaring 'input_gradients': on int8-dynamic it gets the
+    deployed model, whose int8 linear has no autograd kernel."""
+
+    name, requires, params, protocol = "gradient-probe", frozenset({"clean_holdout"}), {}, "canonical"
+
+    def detect(self, subject, inputs, generator):
+        from qbd.defenses.base import Verdict
+
+        x = (inputs.clean_holdout[0][:8].float() / 255).requires_grad_()
+        (grad,) = torch.autograd.grad(subject(x).sum(), x, allow_unused=True)
+        return Verdict("clean", score=0.0 if grad is None else float(grad.abs().sum()), threshold=1.0)
+
+
+def test_a_gradient_that_never_arrived_is_invalid_not_a_silent_miss():
+    bench = _bench()
+    r = bench.run(_GradientProbe(), "int8-dynamic")
+    assert (r["verdict"]["status"], r["verdict"]["reason_code"]) == ("invalid", "no-gradient"), r["verdict"]
+    assert "declare 'input_gradients'" in r["verdict"]["reason"]
+    timed = bench.run(_GradientProbe(), "int8-dynamic", timeout_s=60)  # detect in a child process: the same
+    assert (timed["verdict"]["status"], timed["verdict"]["reason_code"]) == ("invalid", "no-gradient"), timed["verdict"]
+    assert bench.run(_GradientProbe(), "fp32")["verdict"]["status"] == "clean"  # gradients flow there: its answer stands
