@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                             " settings beyond the calibration attack: qbd.zoo.pinned.zoo_jobs) and write them,"
                             " with manifest.json, to DIR. Each model trains on one thread; -j runs several at once and"
                             " does not change the weights.")
-    b.add_argument("--dir", default=str(DEFAULT_DIR), help=f"zoo directory (default: {DEFAULT_DIR})")
+    b.add_argument("--dir", default=None, help=f"zoo directory (default, in a checkout only: {DEFAULT_DIR})")
     b.add_argument("-j", "--jobs", type=int, default=1, help="models trained at once (default: 1)")
     b.add_argument("--cache-dir", default=None, help="model store to train into (else $QBD_CACHE_DIR, else the user cache)")
     b.add_argument("--missing", action="store_true", help="keep the models the zoo already pins; train only those it lacks")
@@ -48,6 +48,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.dir is None:
+        # an installed package's zoo is the one its findings were measured on: never rewrite it in place
+        if not (DEFAULT_DIR.parents[2] / ".git").exists():
+            raise ConfigError(f"qbd zoo build: name the directory to write with --dir; the default ({DEFAULT_DIR}) is the"
+                              " installed package's pinned zoo, which the shipped findings describe")
+        args.dir = str(DEFAULT_DIR)
     zoo = build(args.dir, cache_dir=args.cache_dir, workers=args.jobs, missing_only=args.missing, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"qbd zoo: {len(zoo.models)} models and {zoo.root / 'manifest.json'} written")
     return 0

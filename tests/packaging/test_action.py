@@ -37,8 +37,13 @@ def test_the_action_passes_every_input_the_script_reads():
     assert used == set(action["inputs"])  # no input is ignored, none is missing
     upload = steps[-1]
     assert upload["uses"].startswith("actions/upload-artifact@") and upload["if"] == "always()"
-    install = next(s["run"] for s in steps if "pip install" in s.get("run", ""))
-    assert "download.pytorch.org/whl/cpu" in install  # CPU torch, not the CUDA wheel
+    install = next(s for s in steps if "pip install" in s.get("run", ""))
+    assert "download.pytorch.org/whl/cpu" in install["run"]  # CPU torch, not the CUDA wheel
+    # by default qbd is the action's own source at the ref the author named: one version of script, table and zoo
+    assert install["env"]["QBD_ACTION_SOURCE"] == "${{ github.action_path }}" and action["inputs"]["qbd"]["default"] == ""
+    assert '"${QBD_REQUIREMENT:-$QBD_ACTION_SOURCE}"' in install["run"]
+    # no input is pasted into a script (a crafted input would run as shell): inputs reach them through env
+    assert not [s["run"] for s in steps if "inputs." in s.get("run", "")]
 
 
 def test_the_gate_passes_on_the_example_and_writes_the_report_and_summary(tmp_path):
@@ -68,3 +73,18 @@ def test_the_gate_fails_the_job_on_a_fail_and_says_why(tmp_path):
 def test_the_gate_wants_a_defense(tmp_path):
     r = _gate(tmp_path)
     assert r.returncode == 2 and "the 'defense' input is required" in r.stderr
+
+
+def test_the_summary_says_why_a_run_stopped(tmp_path):
+    """A usage error quotes qbd's one line; a python without qbd is not mistaken for a FAIL."""
+    r = _gate(tmp_path, QBD_DEFENSE="strip", QBD_DATASETS="digitz")
+    assert r.returncode == 2
+    assert "**qbd: exit 2** (a usage error: qbd: error: unknown dataset 'digitz' (did you mean 'digits'?)" in \
+        (tmp_path / "summary.md").read_text()
+    (tmp_path / "summary.md").unlink()
+    no_qbd = tmp_path / "python-without-qbd"
+    no_qbd.write_text("#!/bin/sh\necho '/usr/bin/python3: No module named qbd' >&2\nexit 1\n")
+    no_qbd.chmod(0o755)
+    r = _gate(tmp_path, QBD_DEFENSE="strip", QBD_PYTHON=str(no_qbd))
+    assert r.returncode == 1
+    assert "**qbd: exit 1** (qbd stopped: /usr/bin/python3: No module named qbd)." in (tmp_path / "summary.md").read_text()

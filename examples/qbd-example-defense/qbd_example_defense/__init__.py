@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict
+from qbd.metrics import to_unit
 
 
 class CornerPatchProbe:
@@ -12,13 +13,16 @@ class CornerPatchProbe:
 
     name = "corner-patch-probe"
 
-    def __init__(self, protocol: str = "canonical", tier: str = "paper", capture: float = 0.8, sizes: tuple[int, ...] = (3, 4, 5)) -> None:
+    def __init__(self, protocol: str = "canonical", tier: str = "smoke", capture: float = 0.8, sizes: tuple[int, ...] = (3, 4, 5)) -> None:
         self.protocol = protocol
-        self.requires = frozenset({"clean_holdout"})
-        self.params = {"capture": capture, "sizes": list(sizes), "colours": ["white", "black"], "images": 256}
+        self.requires = frozenset({"clean_holdout"})  # the same diet under both protocols
+        # the smoke tier's 2-core budget probes fewer images than the paper tier's GPU runs
+        self.params = {"capture": capture, "sizes": list(sizes), "colours": ["white", "black"],
+                       "images": 256 if tier == "smoke" else 1024}
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
-        x = inputs.clean_holdout[0][: self.params["images"]].float() / 255.0
+        # inputs hold uint8 pixels; the model takes float images in [0, 1] on subject.device
+        x = to_unit(inputs.clean_holdout[0][: self.params["images"]]).to(subject.device)
         _, _, h, w = x.shape
         best = (0.0, None, "")
         with torch.no_grad():
@@ -27,7 +31,7 @@ class CornerPatchProbe:
                     for r, c, corner in ((0, 0, "top-left"), (0, w - s, "top-right"), (h - s, 0, "bottom-left"), (h - s, w - s, "bottom-right")):
                         xp = x.clone()
                         xp[:, :, r : r + s, c : c + s] = value
-                        pred = subject.model(xp).argmax(1)
+                        pred = subject(xp).argmax(1)
                         counts = torch.bincount(pred, minlength=subject.num_classes).float() / len(pred)
                         share, cls = float(counts.max()), int(counts.argmax())
                         if share > best[0]:
