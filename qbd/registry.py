@@ -166,7 +166,14 @@ def distribution_of(obj: object, group: str) -> dict[str, str] | None:
         dist = getattr(ep, "dist", None)
         if dist is not None and ep.value.partition(":")[0] == module:
             return {"name": dist.name, "version": dist.version}
-    names = metadata.packages_distributions().get(top) or []
-    if names:
-        return {"name": names[0], "version": metadata.version(names[0])}
+    # a distribution that installed a package of that name is not proof: the module imported may be
+    # a local file shadowing it, so the distribution must list the very file
+    import sys
+    from pathlib import Path
+
+    where = getattr(sys.modules.get(module), "__file__", None)
+    for name in metadata.packages_distributions().get(top) or []:
+        dist = metadata.distribution(name)
+        if where and any(Path(str(dist.locate_file(f))).resolve() == Path(where).resolve() for f in dist.files or ()):
+            return {"name": dist.metadata["Name"], "version": dist.version}
     return None

@@ -184,7 +184,12 @@ class _Crash:
     @classmethod
     def of(cls, e: BaseException) -> _Crash:
         full = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        return cls(type(e).__name__, traceback.format_exception_only(type(e), e)[-1].strip(), full[-_TRACEBACK_CHARS:])
+        line = traceback.format_exception_only(type(e), e)[-1].strip()
+        if isinstance(e, StopIteration) and "parameters()" in full:
+            # the PyTorch habit next(model.parameters()).device, on a deployed int8 or ONNX Runtime model
+            line += (" (next(model.parameters()) on a model without parameters: a deployed int8 or ONNX Runtime model"
+                     " has none; use subject.device)")
+        return cls(type(e).__name__, line, full[-_TRACEBACK_CHARS:])
 
 
 @dataclass(frozen=True)

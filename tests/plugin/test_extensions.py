@@ -128,13 +128,14 @@ def test_pytest_runs_them(toy_site: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "test_qbd.py").write_text("from qbd.suite import test_attack, test_audit, test_cell  # noqa: F401\n")
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--qbd-dataset", "digits",
                         "--qbd-scheme", "toy-int6-tensor", "--qbd-defense", "toy-corner", "--qbd-protocol", "canonical",
-                        "-o", "addopts=", "test_qbd.py"],
+                        "-o", "addopts=", "-rA", "test_qbd.py"],
                        capture_output=True, text=True, env=toy_site, timeout=900, cwd=tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
-    for cell in ("digits/toy-int6-tensor/toy-corner[canonical]", "digits:clean/toy-int6-tensor/toy-corner[canonical]"):
-        assert f"test_cell[{cell}] PASSED" in out or "4 passed" in out, out[-3000:]
-    assert "4 passed" in out, out[-3000:]  # the two cells, the scheme's audit and the attack's gates
+    passed = {line.split("PASSED ", 1)[1].strip() for line in out.splitlines() if line.startswith("PASSED ")}
+    assert passed == {"test_qbd.py::test_cell[digits/toy-int6-tensor/toy-corner[canonical]]",
+                      "test_qbd.py::test_cell[digits:clean/toy-int6-tensor/toy-corner[canonical]]",
+                      "test_qbd.py::test_audit[digits/toy-int6-tensor]", "test_qbd.py::test_attack[digits/toy-int6-tensor]"}, out[-3000:]
 
 
 def test_a_false_alarm_only_once_quantized_fails_in_both_front_ends(toy_site: dict[str, str], tmp_path: Path) -> None:
@@ -246,3 +247,30 @@ def test_the_base_measures_what_a_third_party_scheme_could_only_claim():
         ChangesNothing().apply(model, calib)
     agreement = FloatSurrogate().apply(model, calib).audit.surrogate_agreement
     assert agreement is not None and agreement["within_tolerance"] is False and agreement["rel_tolerance"] == 0.05
+
+
+def test_a_distribution_is_recorded_only_for_a_file_it_installed(tmp_path, monkeypatch):
+    """A module imported from a local file is not credited to the installed distribution that
+    happens to own a package of the same top-level name."""
+    import types
+
+    import yaml  # noqa: F401  (imported: its file is the one PyYAML installed)
+
+    from qbd.registry import distribution_of
+
+    class FromPyYAML:
+        pass
+
+    FromPyYAML.__module__ = "yaml"
+    assert distribution_of(FromPyYAML(), "qbd.defenses")["name"] == "PyYAML"
+    local = tmp_path / "shadow.py"
+    local.write_text("")
+    shadow = types.ModuleType("yaml.local_shadow")
+    shadow.__file__ = str(local)
+    monkeypatch.setitem(__import__("sys").modules, "yaml.local_shadow", shadow)
+
+    class Local:
+        pass
+
+    Local.__module__ = "yaml.local_shadow"
+    assert distribution_of(Local(), "qbd.defenses") is None

@@ -409,3 +409,23 @@ def test_a_surrogate_that_disagrees_with_the_runtime_makes_the_verdict_invalid(m
                                                   "reason_code": None}
     assert judge(r, None).judgement == "FAIL"  # it matched the truth on the surrogate, and still fails
     assert problems(r) == [] and _validator().is_valid(r)
+
+
+@pytest.mark.parametrize(("status", "reason", "code"), [
+    ("invalid", None, "no-signal"), ("invalid", "r", None), ("invalid", "r", "bogus"), ("clean", None, "no-signal"),
+    ("maybe", None, None), ("detected", None, None), ("invalid", "r", "timeout"), ("clean", "fine", None),
+])
+def test_the_schema_and_the_one_verdict_rule_agree(status, reason, code):
+    """qbd.reason_codes.verdict_problems (Verdict, sandbox, problems()) and the JSON Schema's
+    if/then/else accept and refuse the same verdicts."""
+    from qbd.reason_codes import verdict_problems
+
+    verdict = {"status": status, "score": None, "threshold": None, "target_class": None, "reason": reason,
+               "reason_code": code, "evidence": {}, "controls": {}}
+    import jsonschema
+
+    from qbd.results import schema
+
+    only_verdict = {"$schema": schema()["$schema"], "$defs": schema()["$defs"], "$ref": "#/$defs/verdict"}
+    schema_ok = not list(jsonschema.Draft202012Validator(only_verdict).iter_errors(verdict))
+    assert schema_ok == (verdict_problems(status, reason, code) == [])
