@@ -36,9 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qbd.data import cifar10 as cifar_loader
-from qbd.data import gtsrb as gtsrb_loader
-from qbd.data import synthetic
+from qbd.data import layouts, synthetic
 from qbd.errors import ConfigError
 from tests.unit import _formats
 
@@ -117,7 +115,7 @@ def _fresh(folder: Path) -> None:
 def write_cifar10(root: Path, scale: float = 1.0) -> dict[str, object]:
     n_train, n_test = sizes("cifar10", scale)
     seed = SEEDS["cifar10"]
-    batch_dir = root / cifar_loader.BASE_FOLDER
+    batch_dir = root / layouts.CIFAR_FOLDER
     _fresh(batch_dir)
     x_train, y_train = cifar_images(seed, "train", n_train)
     x_test, y_test = cifar_images(seed, "test", n_test)
@@ -136,13 +134,13 @@ def write_cifar10(root: Path, scale: float = 1.0) -> dict[str, object]:
 def write_gtsrb(root: Path, scale: float = 1.0) -> dict[str, object]:
     n_train, n_test = sizes("gtsrb", scale)
     seed = SEEDS["gtsrb"]
-    base = root / gtsrb_loader.BASE_FOLDER
+    base = root / layouts.GTSRB_FOLDER
     _fresh(base)
     x_train, y_train = gtsrb_images(seed, "train", n_train)
     x_test, y_test = gtsrb_images(seed, "test", n_test)
     hwc = (0, 2, 3, 1)  # the generator's N x 3 x H x W -> N x H x W x 3 for the image files
-    train_dir = root / gtsrb_loader.TRAIN_FOLDER
-    for label, folder_name in enumerate(gtsrb_loader.CLASS_FOLDERS):
+    train_dir = root / layouts.GTSRB_TRAIN
+    for label, folder_name in enumerate(layouts.GTSRB_CLASS_FOLDERS):
         folder = train_dir / folder_name
         folder.mkdir(parents=True)
         rows = [_GT_HEADER]
@@ -153,14 +151,14 @@ def write_gtsrb(root: Path, scale: float = 1.0) -> dict[str, object]:
         (folder / f"GT-{folder_name}.csv").write_text("\n".join(rows) + "\n")
     # the real test set is in no class order
     order = np.random.default_rng([seed, 43]).permutation(len(y_test))
-    test_dir = root / gtsrb_loader.TEST_FOLDER
+    test_dir = root / layouts.GTSRB_TEST
     test_dir.mkdir(parents=True)
     rows = [_GT_HEADER]
     for i, (img, label) in enumerate(zip(x_test[order].transpose(hwc), y_test[order], strict=True)):
         name = f"{i:05d}.ppm"
         _formats._save_ppm(test_dir / name, img)
         rows.append(f"{name};32;32;0;0;31;31;{int(label)}")
-    (root / gtsrb_loader.TEST_CSV).write_text("\n".join(rows) + "\n")
+    (root / layouts.GTSRB_TEST_CSV).write_text("\n".join(rows) + "\n")
     (base / MARKER).write_text("stand-in GTSRB from qbd's synthetic generator (benchmarks/stand_in_data.py)\n")
     return {"dataset": "gtsrb", "n_train": n_train, "n_test": n_test, "classes": len(GTSRB_CLASSES), "path": str(base)}
 

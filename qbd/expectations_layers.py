@@ -11,14 +11,14 @@ from dataclasses import replace
 from typing import Any
 
 from qbd.errors import ConfigError
-from qbd.expectations import Expectations
 
 TABLES = ("cells", "attack", "audit", "rows")
 
 
-def layer(base: Expectations, top: Expectations) -> Expectations:
-    """`top` (the author's table) over `base` (the shipped one): one table whose `path` is the
-    author's and whose `layers` name both."""
+def layer(base: Any, top: Any) -> Any:
+    """`top` (the author's table) over `base` (the shipped one), both qbd.expectations.Expectations
+    (not imported: qbd.expectations calls this module): one table whose `path` is the author's and
+    whose `layers` name both."""
     where = f"{top.path}"
     if top.tier != base.tier:
         raise ConfigError(f"{where}: a table for the {top.tier!r} tier cannot extend the {base.tier!r} tier's")

@@ -157,12 +157,15 @@ def check_defense(obj: Any) -> None:
     if not isinstance(getattr(obj, "name", None), str) or not obj.name:
         problems.append("a non-empty str `name`")
     req = getattr(obj, "requires", None)
-    if not isinstance(req, (set, frozenset)) or not set(req) <= REQUIREMENTS:
+    if not isinstance(req, (set, frozenset)):
         problems.append(f"`requires`, a set drawn from {sorted(REQUIREMENTS)}")
+    elif not set(req) <= REQUIREMENTS:
+        problems.append(f"`requires` drawn from {sorted(REQUIREMENTS)} (it has {sorted(map(str, set(req) - REQUIREMENTS))})")
     if not callable(getattr(obj, "detect", None)):
         problems.append("a `detect(subject, inputs, generator) -> Verdict` method")
     if problems:
-        raise TypeError(f"{obj!r} is not a qbd defense: it needs " + ", ".join(problems))
+        what = f"{type(obj).__module__}.{type(obj).__qualname__}" + (f" ({obj.name!r})" if isinstance(getattr(obj, "name", None), str) else "")
+        raise TypeError(f"{what} is not a qbd defense: it needs " + ", ".join(problems))
 
 
 

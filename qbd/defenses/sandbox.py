@@ -225,10 +225,9 @@ def _call(defense: Any, subject: Subject, inputs: DefenseInputs, generator: torc
             out = defense.detect(subject, inputs, generator)
     except (Exception, SystemExit) as e:
         return e
-    needs = getattr(defense, "requires", ()) or ()
-    if torch_notes and isinstance(out, Verdict) and out.status != "invalid" and "input_gradients" not in needs:
-        # it backpropagated through a deployed kernel that has no autograd and got no gradient: its
-        # answer rests on gradients that never arrived (a silent miss otherwise)
+    # it backpropagated through a deployed kernel without autograd: its answer rests on gradients that
+    # never arrived (a silent miss otherwise)
+    if torch_notes and isinstance(out, Verdict) and out.status != "invalid" and "input_gradients" not in defense.requires:
         return Verdict.invalid(f"{_name_of(defense)} backpropagated through the deployed model, whose kernels have no"
                                f" autograd ({torch_notes[0]}), so its gradients are missing: declare 'input_gradients' in"
                                " `requires` to be given a differentiable surrogate", "no-gradient",

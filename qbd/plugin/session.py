@@ -118,7 +118,10 @@ class Session:
 
         ref = next(r for r, n in self.state.matrix().items() if n == name)
         if ref in self.state.defense_names:  # a built-in, or a --qbd-defense the user named: errors are theirs
-            return load_defense(ref, protocol, self.state.tier)
+            try:
+                return load_defense(ref, protocol, self.state.tier)
+            except ConfigError as e:  # the defense's own contract: one line saying what to fix, no qbd traceback
+                pytest.fail(f"qbd: {e}", pytrace=False)
         try:
             return load_defense(ref, protocol, self.state.tier)
         except ConfigError as e:  # an installed entry point nobody named: a warning and skipped cells, as in `qbd run`
