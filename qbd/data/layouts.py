@@ -12,6 +12,12 @@ from pathlib import Path
 
 from qbd.errors import DataUnavailableError
 
+
+def _no_root(data: str, example: str, how_to_get: Callable[[Path], str]) -> DataUnavailableError:
+    return DataUnavailableError(f"{data} needs a data root: pass --data-root DIR or set QBD_DATA_ROOT=DIR, where"
+                                f" DIR/{example} exists. " + how_to_get(Path("DIR")))
+
+
 # -- CIFAR-10: torchvision's python-version batches ---------------------------------------------
 CIFAR_FOLDER = "cifar-10-batches-py"  # torchvision.datasets.CIFAR10.base_folder
 # Where the batch folder may sit, relative to the data root; the first is torchvision's layout.
@@ -32,10 +38,7 @@ def cifar_how_to_get(root: Path) -> str:
 def find_cifar_batches(root: Path | None) -> Path:
     """The folder holding the batch files, or DataUnavailableError saying where to put them."""
     if root is None:
-        raise DataUnavailableError(
-            "CIFAR-10 needs a data root: pass --data-root DIR or set QBD_DATA_ROOT=DIR, where"
-            f" DIR/{CIFAR_FOLDER}/data_batch_1 exists. " + cifar_how_to_get(Path("DIR"))
-        )
+        raise _no_root("CIFAR-10", f"{CIFAR_FOLDER}/data_batch_1", cifar_how_to_get)
     root = Path(root)
     candidates = [root / layout for layout in CIFAR_LAYOUTS]
     # Prefer a layout whose folder exists, so "missing files" names the folder the user made.
@@ -72,10 +75,7 @@ def gtsrb_how_to_get(root: Path) -> str:
 def check_gtsrb(root: Path | None) -> Path:
     """Return `root` if torchvision's layout is there, else DataUnavailableError saying where."""
     if root is None:
-        raise DataUnavailableError(
-            "GTSRB needs a data root: pass --data-root DIR or set QBD_DATA_ROOT=DIR, where"
-            f" DIR/{GTSRB_TRAIN}/00000 exists. " + gtsrb_how_to_get(Path("DIR"))
-        )
+        raise _no_root("GTSRB", f"{GTSRB_TRAIN}/00000", gtsrb_how_to_get)
     root = Path(root)
     problems = []
     train = root / GTSRB_TRAIN
