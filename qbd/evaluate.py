@@ -20,6 +20,7 @@ from qbd.config import QC_GATES, AttackSpec, ConfigError, cell_id, to_dict
 from qbd.data.base import DataSplit
 from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of
 from qbd.defenses.sandbox import run_defense
+from qbd.integrity import fingerprint
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models.base import Classifier
 from qbd.quant.common import model_device
@@ -77,6 +78,7 @@ class Bench:
         self._distributions: dict[str, dict[str, str] | None] = {}
         # the float model's weights as given: restored if a defense edits them (_tampered)
         self._pristine = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self._digests: dict[int, str] = {}  # id(model given to defenses) -> its fingerprint (_digest)
         n_test = len(data.y_test)
         if n_test < 20:
             raise ConfigError(f"{data.name}: {n_test} test images are too few to split into holdout and evaluation sets")
@@ -267,9 +269,10 @@ class Bench:
         metrics = self.metrics(scheme, engine)
         subject = self.subject(scheme, gradient_path, engine)
         inputs = replace(self.inputs(protocol, frozenset(defense.requires)), progress=progress)
-        before = self._fingerprints(subject)
+        given = [m for m in (subject.model, subject.float_model) if m is not None]
+        before = [self._digest(m) for m in given]
         verdict, _ = run_defense(defense, subject, inputs, torch.Generator().manual_seed(seed), timeout_s=timeout_s)
-        if self._fingerprints(subject) != before:
+        if [fingerprint(m) for m in given] != before:
             verdict = self._tampered(verdict, defense.name, scheme, engine)
         self._add_controls(verdict, qm, scheme, metrics)
         if gradient_path == "surrogate" and qm.audit.surrogate_agreement:
@@ -306,10 +309,11 @@ class Bench:
             "versions": _versions(),
         }
 
-    def _fingerprints(self, subject: Subject) -> tuple[str, str]:
-        from qbd.integrity import fingerprint
-
-        return fingerprint(subject.model), fingerprint(self.model)
+    def _digest(self, model: Any) -> str:
+        """The model's fingerprint as handed to the first cell (taken once; each cell re-takes it after)."""
+        if id(model) not in self._digests:
+            self._digests[id(model)] = fingerprint(model)
+        return self._digests[id(model)]
 
     def _tampered(self, verdict: Verdict, name: str, scheme: str, engine: str | None) -> Verdict:
         """The defense edited a model it was given: its verdict is about a model nobody deploys,
@@ -319,7 +323,7 @@ class Bench:
 
         self.model.load_state_dict(self._pristine)
         self.__dict__.pop("float_on_device", None)
-        for cache in (self._quantized, self._surrogates):
+        for cache in (self._quantized, self._surrogates, self._digests):
             cache.clear()
         said = {"status": verdict.status, "target_class": verdict.target_class, "score": verdict.score}
         return Verdict.invalid(f"{name} changed the weights of the model it was given ({scheme}); a defense must work on"

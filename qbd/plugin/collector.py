@@ -100,8 +100,8 @@ class Collector:
             # the device each cell ran on comes from its Result (placement); the option may say "auto"
             write_report(state.results, state.report_dir, title=f"qbd {state.tier} matrix",
                          run=run_metadata(tier=state.tier, device_option=state.device, expectations=table),
-                         failing_rows=[line.partition(": ")[0] for line in state.row_failures],
-                         failing=state.gate_failing)
+                         failing_rows=state.gate.failing_rows if state.gate else (),
+                         failing=state.gate.failing if state.gate else ())
         if state.accept and (state.results or state.attack or state.audit):
             self.accept()
 
@@ -116,9 +116,7 @@ class Collector:
         state = self.state
         table = state.expectations or Expectations(path=state.expectations_path, tier=state.tier)  # None: the truth alone
         gate = judge_run(table, state.results, state.seeds)
-        state.rows_by_rates = gate.rated
-        state.row_failures = list(gate.rows)
-        state.gate_failing = list(gate.failing)
+        state.gate = gate
         if gate.failing and session.exitstatus == pytest.ExitCode.OK:
             # every test passed: any cell or model the gate fails is a disagreement to show
             state.gate_only = [*gate.cells, *gate.deployed]
@@ -141,8 +139,8 @@ class Collector:
                else replace(expectations.load_for(state.tier), path=path))
         seed0 = [r for r in state.results if r.get("seed", 0) == 0]
         new, state.accept_notes = propose(old, seed0)
-        shipped = expectations.shipped(state.tier)
-        theirs = expectations.load(shipped).cells if old.extends and shipped.exists() and shipped.resolve() != path.resolve() else {}
+        # the cells the author's file does not hold came from the table qbd ships (load_for layered them)
+        theirs = set(old.cells) - set(expectations.load(path).cells if path.exists() else ())
         added = {k: v for k, v in new.cells.items() if old.cells.get(k) != v and k not in theirs}
         state.accept_notes += [f"  by hand: {k}: an entry of the table qbd ships; yours cannot replace it"
                                for k, v in new.cells.items() if old.cells.get(k) != v and k in theirs]
@@ -165,10 +163,10 @@ class Collector:
         # over several seeds: Tables 1 and 2 of seed 0's models, then every row's rates
         for line in terminal(sorted(state.results, key=lambda r: (r["cell"], r.get("seed", 0)))).splitlines():
             tr.write_line(line)
-        if state.rows_by_rates:
+        if state.gate and state.gate.rated:
             tr.write_line("")
-            tr.write_line(f"rows judged over their models: {state.rows_by_rates}, failing: {len(state.row_failures)}")
-            for line in state.row_failures:
+            tr.write_line(f"rows judged over their models: {state.gate.rated}, failing: {len(state.gate.rows)}")
+            for line in state.gate.rows:
                 tr.write_line(f"qbd: FAIL {line}", red=True)
         for line in state.gate_only:
             tr.write_line(f"qbd: FAIL {line} (judged over the whole run)", red=True)

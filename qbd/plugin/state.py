@@ -58,10 +58,8 @@ class QbdState:
     accept_notes: list[str] = field(default_factory=list)
     attack: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
-    row_failures: list[str] = field(default_factory=list)  # "row: message", computed at session end
-    rows_by_rates: int = 0  # how many rows were judged by their rates
+    gate: Any = None  # qbd.gate.Gate of the whole run, judged at session end
     gate_only: list[str] = field(default_factory=list)  # what qbd.gate fails though every test passed
-    gate_failing: list[str] = field(default_factory=list)  # everything qbd.gate fails, for report.md
     pending_loads: list[dict[str, Any]] = field(default_factory=list)  # worker side, until the next report
     datasets: tuple[str, ...] | None = None  # --qbd-dataset: a subset of the tier's (None: all)
     schemes: tuple[str, ...] | None = None  # --qbd-scheme: schemes of the catalog (None: the tier's)
