@@ -240,10 +240,11 @@ class Bench:
     def inputs(self, protocol: str, requires: frozenset[str]) -> DefenseInputs:
         hold = self.holdout
         if protocol == "paper":
-            return DefenseInputs(clean_holdout=hold)
+            return DefenseInputs(clean_holdout=hold, dataset=self.data.name)
         x, y, _ = self.poisoned_train
         return DefenseInputs(
             clean_holdout=hold,
+            dataset=self.data.name,
             poisoned_train=(x, y) if "poisoned_train" in requires else None,
             triggered_inputs=self.stream[0] if "triggered_inputs" in requires else None,
             triggered_probe=(self.triggered_eval, self.probe.target) if "triggered_probe" in requires else None,

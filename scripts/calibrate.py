@@ -74,17 +74,19 @@ def _nc_lower_side(r: dict[str, Any]) -> list[float | None] | None:
     return [a if (a is not None and n < med) else 0.0 for a, n in zip(e["anomaly_index"], e["norms"], strict=True)]
 
 
-def _ss_statistic(r: dict[str, Any]) -> list[float | None] | None:
-    return r["verdict"]["evidence"].get("values")
-
-
 # defense -> (statistic, per-class values from a Result, threshold parameter, "above" | "below":
 # the side of the threshold on which a class is flagged)
 PER_CLASS = {
     "activation-clustering": ("2-means silhouette", _per_class("silhouette"), "silhouette_threshold", "above"),
-    "spectral-signatures": ("kurtosis along the top singular direction", _ss_statistic, "kurtosis_threshold", "below"),
+    "spectral-signatures": ("kurtosis along the top singular direction", _per_class("kurtosis_top_direction"), "kurtosis_threshold", "below"),
     "neural-cleanse": ("anomaly index (norm below the median)", _nc_lower_side, "mad_threshold", "above"),
 }
+# a defense whose rule reads a second statistic: its row is named "<defense>/<statistic>"
+SECOND = {
+    "spectral-signatures/separation": ("separation of the 2-means split along the top direction",
+                                       _per_class("separation_top_direction"), "separation_threshold", "above"),
+}
+STATISTICS = {**PER_CLASS, **SECOND}
 MODEL_LEVEL = {
     "strip": ("flagged share vs significant share", "score"),
     "fine-pruning": ("ASR drop after pruning + fine-tuning", "score"),
@@ -96,13 +98,13 @@ def table(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
              " negative (other classes; clean models) | separates? | threshold the data supports |",
              "|---|---|---|---|---|---|---|"]
     proposal: dict[str, Any] = {}
-    for name in DEFENSES:
-        rs = [r for r in results if r["defense"]["name"] == name]
+    for name in sorted({*DEFENSES, *SECOND}):
+        rs = [r for r in results if r["defense"]["name"] == name.split("/")[0]]
         if not rs:
             continue
-        thr = rs[0]["verdict"]["threshold"] if name not in PER_CLASS else rs[0]["defense"]["params"][PER_CLASS[name][2]]
-        if name in PER_CLASS:
-            label, get, _, side = PER_CLASS[name]
+        thr = rs[0]["verdict"]["threshold"] if name not in STATISTICS else _shown(rs[0]["defense"]["params"].get(STATISTICS[name][2]))
+        if name in STATISTICS:
+            label, get, _, side = STATISTICS[name]
             sign = 1.0 if side == "above" else -1.0
             pos, neg_bd, neg_clean = [], [], []
             for r in rs:
@@ -138,6 +140,26 @@ def table(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             lines.append(f"| {name} | {label} | {_m(thr)} | {_range(pos)}; detected {det}/{len(bd)} | {_m(max(neg, default=None))};"
                          f" false alarms {fa}/{len(cl)} | {'yes' if det == len(bd) and fa == 0 else 'no'} | (rule kept) |")
     return "\n".join(lines), proposal
+
+
+def _shown(value: Any) -> Any:
+    """A threshold as the table shows it: a per-data-set mapping (qbd.defenses._per_dataset) as one string."""
+    return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
+
+
+def per_dataset(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """The threshold each per-class statistic's calibration supports, per data set and pooled
+    ("*", for a data set without a calibration of its own; None where they do not separate):
+    qbd.defenses._per_dataset's mapping."""
+    out: dict[str, dict[str, float | None]] = {}
+    pooled = table(results)[1]
+    for ds in sorted({r["dataset"] for r in results}):
+        for name, found in table([r for r in results if r["dataset"] == ds])[1].items():
+            if name in STATISTICS:
+                out.setdefault(name, {})[ds] = found["midpoint"]
+    for name in out:
+        out[name]["*"] = pooled[name]["midpoint"]
+    return out
 
 
 def _most(vals: list[float], sign: float) -> float | None:
@@ -181,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     text, proposal = table(results)
     print(f"\n### both data sets\n\n{text}\n")
     print(json.dumps(proposal, indent=1, default=str))
+    print("\nper data set (None: no threshold separates that set's calibration models):")
+    print(json.dumps(per_dataset(results), indent=1))
     return 0
 
 

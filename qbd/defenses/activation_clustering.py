@@ -12,10 +12,11 @@ Protocols (every value recorded in the Result):
   target class scores a silhouette of only 0.27-0.35, no more than natural sub-modes of other
   classes, while before pooling the target class stands apart.
   Model-level rule (rule = "silhouette"): a class is flagged when its 2-means silhouette exceeds
-  `silhouette_threshold` = 0.408, calibrated on the zoo's calibration seeds 100-104 (both data
-  sets, never the evaluation seeds 0-4): the midpoint between the highest silhouette of any
-  clean-model class or non-target class (0.401) and the lowest target class (0.415)
-  (scripts/calibrate.py; docs/defenses.md#calibration). The authors' relative-size rule
+  `silhouette_threshold`, calibrated per data set on the zoo's calibration seeds 100-104 (never
+  the evaluation seeds 0-4): the midpoint between the highest silhouette of any clean-model class
+  or non-target class and the lowest target class, digits 0.419 (0.401 / 0.436), synthetic 0.36
+  (0.305 / 0.415), and for any other data set the midpoint over both, 0.408 (0.401 / 0.415)
+  (qbd.defenses._per_dataset; scripts/calibrate.py; docs/defenses.md#calibration). The authors' relative-size rule
   (smaller cluster < 0.35) is reported as evidence only: with a 10 % poison rate in a 10-class
   set the target class holds about as many poisoned samples as clean ones, so its poison cluster
   has a relative size near 0.5 and the size rule cannot flag it.
@@ -44,6 +45,7 @@ from sklearn.decomposition import PCA, FastICA
 from sklearn.metrics import silhouette_score
 
 from qbd.defenses import _features as feat
+from qbd.defenses._per_dataset import ANY, check, pick
 from qbd.defenses._poison_side import more_varied
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
 
@@ -56,8 +58,9 @@ class ActivationClustering(ConfiguredDefense):
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "canonical": {
             "data": "poisoned_train", "layer": "pre-pool", "nb_dims": 10, "reduce": "pca", "n_init": 10,
-            "silhouette_sample": 2000, "size_threshold": 0.35, "silhouette_threshold": 0.408,
-            "rule": "silhouette", "suspects": "more-varied", "batch_size": 512,
+            "silhouette_sample": 2000, "size_threshold": 0.35, "rule": "silhouette",
+            # per data set (qbd.defenses._per_dataset): each set's calibration midpoint, "*" pooled
+            "silhouette_threshold": {"digits": 0.419, "synthetic": 0.36, ANY: 0.408}, "suspects": "more-varied", "batch_size": 512,
         },
         "paper": {
             "data": "clean_holdout", "layer": "penultimate", "nb_dims": 0, "reduce": "none", "n_init": 10,
@@ -71,6 +74,7 @@ class ActivationClustering(ConfiguredDefense):
 
         if self.params["suspects"] not in ('more-varied', 'smaller'):
             raise ConfigError(f"{self.name}: suspects must be one of more-varied, smaller, got {self.params['suspects']!r}")
+        check(self.name, "silhouette_threshold", self.params["silhouette_threshold"])
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
         p = self.params
@@ -87,9 +91,11 @@ class ActivationClustering(ConfiguredDefense):
         groups = feat.per_class(y, subject.num_classes)
         with feat.single_threaded():
             stats = [cluster_class(feats[idx].double().numpy(), p, seed + c) for c, idx in enumerate(groups)]
-        v = decide(stats, p)
+        used, calibrated_for = pick(p, "silhouette_threshold", inputs.dataset)
+        v = decide(stats, used)
         v.controls.update(controls)
         v.evidence["layer"] = p["layer"]
+        v.evidence["threshold_calibrated_for"] = calibrated_for
         # each class's suspects: the more varied cluster (the poison's side), or the authors' smaller one
         side = "varied" if p.get("suspects", "smaller") == "more-varied" else "smaller"
         v.suspects = {"data": p["data"], "by_class": {c: idx[s[side]] for c, (idx, s) in enumerate(zip(groups, stats, strict=True))

@@ -123,6 +123,9 @@ class DefenseInputs:
     poisoned_train: tuple[torch.Tensor, torch.Tensor] | None = None
     triggered_inputs: torch.Tensor | None = None
     triggered_probe: tuple[torch.Tensor, int] | None = None  # (images, target class)
+    # the data set's name as qbd's catalog spells it ("digits"), which a defender knows: a
+    # threshold calibrated per data set is chosen by it (qbd.defenses._per_dataset); None: not told
+    dataset: str | None = None
     # `progress(done, total)`: a long optimisation (Neural Cleanse, Fine-Pruning) reports its steps;
     # None: nobody is watching. Cheap to call often: the caller throttles what it shows.
     progress: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)

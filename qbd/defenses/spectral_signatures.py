@@ -11,18 +11,19 @@ Protocols (every value recorded in the Result):
   authors' removal set, the 1.5 * eps fraction with the largest outlier scores p^2 (eps = expected
   poison rate), which ranks both halves of a half-poisoned class alike. Scored by the bench
   against the known poison (controls `poison_removal`, `poison_target_class`).
-  Model-level rule (`statistic` = "kurtosis"): the kurtosis E[p^4]/E[p^2]^2 of the projections
-  p on v; a class is flagged when it is BELOW `kurtosis_threshold` = 1.374. A 10 % poison rate
-  puts about as many poisoned as clean samples in the target class, and they separate along v:
-  two equal groups give a kurtosis near 1, a unimodal class about 3. The threshold is
-  calibrated on the zoo's seeds 100-104 (never the evaluation seeds 0-4): the midpoint between
-  the highest target-class kurtosis (1.32) and the lowest of any clean-model or non-target
-  class (1.428) (scripts/calibrate.py; docs/defenses.md#calibration). The spectral ratio
-  sigma_1^2 / sigma_2^2 (`statistic` = "sv_ratio", `ratio_threshold`) does not separate them
-  on the calibration models (a clean digits class reaches 3.13, a target class 2.83) and stays
-  available. Limit: with fewer poisoned than clean samples in the target class the kurtosis
-  rises toward 3 (two groups of 1/3 and 2/3 give 1.5), so this rule is calibrated for the
-  default poison rate. The target is the flagged class with the lowest kurtosis.
+  Model-level rule (`statistic` = "kurtosis-or-separation"): two figures of the projections p on
+  v, each against the data set's own threshold (qbd.defenses._per_dataset), calibrated on the
+  zoo's seeds 100-104 (never the evaluation seeds 0-4; scripts/calibrate.py;
+  docs/defenses.md#calibration): the kurtosis E[p^4]/E[p^2]^2, flagged BELOW
+  `kurtosis_threshold` (digits 1.27, synthetic 1.69, other data sets 1.374), which a target class
+  about half poison (10 % BadNet) brings near 1 where a unimodal class sits near 3; and Fisher's
+  separation of the 2-means split along v, flagged ABOVE `separation_threshold` (digits 48.108,
+  synthetic 13.956; no pooled value: off for other data sets), which sees a poisoned minority
+  (1-3 % poison) that leaves the kurtosis among the clean classes'. The per-class statistic is
+  max(kurtosis_threshold / kurtosis, separation / separation_threshold), flagged above 1; the
+  target is the class with the largest. `statistic` = "kurtosis" or "separation" runs one alone;
+  the spectral ratio sigma_1^2 / sigma_2^2 ("sv_ratio", `ratio_threshold`) does not separate the
+  calibration models (a clean digits class reaches 3.13, a target class 2.83) and stays available.
 - paper: the paper's rule on the clean holdout only: all classes pooled (as its code did),
   centred; the ratio of the top eigenvalue to the sum of the remaining ones; flagged when above
   `ratio_threshold`. The paper states no threshold; qbd uses 1.0.
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from qbd.defenses import _features as feat
+from qbd.defenses._per_dataset import ANY, check, pick
 from qbd.defenses._poison_side import more_varied, split_line
 from qbd.defenses.base import ConfiguredDefense, DefenseInputs, Subject, Verdict
 
@@ -54,11 +56,14 @@ class SpectralSignatures(ConfiguredDefense):
 
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"poisoned_train"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "canonical": {"data": "poisoned_train", "layer": "pre-pool", "grouping": "per-class", "statistic": "kurtosis",
-                      "kurtosis_threshold": 1.374, "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "varied-side",
+        # thresholds per data set (qbd.defenses._per_dataset): each set's calibration midpoint, "*" pooled;
+        # the separation has no pooled midpoint (the calibration models do not separate across sets): off
+        "canonical": {"data": "poisoned_train", "layer": "pre-pool", "grouping": "per-class", "statistic": "kurtosis-or-separation",
+                      "kurtosis_threshold": {"digits": 1.27, "synthetic": 1.69, ANY: 1.374},
+                      "separation_threshold": {"digits": 48.108, "synthetic": 13.956, ANY: None}, "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "varied-side",
                       "batch_size": 512},
         "paper": {"data": "clean_holdout", "layer": "penultimate", "grouping": "pooled", "statistic": "top_to_rest",
-                  "kurtosis_threshold": 1.374, "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "squared",
+                  "kurtosis_threshold": 1.374, "separation_threshold": None, "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "squared",
                   "batch_size": 512},
     }
 
@@ -67,6 +72,10 @@ class SpectralSignatures(ConfiguredDefense):
 
         if self.params["suspects"] not in ('varied-side', 'squared'):
             raise ConfigError(f"{self.name}: suspects must be one of varied-side, squared, got {self.params['suspects']!r}")
+        if self.params["statistic"] not in STATISTICS:
+            raise ConfigError(f"{self.name}: statistic must be one of {', '.join(STATISTICS)}, got {self.params['statistic']!r}")
+        for param in ("kurtosis_threshold", "separation_threshold", "ratio_threshold"):
+            check(self.name, param, self.params[param], off=param == "separation_threshold")
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
         p = self.params
@@ -80,24 +89,29 @@ class SpectralSignatures(ConfiguredDefense):
         if bad:
             return Verdict.invalid(bad, "diverged", controls=controls)
         r = feats.double().numpy()
+        used, calibrated_for = dict(p), ""
+        for name in thresholds_of(p["statistic"]):  # each data set's own calibration (qbd.defenses._per_dataset)
+            used, calibrated_for = pick(used, name, inputs.dataset)
         groups = feat.per_class(y, subject.num_classes) if p["grouping"] == "per-class" else [np.arange(len(r))]
         with feat.single_threaded():
-            stats = [spectrum(r[idx], p) for idx in groups]
-        v = decide(stats, p)
+            stats = [spectrum(r[idx], used) for idx in groups]
+        v = decide(stats, used)
         v.controls.update(controls)
         v.evidence["layer"] = p["layer"]
+        v.evidence["threshold_calibrated_for"] = calibrated_for
+        v.evidence["thresholds"] = {name: used[name] for name in thresholds_of(p["statistic"])}
         if p["grouping"] == "per-class":  # each class's suspects (spectrum(): the poison's side, or the authors' top scores)
             v.suspects = {"data": p["data"], "by_class": {g: idx[s["top"]] for g, (idx, s) in enumerate(zip(groups, stats, strict=True))
                                                           if s["top"] is not None}}
         return v
 
 
-def _sv_ratio(sv: np.ndarray, proj: np.ndarray) -> float:
+def _sv_ratio(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] | None = None) -> float:
     """sigma_1^2 / sigma_2^2: how far the top direction dominates the next one."""
     return float(sv[0] ** 2 / sv[1] ** 2) if sv[1] > 0 else math.inf
 
 
-def _top_to_rest(sv: np.ndarray, proj: np.ndarray) -> float:
+def _top_to_rest(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] | None = None) -> float:
     """lambda_1 / sum(lambda_2..): the paper's ratio (eigenvalues of the covariance)."""
     rest = float(np.sum(sv[1:] ** 2))
     return float(sv[0] ** 2 / rest) if rest > 0 else math.inf
@@ -108,7 +122,7 @@ def _numerical_rank_one(sv: np.ndarray, shape: tuple[int, ...]) -> bool:
     return len(sv) < 2 or sv[1] <= sv[0] * max(shape) * np.finfo(np.float64).eps
 
 
-def _kurtosis(sv: np.ndarray, proj: np.ndarray) -> float:
+def _kurtosis(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] | None = None) -> float:
     """E[p^4] / E[p^2]^2 of the centred projections on the top direction: 3 for a Gaussian,
     1 for two equal point masses. A class whose top direction separates two equally large
     groups (clean and poisoned samples of the target class) is close to 1."""
@@ -116,18 +130,54 @@ def _kurtosis(sv: np.ndarray, proj: np.ndarray) -> float:
     return float(np.mean(proj**4) / m2**2) if m2 > 0 else math.inf
 
 
+def _separation(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] | None = None) -> float:
+    """Fisher's separation of the 2-means split of the projections on the top direction:
+    (m1 - m2)^2 / (var1 + var2). Unlike the kurtosis it does not care how large each group is,
+    only how far apart they lie: a poisoned minority (1-3 % poison, a tenth of the target class)
+    stands as far from the clean samples as a poisoned half. 0 where there is no split; inf for
+    two point masses."""
+    upper = split_line(proj)
+    if upper.all() or not upper.any():
+        return 0.0
+    spread = float(proj[upper].var() + proj[~upper].var())
+    gap = float(proj[upper].mean() - proj[~upper].mean()) ** 2
+    return gap / spread if spread > 0 else math.inf
+
+
+def _kurtosis_or_separation(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] | None = None) -> float:
+    """How far the class is past the nearer of its two thresholds: max(kurtosis_threshold /
+    kurtosis, separation / separation_threshold), above 1 exactly when the kurtosis rule (a
+    half-poisoned class) or the separation rule (a poisoned minority standing apart) flags it."""
+    assert p is not None
+    k = _kurtosis(sv, proj)
+    by_kurtosis = p["kurtosis_threshold"] / k if math.isfinite(k) else 0.0
+    if p["separation_threshold"] is None:  # not calibrated for this data set: the kurtosis alone
+        return by_kurtosis
+    return max(by_kurtosis, _separation(sv, proj) / p["separation_threshold"])
+
+
 class Statistic(NamedTuple):
-    fn: Callable[[np.ndarray, np.ndarray], float]  # of (singular values, projections on the top direction)
+    fn: Callable[..., float]  # of (singular values, projections on the top direction, params)
     side: str  # a class is flagged "above" or "below" the threshold
-    param: str  # the parameter holding the threshold
+    param: str | None  # the parameter holding the threshold; None: the statistic is relative to its thresholds, flagged above 1
     whole_spectrum: bool  # reads every singular value, not only the top two
+    reads: tuple[str, ...] = ()  # the thresholds it reads itself (each may be per data set)
 
 
 STATISTICS: dict[str, Statistic] = {
     "sv_ratio": Statistic(_sv_ratio, "above", "ratio_threshold", whole_spectrum=False),
     "top_to_rest": Statistic(_top_to_rest, "above", "ratio_threshold", whole_spectrum=True),
     "kurtosis": Statistic(_kurtosis, "below", "kurtosis_threshold", whole_spectrum=False),
+    "separation": Statistic(_separation, "above", "separation_threshold", whole_spectrum=False),
+    "kurtosis-or-separation": Statistic(_kurtosis_or_separation, "above", None, whole_spectrum=False,
+                                        reads=("kurtosis_threshold", "separation_threshold")),
 }
+
+
+def thresholds_of(statistic: str) -> tuple[str, ...]:
+    """The threshold parameters a statistic compares with (each may be a per-data-set mapping)."""
+    s = STATISTICS[statistic]
+    return s.reads + ((s.param,) if s.param else ())
 
 
 def _svd(rc: np.ndarray, whole: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +214,7 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
     scores = proj**2
     k = round(p["removal_multiplier"] * p["eps"] * n)  # the authors' removal count (reported either way)
     # a rank-1 class matrix has no second direction: the ratio is undefined (inf -> invalid)
-    out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]].fn(sv, proj)
+    out["stat"] = math.inf if _numerical_rank_one(sv, rc.shape) else STATISTICS[p["statistic"]].fn(sv, proj, p)
     out["removed"] = k
     if p.get("suspects", "squared") == "varied-side":
         out["top"] = np.flatnonzero(more_varied(rc, split_line(proj), top))
@@ -172,6 +222,8 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
         out["top"] = np.sort(np.argsort(-scores, kind="stable")[:k])
     kurt = _kurtosis(sv, proj)
     out["kurtosis"] = kurt if math.isfinite(kurt) else None
+    sep = _separation(sv, proj)
+    out["separation"] = sep if math.isfinite(sep) else None
     out["score_q99"] = float(np.quantile(scores, 0.99))
     return out
 
@@ -187,6 +239,8 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
         "values": [None if v is None else (round(v, 4) if math.isfinite(v) else None) for v in vals],
         "n_per_group": [s["n"] for s in stats],
         "kurtosis_top_direction": [None if s["kurtosis"] is None else round(s["kurtosis"], 3) for s in stats],
+        # how far apart the two groups along v lie, whatever their sizes (a figure, not the rule)
+        "separation_top_direction": [None if s.get("separation") is None else round(s["separation"], 3) for s in stats],
         "removal_counts": [s["removed"] for s in stats],  # the authors' 1.5 eps n per group
         "removed_total": int(sum(s["removed"] for s in stats)),
         "suspect_counts": [None if s["top"] is None else len(s["top"]) for s in stats],  # what the suspects hold
@@ -200,7 +254,7 @@ def decide(stats: list[dict[str, Any]], p: dict[str, Any]) -> Verdict:
         return Verdict.invalid(f"non-finite spectral statistic in group(s) {bad} (rank-1 or degenerate representations)",
                                "no-signal", evidence=evidence)
     stat = STATISTICS[p["statistic"]]
-    side, thr = stat.side, p[stat.param]
+    side, thr = stat.side, (p[stat.param] if stat.param else 1.0)
     # "below": flip signs, so one comparison serves both directions
     sign = 1.0 if side == "above" else -1.0
     flagged = [g for g in scored if sign * vals[g] > sign * thr]

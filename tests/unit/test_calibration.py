@@ -33,10 +33,27 @@ def test_the_calibration_file_holds_only_calibration_seeds(calibration):
     assert len(results) == 2 * len(CALIBRATION_SEEDS) * 2 * 5  # data sets x seeds x (backdoored, clean) x defenses
 
 
-@pytest.mark.parametrize(("defense", "param"), [(ActivationClustering, "silhouette_threshold"),
-                                                (SpectralSignatures, "kurtosis_threshold")])
-def test_thresholds_in_the_code_are_the_calibrated_midpoints(calibration, defense, param):
-    _, proposal = calibration
-    found = proposal[defense.name]
-    assert found["separates"], f"{defense.name}: the calibration models no longer separate"
-    assert defense("canonical").params[param] == found["midpoint"]
+@pytest.mark.parametrize(("defense", "statistic", "param", "pooled"), [
+    (ActivationClustering, "activation-clustering", "silhouette_threshold", True),
+    (SpectralSignatures, "spectral-signatures", "kurtosis_threshold", True),
+    # the separation does not separate the two data sets' models pooled: off ("*": None) elsewhere
+    (SpectralSignatures, "spectral-signatures/separation", "separation_threshold", False)])
+def test_thresholds_in_the_code_are_the_calibrated_midpoints(calibration, defense, statistic, param, pooled):
+    """Per data set, each set's own calibration midpoint; "*" (other data sets) the pooled one."""
+    results, proposal = calibration
+    assert proposal[statistic]["separates"] is pooled
+    supported = runpy.run_path(str(ROOT / "scripts" / "calibrate.py"))["per_dataset"](results)[statistic]
+    assert None not in (supported["digits"], supported["synthetic"]), f"{statistic}: a data set's calibration models no longer separate"
+    assert defense("canonical").params[param] == supported
+
+
+def test_a_defense_uses_its_data_sets_threshold_and_says_which():
+    """The mapping reaches the verdict: digits' own midpoint for digits, the pooled one for a data
+    set without a calibration of its own, recorded in the evidence either way."""
+    from qbd.defenses._per_dataset import ANY, resolve
+
+    thr = ActivationClustering("canonical").params["silhouette_threshold"]
+    assert resolve(thr, "digits") == (thr["digits"], "digits")
+    value, which = resolve(thr, "cifar10")
+    assert value == thr[ANY] and "'cifar10' has no calibration of its own" in which
+    assert resolve(0.5, "digits") == (0.5, "every data set (one number)")

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from qbd.defenses._per_dataset import pick
 from qbd.defenses.activation_clustering import ActivationClustering, decide
 from qbd.defenses.base import DefenseInputs
 from qbd.defenses.sandbox import run_defense
@@ -10,9 +11,9 @@ from qbd.errors import ConfigError
 from tests.unit.defenses import NaNFeatures, PixelFeatures, class_data, subject
 
 
-def _run(defense, x, y, model=None, seed=0):
+def _run(defense, x, y, model=None, seed=0, dataset=None):
     model = model or PixelFeatures(48, 4)
-    inputs = DefenseInputs(clean_holdout=(x, y), poisoned_train=(x, y))
+    inputs = DefenseInputs(clean_holdout=(x, y), poisoned_train=(x, y), dataset=dataset)
     v, _ = run_defense(defense, subject(model, 4), inputs, torch.Generator().manual_seed(seed))
     return v
 
@@ -54,7 +55,7 @@ def test_decide_rules_on_constructed_statistics():
     stats = [{"n": 100, "sizes": [50, 50], "relative_size": 0.5, "silhouette": 0.8},
              {"n": 100, "sizes": [80, 20], "relative_size": 0.2, "silhouette": 0.2},
              {"n": 2, "sizes": None, "relative_size": None, "silhouette": None}]
-    canon = decide(stats, ActivationClustering("canonical").params)
+    canon = decide(stats, pick(ActivationClustering("canonical").params, "silhouette_threshold", "digits")[0])
     assert canon.status == "detected" and canon.target_class == 0 and canon.evidence["size_rule_classes"] == [1]
     paper = decide(stats, ActivationClustering("paper").params)
     assert paper.status == "detected" and paper.target_class == 1 and paper.score == 0.2
@@ -82,6 +83,10 @@ def test_params_overrides_and_needs():
     assert ActivationClustering("paper").requires == frozenset({"clean_holdout"})
     assert ActivationClustering("paper").params["silhouette_threshold"] == 0.15
     assert ActivationClustering("canonical", silhouette_threshold=0.9).params["silhouette_threshold"] == 0.9
+    with pytest.raises(ConfigError, match="a '\\*' entry for other data sets"):
+        ActivationClustering("canonical", silhouette_threshold={"digits": 0.4})
+    with pytest.raises(ConfigError, match="must be a number"):
+        ActivationClustering("canonical", silhouette_threshold="0.4")
     with pytest.raises(ConfigError, match="unknown parameter"):
         ActivationClustering("canonical", k=3)
     with pytest.raises(ConfigError, match="unknown protocol"):
@@ -93,3 +98,18 @@ def test_missing_training_set_is_invalid():
     v, _ = run_defense(ActivationClustering("canonical"), subject(PixelFeatures(48, 4), 4),
                        DefenseInputs(clean_holdout=(x, y)), torch.Generator())
     assert v.status == "invalid" and "poisoned_train" in v.reason and v.reason_code == "not-applicable"
+
+
+@pytest.mark.parametrize(("dataset", "expected", "said"), [("digits", 0.419, "digits"), ("synthetic", 0.36, "synthetic"),
+                                                           ("mine", 0.408, "'mine' has no calibration"), (None, 0.408, "not given")])
+def test_the_threshold_is_the_data_sets_own(dataset, expected, said):
+    """The canonical rule compares with the midpoint calibrated on the cell's own data set, the
+    pooled one for any other, and says which in its evidence; a threshold between two classes'
+    silhouettes decides the verdict by it."""
+    x, y = class_data(per_class=150, poison=150, target=2)
+    v = _run(ActivationClustering("canonical"), x, y, dataset=dataset)
+    assert v.threshold == expected and said in v.evidence["threshold_calibrated_for"]
+    low = _run(ActivationClustering("canonical", silhouette_threshold={"mine": v.score - 0.01, "*": v.score + 0.01}), x, y, dataset="mine")
+    assert low.status == "detected" and low.target_class == 2
+    high = _run(ActivationClustering("canonical", silhouette_threshold={"mine": v.score - 0.01, "*": v.score + 0.01}), x, y, dataset="other")
+    assert high.status == "clean"

@@ -11,9 +11,9 @@ from qbd.errors import ConfigError
 from tests.unit.defenses import NaNFeatures, PixelFeatures, class_data, subject
 
 
-def _run(defense, x, y, model=None):
+def _run(defense, x, y, model=None, dataset=None):
     model = model or PixelFeatures(48, 4)
-    inputs = DefenseInputs(clean_holdout=(x, y), poisoned_train=(x, y))
+    inputs = DefenseInputs(clean_holdout=(x, y), poisoned_train=(x, y), dataset=dataset)
     v, _ = run_defense(defense, subject(model, 4), inputs, torch.Generator().manual_seed(0))
     return v
 
@@ -32,10 +32,41 @@ def test_canonical_flags_the_class_with_a_dominant_direction():
 
 def test_canonical_single_blobs_are_clean():
     x, y = class_data(per_class=150)
-    v = _run(SpectralSignatures("canonical"), x, y)
-    # kurtosis flags BELOW its threshold: one Gaussian blob per class sits near 3
-    assert v.status == "clean" and v.score > v.threshold and v.target_class is None
-    assert v.evidence["flags_when"] == "below" and min(v.evidence["values"]) > 2.0
+    v = _run(SpectralSignatures("canonical"), x, y, dataset="synthetic")
+    # one Gaussian blob per class: a kurtosis near 3 (flagged below 1.69) and no split that
+    # stands apart (separation far below 13.956); the statistic is relative to both, flagged above 1
+    assert v.status == "clean" and v.score < v.threshold == 1.0 and v.target_class is None
+    assert v.evidence["flags_when"] == "above" and min(v.evidence["kurtosis_top_direction"]) > 2.0
+    assert v.evidence["thresholds"] == {"kurtosis_threshold": 1.69, "separation_threshold": 13.956}
+
+
+@pytest.mark.parametrize("poison", [150, 15])
+def test_the_kurtosis_finds_a_poisoned_half_and_the_separation_a_poisoned_minority(poison):
+    """A target class half poison (the default 10 % BadNet) has a kurtosis near 1; one a tenth
+    poison (1 % BadNet) keeps a kurtosis above 3 that no kurtosis threshold flags, but its
+    poison still stands apart along v: the separation names it."""
+    x, y = class_data(per_class=150, poison=poison, target=2, poison_from="others")
+    kurtosis_only = _run(SpectralSignatures("canonical", statistic="kurtosis"), x, y, dataset="synthetic")
+    both = _run(SpectralSignatures("canonical"), x, y, dataset="synthetic")
+    assert both.status == "detected" and both.target_class == 2
+    if poison == 150:
+        assert kurtosis_only.status == "detected" and both.evidence["kurtosis_top_direction"][2] < 1.69
+    else:
+        assert kurtosis_only.status == "clean" and both.evidence["kurtosis_top_direction"][2] > 1.69
+        assert both.evidence["separation_top_direction"][2] > 13.956
+
+
+def test_a_data_set_without_a_calibration_uses_the_kurtosis_alone():
+    """The separation has no pooled threshold (it does not separate across the calibration data
+    sets), so on another data set a poisoned minority is not flagged, and the evidence says why."""
+    x, y = class_data(per_class=150, poison=15, target=2, poison_from="others")
+    v = _run(SpectralSignatures("canonical"), x, y, dataset="mine")
+    assert v.status == "clean" and v.evidence["thresholds"]["separation_threshold"] is None
+    assert "'mine' has no calibration of its own" in v.evidence["threshold_calibrated_for"]
+    with pytest.raises(ConfigError, match="None: not used"):
+        SpectralSignatures("canonical", separation_threshold="low")
+    with pytest.raises(ConfigError, match="kurtosis_threshold must be a number, or"):
+        SpectralSignatures("canonical", kurtosis_threshold={"digits": None, "*": 1.3})
 
 
 def test_paper_pools_all_classes_and_names_no_target():
