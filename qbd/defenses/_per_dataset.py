@@ -52,7 +52,10 @@ def resolve(value: Any, dataset: str | None) -> tuple[Any, str]:
     return num(value[ANY]), f"{ANY}: all calibration data sets pooled ({told})"
 
 
-def pick(params: Mapping[str, Any], param: str, dataset: str | None) -> tuple[dict[str, Any], str]:
-    """A copy of `params` with `param` resolved for `dataset` (resolve), and what it was calibrated for."""
-    value, calibrated_for = resolve(params[param], dataset)
-    return {**params, param: value}, calibrated_for
+def pick(params: Mapping[str, Any], names: tuple[str, ...], dataset: str | None) -> tuple[dict[str, Any], str]:
+    """A copy of `params` with each of `names` resolved for `dataset` (resolve), and what they were
+    calibrated for (the same for every name: the data set's own entry, or ANY)."""
+    out, calibrated_for = dict(params), ""
+    for name in names:
+        out[name], calibrated_for = resolve(params[name], dataset)
+    return out, calibrated_for

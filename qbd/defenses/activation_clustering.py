@@ -91,7 +91,7 @@ class ActivationClustering(ConfiguredDefense):
         groups = feat.per_class(y, subject.num_classes)
         with feat.single_threaded():
             stats = [cluster_class(feats[idx].double().numpy(), p, seed + c) for c, idx in enumerate(groups)]
-        used, calibrated_for = pick(p, "silhouette_threshold", inputs.dataset)
+        used, calibrated_for = pick(p, ("silhouette_threshold",), inputs.dataset)
         v = decide(stats, used)
         v.controls.update(controls)
         v.evidence["layer"] = p["layer"]

@@ -89,9 +89,8 @@ class SpectralSignatures(ConfiguredDefense):
         if bad:
             return Verdict.invalid(bad, "diverged", controls=controls)
         r = feats.double().numpy()
-        used, calibrated_for = dict(p), ""
-        for name in thresholds_of(p["statistic"]):  # each data set's own calibration (qbd.defenses._per_dataset)
-            used, calibrated_for = pick(used, name, inputs.dataset)
+        # each data set's own calibration (qbd.defenses._per_dataset)
+        used, calibrated_for = pick(p, thresholds_of(p["statistic"]), inputs.dataset)
         groups = feat.per_class(y, subject.num_classes) if p["grouping"] == "per-class" else [np.arange(len(r))]
         with feat.single_threaded():
             stats = [spectrum(r[idx], used) for idx in groups]

@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qbd.defenses import _features as feat
+from qbd.defenses._per_dataset import pick
 from qbd.defenses import activation_clustering as ac
 from qbd.defenses import neural_cleanse as nc
 from qbd.defenses import spectral_signatures as ss
@@ -93,8 +94,9 @@ def two_blobs(draw):
     return x
 
 
-_AC = ac.ActivationClustering(protocol="canonical", tier="smoke").params
-_SS = ss.SpectralSignatures(protocol="canonical", tier="smoke").params
+# the thresholds as a cell on digits resolves them (qbd.defenses._per_dataset)
+_AC = pick(ac.ActivationClustering(protocol="canonical", tier="smoke").params, ("silhouette_threshold",), "digits")[0]
+_SS = pick((p := ss.SpectralSignatures(protocol="canonical", tier="smoke").params), ss.thresholds_of(p["statistic"]), "digits")[0]
 
 
 @settings(max_examples=30)  # 2-means with 10 restarts per example: the slow one

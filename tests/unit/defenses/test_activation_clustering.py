@@ -55,7 +55,7 @@ def test_decide_rules_on_constructed_statistics():
     stats = [{"n": 100, "sizes": [50, 50], "relative_size": 0.5, "silhouette": 0.8},
              {"n": 100, "sizes": [80, 20], "relative_size": 0.2, "silhouette": 0.2},
              {"n": 2, "sizes": None, "relative_size": None, "silhouette": None}]
-    canon = decide(stats, pick(ActivationClustering("canonical").params, "silhouette_threshold", "digits")[0])
+    canon = decide(stats, pick(ActivationClustering("canonical").params, ("silhouette_threshold",), "digits")[0])
     assert canon.status == "detected" and canon.target_class == 0 and canon.evidence["size_rule_classes"] == [1]
     paper = decide(stats, ActivationClustering("paper").params)
     assert paper.status == "detected" and paper.target_class == 1 and paper.score == 0.2
