@@ -12,10 +12,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qbd.defenses import _features as feat
-from qbd.defenses._per_dataset import pick
 from qbd.defenses import activation_clustering as ac
 from qbd.defenses import neural_cleanse as nc
 from qbd.defenses import spectral_signatures as ss
+from qbd.defenses._per_dataset import pick
 
 # trigger L1 norms: positive, bounded, a few classes (no NaN/inf: that is a separate rule)
 _norms = st.lists(st.floats(0.5, 500.0, allow_nan=False, allow_infinity=False), min_size=3, max_size=12)
