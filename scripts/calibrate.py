@@ -147,18 +147,19 @@ def _shown(value: Any) -> Any:
     return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
 
 
-def per_dataset(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """The threshold each per-class statistic's calibration supports, per data set and pooled
-    ("*", for a data set without a calibration of its own; None where they do not separate):
-    qbd.defenses._per_dataset's mapping."""
-    out: dict[str, dict[str, float | None]] = {}
+def per_dataset(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per defense and threshold parameter, the mapping qbd.defenses._per_dataset takes: each data
+    set's own midpoint and "*" the pooled one (None where the models do not separate: for "*",
+    the rule is off elsewhere). Neural Cleanse is left out: it keeps the authors' 2.0."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
     pooled = table(results)[1]
     for ds in sorted({r["dataset"] for r in results}):
         for name, found in table([r for r in results if r["dataset"] == ds])[1].items():
-            if name in STATISTICS:
-                out.setdefault(name, {})[ds] = found["midpoint"]
-    for name in out:
-        out[name]["*"] = pooled[name]["midpoint"]
+            if name in STATISTICS and not name.startswith("neural-cleanse"):
+                out.setdefault(name.split("/")[0], {}).setdefault(STATISTICS[name][2], {})[ds] = found["midpoint"]
+    for name, (_, _, param, _) in STATISTICS.items():
+        if name.split("/")[0] in out and param in out[name.split("/")[0]]:
+            out[name.split("/")[0]][param]["*"] = pooled[name]["midpoint"]
     return out
 
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     text, proposal = table(results)
     print(f"\n### both data sets\n\n{text}\n")
     print(json.dumps(proposal, indent=1, default=str))
-    print("\nper data set (None: no threshold separates that set's calibration models):")
+    print("\nthe parameters, per data set (None: no threshold separates those models; NC keeps the authors' 2.0):")
     print(json.dumps(per_dataset(results), indent=1))
     return 0
 

@@ -21,21 +21,43 @@ from typing import Any
 ANY = "*"  # the entry for a data set without a calibration of its own
 
 
-def check(owner: str, param: str, value: Any, off: bool = False) -> None:
-    """ConfigError unless `value` is a number or a {data set: number} mapping with an ANY entry;
-    with `off`, None also stands for "this rule is not used" (as a value or a data set's entry)."""
+def check(owner: str, param: str, value: Any, off: bool = False, positive: bool = False) -> None:
+    """ConfigError unless `value` is a finite number or a {data set: finite number} mapping whose
+    keys are catalog data sets (`qbd list`) plus ANY; with `off`, None also stands for "this rule
+    is not used" (as the value or as a data set's entry); with `positive`, values must be above 0
+    (a ratio's threshold: 0 divides by zero, a negative one turns the rule off). A NaN would flag
+    nothing: a silent clean."""
+    import math
+
+    from qbd.data import DATASETS
     from qbd.errors import ConfigError
 
-    def number(v: Any) -> bool:
-        return (isinstance(v, Real) and not isinstance(v, bool)) or (off and v is None)
+    def problem(v: Any) -> str | None:
+        if off and v is None:
+            return None
+        if not isinstance(v, Real) or isinstance(v, bool):
+            return f"{v!r} is not a number" + (" (or None: not used)" if off else "")
+        if not math.isfinite(v):
+            return f"{v!r} is not finite"
+        return f"{v!r} is not above 0" if positive and v <= 0 else None
 
-    if number(value):
+    if not isinstance(value, Mapping):
+        bad = problem(value)
+        if bad:
+            raise ConfigError(f"{owner}: {param} must be a number or a mapping from data set names to numbers"
+                              f" with a {ANY!r} entry for other data sets: {bad}")
         return
-    if isinstance(value, Mapping) and ANY in value and all(isinstance(k, str) and number(v) for k, v in value.items()):
-        return
-    none = " (or None: not used)" if off else ""
-    raise ConfigError(f"{owner}: {param} must be a number{none}, or a mapping from data set names to such values with a"
-                      f" {ANY!r} entry for other data sets; got {value!r}")
+    if ANY not in value:
+        raise ConfigError(f"{owner}: {param} has no {ANY!r} entry, the threshold for a data set without one of its own"
+                          f" (got {dict(value)!r})")
+    unknown = sorted(k for k in value if k != ANY and k not in DATASETS)
+    if unknown:
+        raise ConfigError(f"{owner}: {param} names data sets qbd does not know: {', '.join(map(repr, unknown))};"
+                          f" known: {', '.join(DATASETS.names())}")
+    for k, v in value.items():
+        bad = problem(v)
+        if bad:
+            raise ConfigError(f"{owner}: {param}[{k!r}]: {bad}")
 
 
 def resolve(value: Any, dataset: str | None) -> tuple[Any, str]:
@@ -52,10 +74,10 @@ def resolve(value: Any, dataset: str | None) -> tuple[Any, str]:
     return num(value[ANY]), f"{ANY}: all calibration data sets pooled ({told})"
 
 
-def pick(params: Mapping[str, Any], names: tuple[str, ...], dataset: str | None) -> tuple[dict[str, Any], str]:
-    """A copy of `params` with each of `names` resolved for `dataset` (resolve), and what they were
-    calibrated for (the same for every name: the data set's own entry, or ANY)."""
-    out, calibrated_for = dict(params), ""
+def pick(params: Mapping[str, Any], names: tuple[str, ...], dataset: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """A copy of `params` with each of `names` resolved for `dataset` (resolve), and for each what
+    it was calibrated for (the verdict's evidence `threshold_calibrated_for`)."""
+    out, calibrated_for = dict(params), {}
     for name in names:
-        out[name], calibrated_for = resolve(params[name], dataset)
+        out[name], calibrated_for[name] = resolve(params[name], dataset)
     return out, calibrated_for

@@ -60,10 +60,11 @@ class SpectralSignatures(ConfiguredDefense):
         # the separation has no pooled midpoint (the calibration models do not separate across sets): off
         "canonical": {"data": "poisoned_train", "layer": "pre-pool", "grouping": "per-class", "statistic": "kurtosis-or-separation",
                       "kurtosis_threshold": {"digits": 1.27, "synthetic": 1.69, ANY: 1.374},
-                      "separation_threshold": {"digits": 48.108, "synthetic": 13.956, ANY: None}, "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "varied-side",
+                      "separation_threshold": {"digits": 48.108, "synthetic": 13.956, ANY: None}, "separation_min_share": 0.02,
+                      "ratio_threshold": 12.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "varied-side",
                       "batch_size": 512},
         "paper": {"data": "clean_holdout", "layer": "penultimate", "grouping": "pooled", "statistic": "top_to_rest",
-                  "kurtosis_threshold": 1.374, "separation_threshold": None, "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "squared",
+                  "kurtosis_threshold": 1.374, "separation_threshold": None, "separation_min_share": 0.02, "ratio_threshold": 1.0, "eps": 0.10, "removal_multiplier": 1.5, "suspects": "squared",
                   "batch_size": 512},
     }
 
@@ -75,7 +76,9 @@ class SpectralSignatures(ConfiguredDefense):
         if self.params["statistic"] not in STATISTICS:
             raise ConfigError(f"{self.name}: statistic must be one of {', '.join(STATISTICS)}, got {self.params['statistic']!r}")
         for param in ("kurtosis_threshold", "separation_threshold", "ratio_threshold"):
-            check(self.name, param, self.params[param], off=param == "separation_threshold")
+            check(self.name, param, self.params[param], off=param == "separation_threshold", positive=True)
+        if self.params["statistic"] == "separation" and self.params["separation_threshold"] is None:
+            raise ConfigError(f"{self.name}: statistic 'separation' needs a separation_threshold (got None: not used)")
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
         p = self.params
@@ -91,6 +94,11 @@ class SpectralSignatures(ConfiguredDefense):
         r = feats.double().numpy()
         # each data set's own calibration (qbd.defenses._per_dataset)
         used, calibrated_for = pick(p, thresholds_of(p["statistic"]), inputs.dataset)
+        own = STATISTICS[p["statistic"]].param
+        if own and used[own] is None:  # the rule alone, on a data set it has no threshold for
+            return Verdict.invalid(f"{own} has no value for this data set ({calibrated_for[own]}): calibrate it, or use"
+                                   f" a statistic that has one", "not-applicable", controls=controls,
+                                   evidence={"threshold_calibrated_for": calibrated_for})
         groups = feat.per_class(y, subject.num_classes) if p["grouping"] == "per-class" else [np.arange(len(r))]
         with feat.single_threaded():
             stats = [spectrum(r[idx], used) for idx in groups]
@@ -126,6 +134,8 @@ def _kurtosis(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] | None = None)
     1 for two equal point masses. A class whose top direction separates two equally large
     groups (clean and poisoned samples of the target class) is close to 1."""
     m2 = float(np.mean(proj**2))
+    if math.isnan(m2):
+        return math.nan
     return float(np.mean(proj**4) / m2**2) if m2 > 0 else math.inf
 
 
@@ -133,10 +143,13 @@ def _separation(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] | None = Non
     """Fisher's separation of the 2-means split of the projections on the top direction:
     (m1 - m2)^2 / (var1 + var2). Unlike the kurtosis it does not care how large each group is,
     only how far apart they lie: a poisoned minority (1-3 % poison, a tenth of the target class)
-    stands as far from the clean samples as a poisoned half. 0 where there is no split; inf for
-    two point masses."""
+    stands as far from the clean samples as a poisoned half. 0 where there is no split, or where
+    the smaller group holds under `separation_min_share` of the class (one outlier split from 300
+    Gaussian points scores about 1,500: a few stray samples are not a poisoned group); inf for two
+    point masses."""
     upper = split_line(proj)
-    if upper.all() or not upper.any():
+    smaller = min(int(upper.sum()), int((~upper).sum()))
+    if smaller < max(2, (p or {}).get("separation_min_share", 0.0) * len(proj)):
         return 0.0
     spread = float(proj[upper].var() + proj[~upper].var())
     gap = float(proj[upper].mean() - proj[~upper].mean()) ** 2
@@ -149,10 +162,17 @@ def _kurtosis_or_separation(sv: np.ndarray, proj: np.ndarray, p: dict[str, Any] 
     half-poisoned class) or the separation rule (a poisoned minority standing apart) flags it."""
     assert p is not None
     k = _kurtosis(sv, proj)
+    if math.isnan(k):
+        return math.nan  # non-finite projections: invalid, never "unsuspicious"
     by_kurtosis = p["kurtosis_threshold"] / k if math.isfinite(k) else 0.0
     if p["separation_threshold"] is None:  # not calibrated for this data set: the kurtosis alone
         return by_kurtosis
-    return max(by_kurtosis, _separation(sv, proj) / p["separation_threshold"])
+    j = _separation(sv, proj, p)
+    # two point masses are as separated as a split can be: flagged, not a non-finite statistic
+    return max(by_kurtosis, j / p["separation_threshold"] if math.isfinite(j) else _PERFECT_SPLIT)
+
+
+_PERFECT_SPLIT = 1e9  # the relative statistic of a split with no spread inside either group
 
 
 class Statistic(NamedTuple):
@@ -221,7 +241,7 @@ def spectrum(r: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
         out["top"] = np.sort(np.argsort(-scores, kind="stable")[:k])
     kurt = _kurtosis(sv, proj)
     out["kurtosis"] = kurt if math.isfinite(kurt) else None
-    sep = _separation(sv, proj)
+    sep = _separation(sv, proj, p)
     out["separation"] = sep if math.isfinite(sep) else None
     out["score_q99"] = float(np.quantile(scores, 0.99))
     return out

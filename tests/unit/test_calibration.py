@@ -25,6 +25,23 @@ def calibration():
     return results, table(results)[1]
 
 
+def test_the_calibration_file_was_run_with_todays_rules_on_the_pinned_models(calibration):
+    """A stale fixture cannot pass for a calibration: AC's and SS's Results carry today's canonical
+    parameters but for the thresholds themselves (which the statistics do not depend on), and every
+    model's weights are the pinned zoo's file, by sha256."""
+    results, _ = calibration
+    pinned = {m["file"]: m["sha256"] for m in json.loads((ROOT / "qbd" / "zoo" / "weights" / "manifest.json").read_text())["models"].values()}
+    for r in results:
+        assert pinned.get(r["weights"]["file"]) == r["weights"]["sha256"], r["weights"]["file"]
+    for defense in (ActivationClustering, SpectralSignatures):
+        today = defense("canonical", "smoke").params
+        used = [r["defense"]["params"] for r in results if r["defense"]["name"] == defense.name]
+        assert used
+        for params in used:
+            assert {k: v for k, v in params.items() if not k.endswith("_threshold")} == \
+                {k: v for k, v in today.items() if not k.endswith("_threshold")}
+
+
 def test_the_calibration_file_holds_only_calibration_seeds(calibration):
     results, _ = calibration
     assert {r["seed"] for r in results} == set(CALIBRATION_SEEDS)
@@ -41,8 +58,9 @@ def test_the_calibration_file_holds_only_calibration_seeds(calibration):
 def test_thresholds_in_the_code_are_the_calibrated_midpoints(calibration, defense, statistic, param, pooled):
     """Per data set, each set's own calibration midpoint; "*" (other data sets) the pooled one."""
     results, proposal = calibration
+    # the pooled midpoint is the "*" entry; where the pooled models do not separate (the separation) it is None: off
     assert proposal[statistic]["separates"] is pooled
-    supported = runpy.run_path(str(ROOT / "scripts" / "calibrate.py"))["per_dataset"](results)[statistic]
+    supported = runpy.run_path(str(ROOT / "scripts" / "calibrate.py"))["per_dataset"](results)[defense.name][param]
     assert None not in (supported["digits"], supported["synthetic"]), f"{statistic}: a data set's calibration models no longer separate"
     assert defense("canonical").params[param] == supported
 

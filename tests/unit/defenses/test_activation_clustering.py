@@ -83,10 +83,14 @@ def test_params_overrides_and_needs():
     assert ActivationClustering("paper").requires == frozenset({"clean_holdout"})
     assert ActivationClustering("paper").params["silhouette_threshold"] == 0.15
     assert ActivationClustering("canonical", silhouette_threshold=0.9).params["silhouette_threshold"] == 0.9
-    with pytest.raises(ConfigError, match="a '\\*' entry for other data sets"):
+    with pytest.raises(ConfigError, match="has no '\\*' entry"):
         ActivationClustering("canonical", silhouette_threshold={"digits": 0.4})
     with pytest.raises(ConfigError, match="must be a number"):
         ActivationClustering("canonical", silhouette_threshold="0.4")
+    with pytest.raises(ConfigError, match="does not know: 'CIFAR-10'; known: cifar10, digits"):
+        ActivationClustering("canonical", silhouette_threshold={"CIFAR-10": 0.4, "*": 0.4})
+    with pytest.raises(ConfigError, match=r"silhouette_threshold\['\*'\]: nan is not finite"):
+        ActivationClustering("canonical", silhouette_threshold={"digits": 0.4, "*": float("nan")})
     with pytest.raises(ConfigError, match="unknown parameter"):
         ActivationClustering("canonical", k=3)
     with pytest.raises(ConfigError, match="unknown protocol"):
@@ -108,8 +112,8 @@ def test_the_threshold_is_the_data_sets_own(dataset, expected, said):
     silhouettes decides the verdict by it."""
     x, y = class_data(per_class=150, poison=150, target=2)
     v = _run(ActivationClustering("canonical"), x, y, dataset=dataset)
-    assert v.threshold == expected and said in v.evidence["threshold_calibrated_for"]
-    low = _run(ActivationClustering("canonical", silhouette_threshold={"mine": v.score - 0.01, "*": v.score + 0.01}), x, y, dataset="mine")
+    assert v.threshold == expected and said in v.evidence["threshold_calibrated_for"]["silhouette_threshold"]
+    low = _run(ActivationClustering("canonical", silhouette_threshold={"gtsrb": v.score - 0.01, "*": v.score + 0.01}), x, y, dataset="gtsrb")
     assert low.status == "detected" and low.target_class == 2
-    high = _run(ActivationClustering("canonical", silhouette_threshold={"mine": v.score - 0.01, "*": v.score + 0.01}), x, y, dataset="other")
+    high = _run(ActivationClustering("canonical", silhouette_threshold={"gtsrb": v.score - 0.01, "*": v.score + 0.01}), x, y, dataset="cifar10")
     assert high.status == "clean"

@@ -6,7 +6,8 @@ import torch
 
 from qbd.defenses.base import DefenseInputs
 from qbd.defenses.sandbox import run_defense
-from qbd.defenses.spectral_signatures import SpectralSignatures, decide, spectrum
+from qbd.defenses._per_dataset import pick
+from qbd.defenses.spectral_signatures import SpectralSignatures, decide, spectrum, thresholds_of
 from qbd.errors import ConfigError
 from tests.unit.defenses import NaNFeatures, PixelFeatures, class_data, subject
 
@@ -62,10 +63,15 @@ def test_a_data_set_without_a_calibration_uses_the_kurtosis_alone():
     x, y = class_data(per_class=150, poison=15, target=2, poison_from="others")
     v = _run(SpectralSignatures("canonical"), x, y, dataset="mine")
     assert v.status == "clean" and v.evidence["thresholds"]["separation_threshold"] is None
-    assert "'mine' has no calibration of its own" in v.evidence["threshold_calibrated_for"]
+    assert "'mine' has no calibration of its own" in v.evidence["threshold_calibrated_for"]["separation_threshold"]
+    # the separation rule alone has nothing to judge with there: invalid, never a silent clean
+    alone = _run(SpectralSignatures("canonical", statistic="separation"), x, y, dataset="mine")
+    assert alone.status == "invalid" and alone.reason_code == "not-applicable" and "separation_threshold" in alone.reason
+    with pytest.raises(ConfigError, match="needs a separation_threshold"):
+        SpectralSignatures("canonical", statistic="separation", separation_threshold=None)
     with pytest.raises(ConfigError, match="None: not used"):
         SpectralSignatures("canonical", separation_threshold="low")
-    with pytest.raises(ConfigError, match="kurtosis_threshold must be a number, or"):
+    with pytest.raises(ConfigError, match=r"kurtosis_threshold\['digits'\]: None is not a number"):
         SpectralSignatures("canonical", kurtosis_threshold={"digits": None, "*": 1.3})
 
 
@@ -132,3 +138,22 @@ def test_a_large_rank_one_class_is_still_rank_one_by_arpack():
     assert _numerical_rank_one(sv, rc.shape)
     zero, _ = _svd(np.zeros((40, 64)), whole=False)  # ARPACK cannot start on it: LAPACK answers
     assert zero[0] == 0.0
+
+
+def test_the_separation_at_its_edges():
+    """A few stray samples split off a Gaussian class are no poisoned group (under
+    separation_min_share; at 0 they would score in the thousands); two point masses are a perfect
+    split, flagged rather than made a non-finite statistic; NaN projections give a non-finite statistic (invalid)."""
+    p = pick((d := SpectralSignatures("canonical")).params, thresholds_of(d.params["statistic"]), "digits")[0]
+    rng = np.random.default_rng(0)
+    blob = rng.normal(0, 1, (300, 8))
+    blob[:3, 0] += 200  # three stray samples, 1 % of the class
+    assert spectrum(blob, p)["separation"] == 0.0
+    assert spectrum(blob, {**p, "separation_min_share": 0.0})["separation"] > 100
+    masses = np.repeat(np.eye(8)[:2] * 10, 50, axis=0) + np.outer(np.arange(100) % 2, np.eye(8)[2]) * 1e-9
+    two = decide([spectrum(masses, p), spectrum(rng.normal(0, 1, (100, 8)), p)], p)
+    assert two.status == "detected" and two.target_class == 0
+    with pytest.raises(ConfigError, match="is not above 0"):
+        SpectralSignatures("canonical", separation_threshold={"digits": 0, "*": None})
+    from qbd.defenses.spectral_signatures import _kurtosis_or_separation
+    assert np.isnan(_kurtosis_or_separation(np.ones(2), np.array([1.0, np.nan, -1.0]), p))  # -> invalid, never "unsuspicious"
