@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from qbd.defenses._per_dataset import pick
 from qbd.defenses.base import DefenseInputs
 from qbd.defenses.sandbox import run_defense
-from qbd.defenses._per_dataset import pick
 from qbd.defenses.spectral_signatures import SpectralSignatures, decide, spectrum, thresholds_of
 from qbd.errors import ConfigError
 from tests.unit.defenses import NaNFeatures, PixelFeatures, class_data, subject
