@@ -29,6 +29,7 @@ from qbd.heatmap import heatmap, title_line
 from qbd.run_metadata import run_facts, run_metadata, run_table
 from qbd.tables import (
     RATES_NOTE,
+    UNCALIBRATED_NOTE,
     budgets,
     count_line,
     invalid_reasons,
@@ -42,6 +43,7 @@ from qbd.tables import (
     table1,
     table2,
     text_table,
+    uncalibrated,
 )
 
 
@@ -66,6 +68,9 @@ def terminal(results: list[dict[str, Any]]) -> str:
     reasons = invalid_reasons(results)
     if reasons:
         parts += ["", "invalid cells (never a miss and never clean: an invalid verdict is not an answer):", *[f"  {x}" for x in reasons]]
+    pooled = uncalibrated(results)
+    if pooled:
+        parts += ["", f"Judged with {UNCALIBRATED_NOTE}:", *[f"  {x}" for x in pooled]]
     _, rows = outcomes(results)
     if rows:
         parts += ["", "Outcomes against the truth (declared findings and failures):",
@@ -124,6 +129,10 @@ def markdown(results: list[dict[str, Any]], title: str = "qbd report", *, run: d
     reasons = invalid_reasons(results)
     if reasons:
         parts += ["## Invalid cells", "", *[f"- {x}" for x in reasons], ""]
+    pooled = uncalibrated(results)
+    if pooled:
+        parts += ["## Thresholds not calibrated for the data set", "", f"Judged with {UNCALIBRATED_NOTE}:", "",
+                  *[f"- {x}" for x in pooled], ""]
     crashes = [r for r in results if isinstance(r["verdict"].get("evidence"), dict) and r["verdict"]["evidence"].get("traceback")]
     if crashes:  # a crash fails its cell: show where it raised
         parts += ["## Tracebacks", ""]

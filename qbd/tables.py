@@ -87,6 +87,23 @@ def invalid_reasons(results: list[dict[str, Any]]) -> list[str]:
             f" {r['verdict']['reason']}" for r in results if r["verdict"]["status"] == "invalid"]
 
 
+UNCALIBRATED_NOTE = ("a threshold no calibration was made for: the pooled value of the data sets that have one, which"
+                     " does not carry across data sets (docs/defenses.md#thresholds-per-data-set)")
+
+
+def uncalibrated(results: list[dict[str, Any]]) -> list[str]:
+    """One line per (data set, defense, threshold) whose verdicts a data set's own calibration did
+    not decide: the pooled "*" entry of a per-data-set threshold (qbd.defenses._per_dataset)."""
+    found: dict[tuple[str, str, str], str] = {}
+    for r in results:
+        ev = r["verdict"].get("evidence")
+        labels = ev.get("threshold_calibrated_for") if isinstance(ev, dict) else None
+        for param, label in (labels.items() if isinstance(labels, dict) else ()):
+            if isinstance(label, str) and label.startswith("*"):
+                found.setdefault((r.get("dataset", "?"), r["defense"]["name"], param), label)
+    return [f"{ds} / {name}: {param} = {label}" for (ds, name, param), label in sorted(found.items())]
+
+
 def seed_note(r: dict[str, Any]) -> str:
     return f" (seed {r['seed']})" if r.get("seed") else ""
 

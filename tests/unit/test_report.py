@@ -403,3 +403,22 @@ def test_the_paired_effects_head_the_report_over_several_models(tmp_path):
 def test_several_models_without_fp32_say_why_there_are_no_effects():
     md = markdown(_five_seeds())  # int8-dynamic only
     assert "No paired effects" in md and "fp32 was not among the schemes run" in md
+
+
+def test_a_verdict_the_pooled_threshold_decided_is_named_in_the_report():
+    """A data set without a calibration of its own is judged with the pooled "*" value: the
+    terminal text and report.md say so, once per data set, defense and threshold; a data set's own
+    calibration is not listed."""
+    from qbd.report import markdown, terminal
+
+    pooled = _result("activation-clustering", "clean")
+    pooled["dataset"] = "cifar10"
+    pooled["verdict"]["evidence"] = {"threshold_calibrated_for": {
+        "silhouette_threshold": "*: all calibration data sets pooled ('cifar10' has no calibration of its own)"}}
+    own = _result("activation-clustering", "clean")
+    own["verdict"]["evidence"] = {"threshold_calibrated_for": {"silhouette_threshold": "digits"}}
+    line = "cifar10 / activation-clustering: silhouette_threshold = *: all calibration data sets pooled"
+    md = markdown([pooled, dict(pooled), own])
+    assert "## Thresholds not calibrated for the data set" in md and md.count(line) == 1
+    assert line in terminal([pooled, own])
+    assert "not calibrated" not in markdown([own]) and "silhouette_threshold =" not in terminal([own])
