@@ -61,13 +61,19 @@ DEFAULT_SURROGATE_TOLERANCE = 0.05
 
 def _check_changed(name: str, model: Classifier, deployed: QuantizedClassifier, batch: torch.Tensor) -> None:
     """A scheme that says it quantizes must change the model: logits bit-identical to the float
-    model's on the calibration images mean nothing was quantized, whatever its audit claims."""
+    model's on the calibration images mean nothing was quantized, whatever its audit claims.
+
+    A float model whose logits do not depend on the image (every feature dead, so the logits are
+    the head's bias: what fine-pruning's repair can leave) is left unchecked: quantizing it changes
+    nothing to see, and refusing it turned such a repair into a crash (found on a GPU)."""
     from qbd.errors import ConfigError
 
     with torch.no_grad():
         x = batch[:64]
-        same = torch.equal(model(x.to(model_device(model))).cpu(), deployed(x.to(model_device(deployed))).cpu())
-    if same:
+        ours = model(x.to(model_device(model))).cpu()
+        same = torch.equal(ours, deployed(x.to(model_device(deployed))).cpu())
+    constant = len(ours) > 1 and bool((ours == ours[:1]).all())
+    if same and not constant:
         raise ConfigError(f"scheme {name!r} quantizes nothing: its deployed model's logits equal the float model's on"
                           " the calibration images (set `quantizes = False` for a reference deployment)")
 
