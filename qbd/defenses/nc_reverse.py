@@ -157,7 +157,9 @@ def reverse_engineer(subject: Subject, x_hold: torch.Tensor, classes: list[int],
                 x_in = x_in.contiguous(memory_format=torch.channels_last)
             with counting(iterations == 0) as counter:
                 with autocast:
-                    logits = forward(x_in)
+                    # the counted first step runs eagerly: the counter's global module hooks,
+                    # seen by torch.compile, left the compiled step no faster than eager (H100)
+                    logits = (net if iterations == 0 else forward)(x_in)
                 tgt = (targets if live is None else targets[live]).repeat_interleave(bsz)
                 ce = F.cross_entropy(logits.float(), tgt, reduction="none").view(k_live, bsz).mean(1)
                 reg = mask.abs().sum(dim=(1, 2, 3))

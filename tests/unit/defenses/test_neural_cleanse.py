@@ -314,3 +314,24 @@ def test_step_progress_is_reported(tiny):
     run_defense(NeuralCleanse("paper", steps=3, batch_size=8), _subject(model), inputs, torch.Generator().manual_seed(0))
     assert calls[-1] == (30, 30) and len(calls) == 30
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_a_compiled_loop_counts_its_flops_without_hooking_the_compiled_step(tiny):
+    """The FLOP counter installs global module hooks; run inside the compiled step, they made
+    torch.compile graph-break (a compiled bf16 loop on an H100 was no faster than eager). The counted
+    first step now runs eagerly: no hook warning, the same FLOP figure, the same norms as eager."""
+    import warnings
+
+    model, x = tiny
+    y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(1))
+    sub = _subject(model)
+    out = {}
+    for comp in (False, True):
+        nc = NeuralCleanse("paper", tier="smoke", steps=2, batch_size=8, compile=comp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out[comp] = nc.detect(sub, DefenseInputs(clean_holdout=(x, y)), torch.Generator().manual_seed(0))
+        if comp:
+            assert not [w for w in caught if "global hooks" in str(w.message)]
+    assert out[True].evidence["compute"]["flops"] == out[False].evidence["compute"]["flops"] > 0
+    assert np.allclose(out[True].evidence["norms"], out[False].evidence["norms"], rtol=1e-3)
