@@ -106,7 +106,7 @@ def bench_nc(model: torch.nn.Module, data: DataSplit, device: torch.device, clas
     out = {"figure": "neural_cleanse", "variant": label, "device": str(device), "classes": classes, "steps": steps,
            "batch": batch, "mode": mode, "precision": precision, "compile": compile_step, "seconds": round(seconds, 3),
            "ms_per_step_all_classes": round(1000 * seconds / steps, 2), "status": verdict.status,
-           "target_class": verdict.target_class, "norms": verdict.evidence.get("norms")}
+           "reason_code": verdict.reason_code, "target_class": verdict.target_class, "norms": verdict.evidence.get("norms")}
     emit(**out)
     return out
 
