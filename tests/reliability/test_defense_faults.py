@@ -182,6 +182,24 @@ def test_an_exception_is_invalid_with_its_message(cell, behave, words, timeout_s
     assert tb.rstrip().splitlines()[-1].startswith(v.evidence["exception"])
 
 
+def test_the_pytorch_device_habit_on_a_model_without_parameters_says_what_to_use():
+    """next(model.parameters()).device on a deployed int8 or ONNX Runtime model (no parameters)
+    raises a bare StopIteration; the invalid reason says why and names subject.device."""
+
+    class NoParams(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(len(x), NUM_CLASSES)
+
+    m = NoParams()
+    g = torch.Generator().manual_seed(0)
+    inputs = DefenseInputs((torch.rand(4, 3, 32, 32, generator=g), torch.zeros(4, dtype=torch.int64)))
+    v = run((Subject(m, m, m, NUM_CLASSES), inputs), Fake(lambda s, i: next(s.model.parameters()).device))
+    assert_invalid(v, "StopIteration", "a deployed int8 or ONNX Runtime model has none; use subject.device")
+    assert v.reason_code == "error"
+    other = run((Subject(m, m, m, NUM_CLASSES), inputs), Fake(_raise(StopIteration())))
+    assert "subject.device" not in other.reason  # only the parameters() habit gets the hint
+
+
 @pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["inline", "timed"])
 def test_keyboard_interrupt_still_stops_the_run(cell, timeout_s):
     with pytest.raises(KeyboardInterrupt):
