@@ -46,6 +46,20 @@ def test_the_action_passes_every_input_the_script_reads():
     assert not [s["run"] for s in steps if "inputs." in s.get("run", "")]
 
 
+def test_ci_runs_the_action_itself_on_the_example():
+    """The install steps run only on a runner: ci.yml calls the action from the checkout (`uses: ./`)
+    on the example defense, with an artifact name of its own."""
+    jobs = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())["jobs"]
+    (step,) = [s for job in jobs.values() for s in job["steps"] if s.get("uses") == "./"]
+    import tomllib
+
+    project = tomllib.loads((ROOT / step["with"]["package"] / "pyproject.toml").read_text())["project"]
+    assert step["with"]["defense"] in project["entry-points"]["qbd.defenses"]  # the name the package registers
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert step["with"]["artifact-name"] != action["inputs"]["artifact-name"]["default"]
+    assert set(step["with"]) <= set(action["inputs"])
+
+
 def test_the_gate_passes_on_the_example_and_writes_the_report_and_summary(tmp_path):
     r = _gate(tmp_path, QBD_DEFENSE="qbd_example_defense:CornerPatchProbe")
     assert r.returncode == 0, r.stderr[-3000:]

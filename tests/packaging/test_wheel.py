@@ -97,3 +97,49 @@ def test_pytest_runs_the_installed_defense_from_the_wheel(installed: dict[str, o
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "8 passed" in out, out[-3000:]  # 4 cells, 2 audits, 2 attack checks
     assert "the pinned zoo" in out
+
+
+ALARM = '''
+from qbd.defenses.base import Verdict
+from qbd_example_defense import CornerPatchProbe
+
+
+class QuantAlarm(CornerPatchProbe):
+    """The example in fp32; on any quantized deployment it flags class 0, backdoored or not."""
+
+    name = "quant-alarm"
+
+    def detect(self, subject, inputs, generator):
+        if subject.scheme != "fp32":
+            return Verdict("detected", score=1.0, threshold=self.params["capture"], target_class=0)
+        return super().detect(subject, inputs, generator)
+'''
+FALSE_ALARM = "digits:clean/int8-dynamic/quant-alarm[canonical]"
+
+
+def test_an_installed_qbd_fails_a_false_alarm_once_quantized_unless_the_authors_table_declares_it(
+        installed: dict[str, object]) -> None:
+    """From the wheel, outside the checkout: the negative control runs on every scheme, so a defense
+    quiet on the clean fp32 model that flags the clean int8-dynamic one fails that cell, in `qbd run`
+    (exit 1) and in pytest; an author's table that declares it (`--expectations`, on top of the
+    shipped table) turns it into a finding and the run passes."""
+    python, env, cwd = str(installed["python"]), dict(installed["env"]), Path(str(installed["cwd"]))  # type: ignore[arg-type]
+    (cwd / "alarm_defense.py").write_text(ALARM)
+    env["PYTHONPATH"] = str(cwd)
+    table = cwd / "my.toml"
+    table.write_text(f'[cells."{FALSE_ALARM}"]\noutcome = "false-alarm"\nwhy = "flags every quantized model"\n')
+    args = ["run", "--dataset", "digits", "--quant", "fp32,int8-dynamic", "--defense", "alarm_defense:QuantAlarm",
+            "--protocol", "canonical", "--no-progress", "-j", "1"]
+    bare = subprocess.run([python, "-m", "qbd", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+    fails = [line for line in bare.stderr.splitlines() if line.startswith("qbd: FAIL")]
+    assert bare.returncode == 1 and len(fails) == 1 and fails[0].startswith(f"qbd: FAIL {FALSE_ALARM}: "), bare.stderr[-3000:]
+    declared = subprocess.run([python, "-m", "qbd", *args, "--expectations", str(table)], capture_output=True, text=True, env=env,
+                              cwd=cwd, timeout=900)
+    assert declared.returncode == 0, declared.stderr[-3000:]
+    assert "3 cells match the truth, 1 declared finding, 0 failing" in declared.stderr, declared.stderr[-3000:]
+    (cwd / "test_alarm.py").write_text("from qbd.suite import test_cell  # noqa: F401\n")
+    p = subprocess.run([python, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "--qbd-dataset", "digits", "--qbd-scheme",
+                        "fp32,int8-dynamic", "--qbd-defense", "alarm_defense:QuantAlarm", "--qbd-protocol", "canonical",
+                        "test_alarm.py"], capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and "1 failed, 3 passed" in out and f"FAILED test_alarm.py::test_cell[{FALSE_ALARM}]" in out, out[-3000:]
