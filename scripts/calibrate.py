@@ -10,14 +10,23 @@ the given seeds, then reports, per defense, the statistic its threshold applies 
 - on every other class of the backdoored models and every class of the clean models (the
   negatives: a detection there is a wrong target or a false alarm),
 
-and the threshold the data supports: for a per-class statistic (AC silhouette, SS spectral
-ratio, NC anomaly index) the midpoint of the gap between the largest negative and the smallest
-positive when they separate; for a model-level rule (STRIP's binomial test, Fine-Pruning's ASR
+and the threshold the data supports: for a per-class statistic (AC silhouette, SS kurtosis and
+separation, NC anomaly index) the midpoint between the most suspicious negative and the nearest
+positive beyond it (no calibration false alarm, the largest margin to the positives it catches;
+the positives it cannot catch are listed as misses); for a model-level rule (STRIP's binomial test, Fine-Pruning's ASR
 drop) whether the threshold in use separates backdoored from clean models. Thresholds are
 calibrated on seeds 100-104 and evaluated on seeds 0-4 (qbd.zoo.pinned): never on the same models.
 
 The raw Results are written with --out, so the table can be recomputed (--from FILE) without
 running the defenses again.
+
+    python scripts/calibrate.py --from fixtures/calibration/seeds-100-104.json \
+        --with fixtures/calibration/spread-100-104.json     # the shipped thresholds
+
+--with adds Results of `qbd run --json` on calibration-seed models under other attacks
+(qbd.presets.CALIBRATION_SPREAD: poison rates, patch sizes, corners, targets and a blend a user
+would bring, none of them an evaluation setting); their target class is a positive, their other
+classes negatives. A Result of any other seed, scheme or protocol is refused.
 """
 
 from __future__ import annotations
@@ -61,6 +70,25 @@ def run_model(dataset: str, seed: int, backdoored: bool, defenses: tuple[str, ..
     return out
 
 
+def with_results(paths: list[str]) -> list[dict[str, Any]]:
+    """The Results of `--with` files: calibration seeds, fp32, canonical protocol only (a threshold
+    set on an evaluation model would be judged on itself)."""
+    from qbd.zoo.pinned import CALIBRATION_SEEDS
+
+    out = []
+    for path in paths:
+        with open(path) as f:
+            rs = json.load(f)["results"]
+        for r in rs:
+            where = f"{path}: {r['cell']} seed {r['seed']}"
+            if r["seed"] not in CALIBRATION_SEEDS:
+                raise SystemExit(f"{where}: not a calibration seed ({', '.join(map(str, CALIBRATION_SEEDS))})")
+            if r["quant"]["scheme"] != "fp32" or r["defense"]["protocol"] != "canonical":
+                raise SystemExit(f"{where}: calibration reads fp32 canonical Results only")
+        out += rs
+    return out
+
+
 def _per_class(key: str):
     return lambda r: r["verdict"]["evidence"].get(key)
 
@@ -95,7 +123,7 @@ MODEL_LEVEL = {
 
 def table(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     lines = ["| defense | statistic (flags when) | threshold in use | positives (target class, backdoored) | most suspicious"
-             " negative (other classes; clean models) | separates? | threshold the data supports |",
+             " negative (other classes; clean models) | every positive beyond it? | threshold the data supports |",
              "|---|---|---|---|---|---|---|"]
     proposal: dict[str, Any] = {}
     for name in sorted({*DEFENSES, *SECOND}):
@@ -119,14 +147,20 @@ def table(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                     neg_clean += [v for v in vals if v is not None]
             pos = [v for v in pos if v is not None]
             neg = neg_bd + neg_clean
-            sep = bool(pos and neg and sign * _most(neg, sign) < min(sign * v for v in pos))
-            least = _most(pos, -sign)  # the least suspicious positive
-            supported = round((_most(neg, sign) + least) / 2, 3) if sep else None
+            worst = _most(neg, sign)
+            # the rule: no false alarm on any calibration negative, and the largest margin to the
+            # nearest positive beyond the most suspicious negative; positives not beyond it are
+            # misses, reported (a second statistic of the same defense may catch them)
+            caught = [v for v in pos if worst is not None and sign * v > sign * worst]
+            missed = sorted(v for v in pos if worst is None or sign * v <= sign * worst)
+            sep = bool(pos and neg and not missed)
+            supported = round((worst + _most(caught, -sign)) / 2, 3) if caught else None
             proposal[name] = {"statistic": label, "flags_when": side, "positives": sorted(pos),
                               "worst_negative_other_class": _most(neg_bd, sign), "worst_negative_clean": _most(neg_clean, sign),
-                              "separates": sep, "midpoint": supported, "threshold_in_use": thr}
+                              "separates": sep, "missed": missed, "midpoint": supported, "threshold_in_use": thr}
+            verdict = "yes" if sep else f"no: {len(missed)} of {len(pos)} positives not beyond it"
             lines.append(f"| {name} | {label} ({side}) | {thr} | {_range(pos)} | {_m(_most(neg_bd, sign))}; {_m(_most(neg_clean, sign))}"
-                         f" | {'yes' if sep else 'no'} | {supported if sep else 'none separates'} |")
+                         f" | {verdict} | {supported if supported is not None else 'none (no positive beyond it)'} |")
         else:
             label, _ = MODEL_LEVEL[name]
             bd = [r for r in rs if r["attack"] is not None]
@@ -184,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=2, help="worker processes, one thread each (default: 2)")
     ap.add_argument("--out", help="write the raw Results (JSON) here")
     ap.add_argument("--from", dest="from_file", help="recompute the table from Results written by --out")
+    ap.add_argument("--with", dest="with_files", nargs="+", default=[], metavar="FILE",
+                    help="Results (qbd run --json) of calibration-seed models under other attacks, added to the calibration")
     args = ap.parse_args(argv)
     defenses = tuple(args.defense.split(","))
     if args.from_file:
@@ -198,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"results": results}, f)
+    results = results + with_results(args.with_files)
     for ds in sorted({r["dataset"] for r in results}):
         text, _ = table([r for r in results if r["dataset"] == ds])
         print(f"\n### {ds}\n\n{text}")
