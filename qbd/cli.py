@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights for --model on --dataset: .safetensors, or a plain state dict in .pt/.pth (loaded weights_only)")
     mf.add_argument("--sha256", metavar="HEX", default=None, help="the model file's sha256 (required with --model-file)")
     r.add_argument("--expectations", metavar="FILE", nargs="?", const="", default=None,
-                   help="the table every cell, deployed model and row is judged against (default, or with no FILE: the table"
-                        " qbd ships for the tier); whatever fails it is printed as FAIL and the run exits 1")
+                   help="your own expectations table, on top of the one qbd ships for the tier (its findings keep"
+                        " applying; `[meta] extends = false` in FILE makes it stand alone); with no FILE, the shipped"
+                        " table alone (the default); whatever fails is printed as FAIL and the run exits 1")
     r.add_argument("--no-gate", action="store_true",
                    help="show the outcomes and the FAIL lines, but exit 0 on them (exploring, not gating)")
     sel.add_argument("--seeds", type=seeds_arg, default=1, metavar="N|S,S,...",

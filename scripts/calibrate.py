@@ -20,10 +20,9 @@ calibrated on seeds 100-104 and evaluated on seeds 0-4 (qbd.zoo.pinned): never o
 The raw Results are written with --out, so the table can be recomputed (--from FILE) without
 running the defenses again.
 
-    python scripts/calibrate.py --from fixtures/calibration/seeds-100-104.json \
-        --with fixtures/calibration/spread-100-104.json     # the shipped thresholds
+    python scripts/calibrate.py --from fixtures/calibration/seeds-100-104.json --with fixtures/calibration/spread-100-104.json
 
---with adds Results of `qbd run --json` on calibration-seed models under other attacks
+(the shipped thresholds). --with adds Results of `qbd run --json` on calibration-seed models under other attacks
 (qbd.presets.CALIBRATION_SPREAD: poison rates, patch sizes, corners, targets and a blend a user
 would bring, none of them an evaluation setting); their target class is a positive, their other
 classes negatives. A Result of any other seed, scheme or protocol is refused.
@@ -122,7 +121,7 @@ MODEL_LEVEL = {
 
 
 def table(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    lines = ["| defense | statistic (flags when) | threshold in use | positives (target class, backdoored) | most suspicious"
+    lines = ["| defense | statistic (flags when) | threshold in the Results | positives (target class, backdoored) | most suspicious"
              " negative (other classes; clean models) | every positive beyond it? | threshold the data supports |",
              "|---|---|---|---|---|---|---|"]
     proposal: dict[str, Any] = {}
@@ -183,8 +182,8 @@ def _shown(value: Any) -> Any:
 
 def per_dataset(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per defense and threshold parameter, the mapping qbd.defenses._per_dataset takes: each data
-    set's own midpoint and "*" the pooled one (None where the models do not separate: for "*",
-    the rule is off elsewhere). Neural Cleanse is left out: it keeps the authors' 2.0."""
+    set's own midpoint and "*" the pooled one (None where no target lies beyond the most
+    suspicious negative). Neural Cleanse is left out: it keeps the authors' 2.0."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     pooled = table(results)[1]
     for ds in sorted({r["dataset"] for r in results}):
@@ -211,20 +210,23 @@ def _range(vals: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=seeds_arg, default=seeds_arg("100-104"), help="model seeds (default: 100-104)")
-    ap.add_argument("--dataset", default="digits,synthetic")
-    ap.add_argument("--defense", default=",".join(DEFENSES))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=seeds_arg, default=seeds_arg("100-104"), help="model seeds (default: 100-104; not with --from)")
+    ap.add_argument("--dataset", default="digits,synthetic", help="data sets to run, comma-separated (not with --from)")
+    ap.add_argument("--defense", default=",".join(DEFENSES), help="defenses to run, comma-separated (not with --from)")
     ap.add_argument("-j", "--jobs", type=int, default=2, help="worker processes, one thread each (default: 2)")
     ap.add_argument("--out", help="write the raw Results (JSON) here")
-    ap.add_argument("--from", dest="from_file", help="recompute the table from Results written by --out")
+    ap.add_argument("--from", dest="from_files", nargs="+", metavar="FILE",
+                    help="recompute the tables from Results files (--out's, or qbd run --json's) instead of running the zoo's models")
     ap.add_argument("--with", dest="with_files", nargs="+", default=[], metavar="FILE",
                     help="Results (qbd run --json) of calibration-seed models under other attacks, added to the calibration")
     args = ap.parse_args(argv)
     defenses = tuple(args.defense.split(","))
-    if args.from_file:
-        with open(args.from_file) as f:
-            results = json.load(f)["results"]
+    if args.from_files:
+        results = []
+        for path in args.from_files:
+            with open(path) as f:
+                results += json.load(f)["results"]
     else:
         todo = [(ds, s, bd) for ds in args.dataset.split(",") for s in args.seeds for bd in (True, False)]
         results = []
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     text, proposal = table(results)
     print(f"\n### both data sets\n\n{text}\n")
     print(json.dumps(proposal, indent=1, default=str))
-    print("\nthe parameters, per data set (None: no threshold separates those models; NC keeps the authors' 2.0):")
+    print("\nthe parameters, per data set (None: no target beyond the most suspicious negative; NC keeps the authors' 2.0):")
     print(json.dumps(per_dataset(results), indent=1))
     return 0
 
