@@ -183,16 +183,26 @@ def _shown(value: Any) -> Any:
 def per_dataset(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per defense and threshold parameter, the mapping qbd.defenses._per_dataset takes: each data
     set's own midpoint and "*" the pooled one (None where no target lies beyond the most
-    suspicious negative). Neural Cleanse is left out: it keeps the authors' 2.0."""
+    suspicious negative). The pooled value is for a data set with no calibration of its own, so
+    it must name targets on every calibrated data set: one that names none of some data set's
+    (SS's separation names no synthetic target at digits' level) is that data set's value, not a
+    pooled one, and "*" is None (the rule is off elsewhere). Neural Cleanse is left out: it keeps
+    the authors' 2.0."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     pooled = table(results)[1]
+    own: dict[str, dict[str, Any]] = {}
     for ds in sorted({r["dataset"] for r in results}):
-        for name, found in table([r for r in results if r["dataset"] == ds])[1].items():
+        own[ds] = table([r for r in results if r["dataset"] == ds])[1]
+        for name, found in own[ds].items():
             if name in STATISTICS and not name.startswith("neural-cleanse"):
                 out.setdefault(name.split("/")[0], {}).setdefault(STATISTICS[name][2], {})[ds] = found["midpoint"]
-    for name, (_, _, param, _) in STATISTICS.items():
+    for name, (_, _, param, side) in STATISTICS.items():
         if name.split("/")[0] in out and param in out[name.split("/")[0]]:
-            out[name.split("/")[0]][param]["*"] = pooled[name]["midpoint"]
+            m = pooled[name]["midpoint"]
+            sign = 1.0 if side == "above" else -1.0
+            if m is not None and not all(any(sign * v > sign * m for v in own[ds][name]["positives"]) for ds in own):
+                m = None
+            out[name.split("/")[0]][param]["*"] = m
     return out
 
 
