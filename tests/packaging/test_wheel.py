@@ -56,7 +56,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     work = tmp / "elsewhere"  # outside the checkout
     work.mkdir()
     python = venv / "bin" / "python"
-    return {"python": str(python), "env": env, "cwd": work, "wheels": wheels, "site": site}
+    return {"python": str(python), "env": env, "cwd": work, "wheels": wheels, "site": site, "src": src}
 
 
 def test_the_wheel_carries_the_zoo_and_the_tables(installed: dict[str, object]) -> None:
@@ -65,6 +65,22 @@ def test_the_wheel_carries_the_zoo_and_the_tables(installed: dict[str, object]) 
     manifest = json.loads(zipfile.ZipFile(wheel).read("qbd/zoo/weights/manifest.json"))
     assert {f"qbd/zoo/weights/{m['file']}" for m in manifest["models"].values()} <= names
     assert {"qbd/expected/smoke.toml", "qbd/expected/paper.toml", "qbd/schema/result.schema.json"} <= names
+
+
+def test_the_sdist_carries_the_zoo_the_tables_and_the_license(installed: dict[str, object], tmp_path: Path) -> None:
+    """The release workflow builds the wheel from the sdist: a zoo file missing there is missing
+    from every wheel built from it."""
+    import tarfile
+
+    r = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
+                        str(tmp_path)], capture_output=True, text=True, cwd=str(installed["src"]), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sdist,) = tmp_path.glob("pytest_qbd-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    manifest = json.loads((ROOT / "qbd" / "zoo" / "weights" / "manifest.json").read_text())
+    assert {f"qbd/zoo/weights/{m['file']}" for m in manifest["models"].values()} <= names
+    assert {"qbd/expected/smoke.toml", "qbd/schema/result.schema.json", "LICENSE", "README.md"} <= names
 
 
 def test_an_installed_qbd_gives_the_checkouts_verdicts_on_the_zoos_weights(installed: dict[str, object]) -> None:
