@@ -57,6 +57,19 @@ def test_distribution_name_is_pytest_qbd() -> None:
     assert project["entry-points"]["pytest11"] == {"qbd": "qbd.pytest_plugin"}  # the import name stays qbd
 
 
+def test_an_authors_install_carries_none_of_qbds_own_test_needs() -> None:
+    """`pip install pytest-qbd` is what a defense author installs: qbd's own test suite's needs (the
+    S3 store's mock server, the schema checker, property tests, benchmarks, ONNX) stay in extras."""
+    import re
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\s<>=!~\[;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert not names & {"moto", "s3fs", "jsonschema", "hypothesis", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "boto3"}
+    assert {"torch", "pytest", "pytest-xdist", "torchao", "tomlkit"} <= names  # what a run needs
+    test = {re.split(r"[\s<>=!~\[;]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["test"]}
+    assert {"moto", "s3fs", "jsonschema", "hypothesis"} <= test
+
+
 def test_example_defense_depends_on_the_distribution() -> None:
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
     assert [Requirement(r).name for r in project["dependencies"]] == [DISTRIBUTION]
