@@ -77,10 +77,12 @@ def test_nothing_overlaps_and_nothing_is_cut(n_defenses, n_schemes, protocols):
         line = cols[0].get_fontsize() * fig.dpi / 72 * 1.3
         assert spacing * math.sin(math.radians(35)) > line
     assert all(t.get_window_extent(renderer).y0 >= ax.get_window_extent(renderer).y1 - 1 for t in cols)
-    # the legend sits below both panels
+    # the legend sits below both panels, and neither panel is cut off by the page
     legend = fig.legends[0].get_window_extent(renderer)
     for a in (ax, drawn.panel):
         assert not _overlap(legend, a.get_window_extent(renderer))
+        box = a.get_window_extent(renderer)
+        assert box.x0 >= page.x0 - 1 and box.x1 <= page.x1 + 1 and box.y0 >= page.y0 - 1 and box.y1 <= page.y1 + 1, (box, page)
 
 
 def test_a_declared_finding_keeps_its_outcomes_colour_and_is_hatched():
