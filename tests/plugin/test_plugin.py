@@ -394,6 +394,24 @@ def test_accept_proposes_a_finding_whose_why_must_be_written(suite: pytest.Pytes
     _scripted(suite, "says-clean", "--qbd-expectations", str(table)).assert_outcomes(passed=1)
 
 
+def test_accept_keeps_the_authors_own_file_as_written(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                                    outer_store: str) -> None:
+    """An author's existing table, with comments and an entry of their own: --qbd-accept adds its
+    proposal and leaves every byte that was there."""
+    _shared_cache(monkeypatch, outer_store)
+    table = suite.path / "mine.toml"
+    mine = ('# my defense\'s known limits (a comment the tool must keep)\n'
+            '[cells."synthetic/int4-sim/says-clean[canonical]"]  # not run here\n'
+            'outcome = "miss"\n'
+            'why = "written by a person: int4 rounds the trigger away"\n')
+    table.write_text(mine)
+    _scripted(suite, "says-clean", "--qbd-expectations", str(table), "--qbd-accept").stdout.fnmatch_lines(
+        ["*proposed: digits/fp32/says-clean[[]canonical[]]: miss*"])
+    text = table.read_text()
+    assert text.startswith(mine), text
+    assert 'outcome = "miss"' in text[len(mine):] and "PROPOSED by --qbd-accept" in text[len(mine):]
+
+
 def test_accept_never_rewrites_the_shipped_table(suite: pytest.Pytester) -> None:
     result = suite.runpytest("--qbd-accept", "--collect-only")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
