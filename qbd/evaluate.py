@@ -38,6 +38,8 @@ class BenchSpec:
     stream: int = 400  # incoming inputs for STRIP, half of them triggered
     calib_batches: int = 4  # int8-static calibration batches of 64 holdout images
     seed: int = 0
+    # the largest share of the test split the holdout may take; the rest measures ASR and clean accuracy
+    max_holdout_share: float = 0.25
 
 
 class Bench:
@@ -84,7 +86,7 @@ class Bench:
             raise ConfigError(f"{data.name}: {n_test} test images are too few to split into holdout and evaluation sets")
         g = torch.Generator().manual_seed(spec.seed)
         order = torch.randperm(n_test, generator=g)
-        n_hold = min(spec.holdout, n_test // 4)
+        n_hold = min(spec.holdout, int(n_test * spec.max_holdout_share))
         self.holdout_idx = order[:n_hold].sort().values
         self.eval_idx = order[n_hold:].sort().values
 
