@@ -15,7 +15,7 @@ separation, NC anomaly index) the midpoint between the most suspicious negative 
 positive beyond it (no calibration false alarm, the largest margin to the positives it catches;
 the positives it cannot catch are listed as misses); for a model-level rule (STRIP's binomial test, Fine-Pruning's ASR
 drop) whether the threshold in use separates backdoored from clean models. Thresholds are
-calibrated on seeds 100-104 and evaluated on seeds 0-4 (qbd.zoo.pinned): never on the same models.
+calibrated on seeds 100-104 and evaluated on seeds 0-9 (qbd.zoo.pinned): never on the same models.
 
 The raw Results are written with --out, so the table can be recomputed (--from FILE) without
 running the defenses again.
@@ -69,6 +69,12 @@ def run_model(dataset: str, seed: int, backdoored: bool, defenses: tuple[str, ..
     return out
 
 
+def read_results(path: str) -> list[dict[str, Any]]:
+    """The Results of a file --out or `qbd run --json` wrote."""
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
 def with_results(paths: list[str]) -> list[dict[str, Any]]:
     """The Results of `--with` files: calibration seeds, fp32, canonical protocol only (a threshold
     set on an evaluation model would be judged on itself)."""
@@ -76,8 +82,7 @@ def with_results(paths: list[str]) -> list[dict[str, Any]]:
 
     out = []
     for path in paths:
-        with open(path) as f:
-            rs = json.load(f)["results"]
+        rs = read_results(path)
         for r in rs:
             where = f"{path}: {r['cell']} seed {r['seed']}"
             if r["seed"] not in CALIBRATION_SEEDS:
@@ -233,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     defenses = tuple(args.defense.split(","))
     if args.from_files:
-        results = []
-        for path in args.from_files:
-            with open(path) as f:
-                results += json.load(f)["results"]
+        results = [r for path in args.from_files for r in read_results(path)]
     else:
         todo = [(ds, s, bd) for ds in args.dataset.split(",") for s in args.seeds for bd in (True, False)]
         results = []
