@@ -10,8 +10,14 @@ it inside itself. The entropy is the Shannon entropy in bits of the softmax, ave
 
 Protocols (every value recorded in the Result):
 - canonical: the defender holds a clean holdout and sees a stream of incoming inputs (about half
-  triggered, unlabelled). The holdout is split (seeded) into an overlay pool and a calibration
-  part of m inputs. Entropy threshold = the k-th smallest calibration entropy,
+  triggered, unlabelled). Calibration (`calibration`): "leave-one-out" (the default) takes every
+  holdout image as one of m calibration inputs, each blended with overlays drawn from the other
+  holdout images, and blends the stream with overlays from the whole holdout; "split" is the
+  authors' layout, a seeded split into an overlay pool (`overlay_fraction`) and a disjoint
+  calibration part. The authors had thousands of clean images; a 90-image holdout (digits) split
+  in half leaves m = 45, and the rule below then needs a quarter of the stream flagged (measured:
+  it missed backdoors that a 90-value calibration names). Entropy threshold = the k-th smallest
+  calibration entropy,
   k = max(1, floor(frr (m + 1))), so the expected per-input false-rejection rate k / (m + 1) is
   at most `frr` (1 %, the paper's); a stream input is flagged when its entropy is strictly
   below it. Model-level rule: one-sided binomial test of the stream's flagged count, detected
@@ -48,12 +54,15 @@ from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject
 from qbd.metrics import to_unit
 
 
+CALIBRATIONS = ("leave-one-out", "split")
+
+
 class Strip(ConfiguredDefense):
     name = "strip"
     needs: ClassVar[dict[str, frozenset[str]]] = {"canonical": frozenset({"clean_holdout", "triggered_inputs"}), "paper": frozenset({"clean_holdout"})}
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "canonical": {"n_overlays": 100, "frr": 0.01, "alpha": 1e-3, "overlay_fraction": 0.5,
-                      "max_stream": 0, "chunk": 4096, "memory_mib": 0},
+        "canonical": {"n_overlays": 100, "frr": 0.01, "alpha": 1e-3, "calibration": "leave-one-out",
+                      "overlay_fraction": 0.5, "max_stream": 0, "chunk": 4096, "memory_mib": 0},
         "paper": {"n_overlays": 100, "percentile": 5.0, "flag_fraction": 0.05, "chunk": 4096, "memory_mib": 0},
     }
     # 2-core smoke tier: 16 blends per input and a 200-input stream sample, about 7,000 forward
@@ -61,6 +70,12 @@ class Strip(ConfiguredDefense):
     budgets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"canonical": {"n_overlays": 16, "max_stream": 200}, "paper": {"n_overlays": 16}},
     }
+
+    def validate(self) -> None:
+        if self.protocol == "canonical" and self.params["calibration"] not in CALIBRATIONS:
+            from qbd.errors import ConfigError
+
+            raise ConfigError(f"{self.name}: calibration must be one of {', '.join(CALIBRATIONS)}, got {self.params['calibration']!r}")
 
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict:
         p = self.params
@@ -79,15 +94,19 @@ class Strip(ConfiguredDefense):
         x_hold = inputs.clean_holdout[0]
         stream = inputs.triggered_inputs
         assert stream is not None  # run_defense checked `requires`
-        order = torch.randperm(len(x_hold), generator=generator)
-        n_pool = round(p["overlay_fraction"] * len(x_hold))
-        pool, calib = x_hold[order[:n_pool]], x_hold[order[n_pool:]]
-        if len(pool) == 0 or len(calib) == 0:
-            return Verdict.invalid(f"holdout of {len(x_hold)} images is too small to split into overlay pool and calibration part",
-                                   "not-applicable")
+        loo = p["calibration"] == "leave-one-out"
+        if loo:
+            pool = calib = x_hold
+        else:
+            order = torch.randperm(len(x_hold), generator=generator)
+            n_pool = round(p["overlay_fraction"] * len(x_hold))
+            pool, calib = x_hold[order[:n_pool]], x_hold[order[n_pool:]]
+        if len(pool) < 1 + loo or len(calib) == 0:
+            return Verdict.invalid(f"holdout of {len(x_hold)} images is too small for an overlay pool and a calibration part"
+                                   f" ({p['calibration']})", "not-applicable")
         if p["max_stream"] and len(stream) > p["max_stream"]:
             stream = stream[torch.randperm(len(stream), generator=generator)[: p["max_stream"]]]
-        h_cal = strip_entropy(subject, calib, pool, p["n_overlays"], generator, chunk)
+        h_cal = strip_entropy(subject, calib, pool, p["n_overlays"], generator, chunk, leave_one_out=loo)
         h_str = strip_entropy(subject, stream, pool, p["n_overlays"], generator, chunk)
         preds = feat.logits(subject, stream).argmax(1).numpy()
         return decide(h_cal, h_str, preds, p)
@@ -107,10 +126,19 @@ def superimpose(x: torch.Tensor, overlays: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def strip_entropy(subject: Subject, x: torch.Tensor, pool: torch.Tensor, n_overlays: int, generator: torch.Generator,
-                  chunk: int = 4096) -> np.ndarray:
+                  chunk: int = 4096, *, leave_one_out: bool = False) -> np.ndarray:
     """Mean Shannon entropy (bits) of the softmax over `n_overlays` blends of each input with
-    overlays drawn uniformly (with replacement, as the authors' code) from `pool`."""
-    picks = torch.randint(0, len(pool), (len(x), n_overlays), generator=generator)
+    overlays drawn uniformly (with replacement, as the authors' code) from `pool`. With
+    `leave_one_out`, `x` is `pool` itself and input i never draws pool[i]: an image blended with
+    itself is the same image twice as bright, which the model still reads confidently, so its
+    entropy would sit below any stream input's and pull the threshold down."""
+    if leave_one_out:
+        if x is not pool:
+            raise ValueError("leave_one_out blends the pool with itself: pass the pool as x")
+        picks = torch.randint(0, len(pool) - 1, (len(x), n_overlays), generator=generator)
+        picks += picks >= torch.arange(len(x))[:, None]  # skip i: uniform over the other len(pool) - 1
+    else:
+        picks = torch.randint(0, len(pool), (len(x), n_overlays), generator=generator)
     per = max(1, chunk // n_overlays)  # inputs per forward pass (chunk counts blended images)
     out = []
     with feat.eval_mode(subject.model):
