@@ -15,9 +15,6 @@ from qbd.config import AttackSpec, ModelJob, TrainSpec
 _FLIP_OK = {"cifar10"}
 _PAPER_EPOCHS = {"cifar10": 20, "gtsrb": 15}
 DEFAULT_MODEL = {"smoke": "tiny-cnn", "paper": "resnet18-cifar"}
-# The non-default attack the matrix also plants: another target, pattern, size and corner, so no
-# defense (or test) can assume class 0 or the bottom-right corner.
-VARIANT_ATTACK = AttackSpec(target=3, trigger_pattern="checkerboard", trigger_size=4, trigger_position="top-left")
 # The matrix's other attacks: a blended full-image pattern (another target again; a checkerboard,
 # since seeded noise at alpha 0.15 does not take on synthetic, docs/training.md), and a BadNet
 # patch that is dormant in FP32 and wakes in int4-sim.

@@ -13,7 +13,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="COMMAND")
     b = commands.add_parser("build", help="train every zoo model and (re)write the zoo and its manifest",
                             description="Train the smoke tier's models (digits and synthetic; backdoored and clean;"
-                            " evaluation seeds 0-9 and calibration seeds 100-104; the BadNet variant, blend, quant-conditioned and the attack"
+                            " evaluation seeds 0-9 and calibration seeds 100-104; blend, quant-conditioned and the attack"
                             " settings beyond the calibration attack: qbd.zoo.pinned.zoo_jobs) and write them,"
                             " with manifest.json, to DIR. Each model trains on one thread; -j runs several at once and"
                             " does not change the weights.")

@@ -66,17 +66,15 @@ def file_name(job: ModelJob) -> str:
 
 def zoo_jobs(datasets: tuple[str, ...] = ("digits", "synthetic"), model: str = "tiny-cnn") -> list[ModelJob]:
     """Every model the smoke tier evaluates: per data set, a backdoored (default BadNet) and a
-    clean model for each evaluation and calibration seed; seed 0 of the BadNet variant; and the
-    other attacks, the models their rows are measured on: blend and quant-conditioned on int4-sim
+    clean model for each evaluation and calibration seed; and the other attacks, the models their rows are measured on: blend and quant-conditioned on int4-sim
     on OTHER_ATTACK_SEEDS, quant-conditioned on int8-static on QC_INT8_SEEDS; the attack settings
     beyond the calibration attack on SPREAD_SEEDS (those that take on the data set)."""
-    from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, SPREAD_ATTACKS, VARIANT_ATTACK, seeded_job
+    from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, SPREAD_ATTACKS, seeded_job
 
     jobs = []
     for ds in datasets:
         for seed in (*EVAL_SEEDS, *CALIBRATION_SEEDS):
             jobs += [seeded_job(ds, model, seed, AttackSpec()), seeded_job(ds, model, seed, None)]
-        jobs.append(seeded_job(ds, model, 0, VARIANT_ATTACK))
         jobs += [seeded_job(ds, model, s, a) for a in (BLEND_ATTACK, QC_ATTACK) for s in OTHER_ATTACK_SEEDS]
         jobs += [seeded_job(ds, model, s, QC_INT8_ATTACK) for s in QC_INT8_SEEDS[ds]]
         jobs += [seeded_job(ds, model, s, a) for name, a in SPREAD_ATTACKS.items() if name not in SPREAD_UNTAKEN.get(ds, ())

@@ -144,12 +144,12 @@ def _trigger(a):
 
 def test_the_calibration_attacks_are_not_evaluation_attacks():
     """Thresholds calibrated on an attack that a row then evaluates would be judged on themselves:
-    the calibration spread shares no setting with the default BadNet, the blend row, the variant or
-    the evaluation spread."""
+    the calibration spread shares no setting with the default BadNet, the blend row or the evaluation
+    spread."""
     from qbd.config import AttackSpec
-    from qbd.presets import BLEND_ATTACK, CALIBRATION_SPREAD, SPREAD_ATTACKS, VARIANT_ATTACK
+    from qbd.presets import BLEND_ATTACK, CALIBRATION_SPREAD, SPREAD_ATTACKS
 
-    evaluation = {_trigger(a) for a in (AttackSpec(), BLEND_ATTACK, VARIANT_ATTACK, *SPREAD_ATTACKS.values())}
+    evaluation = {_trigger(a) for a in (AttackSpec(), BLEND_ATTACK, *SPREAD_ATTACKS.values())}
     calibration = {_trigger(a) for a in CALIBRATION_SPREAD.values()}
     assert len(calibration) == len(CALIBRATION_SPREAD)
     assert not calibration & evaluation

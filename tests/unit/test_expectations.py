@@ -718,10 +718,10 @@ def test_other_attack_sections_are_validated(tmp_path, text, message):
 
 def test_the_shipped_other_attack_sections_match_the_presets():
     """The findings were measured on qbd.presets' models: a preset that changes orphans them."""
-    from qbd.presets import ATTACK_PRESETS, QC_INT8_ATTACK, SPREAD_ATTACKS, VARIANT_ATTACK
+    from qbd.presets import ATTACK_PRESETS, QC_INT8_ATTACK, SPREAD_ATTACKS
 
     e = load_for("smoke")
-    presets = {**ATTACK_PRESETS, "badnet-variant": VARIANT_ATTACK, "quant-conditioned-int8-static": QC_INT8_ATTACK,
+    presets = {**ATTACK_PRESETS, "quant-conditioned-int8-static": QC_INT8_ATTACK,
                **{f"spread-{name}": a for name, a in SPREAD_ATTACKS.items()}}
     assert set(e.attacks) == set(presets) - {"badnet"}
     for name, section in e.attacks.items():
