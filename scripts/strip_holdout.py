@@ -26,9 +26,9 @@ import torch
 
 from qbd.config import AttackSpec, DatasetSpec
 from qbd.data import load_dataset
+from qbd.defenses.strip import Strip
 from qbd.evaluate import Bench, BenchSpec
 from qbd.presets import SPREAD_ATTACKS, seeded_job
-from qbd.defenses.strip import Strip
 from qbd.remote_store import open_store
 from qbd.tiers import TIERS
 

@@ -53,7 +53,6 @@ from qbd.defenses._memory import bytes_per_image, images_within
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
 from qbd.metrics import to_unit
 
-
 CALIBRATIONS = ("leave-one-out", "split")
 
 

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from qbd.config import ConfigError
 from qbd.quant.static_flow import LayerStats, StaticFlow, StaticPart, example_batch, weight_grid_stats
-from qbd.quant.surrogate import pt2e_ste_twin
+from qbd.quant.surrogate import channels_last_input, pt2e_ste_twin
 from qbd.quant.warnings import TORCHAO_ENUM_CONSTANT, ignoring_known_log
 
 BACKEND = "torchao PT2E X86InductorQuantizer, lowered to oneDNN int8 kernels"
@@ -225,7 +225,7 @@ def quantize_part(part: nn.Module, inputs: Sequence[torch.Tensor], engine: str) 
     ]
 
     def twin() -> nn.Module:
-        return allow_exported_model_train_eval(pt2e_ste_twin(reference))
+        return allow_exported_model_train_eval(channels_last_input(pt2e_ste_twin(reference)))
 
     return StaticPart(deployed=deployed, twin=twin, layers=layers, kernel_ops=compute)
 

@@ -145,3 +145,28 @@ def test_fake_quant_of_another_dtype_is_torchs() -> None:
     """bf16 activations (autocast) go through torch's op, which computes in float32."""
     x = (torch.randn(2000, generator=torch.Generator().manual_seed(9)) * 40).to(torch.bfloat16)
     assert torch.equal(fake_quant_ste(x, 0.37, 7, 0, 255), torch.fake_quantize_per_tensor_affine(x, 0.37, 7, 0, 255))
+
+
+def test_channels_last_input_computes_in_the_kernels_layout():
+    """A float mean over H and W sums in memory order: the twin's must be the deployed oneDNN
+    graph's (channels_last), whatever layout its input arrives in."""
+    import torch.fx as fx
+
+    from qbd.quant.surrogate import channels_last_input
+
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            return torch.mean(x, (2, 3))
+
+    x = torch.randn(16, 64, 4, 4, generator=torch.Generator().manual_seed(0)) * 7
+    nhwc = torch.mean(x.contiguous(memory_format=torch.channels_last), (2, 3))
+    assert not torch.equal(torch.mean(x, (2, 3)), nhwc)  # the layouts' sums differ: the test can fail
+    gm = channels_last_input(fx.symbolic_trace(Pool()))
+    assert torch.equal(gm(x), nhwc) and torch.equal(gm(x.contiguous(memory_format=torch.channels_last)), nhwc)
+
+    class Scale(torch.nn.Module):
+        def forward(self, f):
+            return f * 2
+
+    f = torch.randn(4, 8).t()  # 2-D inputs (a head's features) pass as they are, layout and all
+    assert torch.equal(channels_last_input(fx.symbolic_trace(Scale()))(f), f * 2)
