@@ -185,7 +185,7 @@ def channels_last_input(gm: fx.GraphModule) -> fx.GraphModule:
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         with graph.inserting_after(node):
             cl = graph.call_function(_channels_last, (node,))
-        node.replace_all_uses_with(cl, delete_user_cb=cl.__ne__)  # every user but the new node
+        node.replace_all_uses_with(cl, delete_user_cb=lambda user, cl=cl: user is not cl)  # all but the new node
     graph.lint()
     gm.recompile()
     return gm
