@@ -44,12 +44,12 @@ def _runs_as_declared(out: Path, flip: tuple[str, str] | None = None) -> None:
 def test_a_moved_majority_fails_even_where_each_row_passes(tmp_path):
     _runs_as_declared(tmp_path)
     assert attack_spread.majority_changes(tmp_path) == []
-    # the digits STRIP row on the random patch, 3 of 5: one model lost keeps the row within its
-    # tolerance, and moves STRIP's digits count from 3 settings to 2
-    rid = "digits/fp32/strip[canonical]"
-    assert load_for("smoke").attacks["spread-random4-top-right-t7"]["rows"][rid]["backdoored"]["pass"] == 3
+    # the synthetic NC row on BadNet at 3 %, 3 of 5: one model lost keeps the row within its
+    # tolerance, and moves NC's synthetic count from 5 settings to 4
+    rid = "synthetic/fp32/neural-cleanse[canonical]"
+    assert load_for("smoke").attacks["spread-badnet-3pct"]["rows"][rid]["backdoored"]["pass"] == 3
     for f in tmp_path.iterdir():
         f.unlink()
-    _runs_as_declared(tmp_path, flip=("random4-top-right-t7", rid))
+    _runs_as_declared(tmp_path, flip=("badnet-3pct", rid))
     assert attack_spread.majority_changes(tmp_path) == [
-        "digits strip: named on a majority of models on 2 settings, declared 3"]
+        "synthetic neural-cleanse: named on a majority of models on 4 settings, declared 5"]
