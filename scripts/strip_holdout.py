@@ -2,10 +2,10 @@
 models, three ways:
 - "split, 90": the authors' layout on qbd's digits holdout (360 test images // 4 = 90), split into
   45 overlay images and 45 calibration inputs, so the binomial rule needs a flagged share of 0.25
-  (STRIP's default before version 0.1);
+  (the authors' layout, STRIP's canonical default until leave-one-out replaced it);
 - "split, 180": the same with twice the holdout (90 calibration inputs, a share of about 0.16), from
   the same seeded permutation of the test split;
-- "leave-one-out, 90": the default since: every one of the 90 holdout images calibrates, blended
+- "leave-one-out, 90": the default now: every one of the 90 holdout images calibrates, blended
   with overlays from the other 89.
 
     python scripts/strip_holdout.py            # badnet (10), random patch (5), noise blend (5), clean (10)
@@ -41,6 +41,9 @@ VARIANTS = (("split", 0.25), ("split", 0.5), ("leave-one-out", 0.25))
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     from qbd.trained import get_trained
 
     torch.set_num_threads(1)

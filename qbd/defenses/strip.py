@@ -26,7 +26,10 @@ Protocols (every value recorded in the Result):
   entropy distribution, and with m = 250 and k = 2 it exceeds 1 % in 29 % of calibrations. The
   null rate is therefore the upper (1 - alpha / 2) bound of that Beta distribution: a clean
   stream then raises a false alarm with probability at most alpha / 2 + alpha / 2 = alpha
-  (union bound), for any entropy distribution. The authors' normal fit (threshold =
+  (union bound), for any entropy distribution: exactly with "split", approximately with
+  leave-one-out, whose calibration inputs draw overlays from n - 1 holdout images and the stream
+  from n (measured in tests/unit/defenses/test_strip.py: the clean stream's mean flagged share is
+  the order statistic's k / (m + 1)). The authors' normal fit (threshold =
   norm.ppf(frr, mean, std)) holds its rate only when the entropies are normal, so it is
   recorded as evidence, not used. Score = flagged fraction; threshold = the smallest fraction
   that would be significant. Target = the majority (unblended) prediction of the flagged
@@ -64,8 +67,8 @@ class Strip(ConfiguredDefense):
                       "overlay_fraction": 0.5, "max_stream": 0, "chunk": 4096, "memory_mib": 0},
         "paper": {"n_overlays": 100, "percentile": 5.0, "flag_fraction": 0.05, "chunk": 4096, "memory_mib": 0},
     }
-    # 2-core smoke tier: 16 blends per input and a 200-input stream sample, about 7,000 forward
-    # passes (~5 s for tiny-cnn on 2 cores)
+    # 2-core smoke tier: 16 blends per input and a 200-input stream sample; with leave-one-out
+    # calibration 16 x (200 + m) forward passes: 4,640 on digits (m = 90), 11,200 on synthetic (500)
     budgets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "smoke": {"canonical": {"n_overlays": 16, "max_stream": 200}, "paper": {"n_overlays": 16}},
     }
