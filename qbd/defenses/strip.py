@@ -19,17 +19,18 @@ Protocols (every value recorded in the Result):
   it missed backdoors that a 90-value calibration names). Entropy threshold = the k-th smallest
   calibration entropy,
   k = max(1, floor(frr (m + 1))), so the expected per-input false-rejection rate k / (m + 1) is
-  at most `frr` (1 %, the paper's); a stream input is flagged when its entropy is strictly
-  below it. Model-level rule: one-sided binomial test of the stream's flagged count, detected
+  at most `frr` (1 %, the paper's) once m + 1 >= 1 / frr; on fewer calibration inputs k = 1 and
+  the rate is 1 / (m + 1) (digits, m = 90: 1.1 %), which control `calibration_frr` reports. A
+  stream input is flagged when its entropy is strictly below the threshold. Model-level rule: one-sided binomial test of the stream's flagged count, detected
   when p < `alpha` / 2. Its null rate is not `frr`: the true share of clean inputs below an
   order statistic of m values is itself random, Beta(k, m + 1 - k) distributed whatever the
   entropy distribution, and with m = 250 and k = 2 it exceeds 1 % in 29 % of calibrations. The
   null rate is therefore the upper (1 - alpha / 2) bound of that Beta distribution: a clean
   stream then raises a false alarm with probability at most alpha / 2 + alpha / 2 = alpha
-  (union bound), for any entropy distribution: exactly with "split", approximately with
-  leave-one-out, whose calibration inputs draw overlays from n - 1 holdout images and the stream
-  from n (measured in tests/unit/defenses/test_strip.py: the clean stream's mean flagged share is
-  the order statistic's k / (m + 1)). The authors' normal fit (threshold =
+  (union bound), for any entropy distribution: exactly with "split" and an iid holdout,
+  approximately with leave-one-out, whose calibration inputs draw overlays from the other n - 1
+  holdout images and the stream from all n (tests/unit/defenses/test_strip.py measures a clean
+  stream's flagged share against that Beta distribution, its tail included, for both layouts). The authors' normal fit (threshold =
   norm.ppf(frr, mean, std)) holds its rate only when the entropies are normal, so it is
   recorded as evidence, not used. Score = flagged fraction; threshold = the smallest fraction
   that would be significant. Target = the majority (unblended) prediction of the flagged
@@ -131,9 +132,9 @@ def strip_entropy(subject: Subject, x: torch.Tensor, pool: torch.Tensor, n_overl
                   chunk: int = 4096, *, leave_one_out: bool = False) -> np.ndarray:
     """Mean Shannon entropy (bits) of the softmax over `n_overlays` blends of each input with
     overlays drawn uniformly (with replacement, as the authors' code) from `pool`. With
-    `leave_one_out`, `x` is `pool` itself and input i never draws pool[i]: an image blended with
-    itself is the same image twice as bright, which the model still reads confidently, so its
-    entropy would sit below any stream input's and pull the threshold down."""
+    `leave_one_out`, `x` is `pool` itself and input i never draws pool[i]: a stream input is never
+    in its own overlay pool, so a calibration input, whose entropy must be exchangeable with a
+    clean stream input's, must not be either."""
     if leave_one_out:
         if x is not pool:
             raise ValueError("leave_one_out blends the pool with itself: pass the pool as x")
@@ -204,8 +205,10 @@ def decide(h_cal: np.ndarray, h_stream: np.ndarray, preds: np.ndarray, p: dict[s
         # the authors' threshold, for comparison: right only if the entropies are normal
         "entropy_threshold_normal_fit": round(float(norm.ppf(p["frr"], h_cal.mean(), sd)), 6) if sd > 0 else None,
     })
-    controls = {"calibration_frr": Control(cal_below <= p["frr"], cal_below,
-                                           "share of calibration inputs strictly below the threshold (at most frr)")}
+    expected = k_rank / (m + 1)  # a clean input's chance of falling below the k-th of m values
+    controls = {"calibration_frr": Control(expected <= p["frr"], round(expected, 6),
+                                           f"expected share of clean inputs flagged, k / (m + 1), at most frr: fails when the"
+                                           f" {m} calibration inputs are fewer than 1 / frr - 1")}
     if thr <= 0.0 or np.ptp(h_cal) == 0.0:
         return Verdict.invalid(
             f"no signal: the clean calibration entropies give a threshold of {thr:.3g} bits (spread {np.ptp(h_cal):.3g}),"

@@ -70,11 +70,13 @@ def class_data(num_classes: int = 4, per_class: int = 150, poison: int = 0, targ
     return torch.cat(xs), torch.cat(ys)
 
 
-def quadrant_images(n: int, num_classes: int = 4, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def quadrant_images(n: int, num_classes: int = 4, size: int = 8, seed: int = 0, iid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Class k brightens quadrant k; background noise below 80, so a saturating blend of two
-    clean images stays below 255 in the bottom-right corner unless a trigger is there."""
+    clean images stays below 255 in the bottom-right corner unless a trigger is there. Labels
+    cycle through the classes (exactly balanced), or with `iid` are drawn independently, as a
+    sample's are."""
     g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % num_classes
+    y = torch.randint(0, num_classes, (n,), generator=g) if iid else torch.arange(n) % num_classes
     x = torch.randint(0, 60, (n, 3, size, size), generator=g)
     h = size // 2
     for k in range(num_classes):

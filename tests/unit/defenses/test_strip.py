@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binom
+from scipy.stats import beta, binom
 
 from qbd.defenses.base import DefenseInputs, Subject
 from qbd.defenses.sandbox import run_defense
@@ -103,6 +103,12 @@ def test_threshold_is_an_order_statistic_whose_expected_rate_is_at_most_frr():
     assert v.evidence["calibration_share_below"] == pytest.approx(1 / 250)
     # the binomial null rate is an upper bound on that share, not frr itself
     assert p["frr"] < v.evidence["null_rate"] < 0.1
+    assert v.controls["calibration_frr"].passed and v.controls["calibration_frr"].value == pytest.approx(2 / 251, abs=1e-6)
+    # 90 calibration values (qbd's digits holdout): k floors at 1 and a clean input is flagged with
+    # chance 1 / 91 > 1 %: the control says the holdout is too small for the frr asked
+    small = decide(cal[:90], np.full(40, 100.0), np.zeros(40, dtype=int), p)
+    assert small.evidence["threshold_rank"] == 1 and not small.controls["calibration_frr"].passed
+    assert small.controls["calibration_frr"].value == pytest.approx(1 / 91, abs=1e-6)
 
 
 def test_false_alarm_rate_on_clean_streams_is_at_most_alpha():
@@ -183,31 +189,36 @@ def test_leave_one_out_never_blends_an_image_with_itself():
 
 
 @pytest.mark.parametrize("calibration", ["leave-one-out", "split"])
-def test_false_alarm_rate_of_the_whole_pipeline_on_clean_streams(calibration):
-    # The binomial rule's bound assumes calibration and clean stream entropies are exchangeable.
-    # Leave-one-out calibration makes that approximate (the stream draws overlays from all n
-    # holdout images, a calibration input from the other n - 1): measured here end to end, on a
-    # model, with a 90-image holdout (qbd's digits) and clean streams. At alpha = 0.05 the bound
-    # is the count a true rate of alpha exceeds with probability 1e-6; the measured count is far
-    # below it (0 here for both layouts). Sharper: exchangeable entropies put a clean stream's
-    # mean flagged share at k / (m + 1), the order statistic's expectation. Measured over these
-    # 150 runs: 0.0115 against 0.0110 (leave-one-out), 0.0258 against 0.0217 (split, whose 45
-    # calibration values make each run's share noisier).
-    runs, alpha = 150, 0.05
-    defense = Strip("canonical", n_overlays=8, alpha=alpha, calibration=calibration)
+def test_a_clean_streams_flagged_share_has_the_order_statistics_distribution(calibration):
+    # The binomial rule's bound rests on one assumption: with exchangeable entropies, the share of
+    # clean inputs below the k-th smallest of m calibration values is Beta(k, m + 1 - k)
+    # distributed, whatever the entropy distribution. The split makes that exact for an iid
+    # holdout; leave-one-out only approximately (a calibration input draws its overlays from the
+    # other n - 1 holdout images, a stream input from all n, calibration images included). So it
+    # is measured end to end: 200 iid holdouts of 90 images (qbd's digits), each with a clean
+    # stream of 1,000 images, whose flagged share IS that coverage. The bound's tail is what
+    # matters: the share of runs above the Beta 0.9 quantile must stay near 0.1 (at most the
+    # count a true 0.1 exceeds with probability 1e-4, about 2x fails), and the mean near k / (m + 1).
+    # Measured here: leave-one-out 0.09 of runs above the quantile, mean 0.0106 against 0.0110;
+    # split 0.08, 0.0195 against 0.0217. Calibration entropies averaged over 4x the stream's
+    # overlays (less spread, a higher minimum) put 197 of 200 runs above it. Self-blends do not
+    # show here (+9 % on the mean): the test above catches them.
+    runs = 200
+    defense = Strip("canonical", n_overlays=8, calibration=calibration)
     model = CornerBackdoor()
-    alarms, shares = 0, []
+    shares = []
     for seed in range(runs):
-        x_hold, y_hold = quadrant_images(90, seed=1000 + seed)
-        stream, _ = quadrant_images(200, seed=5000 + seed)
+        x_hold, y_hold = quadrant_images(90, seed=10_000 + seed, iid=True)
+        stream, _ = quadrant_images(1000, seed=50_000 + seed, iid=True)
         inputs = DefenseInputs(clean_holdout=(x_hold, y_hold), triggered_inputs=stream)
         v = defense.detect(subject(model, 4), inputs, torch.Generator().manual_seed(seed))
         assert v.status in ("clean", "detected"), v.reason
-        alarms += v.status == "detected"
         shares.append(v.score)
-    assert alarms <= binom.ppf(1 - 1e-6, runs, alpha)
-    expected = v.evidence["threshold_rank"] / (v.evidence["n_calibration"] + 1)
-    assert abs(np.mean(shares) - expected) <= 0.35 * expected
+    m, k = v.evidence["n_calibration"], v.evidence["threshold_rank"]
+    assert (m, k) == ((90, 1) if calibration == "leave-one-out" else (45, 1))
+    above = sum(share > beta.ppf(0.9, k, m + 1 - k) for share in shares)
+    assert above <= binom.ppf(1 - 1e-4, runs, 0.1), f"{above} of {runs} runs above the coverage's 0.9 quantile"
+    assert abs(np.mean(shares) - k / (m + 1)) <= 0.25 * k / (m + 1)
 
 
 def test_leave_one_out_calibrates_on_the_whole_holdout():
