@@ -21,8 +21,8 @@ Protocols (every value recorded in the Result):
   k = max(1, floor(frr (m + 1))), so the expected per-input false-rejection rate k / (m + 1) is
   at most `frr` (1 %, the paper's) once m + 1 >= 1 / frr; on fewer calibration inputs k = 1 and
   the rate is 1 / (m + 1) (digits, m = 90: 1.1 %), which control `calibration_frr` reports. A
-  stream input is flagged when its entropy is strictly below the threshold. Model-level rule: one-sided binomial test of the stream's flagged count, detected
-  when p < `alpha` / 2. Its null rate is not `frr`: the true share of clean inputs below an
+  stream input is flagged when its entropy is strictly below the threshold. Model-level rule:
+  one-sided binomial test of the stream's flagged count, detected when p < `alpha` / 2. Its null rate is not `frr`: the true share of clean inputs below an
   order statistic of m values is itself random, Beta(k, m + 1 - k) distributed whatever the
   entropy distribution, and with m = 250 and k = 2 it exceeds 1 % in 29 % of calibrations. The
   null rate is therefore the upper (1 - alpha / 2) bound of that Beta distribution: a clean
@@ -30,9 +30,9 @@ Protocols (every value recorded in the Result):
   (union bound), for any entropy distribution: exactly with "split" and an iid holdout,
   approximately with leave-one-out, whose calibration inputs draw overlays from the other n - 1
   holdout images and the stream from all n (tests/unit/defenses/test_strip.py measures a clean
-  stream's flagged share against that Beta distribution, its tail included, for both layouts). The authors' normal fit (threshold =
-  norm.ppf(frr, mean, std)) holds its rate only when the entropies are normal, so it is
-  recorded as evidence, not used. Score = flagged fraction; threshold = the smallest fraction
+  stream's flagged share against that Beta distribution, its tail included, for both layouts).
+  The authors' normal fit (threshold = norm.ppf(frr, mean, std)) holds its rate only when the
+  entropies are normal, so it is recorded as evidence, not used. Score = flagged fraction; threshold = the smallest fraction
   that would be significant. Target = the majority (unblended) prediction of the flagged
   inputs. A calibration set whose entropies give a threshold of 0 (e.g. a constant classifier)
   can flag nothing: invalid ("no-signal"), never clean.
