@@ -26,10 +26,6 @@ from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, seeded_job
 ATTACKS = {"blend": (BLEND_ATTACK, "int8-static"), "quant-conditioned": (QC_ATTACK, "int4-sim"),
            "quant-conditioned-int8-static": (QC_INT8_ATTACK, "int8-static")}
 DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
-# cells whose row is not declared, and why (judged against the truth alone)
-UNDECLARED = {("quant-conditioned-int8-static", "digits/int8-static/neural-cleanse[canonical]"):
-              "its surrogate disagrees with the deployed graph on one of the five models (qbd's limit, docs/results.md)"}
-
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +70,8 @@ def test_defense_on_fp32_and_deployed(attack_bench, table, where, defense):
                                   engine=r["quant"]["audit"]["engine"])
     assert not problems, f"{r['cell']}: {problems}"
     assert r["truth"]["backdoor"] == ("dormant" if spec.name == "quant-conditioned" and scheme == "fp32" else "active")
-    assert (table.measured_row(r) is not None) != ((attack, r["cell"]) in UNDECLARED), f"{attack} {r['cell']}: measured row?"
+    # every row is declared (the digits int8-static NC row of quant-conditioned on int8-static was
+    # not while its surrogate disagreed with the deployed graph on one model, qbd's limit, fixed)
+    assert table.measured_row(r) is not None, f"{attack} {r['cell']}: no measured row judges it"
     j = table.judge(r)
     assert j.judgement != "FAIL", f"{attack} {r['cell']}: {j.why}"
