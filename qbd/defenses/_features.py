@@ -14,7 +14,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from qbd.defenses.base import Control, Subject
-from qbd.metrics import to_unit
+from qbd.metrics import channels_last, to_unit
 
 BATCH = 512
 
@@ -27,13 +27,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """Images in channels_last: the convolution and pooling kernels' fast layout on a CPU (1.8x
-    for tiny-cnn's features on one thread, tests/bench/test_kernels_bench.py; values equal to
-    ~1e-6 relative, the kernels' summation order)."""
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 @torch.no_grad()

@@ -55,7 +55,7 @@ from scipy.stats import beta, binom, binomtest, norm
 from qbd.defenses import _features as feat
 from qbd.defenses._memory import bytes_per_image, images_within
 from qbd.defenses.base import ConfiguredDefense, Control, DefenseInputs, Subject, Verdict
-from qbd.metrics import to_unit
+from qbd.metrics import channels_last, to_unit
 
 CALIBRATIONS = ("leave-one-out", "split")
 
@@ -148,7 +148,7 @@ def strip_entropy(subject: Subject, x: torch.Tensor, pool: torch.Tensor, n_overl
         for i in range(0, len(x), per):
             xb = x[i : i + per]
             blended = superimpose(xb, pool[picks[i : i + per]])
-            logits = subject.model(feat.channels_last(blended.flatten(0, 1).to(subject.device))).double().cpu()
+            logits = subject.model(channels_last(blended.flatten(0, 1).to(subject.device))).double().cpu()
             prob = logits.softmax(1)
             ent = torch.special.entr(prob).sum(1) / math.log(2)
             out.append(ent.view(len(xb), n_overlays).mean(1))

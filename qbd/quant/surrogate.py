@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qbd.metrics import channels_last
+
 # aten/src/ATen/native/quantized/cpu/QuantUtils.h: scales below this are raised to it.
 SMALL_SCALE_THRESHOLD = np.float32(6.1e-5)
 
@@ -169,10 +171,6 @@ def pt2e_ste_twin(reference: fx.GraphModule) -> fx.GraphModule:
     return twin
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
 def channels_last_input(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` with every 4-D input turned channels_last before anything reads it. oneDNN's int8
     kernels compute in channels_last whatever layout they are given, and a float reduction's sum
@@ -184,7 +182,7 @@ def channels_last_input(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         with graph.inserting_after(node):
-            cl = graph.call_function(_channels_last, (node,))
+            cl = graph.call_function(channels_last, (node,))
         node.replace_all_uses_with(cl, delete_user_cb=lambda user, cl=cl: user is not cl)  # all but the new node
     graph.lint()
     gm.recompile()
