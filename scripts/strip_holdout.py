@@ -15,7 +15,8 @@ models, three ways:
                                                      # generator seeds each, both layouts
 
 One JSON line per model and variant. The pinned zoo's weights where it has them; the calibration
-spread's models come from the model store, trained on first use (seconds each on digits). docs/defenses.md#beyond-the-calibration-attack has the figures.
+spread's models come from the model store, trained on first use (seconds each on digits).
+docs/defenses.md#beyond-the-calibration-attack has the figures.
 """
 
 from __future__ import annotations
@@ -30,21 +31,22 @@ import torch
 
 from qbd.config import AttackSpec, DatasetSpec
 from qbd.data import load_dataset
-from qbd.defenses.strip import Strip
+from qbd.defenses.strip import CALIBRATIONS, Strip
 from qbd.evaluate import Bench, BenchSpec
+from qbd.outcomes import outcome
 from qbd.presets import CALIBRATION_SPREAD, QC_INT8_ATTACK, SPREAD_ATTACKS, seeded_job
 from qbd.remote_store import open_store
 from qbd.tiers import TIERS
+from qbd.zoo.pinned import CALIBRATION_SEEDS, EVAL_SEEDS, SPREAD_SEEDS
 
-SETS = {"badnet": [(AttackSpec(), s) for s in range(10)],
-        "random": [(SPREAD_ATTACKS["random4-top-right-t7"], s) for s in range(5)],
-        "blend": [(SPREAD_ATTACKS["blend-noise-a0.2-t1"], s) for s in range(5)],
-        "clean": [(None, s) for s in range(10)]}
+SETS = {"badnet": [(AttackSpec(), s) for s in EVAL_SEEDS],
+        "random": [(SPREAD_ATTACKS["random4-top-right-t7"], s) for s in SPREAD_SEEDS],
+        "blend": [(SPREAD_ATTACKS["blend-noise-a0.2-t1"], s) for s in SPREAD_SEEDS],
+        "clean": [(None, s) for s in EVAL_SEEDS]}
 # models no STRIP choice was made on: the calibration seeds (BadNet at 2 % is not learned on digits)
-CALIBRATION = range(100, 105)
-CALIBRATION_SETS = {"badnet": [(AttackSpec(), s) for s in CALIBRATION],
-                    **{name: [(a, s) for s in CALIBRATION] for name, a in CALIBRATION_SPREAD.items() if name != "badnet-2pct"},
-                    "clean": [(None, s) for s in CALIBRATION]}
+CALIBRATION_SETS = {"badnet": [(AttackSpec(), s) for s in CALIBRATION_SEEDS],
+                    **{name: [(a, s) for s in CALIBRATION_SEEDS] for name, a in CALIBRATION_SPREAD.items() if name != "badnet-2pct"},
+                    "clean": [(None, s) for s in CALIBRATION_SEEDS]}
 # the rows' models whose flagged share sits within one input of the bound: (data set, seed, attack, scheme)
 AT_THE_BOUND = (("digits", 5, QC_INT8_ATTACK, "int8-static"), ("digits", 3, SPREAD_ATTACKS["blend-noise-a0.2-t1"], "fp32"),
                 ("synthetic", 4, SPREAD_ATTACKS["blend-noise-a0.2-t1"], "fp32"))
@@ -91,11 +93,12 @@ def draws() -> int:
     torch.set_num_threads(1)
     for ds, seed, attack, scheme in AT_THE_BOUND:
         bench = seeded_bench(load_dataset(DatasetSpec(ds), None), seed, attack)
-        for calibration in ("leave-one-out", "split"):
+        for calibration in CALIBRATIONS:
             out = []
             for g in (seed, *range(1000, 1010)):
-                v = bench.run(Strip("canonical", tier="smoke", calibration=calibration), scheme, seed=g)["verdict"]
-                out.append((round(v["score"], 3), v["status"] == "detected" and v["target_class"] == attack.target))
+                r = bench.run(Strip("canonical", tier="smoke", calibration=calibration), scheme, seed=g)
+                v = r["verdict"]
+                out.append((round(v["score"], 3), outcome(r) == "pass"))  # detected naming the planted target
             print(json.dumps({"model": f"{ds}/{attack.label()}/s{seed}/{scheme}", "calibration": calibration,
                               "row_cell": out[0], "named_of_10_other_draws": sum(named for _, named in out[1:]),
                               "shares": [share for share, _ in out[1:]], "share_needed": round(v["threshold"], 3)}), flush=True)
