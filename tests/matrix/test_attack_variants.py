@@ -12,7 +12,7 @@ import pytest
 
 from qbd.config import DatasetSpec, Gates
 from qbd.defenses import BUILTIN
-from qbd.presets import SPREAD_ATTACKS, seeded_job
+from qbd.presets import SPREAD_ATTACKS
 
 DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 SETTING = "checkerboard5-top-left-t4"
@@ -21,16 +21,12 @@ SETTING = "checkerboard5-top-left-t4"
 @pytest.fixture(scope="module", params=["digits", "synthetic"])
 def variant_bench(request):
     from qbd.data import load_dataset
-    from qbd.evaluate import Bench
-    from qbd.store import Store
+    from qbd.runner import seeded_bench
     from qbd.train import check_gates
-    from qbd.trained import get_trained
 
-    data = load_dataset(DatasetSpec(request.param))
-    job = seeded_job(request.param, "tiny-cnn", 0, SPREAD_ATTACKS[SETTING])
-    tm = get_trained(job, data, Store(), progress=False)
-    check_gates(tm.metrics, Gates(), attacked=True)
-    return Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance())
+    bench = seeded_bench(load_dataset(DatasetSpec(request.param)), 0, SPREAD_ATTACKS[SETTING])  # the rows' bench, model 0
+    check_gates(bench.train_metrics, Gates(), attacked=True)
+    return bench
 
 
 @pytest.mark.qbd_smoke

@@ -18,7 +18,7 @@ import pytest
 
 from qbd.config import DatasetSpec
 from qbd.defenses import BUILTIN
-from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK, seeded_job
+from qbd.presets import BLEND_ATTACK, QC_ATTACK, QC_INT8_ATTACK
 
 # each attack's preset, by its section's name in the shipped table, and the deployment its cells
 # inspect beside FP32: int8-static, the deployment-faithful INT8, for blend; for a quant-conditioned
@@ -40,15 +40,10 @@ def table():
 @pytest.fixture(scope="module", params=[(a, d) for a in ATTACKS for d in ("digits", "synthetic")], ids=lambda p: f"{p[0]}-{p[1]}")
 def attack_bench(request):
     from qbd.data import load_dataset
-    from qbd.evaluate import Bench
-    from qbd.store import Store
-    from qbd.trained import get_trained
+    from qbd.runner import seeded_bench
 
     attack, dataset = request.param
-    data = load_dataset(DatasetSpec(dataset))
-    job = seeded_job(dataset, "tiny-cnn", 0, ATTACKS[attack][0])
-    tm = get_trained(job, data, Store(), progress=False)
-    return attack, Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance())
+    return attack, seeded_bench(load_dataset(DatasetSpec(dataset)), 0, ATTACKS[attack][0])  # the rows' bench, model 0
 
 
 @pytest.mark.qbd_smoke
