@@ -68,6 +68,14 @@ def to_dict(spec: Any) -> Any:
     return own() if own is not None else dataclasses.asdict(spec)
 
 
+def attack_record(attack: Any) -> dict[str, Any] | None:
+    """An AttackSpec as a Result records it: its fields and its seed (None: a clean model)."""
+    d = to_dict(attack)
+    if d is not None:
+        d["seed"] = attack.seed
+    return d
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str = "synthetic"

@@ -16,7 +16,7 @@ import torch
 
 from qbd.attacks import apply_trigger, poison, triggered_test
 from qbd.cell_controls import agreement_control, poison_controls, surrogate_disagrees
-from qbd.config import QC_GATES, AttackSpec, ConfigError, cell_id, to_dict
+from qbd.config import QC_GATES, AttackSpec, ConfigError, attack_record, cell_id
 from qbd.data.base import DataSplit
 from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of
 from qbd.defenses.sandbox import run_defense
@@ -56,12 +56,16 @@ class Bench:
         tier: str = "smoke",
         weights: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
+        memo: Any = None,
     ) -> None:
         """`attack` is what the model was trained with (None: a clean model). `probe_attack`
         is the trigger used to probe a clean model (its natural ASR, STRIP's stream). `device`:
         where the defenses run; models are quantized on the CPU, and a deployed model whose
-        scheme runs only there (torch's int8 kernels) stays there: its Result says so."""
+        scheme runs only there (torch's int8 kernels) stays there: its Result says so. `memo`: a
+        qbd.memo.ResultMemo that files each cell's Result by content and hands it back instead of
+        recomputing it (None: every cell computes)."""
         self.data = data
+        self.memo = memo
         self.model = model.cpu().eval()
         self.device = torch.device(device)
         self.attack = attack
@@ -268,6 +272,37 @@ class Bench:
         from qbd.quant import get_scheme
 
         engine = engine if get_scheme(scheme).engines else None
+        key = None
+        if self.memo is not None:
+            from qbd.memo import cell_parts
+
+            parts = cell_parts(self, defense, scheme, gradient_path=gradient_path, engine=engine, seed=seed, timeout_s=timeout_s)
+            key = None if parts is None else self.memo.key(parts)
+            found = None if key is None else self.memo.get(key)
+            if found is not None:
+                return found
+        result = self._compute(defense, scheme, protocol, gradient_path, engine, seed, timeout_s, progress, t0)
+        if key is not None:
+            from qbd.memo import files_result
+
+            filed = files_result(result, defense)
+            if filed:
+                self.memo.put(key, result)
+            result["memo"] = {"key": key, "reused": False, "session": self.memo.session, "filed": filed}
+        return result
+
+    @cached_property
+    def data_sha256(self) -> str:
+        """The data set's fingerprint (every image and label), for the memo's key."""
+        return self.data.fingerprint()
+
+    @property
+    def model_sha256(self) -> str:
+        """The float model's fingerprint as the bench was given it, for the memo's key."""
+        return self._digest(self.model)
+
+    def _compute(self, defense: Any, scheme: str, protocol: str, gradient_path: str, engine: str | None, seed: int,
+                 timeout_s: float | None, progress: Any, t0: float) -> dict[str, Any]:
         qm = self.quantized(scheme, engine)
         metrics = self.metrics(scheme, engine)
         subject = self.subject(scheme, gradient_path, engine)
@@ -296,11 +331,11 @@ class Bench:
             "weights": self.weights,
             "seed": seed,
             "tier": self.tier,
-            "attack": _attack_dict(self.attack),
+            "attack": attack_record(self.attack),
             "quant": {"scheme": scheme, "audit": audit},
             "placement": self.placement(scheme, engine),
             "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params,
-                        "distribution": self._distribution(defense),
+                        "distribution": self.distribution(defense),
                         "input_unchanged": self.input_unchanged(scheme, params.get("layer"), gradient_path, engine),
                         # a detection must name the planted target unless the defense declares it names none
                         "names_target": getattr(defense, "names_target", True) is not False},
@@ -333,7 +368,7 @@ class Bench:
                                " a copy (copy.deepcopy(subject.model)) or on subject.float_model through subject.redeploy",
                                "error", evidence={"defense_verdict": said}, controls=copy.copy(verdict.controls))
 
-    def _distribution(self, defense: Any) -> dict[str, str] | None:
+    def distribution(self, defense: Any) -> dict[str, str] | None:
         from qbd.defenses import ENTRY_POINT_GROUP
         from qbd.registry import distribution_of
 
@@ -376,7 +411,7 @@ class Bench:
 
 
 def tier_bench(data: DataSplit, tm: Any, attack: AttackSpec | None, *, model_name: str, tier: str, seed: int,
-               probe_attack: AttackSpec | None = None, device: str | torch.device = "cpu") -> Bench:
+               probe_attack: AttackSpec | None = None, device: str | torch.device = "cpu", memo: Any = None) -> Bench:
     """The Bench the matrix builds for one trained model (`tm`, a qbd.trained TrainedModel) of the
     tier: the tier's holdout and stream, seeded with the model's seed. The one construction that
     `qbd run`, `qbd train`, the plugin and the sweeps over seeds share, so they measure one ASR."""
@@ -385,7 +420,7 @@ def tier_bench(data: DataSplit, tm: Any, attack: AttackSpec | None, *, model_nam
     t = TIERS[tier]
     return Bench(data, tm.model, attack, probe_attack=probe_attack, model_name=model_name,
                  spec=BenchSpec(holdout=t.holdout, stream=t.stream, seed=seed), train_metrics=tm.metrics, tier=tier,
-                 weights=tm.provenance(), device=device)
+                 weights=tm.provenance(), device=device, memo=memo)
 
 
 def _place(scheme: Any, qm: Any, device: torch.device) -> Any:
@@ -393,13 +428,6 @@ def _place(scheme: Any, qm: Any, device: torch.device) -> Any:
     if device.type != "cpu" and device.type in getattr(scheme, "devices", ("cpu",)):
         qm.model.to(device)
     return qm
-
-
-def _attack_dict(attack: AttackSpec | None) -> dict[str, Any] | None:
-    d = to_dict(attack)
-    if d is not None:
-        d["seed"] = attack.seed  # type: ignore[union-attr]
-    return d
 
 
 def _versions() -> dict[str, str]:

@@ -15,6 +15,7 @@ checked against the rate bounds the expectations declare; a row outside them fai
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # a data set of the tier's; a scheme of the catalog, as `qbd run --quant` takes (the tier's first)
     subset = {"dataset": subset_of(opt(config, "dataset"), TIERS[tier].datasets, "dataset of this tier"),
               "scheme": subset_of(opt(config, "scheme"), tuple(dict.fromkeys((*TIERS[tier].schemes, *scheme_names()))), "scheme")}
+    reuse, fresh = bool(opt(config, "reuse-results", False)), bool(opt(config, "fresh", False))
+    if reuse and fresh:
+        raise pytest.UsageError("--qbd-fresh reuses nothing and --qbd-reuse-results reuses earlier sessions' Results: choose one")
     exp = opt(config, "expectations")
     exp_path = Path(exp) if exp else None  # None: the table qbd ships (qbd.expectations.shipped)
     accept = bool(opt(config, "accept", False))
@@ -123,6 +127,9 @@ def pytest_configure(config: pytest.Config) -> None:
         accept=accept,
         expectations_path=exp_path,
         expectations=table,
+        memo={"reuse": reuse, "fresh": fresh,
+              # one session id for the controller and its xdist workers: they reuse each other's Results
+              "session": config.workerinput["testrunuid"] if hasattr(config, "workerinput") else uuid.uuid4().hex},
         datasets=subset["dataset"],
         schemes=subset["scheme"],
     )
@@ -169,6 +176,13 @@ def qbd_session(request: pytest.FixtureRequest) -> Session:
     if state is None:
         pytest.skip("the qbd plugin is not configured")
     return Session(state)
+
+
+@pytest.fixture(scope="session")
+def qbd_memo(qbd_session: Session) -> Any:
+    """This session's qbd.memo.ResultMemo: pass it to a bench (qbd.runner.seeded_bench(..., memo=qbd_memo))
+    so that a cell another test computed is reused, not recomputed."""
+    return qbd_session.memo
 
 
 @pytest.fixture

@@ -101,11 +101,13 @@ def _instantiate(cls: Any, ref: str, protocol: str, tier: str) -> Any:
 
 
 def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = True,
-        log: Callable[[str], None] | None = None, gates: Any = None, workers: int | str = 1) -> list[dict[str, Any]]:
+        log: Callable[[str], None] | None = None, gates: Any = None, workers: int | str = 1,
+        memo: Any = None) -> list[dict[str, Any]]:
     """Every cell of the plan; results in the plan's order (data set, seed, kind, scheme, defense,
     protocol) whatever `workers` is. Models are trained or loaded here first, one after another
     (training uses every thread); the cells then run on `workers` processes of one thread each
-    (qbd.pool; `auto`: one per usable core), so a verdict does not depend on the worker count."""
+    (qbd.pool; `auto`: one per usable core), so a verdict does not depend on the worker count.
+    `memo` (qbd.memo.ResultMemo): Results filed by content, so no cell is computed twice."""
     from qbd.pool import resolve_workers, run_tasks
     from qbd.train import resolve_device
 
@@ -121,7 +123,7 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
         from qbd import devices
 
         devices.prepare(plan.device)
-    units = _units(plan, data_root, store, progress, log, gates)
+    units = _units(plan, data_root, store, progress, log, gates, memo)
     tasks = [(u, cell) for u, unit in enumerate(units) for cell in unit.cells]
     n = resolve_workers(workers, len(tasks)) if on_cpu else 1  # one GPU process: -j auto is 1
     if n > 1:
@@ -151,14 +153,19 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
         bar.set_postfix_str(" | ".join(steps.values()))
 
     try:
-        return run_tasks(_run_cell, _Context(plan, tuple(units)), tasks, workers=n, order=_longest_first(tasks, plan),
-                         on_done=done, on_progress=step if bar is not None else None, one_thread_in_process=on_cpu)
+        results = run_tasks(_run_cell, _Context(plan, tuple(units)), tasks, workers=n, order=_longest_first(tasks, plan),
+                            on_done=done, on_progress=step if bar is not None else None, one_thread_in_process=on_cpu)
     except Exception as e:
         # the cells that finished are real Results: hand them to the caller to write, with the error
         raise PartialRun([finished[i] for i in sorted(finished)], len(tasks), e) from e
     finally:
         if bar is not None:
             bar.close()
+    from qbd.memo import reused_line
+
+    if reused_line(results):
+        log(reused_line(results))
+    return results
 
 
 class PartialRun(RuntimeError):
@@ -189,7 +196,7 @@ class _Context:
 
 
 def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log: Callable[[str], None],
-           gates: Any) -> list[_Unit]:
+           gates: Any, memo: Any) -> list[_Unit]:
     """Load (or train) every model of the plan, gate it, and list its cells."""
     from qbd.data import load_dataset
     from qbd.evaluate import tier_bench
@@ -227,7 +234,7 @@ def _units(plan: RunPlan, data_root: str | None, store: Any, progress: bool, log
             if gates is not None:
                 check_gates(tm.metrics, gates, attacked=j.attack is not None)
             bench = tier_bench(data, tm, j.attack, probe_attack=job.attack or plan.probe, model_name=j.model.name,
-                               tier=plan.tier.name, seed=seed, device=plan.device)
+                               tier=plan.tier.name, seed=seed, device=plan.device, memo=memo)
             cells = tuple(Cell(ds, s, d, p, kind) for s in schemes for d in plan.defenses for p in plan.protocols)
             units.append(_Unit(bench, seed, seed_note, cells))
     return units
@@ -276,7 +283,7 @@ def _cell_line(r: dict[str, Any], seed_note: str) -> str:
     return msg
 
 
-def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: Any = None) -> Any:
+def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: Any = None, memo: Any = None) -> Any:
     """A Bench on model number `seed` of the tier's recipe (qbd.presets.seeded_job: training and
     attack seed `seed`; the pinned zoo's models first), probed with that seed's trigger and seeded
     with it: what the rates, the calibration and the sweeps over seeds evaluate."""
@@ -291,4 +298,4 @@ def seeded_bench(data: Any, seed: int, attack: Any, tier: str = "smoke", store: 
     job = seeded_job(data.name, t.model, seed, attack)
     tm = get_trained(job, data, store if store is not None else open_store(), progress=False)
     return tier_bench(data, tm, job.attack, probe_attack=job.attack or AttackSpec(seed=seed), model_name=t.model,
-                      tier=tier, seed=seed)
+                      tier=tier, seed=seed, memo=memo)

@@ -176,6 +176,10 @@ class Collector:
             tr.write_line(f"  {line}")
         for line in loads_summary(state.loads):
             tr.write_line(line)
+        from qbd.memo import reused_line
+
+        if reused_line(state.results):
+            tr.write_line(reused_line(state.results).replace("--fresh", "--qbd-fresh"))
         if state.report_dir:
             tr.write_line(f"report written to {state.report_dir}")
         if state.accept:

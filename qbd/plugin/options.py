@@ -27,6 +27,9 @@ OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("dataset", {}, "run only these of the tier's data sets, comma-separated (default: all of them)"),
     ("scheme", {}, "run these schemes, comma-separated: the tier's or any other of the catalog, as `qbd run --quant` takes"
      " (e.g. onnx-int8-static) (default: the tier's; the clean model's negative control runs on each of them)"),
+    ("reuse-results", {"action": "store_true"}, "also reuse defense Results that earlier sessions filed in the store (a CI"
+     " cache of --qbd-cache-dir); within one session a cell computed once is always reused (qbd.memo)"),
+    ("fresh", {"action": "store_true"}, "compute every cell, reusing no Result (not even within this session)"),
     ("device", {}, "where models train and defenses run: auto (CUDA when present), cpu, cuda or cuda:N; under xdist a bare"
      " cuda (or auto on a GPU host) gives worker k cuda:{k mod GPUs} (default: the tier's: cpu for smoke, auto for paper)"),
 ]

@@ -21,6 +21,7 @@ class Session:
         self._benches: dict[tuple[str, str, int], Any] = {}
         self._data: dict[str, Any] = {}
         self._device: str | None = None
+        self._memo: Any = None
 
     @property
     def device(self) -> str:
@@ -58,6 +59,16 @@ class Session:
                                              "origin": {"zoo": "the pinned zoo", "trained": "trained by qbd (the store)",
                                                         "fetched": "fetched (pinned sha256)"}.get(origin, origin)})
         return self._benches[key]
+
+    @property
+    def memo(self) -> Any:
+        """The session's qbd.memo.ResultMemo, beside the model store (shared by the xdist workers)."""
+        if self._memo is None:
+            from qbd.memo import for_store
+            from qbd.remote_store import open_store
+
+            self._memo = for_store(open_store(self.state.cache_dir), **self.state.memo)
+        return self._memo
 
     def job(self, dataset: str, kind: str = "backdoored", seed: int = 0, device: str = "cpu") -> Any:
         """Model number `seed` of the tier's recipe (qbd.presets.seeded_job): training seed and, for
@@ -110,7 +121,7 @@ class Session:
         check_gates(tm.metrics, Gates(), attacked=attack is not None)
         # the clean model is probed with the trigger its seed's backdoored model carries
         return tier_bench(data, tm, attack, probe_attack=self.job(dataset, "backdoored", seed).attack, model_name=tier.model,
-                          tier=self.state.tier, seed=seed, device=device)
+                          tier=self.state.tier, seed=seed, device=device, memo=self.memo)
 
     def defense(self, name: str, protocol: str) -> Any:
         from qbd.errors import ConfigError

@@ -19,12 +19,12 @@ SETTING = "checkerboard5-top-left-t4"
 
 
 @pytest.fixture(scope="module", params=["digits", "synthetic"])
-def variant_bench(request):
+def variant_bench(request, qbd_memo):
     from qbd.data import load_dataset
     from qbd.runner import seeded_bench
     from qbd.train import check_gates
 
-    bench = seeded_bench(load_dataset(DatasetSpec(request.param)), 0, SPREAD_ATTACKS[SETTING])  # the rows' bench, model 0
+    bench = seeded_bench(load_dataset(DatasetSpec(request.param)), 0, SPREAD_ATTACKS[SETTING], memo=qbd_memo)  # the rows' bench, model 0
     check_gates(bench.train_metrics, Gates(), attacked=True)
     return bench
 

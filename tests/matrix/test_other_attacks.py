@@ -38,12 +38,12 @@ def table():
 
 
 @pytest.fixture(scope="module", params=[(a, d) for a in ATTACKS for d in ("digits", "synthetic")], ids=lambda p: f"{p[0]}-{p[1]}")
-def attack_bench(request):
+def attack_bench(request, qbd_memo):
     from qbd.data import load_dataset
     from qbd.runner import seeded_bench
 
     attack, dataset = request.param
-    return attack, seeded_bench(load_dataset(DatasetSpec(dataset)), 0, ATTACKS[attack][0])  # the rows' bench, model 0
+    return attack, seeded_bench(load_dataset(DatasetSpec(dataset)), 0, ATTACKS[attack][0], memo=qbd_memo)  # the rows' bench, model 0
 
 
 @pytest.mark.qbd_smoke

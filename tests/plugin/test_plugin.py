@@ -715,3 +715,32 @@ def test_the_report_header_says_what_runs(suite: pytest.Pytester, monkeypatch: p
     result = suite.runpytest_subprocess("-n", "2", "--qbd-protocol", "paper", "-k", "digits/fp32/strip[paper]")
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
     result.stdout.fnmatch_lines(["qbd: 1 cases, tier smoke*", "qbd: device cpu, store *"])  # after -k
+
+
+def test_xdist_workers_share_one_memo_session(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker files and finds Results under the controller's test-run id, so a cell one worker
+    computed is reused by the other; two sessions never share one."""
+    suite.makepyfile(test_memo_probe="""
+import os
+from pathlib import Path
+
+def test_probe(qbd_memo):
+    (Path(os.environ["MEMO_PROBE_OUT"]) / os.environ.get("PYTEST_XDIST_WORKER", "main")).write_text(qbd_memo.session)
+""")
+    sessions = []
+    for run in range(2):
+        out = suite.path / f"sessions{run}"
+        out.mkdir()
+        monkeypatch.setenv("MEMO_PROBE_OUT", str(out))
+        result = suite.runpytest_subprocess("-p", "xdist", "-n", "2", "--dist", "each", "test_memo_probe.py")
+        assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
+        seen = {p.name: p.read_text() for p in out.iterdir()}
+        assert set(seen) == {"gw0", "gw1"} and len(set(seen.values())) == 1, seen
+        sessions.append(seen["gw0"])
+    assert sessions[0] != sessions[1]
+
+
+def test_fresh_and_reuse_together_are_a_usage_error(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--qbd-fresh", "--qbd-reuse-results", "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*choose one*"])

@@ -1,0 +1,192 @@
+"""qbd.memo: a cell computed once is not computed again in the same session, nor in a later one when
+asked; anything its Result depends on changes the key; nothing untrustworthy is filed."""
+
+import copy
+import json
+
+import torch
+
+from qbd.defenses.base import Verdict
+from qbd.evaluate import Bench
+from qbd.memo import ResultMemo, reused_line
+from qbd.models import build_model
+from tests.toy import toy_split
+
+
+class _Counting:
+    """A defense that counts its runs and answers what it is told (its params are its answer)."""
+
+    requires = frozenset()
+    protocol = "canonical"
+
+    def __init__(self, status="detected", name="counting"):
+        self.name, self.status, self.calls = name, status, 0
+
+    @property
+    def params(self):
+        return {"status": self.status}
+
+    def detect(self, subject, inputs, generator):
+        self.calls += 1
+        if self.status == "detected":
+            return Verdict("detected", score=3.0, threshold=2.0, target_class=1)
+        if self.status == "nan":
+            return Verdict("clean", score=float("nan"), threshold=2.0)  # the sandbox makes it invalid
+        return Verdict("clean", score=1.0, threshold=2.0)
+
+
+def _bench(memo, seed=0, data=None):
+    data = data or toy_split()
+    model = build_model("tiny-cnn", 4, data.mean, data.std, seed=seed).eval()
+    return Bench(data, model, None, memo=memo, model_name="tiny-cnn")
+
+
+def _without_memo(result):
+    return {k: v for k, v in result.items() if k != "memo"}
+
+
+def test_a_cell_is_computed_once_per_session_and_the_reused_result_is_the_same(tmp_path):
+    memo = ResultMemo(tmp_path, "session-a")
+    defense = _Counting()
+    first = _bench(memo).run(defense, "int8-dynamic")
+    again = _bench(ResultMemo(tmp_path, "session-a")).run(defense, "int8-dynamic")  # another worker, same session
+    assert defense.calls == 1
+    assert first["memo"] == {"key": first["memo"]["key"], "reused": False, "session": "session-a", "filed": True}
+    assert again["memo"] == {"key": first["memo"]["key"], "reused": True, "session": "session-a"}
+    assert _without_memo(again) == json.loads(json.dumps(_without_memo(first)))
+    assert reused_line([first, again]).startswith("qbd: 1 of 2 cells reused")
+    assert reused_line([first]) == ""
+
+
+def test_a_later_session_recomputes_unless_asked_to_reuse_and_fresh_reads_nothing(tmp_path):
+    defense = _Counting()
+    _bench(ResultMemo(tmp_path, "monday")).run(defense, "fp32")
+    _bench(ResultMemo(tmp_path, "tuesday")).run(defense, "fp32")
+    assert defense.calls == 2  # a later session: its code may differ in ways no digest sees
+    reused = _bench(ResultMemo(tmp_path, "wednesday", reuse=True)).run(defense, "fp32")
+    assert defense.calls == 2 and reused["memo"]["reused"] and reused["memo"]["session"] == "tuesday"
+    fresh = ResultMemo(tmp_path, "tuesday", fresh=True)
+    _bench(fresh).run(defense, "fp32")
+    _bench(fresh).run(defense, "fp32")
+    assert defense.calls == 4  # --fresh: not even within its own session
+
+
+def _key(bench, defense, scheme="fp32", seed=0):
+    from qbd.memo import cell_parts
+
+    parts = cell_parts(bench, defense, scheme, gradient_path="deployed", engine=None, seed=seed, timeout_s=None)
+    return bench.memo.key(parts)
+
+
+def test_everything_a_result_depends_on_changes_the_key(tmp_path, monkeypatch):
+    """A key that left any of these out would hand one cell another's Result."""
+    memo = ResultMemo(tmp_path, "s")
+    bench = _bench(memo)
+    base = _key(bench, _Counting())
+    other_data = toy_split()
+    other_data.x_test[0, 0, 0, 0] ^= 1  # one pixel of one test image
+    edited = _bench(memo)
+    with torch.no_grad():
+        next(edited.model.parameters()).view(-1)[0] += 1e-3  # one weight
+    edited = Bench(edited.data, edited.model, None, memo=memo, model_name="tiny-cnn")
+    variants = {
+        "params": _key(bench, _Counting(status="clean")),
+        "defense name": _key(bench, _Counting(name="other")),
+        "scheme": _key(bench, _Counting(), scheme="int8-dynamic"),
+        "seed": _key(bench, _Counting(), seed=1),
+        "weights": _key(edited, _Counting()),
+        "data": _key(_bench(memo, data=other_data), _Counting()),
+        "model seed": _key(_bench(memo, seed=1), _Counting()),
+    }
+    with torch.no_grad():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        try:
+            variants["threads"] = _key(bench, _Counting())
+        finally:
+            torch.set_num_threads(threads)
+    code = ResultMemo(tmp_path, "s")
+    code.environment = {**memo.environment, "qbd_code": "0" * 64}  # an edit to qbd's code
+    variants["qbd code"] = code.key(_parts(bench))
+    assert all(k != base for k in variants.values()), [n for n, k in variants.items() if k == base]
+    assert _key(_bench(memo), _Counting()) == base  # and the same cell again: the same key
+
+
+def _parts(bench):
+    from qbd.memo import cell_parts
+
+    return cell_parts(bench, _Counting(), "fp32", gradient_path="deployed", engine=None, seed=0, timeout_s=None)
+
+
+def test_the_code_digest_reads_every_module_of_the_package(tmp_path, monkeypatch):
+    import qbd
+
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "nc.py").write_text("STEPS = 100\n")
+    monkeypatch.setattr(qbd, "__file__", str(package / "__init__.py"))
+    before = ResultMemo(tmp_path, "s").environment
+    (package / "sub" / "nc.py").write_text("STEPS = 99\n")  # an edit deep in a sub-package
+    after = ResultMemo(tmp_path, "s").environment
+    assert before["qbd_code"] != after["qbd_code"] and before["libraries"] == after["libraries"]
+    assert before["libraries"]["torch"] == torch.__version__
+
+
+def test_invalid_results_and_opted_out_defenses_are_never_filed(tmp_path):
+    memo = ResultMemo(tmp_path, "s")
+    nan = _Counting(status="nan")
+    first = _bench(memo).run(nan, "fp32")
+    assert first["verdict"]["status"] == "invalid" and first["memo"]["filed"] is False
+    _bench(memo).run(nan, "fp32")
+    assert nan.calls == 2  # an invalid verdict (a NaN, a timeout, a crash) is computed again
+    opted = _Counting()
+    opted.memoize = False
+    _bench(memo).run(opted, "fp32")
+    _bench(memo).run(opted, "fp32")
+    assert opted.calls == 2
+
+
+def test_an_unreadable_or_tampered_entry_is_a_miss_and_is_rewritten(tmp_path):
+    memo = ResultMemo(tmp_path, "s")
+    defense = _Counting()
+    key = _bench(memo).run(defense, "fp32")["memo"]["key"]
+    path = next((tmp_path / "results").rglob(f"{key}.json"))
+    path.write_text("{not json")
+    _bench(memo).run(defense, "fp32")
+    assert defense.calls == 2
+    entry = json.loads(path.read_text())
+    entry["key"] = "f" * 64  # an entry filed under another name
+    path.write_text(json.dumps(entry))
+    _bench(memo).run(defense, "fp32")
+    assert defense.calls == 3
+    entry = json.loads(path.read_text())
+    del entry["result"]["verdict"]  # no longer a Result
+    path.write_text(json.dumps(entry))
+    assert not _bench(memo).run(defense, "fp32")["memo"]["reused"]
+
+
+def test_a_defense_whose_code_cannot_be_identified_is_not_memoised(tmp_path):
+    memo = ResultMemo(tmp_path, "s")
+    ns: dict = {}
+    exec("class Anonymous:\n    requires = frozenset()\n    name = 'anon'\n    calls = 0\n"
+         "    def detect(self, subject, inputs, generator):\n        type(self).calls += 1\n"
+         "        return V('clean', score=1.0, threshold=2.0)\n", {"V": Verdict, "__name__": "not_a_module"}, ns)
+    anon = ns["Anonymous"]()
+    r = _bench(memo).run(anon, "fp32")
+    _bench(memo).run(anon, "fp32")
+    assert "memo" not in r and ns["Anonymous"].calls == 2
+
+
+def test_the_cli_refuses_fresh_with_reuse(tmp_path, capsys):
+    from qbd.cli import main
+
+    code = main(["run", "--dataset", "digits", "--quant", "fp32", "--defense", "strip", "--fresh", "--reuse-results",
+                 "--cache-dir", str(tmp_path)])
+    assert code == 2 and "choose one" in capsys.readouterr().err
+
+
+def test_copies_of_a_memo_share_its_session(tmp_path):
+    memo = ResultMemo(tmp_path, "s", reuse=True)
+    twin = copy.deepcopy(memo)  # what a `qbd run -j` worker receives
+    assert (twin.root, twin.session, twin.reuse, twin.fresh) == (memo.root, "s", True, False)
