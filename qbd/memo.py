@@ -49,14 +49,9 @@ class ResultMemo:
         the versions of the libraries that compute. Taken once per process."""
         from importlib import metadata
 
-        import qbd
-
-        package = Path(qbd.__file__).parent
-        h = hashlib.sha256()
-        for path in sorted(package.rglob("*.py")):
-            h.update(path.relative_to(package).as_posix().encode() + b"\x00")
-            h.update(path.read_bytes())
         import torch
+
+        import qbd
 
         versions: dict[str, str | None] = {"torch": str(torch.__version__)}  # with its build tag (+cu130, +cpu)
         for name in LIBRARIES:
@@ -64,7 +59,7 @@ class ResultMemo:
                 versions.setdefault(name, metadata.version(name))
             except metadata.PackageNotFoundError:
                 versions[name] = None
-        return {"qbd_code": h.hexdigest(), "libraries": versions}
+        return {"qbd_code": source_digest(qbd), "libraries": versions}
 
     def key(self, parts: dict[str, Any]) -> str:
         return hashlib.sha256(_canonical({"format": FORMAT, **self.environment, **parts}).encode()).hexdigest()
@@ -129,18 +124,32 @@ def files_result(result: dict[str, Any], defense: Any) -> bool:
 
 def code_of(obj: Any) -> dict[str, Any]:
     """What identifies the code of a defense or scheme that is not qbd's own: its class and the
-    sha256 of its module's file (qbd's own code is in `ResultMemo.environment`)."""
-    import inspect
-
+    digest of its top-level package's source (every module of it: a helper module counts too).
+    qbd's own code is in `ResultMemo.environment`. sha256 None: not identifiable."""
     cls = obj if isinstance(obj, type) else type(obj)
     out: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}"}
-    if cls.__module__.split(".")[0] != "qbd":
-        try:
-            source = inspect.getsourcefile(sys.modules[cls.__module__])
-            out["sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
-        except (KeyError, TypeError, OSError):
-            out["sha256"] = None
+    top = cls.__module__.split(".")[0]
+    if top != "qbd":
+        module = sys.modules.get(top)
+        out["sha256"] = None if module is None else source_digest(module)
     return out
+
+
+def source_digest(module: Any) -> str | None:
+    """sha256 of a module's source: every .py file under its folder for a package, its file for a
+    plain module; None when it has no source file (defined in a string, a notebook, a C extension)."""
+    file = getattr(module, "__file__", None)
+    if not file or not file.endswith(".py"):
+        return None
+    path = Path(file)
+    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    h = hashlib.sha256()
+    try:
+        for f in files:
+            h.update(f.relative_to(path.parent).as_posix().encode() + b"\x00" + f.read_bytes())
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def cell_parts(bench: Any, defense: Any, scheme: str, *, gradient_path: str, engine: str | None, seed: int,

@@ -190,3 +190,23 @@ def test_copies_of_a_memo_share_its_session(tmp_path):
     memo = ResultMemo(tmp_path, "s", reuse=True)
     twin = copy.deepcopy(memo)  # what a `qbd run -j` worker receives
     assert (twin.root, twin.session, twin.reuse, twin.fresh) == (memo.root, "s", True, False)
+
+
+def test_a_third_party_defense_is_keyed_by_its_whole_package(tmp_path, monkeypatch):
+    """An edit to a helper module of the defense's package changes the key, not only its own file."""
+    import importlib
+
+    from qbd.memo import code_of
+
+    pkg = tmp_path / "memo_probe_defense"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from memo_probe_defense.impl import Probe\n")
+    (pkg / "impl.py").write_text("class Probe:\n    name = 'probe'\n")
+    (pkg / "helpers.py").write_text("THRESHOLD = 2.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = importlib.import_module("memo_probe_defense").Probe()
+    before = code_of(probe)
+    (pkg / "helpers.py").write_text("THRESHOLD = 2.5\n")
+    after = code_of(probe)
+    assert before["class"] == "memo_probe_defense.impl:Probe" and before["sha256"] and before["sha256"] != after["sha256"]
+    assert "sha256" not in code_of(Verdict)  # qbd's own code: covered by the memo's environment
