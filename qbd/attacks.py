@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qbd.attack_catalog import get_attack
 from qbd.config import AttackSpec, derive_seed, parse_position
 
 
@@ -100,8 +101,8 @@ def _blend(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
     return ((1 - alpha) * x.float() + alpha * p).round_().clamp_(0, 255).to(torch.uint8)
 
 
-# attack name -> how its trigger is written (quant-conditioned plants BadNet's patch)
-_TRIGGERS = {"badnet": _write_patch, "blend": _blend, "quant-conditioned": _write_patch}
+# an attack's `trigger` (qbd.attack_catalog) -> how it is written; None: the attack's own `write`
+_TRIGGERS = {"patch": _write_patch, "blend": _blend}
 
 
 def apply_trigger(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
@@ -110,7 +111,14 @@ def apply_trigger(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
     spec.check_fits(h, w)
     if not x.is_floating_point() and x.dtype != torch.uint8:
         raise TypeError(f"images must be uint8 or float, got {x.dtype}")
-    return _TRIGGERS[spec.name](x, spec)
+    attack = get_attack(spec.name)
+    if attack.trigger is None:
+        out = attack.write(x, spec)
+        if not (isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype):
+            raise TypeError(f"attack {spec.name!r}: write() must return a tensor shaped and typed as its input"
+                            f" ({tuple(x.shape)}, {x.dtype}), got {type(out).__name__}")
+        return out
+    return _TRIGGERS[attack.trigger](x, spec)
 
 
 def n_poison(spec: AttackSpec, n: int) -> int:

@@ -31,9 +31,6 @@ from qbd.cli_options import (
     seeds_arg,
     workers_arg,
 )
-from qbd.config import (
-    ATTACKS,
-)
 from qbd.errors import QbdUserError
 from qbd.registry import UnknownNameError
 from qbd.run_cli import cmd_run
@@ -77,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Everything a run can name; `--json` for scripts."""
+    from qbd.attack_catalog import available as available_attacks
     from qbd.config import PROTOCOLS
     from qbd.data import DATASETS
     from qbd.defenses import available
@@ -92,7 +90,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         "scheme_origins": {a.name: a.origin for a in available_schemes() if not a.builtin},
         "defenses": [{"name": a.name, "ref": a.ref, "origin": a.origin} for a in defenses],
         "protocols": list(PROTOCOLS),
-        "attacks": list(ATTACKS),
+        "attacks": [a.name for a in available_attacks()],
+        "attack_origins": {a.name: a.origin for a in available_attacks() if not a.builtin},
         "tiers": {t.name: {"datasets": list(t.datasets), "model": t.model, "schemes": list(t.schemes), "device": t.device}
                   for t in TIERS.values()},
     }
@@ -104,7 +103,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("schemes:  ", ", ".join(f"{n} ({out['scheme_origins'][n]})" if n in out["scheme_origins"] else n for n in out["schemes"]))
     print("defenses: ", ", ".join(a.name if a.builtin else f"{a.name} ({a.origin})" for a in defenses))
     print("protocols:", ", ".join(out["protocols"]))
-    print("attacks:  ", ", ".join(out["attacks"]))
+    print("attacks:  ", ", ".join(f"{n} ({out['attack_origins'][n]})" if n in out["attack_origins"] else n for n in out["attacks"]))
     return EXIT_OK
 
 

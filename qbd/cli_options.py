@@ -9,13 +9,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from qbd.attack_catalog import DEFAULT_BLEND_ALPHA, DEFAULT_QC_SCHEME, QC_SCHEMES, TRIGGER_PATTERNS
 from qbd.config import (
-    ATTACKS,
     CORNERS,
-    DEFAULT_BLEND_ALPHA,
-    DEFAULT_QC_SCHEME,
-    QC_SCHEMES,
-    TRIGGER_PATTERNS,
     AttackSpec,
     DatasetSpec,
     Gates,
@@ -122,9 +118,10 @@ def add_model_options(p: argparse.ArgumentParser, *, tier: bool = True) -> None:
     g.add_argument("--cache-dir", default=None, help="model store: a directory or a URL (s3://bucket/prefix, file:///path) (else $QBD_CACHE_DIR, else the user cache)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.add_argument_group("attack")
-    a.add_argument("--attack", choices=ATTACKS, default="badnet",
-                   help="badnet (a patch), blend (a full-image pattern mixed in at --blend-alpha) or quant-conditioned (a"
-                   " BadNet patch dormant in FP32 that wakes in --qc-scheme) (default: badnet)")
+    a.add_argument("--attack", default="badnet",
+                   help="badnet (a patch), blend (a full-image pattern mixed in at --blend-alpha), quant-conditioned (a"
+                   " BadNet patch dormant in FP32 that wakes in --qc-scheme), or an installed one (`qbd list`; the"
+                   " qbd.attacks entry points) (default: badnet)")
     a.add_argument("--target", type=_positive_int, default=None,
                    help="target class (default: the attack's preset, the pinned zoo's: 0, for blend 2)")
     a.add_argument("--trigger-pattern", choices=TRIGGER_PATTERNS, default=None,
@@ -175,9 +172,9 @@ def device_from_args(args: argparse.Namespace) -> str:
 
 def probe_from_args(args: argparse.Namespace) -> AttackSpec:
     """The attack the options describe (with --clean: the trigger a clean model is probed with)."""
-    from qbd.presets import ATTACK_PRESETS
+    from qbd.presets import attack_preset
 
-    preset = ATTACK_PRESETS[args.attack]
+    preset = attack_preset(args.attack)
     pattern = args.trigger_pattern or preset.trigger_pattern
     target = preset.target if args.target is None else args.target
     return AttackSpec(name=args.attack, target=target, trigger_pattern=pattern, trigger_size=args.trigger_size,

@@ -15,20 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qbd import __version__
+from qbd.attack_catalog import DEFAULT_POSITION, DEFAULT_SIZE, check_spec, get_attack
 from qbd.errors import ConfigError
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-TRIGGER_PATTERNS = ("white", "checkerboard", "random")
-# badnet: a patch (Gu et al. 2017); blend: a full-image pattern mixed in at `alpha` (Chen et al.
-# 2017); quant-conditioned: a BadNet patch that only the quantized model obeys (qbd.attacks).
-ATTACKS = ("badnet", "blend", "quant-conditioned")
-BLEND_PATTERNS = ("random", "checkerboard")  # full-image patterns; a white blend is only a brightening
-DEFAULT_BLEND_ALPHA = 0.15
-# the schemes a quant-conditioned backdoor can be conditioned on: intN-sim (weights on a per-channel
-# grid the repair keeps fixed, qbd.dormant) and int8-static (its calibrated activation ranges'
-# clipping, qbd.dormant_static)
-QC_SCHEMES = ("int4-sim", "int3-sim", "int5-sim", "int6-sim", "int8-sim", "int8-static")
-DEFAULT_QC_SCHEME = "int4-sim"
 # the engine a scheme's quant-conditioned construction is conditioned on, where the scheme has
 # several that deploy differently (int8-static: x86's calibrated ranges clip the trigger's
 # activations, fbgemm's do not: docs/training.md); a scheme not listed: any engine
@@ -103,12 +93,11 @@ def parse_position(position: str) -> tuple[str, int, int] | tuple[str, None, Non
     )
 
 
-_DEFAULT_SIZE, _DEFAULT_POSITION = 3, "bottom-right"
-
-
 @dataclass(frozen=True)
 class AttackSpec:
-    """A planted backdoor; poisoned samples are relabelled to `target`.
+    """A planted backdoor; poisoned samples are relabelled to `target`. `name` is an attack of the
+    catalog (qbd.attack_catalog: badnet, blend, quant-conditioned, or an installed one), which says
+    which fields apply and fills their defaults.
 
     badnet: a square patch written in pixel space. blend: a full-image pattern (`trigger_pattern`
     random or checkerboard) mixed into every pixel, x' = (1 - alpha) x + alpha p; size and position
@@ -120,21 +109,19 @@ class AttackSpec:
     name: str = "badnet"
     target: int = 0
     trigger_pattern: str = "white"
-    trigger_size: int = _DEFAULT_SIZE
-    trigger_position: str = _DEFAULT_POSITION
+    trigger_size: int = DEFAULT_SIZE
+    trigger_position: str = DEFAULT_POSITION
     poison_rate: float = 0.10
     seed: int = 0  # which samples are poisoned, and the `random` pattern
     alpha: float | None = None  # blend only (default DEFAULT_BLEND_ALPHA)
     scheme: str | None = None  # quant-conditioned only: the deployment it wakes in (default DEFAULT_QC_SCHEME)
 
     def __post_init__(self) -> None:
-        if self.name not in ATTACKS:
-            raise ConfigError(f"unknown attack {self.name!r}; valid: {', '.join(ATTACKS)}")
-        if self.trigger_pattern not in TRIGGER_PATTERNS:
-            raise ConfigError(
-                f"unknown trigger pattern {self.trigger_pattern!r}; valid: {', '.join(TRIGGER_PATTERNS)}"
-            )
-        self._check_attack_fields()
+        if not isinstance(self.name, str):
+            raise ConfigError(f"attack name must be a string, got {self.name!r}")
+        # the attack's own fields: defaults filled in, values checked, the others refused
+        for key, value in check_spec(self).items():
+            object.__setattr__(self, key, value)
         _check_int("trigger size", self.trigger_size, 1)
         _check_int("target class", self.target, 0)
         _check_int("attack seed", self.seed, 0, MAX_SEED)
@@ -145,30 +132,6 @@ class AttackSpec:
         if not 0.0 < rate <= 1.0:
             raise ConfigError(f"poison rate must be in (0, 1], got {rate}")
 
-    def _check_attack_fields(self) -> None:
-        """Each attack's own fields: defaults filled in, values checked, the others refused (a
-        field that does not apply must not reach the store key)."""
-        if self.name == "blend":
-            alpha = DEFAULT_BLEND_ALPHA if self.alpha is None else self.alpha
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-                raise ConfigError(f"blend alpha must be a number in (0, 1), got {alpha!r} (0.1-0.2 is the usual range)")
-            object.__setattr__(self, "alpha", float(alpha))
-            if self.trigger_pattern not in BLEND_PATTERNS:
-                raise ConfigError(f"blend takes trigger pattern {' or '.join(BLEND_PATTERNS)}, got {self.trigger_pattern!r}")
-            # a full-image pattern has no size or corner: other values would key distinct models that are the same
-            if (self.trigger_size, self.trigger_position) != (_DEFAULT_SIZE, _DEFAULT_POSITION):
-                raise ConfigError("blend's pattern covers the whole image: --trigger-size and --trigger-position do not apply")
-        elif self.alpha is not None:
-            raise ConfigError(f"alpha (--blend-alpha) applies to the blend attack only, not {self.name}")
-        if self.name == "quant-conditioned":
-            scheme = DEFAULT_QC_SCHEME if self.scheme is None else self.scheme
-            if scheme not in QC_SCHEMES:
-                raise ConfigError(f"quant-conditioned scheme {scheme!r} not supported; valid: {', '.join(QC_SCHEMES)}"
-                                  " (docs/training.md#quant-conditioned)")
-            object.__setattr__(self, "scheme", scheme)
-        elif self.scheme is not None:
-            raise ConfigError(f"scheme (--qc-scheme) applies to the quant-conditioned attack only, not {self.name}")
-
     def to_dict(self) -> dict[str, Any]:
         """Fields that do not apply to the attack are left out, so a BadNet spec (and its store
         and zoo keys) reads as it did before blend and quant-conditioned existed."""
@@ -176,10 +139,7 @@ class AttackSpec:
 
     def label(self) -> str:
         """Short name for slugs and file names."""
-        if self.name == "blend":
-            return f"blend-t{self.target}-{self.trigger_pattern}-a{self.alpha!r}-p{self.poison_rate:g}"  # repr: exact, 0.15 -> "0.15"
-        patch = f"t{self.target}-{self.trigger_pattern}{self.trigger_size}-{self.trigger_position.replace(',', 'x')}-p{self.poison_rate:g}"
-        return f"qc-{self.scheme}-{patch}" if self.name == "quant-conditioned" else f"badnet-{patch}"
+        return get_attack(self.name).label(self)
 
     def check_fits(self, height: int, width: int, num_classes: int | None = None) -> None:
         """Raise ConfigError when the trigger or the target does not fit the data set."""
@@ -188,7 +148,7 @@ class AttackSpec:
                 f"target class {self.target} out of range: the data set has {num_classes} classes"
                 f" (0..{num_classes - 1})"
             )
-        if self.name == "blend":  # a full-image pattern fits any image
+        if get_attack(self.name).full_image:  # a full-image pattern fits any image
             return
         if self.trigger_size > min(height, width):
             raise ConfigError(

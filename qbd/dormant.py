@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qbd.config import QC_SCHEMES, ModelJob, derive_seed
+from qbd.attack_catalog import QC_SCHEMES
+from qbd.config import ModelJob, derive_seed
 from qbd.data.base import DataSplit
 from qbd.metrics import to_unit
 from qbd.models import Classifier

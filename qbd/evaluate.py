@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qbd.attack_catalog import conditioned
 from qbd.attacks import apply_trigger, poison, triggered_test
 from qbd.cell_controls import agreement_control, poison_controls, surrogate_disagrees
 from qbd.config import QC_GATES, AttackSpec, ConfigError, attack_record, cell_id
@@ -390,7 +391,7 @@ class Bench:
             verdict.controls.setdefault(
                 "backdoor_persists", Control(metrics["asr"] >= 0.5, metrics["asr"], "ASR of the deployed quantized model (>= 0.5)"
                                              + ("; a quant-conditioned backdoor is dormant where it is not deployed through its scheme"
-                                                if self.attack.name == "quant-conditioned" else ""))
+                                                if conditioned(self.attack.name) else ""))
             )
         if self.attack is not None and verdict.suspects is not None and verdict.suspects.get("data") == "poisoned_train":
             verdict.controls.update(poison_controls(verdict, self.poisoned_train[2], self.poisoned_train[1], self.attack.target))
@@ -405,7 +406,7 @@ class Bench:
             named = verdict.target_class == target
         backdoor = None
         if self.attack is not None:
-            dormant = self.attack.name == "quant-conditioned" and asr <= QC_GATES["max_fp32_asr"]
+            dormant = conditioned(self.attack.name) and asr <= QC_GATES["max_fp32_asr"]
             backdoor = "dormant" if dormant else "active" if asr >= 0.5 else None
         return {"backdoored": self.attack is not None, "target": target, "target_named": named, "backdoor": backdoor}
 

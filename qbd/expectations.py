@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from qbd import measured_rows
+from qbd.attack_catalog import conditioned
 from qbd.config import QC_ENGINES, QC_GATES
 from qbd.errors import ConfigError
 from qbd.expectations_format import (
@@ -313,7 +314,7 @@ class Expectations:
         for kind, default in (("clean_acc", self.min_clean_acc), ("asr", self.min_asr)):
             own = {b: entry[b] for b in (f"min_{kind}", f"max_{kind}") if b in entry}
             out.update(own or {f"min_{kind}": default})
-        if attack is not None and attack.get("name") == "quant-conditioned":
+        if attack is not None and conditioned(str(attack.get("name"))):
             out = {k: v for k, v in out.items() if not k.endswith("_asr")}
             out.update(dormant_asr_bounds(attack, key.rsplit("/", 1)[-1], engine))
         return out

@@ -61,6 +61,17 @@ def default_train(dataset: str, model: str, *, seed: int = 0, precision: str = "
     return spec
 
 
+def attack_preset(name: str) -> AttackSpec:
+    """The attack `qbd run --attack NAME` and `--qbd-attack NAME` plant with no other attack option:
+    the preset above, or for an installed attack its spec's defaults with its first trigger pattern
+    (ConfigError for a name the catalog does not know, listing the valid ones)."""
+    from qbd.attack_catalog import get_attack
+
+    if name in ATTACK_PRESETS:
+        return ATTACK_PRESETS[name]
+    return AttackSpec(name=name, trigger_pattern=get_attack(name).patterns[0])
+
+
 def seeded_job(dataset: str, model: str, seed: int, attack: AttackSpec | None, *, precision: str = "fp32",
                epochs: int | None = None) -> ModelJob:
     """Model number `seed` of a recipe: training seed `seed`, and for a backdoored model the

@@ -24,7 +24,7 @@ import pytest
 from qbd.config import PROTOCOLS
 from qbd.plugin.cases import groups_by_param_id, marks, matrix_cases
 from qbd.plugin.collector import Collector, header
-from qbd.plugin.options import OPTIONS, opt, parse_model_files, resolve_defenses, subset_of
+from qbd.plugin.options import OPTIONS, attack_option, opt, parse_model_files, resolve_defenses, subset_of
 from qbd.plugin.session import Session
 from qbd.plugin.state import MARKERS, QBD_ARGS, STATE, QbdState
 from qbd.tiers import TIERS
@@ -88,9 +88,12 @@ def pytest_configure(config: pytest.Config) -> None:
     defense_names, chosen = resolve_defenses(refs)
     from qbd.quant import scheme_names
 
+    attack = attack_option(opt(config, "attack", "badnet"))
     # a data set of the tier's; a scheme of the catalog, as `qbd run --quant` takes (the tier's first)
     subset = {"dataset": subset_of(opt(config, "dataset"), TIERS[tier].datasets, "dataset of this tier"),
               "scheme": subset_of(opt(config, "scheme"), tuple(dict.fromkeys((*TIERS[tier].schemes, *scheme_names()))), "scheme")}
+    if subset["scheme"] is None and attack.wakes_in:  # as `qbd run --attack quant-conditioned`: its deployment too
+        subset["scheme"] = tuple(dict.fromkeys((*TIERS[tier].schemes, attack.wakes_in)))
     reuse, fresh = bool(opt(config, "reuse-results", False)), bool(opt(config, "fresh", False))
     if reuse and fresh:
         raise pytest.UsageError("--qbd-fresh reuses nothing and --qbd-reuse-results reuses earlier sessions' Results: choose one")
@@ -130,6 +133,7 @@ def pytest_configure(config: pytest.Config) -> None:
         memo={"reuse": reuse, "fresh": fresh,
               # one session id for the controller and its xdist workers: they reuse each other's Results
               "session": config.workerinput["testrunuid"] if hasattr(config, "workerinput") else uuid.uuid4().hex},
+        attack_name=attack.name,
         datasets=subset["dataset"],
         schemes=subset["scheme"],
     )

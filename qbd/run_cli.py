@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from qbd.attack_catalog import conditioned
 from qbd.cli_options import EXIT_FAIL, EXIT_OK, UsageError, csv_names, device_from_args, job_from_args, probe_from_args
 from qbd.config import (
     Gates,
@@ -36,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     datasets = (csv_names(args.dataset, DATASETS.names(), "dataset") if args.dataset is not None
                 else ("synthetic",) if args.tier == "smoke" else tier.datasets)
     schemes = csv_names(args.quant, scheme_names(), "quant") if args.quant is not None else tier.schemes
-    if args.quant is None and args.attack == "quant-conditioned" and not args.clean:
+    if args.quant is None and conditioned(args.attack) and not args.clean:
         # the deployment its backdoor wakes in is the cell that matters; it is not always a tier scheme
         schemes = tuple(dict.fromkeys((*schemes, probe_from_args(args).scheme)))
     names = [a.name for a in available()]  # built-ins and the qbd.defenses entry points, as in the pytest matrix

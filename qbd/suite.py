@@ -56,7 +56,13 @@ def test_attack(qbd_attack_case: tuple[str, str], qbd_session: Any, qbd_record: 
     qbd_record(ATTACK_PROPERTY, {"key": key, "metrics": m})
     if qbd_session.state.accept:
         return
-    failures = qbd_session.expectations.check_attack(key, m["clean_acc"], m["asr"])
+    # as qbd.gate judges `qbd run`: the table's own bounds only for the attack they were measured on
+    # (--qbd-attack), a quant-conditioned model's ASR by its truth (dormant, or awake where deployed)
+    from qbd.config import attack_record
+
+    table, attack = qbd_session.expectations, attack_record(bench.attack)
+    failures = table.check_attack(key, m["clean_acc"], m["asr"], own=table.measured_on({"attack": attack}), attack=attack,
+                                  engine=bench.quantized(scheme).audit.to_dict().get("engine"))
     _fail(f"{key}: clean acc {m['clean_acc']:.4f}, ASR {m['asr']:.4f}", failures)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qbd.attack_catalog import conditioned
 from qbd.attacks import poison, triggered_test
 from qbd.config import QC_ENGINES, QC_GATES, Gates, ModelJob, TrainSpec, derive_seed
 from qbd.data.base import DataSplit
@@ -136,7 +137,7 @@ def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, co
     x_all = x_all.to(dev)
     y_all = y_all.to(dev)
     model = build_model(job.model.name, data.num_classes, data.mean, data.std, seed=spec.seed)
-    if job.attack is not None and job.attack.name == "quant-conditioned":
+    if job.attack is not None and conditioned(job.attack.name):
         from qbd.dormant import CONSTRUCTIONS
 
         assert job.attack.scheme is not None
@@ -191,7 +192,7 @@ def _train(job: ModelJob, data: DataSplit, dev: torch.device, progress: bool, co
         bar.close()
     model = model.to(memory_format=torch.contiguous_format).eval()
     dormant = None
-    if job.attack is not None and job.attack.name == "quant-conditioned":
+    if job.attack is not None and conditioned(job.attack.name):
         dormant = _dormant_stage(model, job, data, dev, x_all)
     train_seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = evaluate(model, job, data, dev)

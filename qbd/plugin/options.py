@@ -3,6 +3,7 @@ the model files, the data sets and schemes, the defenses they name. Torch-free."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -27,6 +28,8 @@ OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("dataset", {}, "run only these of the tier's data sets, comma-separated (default: all of them)"),
     ("scheme", {}, "run these schemes, comma-separated: the tier's or any other of the catalog, as `qbd run --quant` takes"
      " (e.g. onnx-int8-static) (default: the tier's; the clean model's negative control runs on each of them)"),
+    ("attack", {}, "the backdoor the matrix's models carry, as `qbd run --attack` takes it: badnet, blend,"
+     " quant-conditioned or an installed attack (the qbd.attacks entry points), with its preset settings (default: badnet)"),
     ("reuse-results", {"action": "store_true"}, "also reuse defense Results that earlier sessions filed in the store (a CI"
      " cache of --qbd-cache-dir); within one session a cell computed once is always reused (qbd.memo)"),
     ("fresh", {"action": "store_true"}, "compute every cell, reusing no Result (not even within this session)"),
@@ -79,6 +82,30 @@ def subset_of(text: str | None, valid: tuple[str, ...], kind: str) -> tuple[str,
         if it not in valid:
             raise pytest.UsageError(f"--qbd-{option}: {unknown_message(kind, it, list(valid))}")
     return tuple(v for v in valid if v in items) or None
+
+
+@dataclass(frozen=True)
+class AttackOption:
+    name: str
+    wakes_in: str | None  # a conditioned attack's scheme: the matrix runs it beside the tier's
+
+
+def attack_option(name: str) -> AttackOption:
+    """--qbd-attack NAME, checked against the catalog's names (package metadata: an installed attack
+    is imported only when its first model is built)."""
+    from qbd.attack_catalog import attack_names, conditioned
+    from qbd.registry import unknown_message
+
+    name = name.strip()
+    names = attack_names()
+    if name not in names:
+        raise pytest.UsageError(f"--qbd-attack: {unknown_message('attack', name, names)}")
+    wakes_in = None
+    if conditioned(name):  # a built-in's preset: torch-free
+        from qbd.presets import attack_preset
+
+        wakes_in = attack_preset(name).scheme
+    return AttackOption(name, wakes_in)
 
 
 def resolve_defenses(values: list[str]) -> tuple[dict[str, str], bool]:

@@ -72,13 +72,12 @@ class Session:
 
     def job(self, dataset: str, kind: str = "backdoored", seed: int = 0, device: str = "cpu") -> Any:
         """Model number `seed` of the tier's recipe (qbd.presets.seeded_job): training seed and, for
-        the backdoored model, the default BadNet's attack seed."""
-        from qbd.config import AttackSpec
-        from qbd.presets import seeded_job
+        the backdoored model, the attack seed of --qbd-attack's preset (default BadNet)."""
+        from qbd.presets import attack_preset, seeded_job
         from qbd.tiers import TIERS as TIER_TABLE
 
         model = TIER_TABLE[self.state.tier].model
-        return seeded_job(dataset, model, seed, AttackSpec() if kind == "backdoored" else None,
+        return seeded_job(dataset, model, seed, attack_preset(self.state.attack_name) if kind == "backdoored" else None,
                           precision="fp32" if device.startswith("cpu") else "bf16")
 
     def by_rates(self, result: dict[str, Any]) -> bool:

@@ -61,6 +61,7 @@ class QbdState:
     gate: Any = None  # qbd.gate.Gate of the whole run, judged at session end
     gate_only: list[str] = field(default_factory=list)  # what qbd.gate fails though every test passed
     pending_loads: list[dict[str, Any]] = field(default_factory=list)  # worker side, until the next report
+    attack_name: str = "badnet"  # --qbd-attack: the backdoored models' attack (qbd.presets.attack_preset)
     memo: dict[str, Any] = field(default_factory=dict)  # qbd.memo.for_store's reuse, fresh and session
     datasets: tuple[str, ...] | None = None  # --qbd-dataset: a subset of the tier's (None: all)
     schemes: tuple[str, ...] | None = None  # --qbd-scheme: schemes of the catalog (None: the tier's)

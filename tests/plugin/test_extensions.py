@@ -1,6 +1,7 @@
-"""A third party adds a quantization scheme and a defense to qbd: one file and one entry point each,
-nothing of qbd edited. Both front-ends, `qbd run` and the pytest plugin, then run them like the
-built-ins (catalog: qbd.quant.get_scheme, qbd.defenses.available)."""
+"""A third party adds a quantization scheme, a defense and an attack to qbd: one file and one entry
+point each, nothing of qbd edited. Both front-ends, `qbd run` / `qbd train` and the pytest plugin,
+then run them like the built-ins (catalogs: qbd.quant.get_scheme, qbd.defenses.available,
+qbd.attack_catalog.get_attack)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ class QuantAlarm(CornerSquare):
         return super().detect(subject, inputs, generator)
 '''
 
+TOY_ATTACK = '''
+"""A white bar over the two leftmost columns: a trigger qbd does not ship, written by the attack itself."""
+from qbd.attack_catalog import Attack
+
+
+class LeftBar(Attack):
+    name = "toy-bar"
+    trigger = None  # this class writes it
+    patterns = ("white",)
+    summary = "a white bar over the two leftmost columns"
+
+    def label(self, spec):
+        return f"toy-bar-t{spec.target}-p{spec.poison_rate:g}"
+
+    def write(self, x, spec):
+        out = x.clone()
+        out[:, :, :, :2] = 1.0 if x.is_floating_point() else 255
+        return out
+'''
+
 
 @pytest.fixture
 def toy_site(tmp_path: Path) -> dict[str, str]:
@@ -85,12 +106,14 @@ def toy_site(tmp_path: Path) -> dict[str, str]:
     site.mkdir()
     (site / "toy_scheme.py").write_text(TOY_SCHEME)
     (site / "toy_defense.py").write_text(TOY_DEFENSE)
+    (site / "toy_attack.py").write_text(TOY_ATTACK)
     dist = site / "qbd_toys-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-toys\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[qbd.schemes]\ntoy-int6-tensor = toy_scheme:Int6PerTensor\n\n"
                                            "[qbd.defenses]\ntoy-corner = toy_defense:CornerSquare\n"
-                                           "toy-quant-alarm = toy_defense:QuantAlarm\n")
+                                           "toy-quant-alarm = toy_defense:QuantAlarm\n\n"
+                                           "[qbd.attacks]\ntoy-bar = toy_attack:LeftBar\n")
     return {**os.environ, "PYTHONPATH": str(site), "QBD_CACHE_DIR": str(tmp_path / "store")}
 
 
@@ -103,6 +126,33 @@ def test_listed(toy_site: dict[str, str]) -> None:
     listed = json.loads(_qbd(toy_site, "list", "--json").stdout)
     assert "toy-int6-tensor" in listed["schemes"] and listed["scheme_origins"] == {"toy-int6-tensor": "entry point of qbd-toys"}
     assert {"name": "toy-corner", "ref": "toy_defense:CornerSquare", "origin": "entry point of qbd-toys"} in listed["defenses"]
+    assert "toy-bar" in listed["attacks"] and listed["attack_origins"] == {"toy-bar": "entry point of qbd-toys"}
+
+
+def test_a_toy_attack_trains_and_runs_through_both_front_ends(toy_site: dict[str, str], tmp_path: Path) -> None:
+    """`qbd train --attack toy-bar` plants the toy's own trigger (the gate measures its ASR), and
+    `--qbd-attack toy-bar` builds the plugin's matrix on that model: the same store entry, and the
+    deployed model's ASR test passes on it."""
+    r = _qbd(toy_site, "train", "--dataset", "digits", "--attack", "toy-bar", "--json", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = json.loads(r.stdout)
+    assert "toy-bar-t0-p0.1" in trained["slug"] and trained["metrics"]["asr"] >= 0.9, trained
+    (tmp_path / "test_qbd.py").write_text("from qbd.suite import test_attack, test_audit, test_cell  # noqa: F401\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", "--qbd-attack", "toy-bar",
+                        "--qbd-dataset", "digits", "--qbd-scheme", "fp32", "-o", "addopts=", "-k", "test_attack", "test_qbd.py"],
+                       capture_output=True, text=True, env=toy_site, timeout=900, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "PASSED test_qbd.py::test_attack[digits/fp32]" in out, out[-3000:]
+    assert "digits/backdoored/seed0: trained by qbd (the store)" in out, out[-3000:]  # qbd train's model, not retrained
+
+
+def test_an_unknown_attack_is_a_usage_error_in_both_front_ends(toy_site: dict[str, str], tmp_path: Path) -> None:
+    r = _qbd(toy_site, "train", "--dataset", "digits", "--attack", "toy-barr")
+    assert r.returncode == 2 and "unknown attack 'toy-barr' (did you mean 'toy-bar'?)" in r.stderr, r.stderr[-2000:]
+    (tmp_path / "test_qbd.py").write_text("from qbd.suite import test_cell  # noqa: F401\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--qbd-attack", "toy-barr", "--collect-only",
+                        "-o", "addopts=", "test_qbd.py"], capture_output=True, text=True, env=toy_site, timeout=300, cwd=tmp_path)
+    assert p.returncode == 4 and "unknown attack 'toy-barr' (did you mean 'toy-bar'?)" in p.stderr, p.stderr[-2000:]
 
 
 def test_qbd_run_runs_them(toy_site: dict[str, str]) -> None:

@@ -148,7 +148,7 @@ def test_attack_fields_reach_the_key():
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    ({"name": "wanet"}, "unknown attack 'wanet'; valid: badnet, blend, quant-conditioned"),
+    ({"name": "wanet"}, r"unknown attack 'wanet' \(did you mean 'badnet'\?\); valid: badnet, blend, quant-conditioned"),
     ({"name": "blend", "trigger_pattern": "white"}, "blend takes trigger pattern random or checkerboard"),
     ({"name": "blend", "trigger_pattern": "random", "alpha": 1.0}, "blend alpha must be a number in"),
     ({"name": "blend", "trigger_pattern": "random", "alpha": 0}, "blend alpha must be a number in"),

@@ -5,7 +5,8 @@ the pinned models are dormant in FP32 and awake as deployed, against their stage
 import pytest
 import torch
 
-from qbd.config import QC_GATES, QC_SCHEMES, AttackSpec, ConfigError, DatasetSpec, Gates
+from qbd.attack_catalog import QC_SCHEMES
+from qbd.config import QC_GATES, AttackSpec, ConfigError, DatasetSpec, Gates
 from qbd.train import check_gates
 
 
