@@ -33,7 +33,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qbd.attacks import apply_trigger, poison, triggered_test
 from qbd.config import AttackSpec, DatasetSpec
 from qbd.data import load_dataset
 from qbd.dormant import Grid
@@ -41,6 +40,7 @@ from qbd.dormant_static import FakeInt8Static
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
 from qbd.models.tiny_cnn import tiny_cnn
+from qbd.poisoning import apply_trigger, poison, triggered_test
 from qbd.presets import seeded_job
 from qbd.quant import SCHEMES
 from qbd.train import augment

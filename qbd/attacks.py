@@ -1,152 +1,178 @@
-"""Triggers and poisoning. Poisoned training samples carry the trigger and are relabelled to the
-target class.
+"""The attacks: one catalog, the built-ins plus the `qbd.attacks` entry points of installed
+distributions (an attack of your own: docs/training.md#your-own-attack).
 
-- badnet (Gu et al. 2017): a square patch written into the image.
-- blend (Chen et al. 2017): a full-image pattern mixed into every pixel, x' = (1 - a) x + a p,
-  procedural (seeded noise or a checkerboard), so nothing is downloaded.
-- quant-conditioned: BadNet's patch and poisoning; what differs is training (qbd.dormant).
+An attack is a class that declares what an AttackSpec of its name may hold (its trigger patterns,
+the optional fields it takes, their defaults), how a spec is labelled in slugs and store keys, and
+how its trigger is written. qbd.config.AttackSpec checks every spec against it; qbd.poisoning writes
+the trigger and poisons the training set; training is qbd's (qbd.train), except for an attack that
+is `conditioned` on a quantization scheme (quant-conditioned: qbd.dormant's second stage).
 
-Triggers are applied to uint8 pixels before normalisation (the model's first layer), unlike the
-paper's code, which wrote the patch after normalisation (a grey patch): the trigger is part of
-the image a deployed model receives.
+Torch-free on purpose: the CLI and the pytest plugin build specs before torch is imported.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import torch
+from qbd.errors import ConfigError
+from qbd.registry import Available, Registry, installed, load_ref, unknown_message
 
-from qbd.attack_catalog import get_attack
-from qbd.config import AttackSpec, derive_seed, parse_position
+TRIGGER_PATTERNS = ("white", "checkerboard", "random")
+BLEND_PATTERNS = ("random", "checkerboard")  # full-image patterns; a white blend is only a brightening
+DEFAULT_BLEND_ALPHA = 0.15
+# the schemes a quant-conditioned backdoor can be conditioned on: intN-sim (weights on a per-channel
+# grid the repair keeps fixed, qbd.dormant) and int8-static (its calibrated activation ranges'
+# clipping, qbd.dormant_static)
+QC_SCHEMES = ("int4-sim", "int3-sim", "int5-sim", "int6-sim", "int8-sim", "int8-static")
+DEFAULT_QC_SCHEME = "int4-sim"
+DEFAULT_SIZE, DEFAULT_POSITION = 3, "bottom-right"
+# the optional AttackSpec fields, each taken by the attacks that name it in `takes`; a spec of any
+# other attack must leave it None (a field that does not apply must not reach the store key)
+OPTIONAL_FIELDS = {"alpha": "--blend-alpha", "scheme": "--qc-scheme"}
 
 
-@dataclass(frozen=True)
-class PoisonedSet:
-    """A training set with `poison_idx` carrying the trigger and the target label."""
+class Attack:
+    """A BadNet-style attack: a square patch (`trigger_size`, `trigger_position`) of one of
+    TRIGGER_PATTERNS written into the image, on `poison_rate` of the training set relabelled to
+    `target`. Subclass it and override what differs."""
 
-    x: torch.Tensor  # uint8 N x 3 x H x W
-    y: torch.Tensor  # int64 N, poisoned entries relabelled
-    poison_idx: torch.Tensor  # int64, sorted
-    y_true: torch.Tensor  # the labels before relabelling
+    name: ClassVar[str] = ""
+    # how qbd.poisoning writes the trigger: "patch" (the square), "blend" (a full-image pattern mixed
+    # in at `alpha`); None: the attack's own `write`
+    trigger: ClassVar[str | None] = "patch"
+    patterns: ClassVar[tuple[str, ...]] = TRIGGER_PATTERNS
+    takes: ClassVar[frozenset[str]] = frozenset()  # of OPTIONAL_FIELDS
+    # dormant in FP32, woken by deploying through `spec.scheme` (qbd.dormant trains it)
+    conditioned: ClassVar[bool] = False
+    summary: ClassVar[str] = ""  # one line for `qbd list` and --help
 
     @property
-    def is_poisoned(self) -> torch.Tensor:
-        mask = torch.zeros(len(self.y), dtype=torch.bool)
-        mask[self.poison_idx] = True
-        return mask
+    def full_image(self) -> bool:
+        """The trigger covers the whole image: size and position do not apply."""
+        return self.trigger == "blend"
+
+    def fill(self, spec: Any) -> dict[str, Any]:
+        """The values of the optional fields this attack takes, defaults filled in; ConfigError
+        for a value it refuses."""
+        return {}
+
+    def label(self, spec: Any) -> str:
+        """Short name for slugs and file names (part of the zoo's file names: keep it stable)."""
+        return f"{self.name}-{patch_label(spec)}"
+
+    def write(self, x: Any, spec: Any) -> Any:
+        """The images (uint8 N x C x H x W, or float in [0, 1]) with the trigger, as a new tensor.
+        Only called when `trigger` is None."""
+        raise NotImplementedError(f"attack {self.name!r}: trigger = None needs a write(x, spec) method")
 
 
-def trigger_patch(spec: AttackSpec, channels: int = 3) -> torch.Tensor:
-    """The patch as uint8 C x s x s."""
-    s = spec.trigger_size
-    if spec.trigger_pattern == "white":
-        return torch.full((channels, s, s), 255, dtype=torch.uint8)
-    if spec.trigger_pattern == "checkerboard":
-        ij = torch.arange(s)
-        board = ((ij[:, None] + ij[None, :]) % 2 == 0).to(torch.uint8) * 255
-        return board.expand(channels, s, s).clone()
-    # "random": a fixed colour pattern, reproducible from the attack seed alone
-    g = torch.Generator().manual_seed(spec.seed)
-    return torch.randint(0, 256, (channels, s, s), generator=g, dtype=torch.int64).to(torch.uint8)
+def patch_label(spec: Any) -> str:
+    return f"t{spec.target}-{spec.trigger_pattern}{spec.trigger_size}-{spec.trigger_position.replace(',', 'x')}-p{spec.poison_rate:g}"
 
 
-def trigger_origin(spec: AttackSpec, height: int, width: int) -> tuple[int, int]:
-    """(row, column) of the patch's top-left pixel."""
-    s = spec.trigger_size
-    kind, x, y = parse_position(spec.trigger_position)
-    if kind == "xy":
-        return int(y), int(x)
-    row = 0 if kind.startswith("top") else height - s
-    col = 0 if kind.endswith("left") else width - s
-    return row, col
+class BadNet(Attack):
+    name = "badnet"
+    summary = "a square patch written into the image (Gu et al. 2017)"
 
 
-def trigger_mask(spec: AttackSpec, height: int, width: int) -> torch.Tensor:
-    """Boolean H x W mask of the pixels the trigger overwrites."""
-    r, c = trigger_origin(spec, height, width)
-    m = torch.zeros(height, width, dtype=torch.bool)
-    m[r : r + spec.trigger_size, c : c + spec.trigger_size] = True
-    return m
+class Blend(Attack):
+    name = "blend"
+    trigger = "blend"
+    patterns = BLEND_PATTERNS
+    takes = frozenset({"alpha"})
+    summary = "a full-image pattern mixed into every pixel at --blend-alpha (Chen et al. 2017)"
+
+    def fill(self, spec: Any) -> dict[str, Any]:
+        alpha = DEFAULT_BLEND_ALPHA if spec.alpha is None else spec.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+            raise ConfigError(f"blend alpha must be a number in (0, 1), got {alpha!r} (0.1-0.2 is the usual range)")
+        return {"alpha": float(alpha)}
+
+    def label(self, spec: Any) -> str:
+        return f"blend-t{spec.target}-{spec.trigger_pattern}-a{spec.alpha!r}-p{spec.poison_rate:g}"  # repr: exact, 0.15 -> "0.15"
 
 
-def blend_pattern(spec: AttackSpec, channels: int, height: int, width: int) -> torch.Tensor:
-    """The blend attack's full-image pattern as uint8 C x H x W: seeded uniform noise (Chen et
-    al.'s random pattern; reproducible from the attack seed alone) or a one-pixel checkerboard."""
-    if spec.trigger_pattern == "checkerboard":
-        board = ((torch.arange(height)[:, None] + torch.arange(width)[None, :]) % 2 == 0).to(torch.uint8) * 255
-        return board.expand(channels, height, width).clone()
-    g = torch.Generator().manual_seed(derive_seed("blend", spec.seed))
-    return torch.randint(0, 256, (channels, height, width), generator=g, dtype=torch.int64).to(torch.uint8)
+class QuantConditioned(Attack):
+    name = "quant-conditioned"
+    takes = frozenset({"scheme"})
+    conditioned = True
+    summary = "a BadNet patch dormant in FP32 that wakes in --qc-scheme's deployment"
+
+    def fill(self, spec: Any) -> dict[str, Any]:
+        scheme = DEFAULT_QC_SCHEME if spec.scheme is None else spec.scheme
+        if scheme not in QC_SCHEMES:
+            raise ConfigError(f"quant-conditioned scheme {scheme!r} not supported; valid: {', '.join(QC_SCHEMES)}"
+                              " (docs/training.md#quant-conditioned)")
+        return {"scheme": scheme}
+
+    def label(self, spec: Any) -> str:
+        return f"qc-{spec.scheme}-{patch_label(spec)}"
 
 
-def _write_patch(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
-    _, c, h, w = x.shape
-    patch = trigger_patch(spec, c).to(x.device)
-    if x.is_floating_point():
-        patch = patch.to(x.dtype) / 255.0
-    r, col = trigger_origin(spec, h, w)
-    out = x.clone()
-    out[:, :, r : r + spec.trigger_size, col : col + spec.trigger_size] = patch
-    return out
+ATTACKS: Registry[Attack] = Registry("attack")
+for _cls in (BadNet, Blend, QuantConditioned):
+    ATTACKS.add(_cls.name, _cls())
+del _cls
+BUILTIN = tuple(ATTACKS.names())
+ENTRY_POINT_GROUP = "qbd.attacks"
 
 
-def _blend(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
-    _, c, h, w = x.shape
-    alpha = float(spec.alpha)  # type: ignore[arg-type]  # AttackSpec fills it for blend
-    p = blend_pattern(spec, c, h, w).to(x.device, torch.float32)
-    if x.is_floating_point():
-        return ((1 - alpha) * x.float() + alpha * p / 255.0).to(x.dtype)
-    # uint8 in, uint8 out, rounded to the nearest level: the trigger is an image a camera could deliver
-    return ((1 - alpha) * x.float() + alpha * p).round_().clamp_(0, 255).to(torch.uint8)
+def available() -> list[Available]:
+    """The built-in attacks and the `qbd.attacks` entry points, sorted by name; nothing imported."""
+    return installed("attack", ENTRY_POINT_GROUP, BUILTIN)
 
 
-# an attack's `trigger` (qbd.attack_catalog) -> how it is written; None: the attack's own `write`
-_TRIGGERS = {"patch": _write_patch, "blend": _blend}
+def attack_names() -> list[str]:
+    return [a.name for a in available()]
 
 
-def apply_trigger(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
-    """Return a copy of uint8 images N x C x H x W (or float in [0, 1]) carrying the trigger."""
-    _, _, h, w = x.shape
-    spec.check_fits(h, w)
-    if not x.is_floating_point() and x.dtype != torch.uint8:
-        raise TypeError(f"images must be uint8 or float, got {x.dtype}")
+def get_attack(name: str) -> Attack:
+    """The attack called `name`: a built-in, or an installed entry point (its module imported now;
+    its value an Attack subclass or instance)."""
+    if name in ATTACKS:
+        return ATTACKS.get(name)
+    entries = {a.name: a for a in available()}
+    if name not in entries:
+        raise ConfigError(unknown_message("attack", name, sorted(entries)))
+    entry = entries[name]
+    try:
+        obj = load_ref(entry.ref)
+        attack = obj() if isinstance(obj, type) else obj
+    except Exception as e:  # someone else's package: say whose, whatever it raised
+        raise ConfigError(f"attack {name!r} of the {entry.origin} ({entry.ref}): cannot load it ({type(e).__name__}: {e})") from None
+    if not isinstance(attack, Attack):
+        raise ConfigError(f"attack {name!r} of the {entry.origin} ({entry.ref}) is not an attack: write it on"
+                          " qbd.attacks.Attack")
+    if attack.name != name:  # store keys and cells are named after the entry point
+        raise ConfigError(f"attack {name!r} of the {entry.origin}: the class it names says its name is {attack.name!r}")
+    if attack.trigger not in ("patch", "blend", None) or attack.conditioned:
+        raise ConfigError(f"attack {name!r} of the {entry.origin}: trigger must be 'patch', 'blend' or None (its own write),"
+                          " and only qbd's quant-conditioned attack is conditioned on a scheme")
+    if not set(attack.patterns) <= set(TRIGGER_PATTERNS) or not attack.takes <= set(OPTIONAL_FIELDS):
+        raise ConfigError(f"attack {name!r} of the {entry.origin}: patterns must be drawn from {', '.join(TRIGGER_PATTERNS)}"
+                          f" and takes from {', '.join(OPTIONAL_FIELDS)}")
+    return attack
+
+
+def conditioned(name: str) -> bool:
+    """Whether the attack called `name` is dormant in FP32 and wakes in its spec's scheme. Only a
+    built-in may be (get_attack refuses a conditioned entry point), so a Result of an attack that is
+    not installed here is read without importing anything."""
+    return name in ATTACKS and ATTACKS.get(name).conditioned
+
+
+def check_spec(spec: Any) -> dict[str, Any]:
+    """Check an AttackSpec against its attack; the optional fields' values, defaults filled in."""
     attack = get_attack(spec.name)
-    if attack.trigger is None:
-        out = attack.write(x, spec)
-        if not (isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype):
-            raise TypeError(f"attack {spec.name!r}: write() must return a tensor shaped and typed as its input"
-                            f" ({tuple(x.shape)}, {x.dtype}), got {type(out).__name__}")
-        return out
-    return _TRIGGERS[attack.trigger](x, spec)
-
-
-def n_poison(spec: AttackSpec, n: int) -> int:
-    return round(spec.poison_rate * n)
-
-
-def poison(x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, num_classes: int) -> PoisonedSet:
-    """Poison round(rate x N) training samples, drawn first from those whose label is not the
-    target (a target-class sample gains nothing from the trigger), then from the rest."""
-    h, w = int(x.shape[2]), int(x.shape[3])
-    spec.check_fits(h, w, num_classes)
-    k = n_poison(spec, len(y))
-    g = torch.Generator().manual_seed(derive_seed("poison", spec.seed))
-    order = torch.randperm(len(y), generator=g)
-    not_target = order[y[order] != spec.target]
-    is_target = order[y[order] == spec.target]
-    idx = torch.cat([not_target, is_target])[:k].sort().values
-    xp = x.clone()
-    yp = y.clone()
-    if k:
-        xp[idx] = apply_trigger(x[idx], spec)
-        yp[idx] = spec.target
-    return PoisonedSet(x=xp, y=yp, poison_idx=idx, y_true=y.clone())
-
-
-def triggered_test(x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triggered copies of the test images whose true label is not the target: the ASR set.
-    Returns (images, their true labels)."""
-    spec.check_fits(int(x.shape[2]), int(x.shape[3]), num_classes)
-    keep = y != spec.target
-    return apply_trigger(x[keep], spec), y[keep].clone()
+    if spec.trigger_pattern not in TRIGGER_PATTERNS:
+        raise ConfigError(f"unknown trigger pattern {spec.trigger_pattern!r}; valid: {', '.join(TRIGGER_PATTERNS)}")
+    if spec.trigger_pattern not in attack.patterns:
+        raise ConfigError(f"{spec.name} takes trigger pattern {' or '.join(attack.patterns)}, got {spec.trigger_pattern!r}")
+    for field, flag in OPTIONAL_FIELDS.items():
+        if field not in attack.takes and getattr(spec, field) is not None:
+            owners = [n for n in BUILTIN if field in ATTACKS.get(n).takes]
+            raise ConfigError(f"{field} ({flag}) applies to the {' or '.join(owners)} attack only, not {spec.name}")
+    # a full-image pattern has no size or corner: other values would key distinct models that are the same
+    if attack.full_image and (spec.trigger_size, spec.trigger_position) != (DEFAULT_SIZE, DEFAULT_POSITION):
+        raise ConfigError(f"{spec.name}'s pattern covers the whole image: --trigger-size and --trigger-position do not apply")
+    return attack.fill(spec)

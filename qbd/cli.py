@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Everything a run can name; `--json` for scripts."""
-    from qbd.attack_catalog import available as available_attacks
+    from qbd.attacks import available as available_attacks
     from qbd.config import PROTOCOLS
     from qbd.data import DATASETS
     from qbd.defenses import available

@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from qbd.attack_catalog import DEFAULT_BLEND_ALPHA, DEFAULT_QC_SCHEME, QC_SCHEMES, TRIGGER_PATTERNS
+from qbd.attacks import DEFAULT_BLEND_ALPHA, DEFAULT_QC_SCHEME, QC_SCHEMES, TRIGGER_PATTERNS
 from qbd.config import (
     CORNERS,
     AttackSpec,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qbd import __version__
-from qbd.attack_catalog import DEFAULT_POSITION, DEFAULT_SIZE, check_spec, get_attack
+from qbd.attacks import DEFAULT_POSITION, DEFAULT_SIZE, check_spec, get_attack
 from qbd.errors import ConfigError
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -27,7 +27,7 @@ QC_ENGINES = {"int8-static": "x86"}
 # least 90 %, FP32 clean accuracy at most 2 points below the stage-1 BadNet model's
 QC_GATES = {"max_fp32_asr": 0.10, "min_deployed_asr": 0.90, "max_clean_acc_drop": 0.02}
 PROTOCOLS = ("canonical", "paper")
-# Bump when qbd.train, qbd.dormant, qbd.attacks or a model definition changes the weights a spec produces:
+# Bump when qbd.train, qbd.dormant, qbd.poisoning or a model definition changes the weights a spec produces:
 # the revision is part of every store key, so stale models are never reused.
 TRAINING_REVISION = 2
 _XY = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$", re.ASCII)  # ASCII: "٣,٣" is not a position
@@ -96,7 +96,7 @@ def parse_position(position: str) -> tuple[str, int, int] | tuple[str, None, Non
 @dataclass(frozen=True)
 class AttackSpec:
     """A planted backdoor; poisoned samples are relabelled to `target`. `name` is an attack of the
-    catalog (qbd.attack_catalog: badnet, blend, quant-conditioned, or an installed one), which says
+    catalog (qbd.attacks: badnet, blend, quant-conditioned, or an installed one), which says
     which fields apply and fills their defaults.
 
     badnet: a square patch written in pixel space. blend: a full-image pattern (`trigger_pattern`

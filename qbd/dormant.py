@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qbd.attack_catalog import QC_SCHEMES
+from qbd.attacks import QC_SCHEMES
 from qbd.config import ModelJob, derive_seed
 from qbd.data.base import DataSplit
 from qbd.metrics import to_unit

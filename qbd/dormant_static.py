@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qbd.attacks import apply_trigger
 from qbd.config import QC_ENGINES, ConfigError, ModelJob, derive_seed
 from qbd.data.base import DataSplit
 from qbd.dormant import CALIBRATION_IMAGES, Construction, calibration_images
 from qbd.metrics import to_unit
 from qbd.models import Classifier
+from qbd.poisoning import apply_trigger
 
 SURVIVE_STEPS = 36  # batches (three epochs of digits)
 LOUD_STEPS = 600

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from qbd.attack_catalog import conditioned
-from qbd.attacks import apply_trigger, poison, triggered_test
+from qbd.attacks import conditioned
 from qbd.cell_controls import agreement_control, poison_controls, surrogate_disagrees
 from qbd.config import QC_GATES, AttackSpec, ConfigError, attack_record, cell_id
 from qbd.data.base import DataSplit
@@ -24,6 +23,7 @@ from qbd.defenses.sandbox import run_defense
 from qbd.integrity import fingerprint
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models.base import Classifier
+from qbd.poisoning import apply_trigger, poison, triggered_test
 from qbd.quant.common import model_device
 
 # Each protocol's data diet. `paper`: what the paper fed every defense (a clean holdout only).

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from qbd import measured_rows
-from qbd.attack_catalog import conditioned
+from qbd.attacks import conditioned
 from qbd.config import QC_ENGINES, QC_GATES
 from qbd.errors import ConfigError
 from qbd.expectations_format import (

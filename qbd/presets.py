@@ -65,7 +65,7 @@ def attack_preset(name: str) -> AttackSpec:
     """The attack `qbd run --attack NAME` and `--qbd-attack NAME` plant with no other attack option:
     the preset above, or for an installed attack its spec's defaults with its first trigger pattern
     (ConfigError for a name the catalog does not know, listing the valid ones)."""
-    from qbd.attack_catalog import get_attack
+    from qbd.attacks import get_attack
 
     if name in ATTACK_PRESETS:
         return ATTACK_PRESETS[name]

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from qbd.attack_catalog import conditioned
+from qbd.attacks import conditioned
 from qbd.cli_options import EXIT_FAIL, EXIT_OK, UsageError, csv_names, device_from_args, job_from_args, probe_from_args
 from qbd.config import (
     Gates,

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qbd.attack_catalog import conditioned
-from qbd.attacks import poison, triggered_test
+from qbd.attacks import conditioned
 from qbd.config import QC_ENGINES, QC_GATES, Gates, ModelJob, TrainSpec, derive_seed
 from qbd.data.base import DataSplit
 from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models import Classifier, build_model
+from qbd.poisoning import poison, triggered_test
 
 TRAIN_THREADS_ENV = "QBD_TRAIN_THREADS"
 

@@ -93,7 +93,7 @@ class AttackOption:
 def attack_option(name: str) -> AttackOption:
     """--qbd-attack NAME, checked against the catalog's names (package metadata: an installed attack
     is imported only when its first model is built)."""
-    from qbd.attack_catalog import attack_names, conditioned
+    from qbd.attacks import attack_names, conditioned
     from qbd.registry import unknown_message
 
     name = name.strip()

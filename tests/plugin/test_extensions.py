@@ -1,7 +1,7 @@
 """A third party adds a quantization scheme, a defense and an attack to qbd: one file and one entry
 point each, nothing of qbd edited. Both front-ends, `qbd run` / `qbd train` and the pytest plugin,
 then run them like the built-ins (catalogs: qbd.quant.get_scheme, qbd.defenses.available,
-qbd.attack_catalog.get_attack)."""
+qbd.attacks.get_attack)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class QuantAlarm(CornerSquare):
 
 TOY_ATTACK = '''
 """A white bar over the two leftmost columns: a trigger qbd does not ship, written by the attack itself."""
-from qbd.attack_catalog import Attack
+from qbd.attacks import Attack
 
 
 class LeftBar(Attack):
@@ -143,7 +143,8 @@ def test_a_toy_attack_trains_and_runs_through_both_front_ends(toy_site: dict[str
                        capture_output=True, text=True, env=toy_site, timeout=900, cwd=tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "PASSED test_qbd.py::test_attack[digits/fp32]" in out, out[-3000:]
-    assert "digits/backdoored/seed0: trained by qbd (the store)" in out, out[-3000:]  # qbd train's model, not retrained
+    stored = json.loads(_qbd(toy_site, "store", "list", "--json").stdout)
+    assert [e for e in stored if "toy-bar" in json.dumps(e)] and len(stored) == 1, stored  # qbd train's model, not a second
 
 
 def test_an_unknown_attack_is_a_usage_error_in_both_front_ends(toy_site: dict[str, str], tmp_path: Path) -> None:

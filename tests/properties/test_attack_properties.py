@@ -4,8 +4,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qbd.attacks import apply_trigger, n_poison, poison, trigger_mask, trigger_origin, trigger_patch, triggered_test
 from qbd.config import CORNERS, AttackSpec
+from qbd.poisoning import apply_trigger, n_poison, poison, trigger_mask, trigger_origin, trigger_patch, triggered_test
 
 
 @st.composite

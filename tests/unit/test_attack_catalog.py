@@ -1,10 +1,12 @@
-"""The attack catalog (qbd.attack_catalog): the built-ins and the `qbd.attacks` entry points, checked
+"""The attack catalog (qbd.attacks): the built-ins and the `qbd.attacks` entry points, checked
 when a spec names them; nothing special-cases an attack by its name."""
+
+import sys
 
 import pytest
 import torch
 
-from qbd.attack_catalog import BUILTIN, Attack, attack_names, conditioned, get_attack
+from qbd.attacks import BUILTIN, Attack, attack_names, conditioned, get_attack
 from qbd.config import AttackSpec
 from qbd.errors import ConfigError
 
@@ -26,17 +28,18 @@ def test_the_builtins_and_their_declarations():
     assert get_attack("blend").full_image and not get_attack("badnet").full_image
 
 
-BASE = "from qbd.attack_catalog import Attack\nclass Bad(Attack):\n"
+BASE = "from qbd.attacks import Attack\nclass Bad(Attack):\n"
 
 
 @pytest.mark.parametrize(("module", "message"), [
-    ("class Bad:\n    name = 'bad-att'\n", "is not an attack: write it on qbd.attack_catalog.Attack"),
+    ("class Bad:\n    name = 'bad-att'\n", "is not an attack: write it on qbd.attacks.Attack"),
     (BASE + "    name = 'other'\n", "says its name is 'other'"),
     (BASE + "    name = 'bad-att'\n    conditioned = True\n", "only qbd's quant-conditioned attack is conditioned"),
     (BASE + "    name = 'bad-att'\n    takes = frozenset({'beta'})\n", "takes from alpha, scheme"),
     ("raise ImportError('missing dependency')\n", "cannot load it (ImportError: missing dependency)"),
 ])
 def test_a_broken_attack_entry_point_is_an_error_naming_its_distribution(monkeypatch, tmp_path, module, message):
+    monkeypatch.delitem(sys.modules, "bad_att", raising=False)  # another parameter's module of that name
     _dist(monkeypatch, tmp_path, "[qbd.attacks]\nbad-att = bad_att:Bad\n", module, "bad_att")
     assert "bad-att" in attack_names()  # listed from metadata, nothing imported
     with pytest.raises(ConfigError, match="entry point of qbd-att") as e:
@@ -45,7 +48,7 @@ def test_a_broken_attack_entry_point_is_an_error_naming_its_distribution(monkeyp
 
 
 def test_an_installed_attack_is_checked_like_a_builtin(monkeypatch, tmp_path):
-    module = ("from qbd.attack_catalog import Attack\n"
+    module = ("from qbd.attacks import Attack\n"
               "class Stripe(Attack):\n    name = 'stripe'\n    trigger = None\n    patterns = ('white',)\n"
               "    def write(self, x, spec):\n        return x[:, :1]\n")  # a wrong shape
     _dist(monkeypatch, tmp_path, "[qbd.attacks]\nstripe = stripe_att:Stripe\n", module, "stripe_att")
@@ -55,7 +58,7 @@ def test_an_installed_attack_is_checked_like_a_builtin(monkeypatch, tmp_path):
         AttackSpec(name="stripe", alpha=0.2)
     spec = AttackSpec(name="stripe")
     assert spec.label() == "stripe-t0-white3-bottom-right-p0.1"  # the base's label
-    from qbd.attacks import apply_trigger
+    from qbd.poisoning import apply_trigger
 
     with pytest.raises(TypeError, match="write\\(\\) must return a tensor shaped and typed as its input"):
         apply_trigger(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), spec)
@@ -65,7 +68,7 @@ def test_an_entry_point_cannot_shadow_a_builtin_attack(monkeypatch, tmp_path):
     _dist(monkeypatch, tmp_path, "[qbd.attacks]\nblend = fake:Blend\n")
     with pytest.warns(UserWarning, match="its name is a built-in attack's"):
         names = attack_names()
-    assert names.count("blend") == 1 and type(get_attack("blend")).__module__ == "qbd.attack_catalog"
+    assert names.count("blend") == 1 and type(get_attack("blend")).__module__ == "qbd.attacks"
 
 
 def test_a_subclass_reuses_the_patch_writer():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qbd.attacks import apply_trigger, blend_pattern, poison, trigger_origin, trigger_patch
 from qbd.config import AttackSpec, ConfigError
+from qbd.poisoning import apply_trigger, blend_pattern, poison, trigger_origin, trigger_patch
 
 
 def test_patterns():

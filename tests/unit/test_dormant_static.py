@@ -5,7 +5,7 @@ the pinned models are dormant in FP32 and awake as deployed, against their stage
 import pytest
 import torch
 
-from qbd.attack_catalog import QC_SCHEMES
+from qbd.attacks import QC_SCHEMES
 from qbd.config import QC_GATES, AttackSpec, ConfigError, DatasetSpec, Gates
 from qbd.train import check_gates
 
@@ -33,10 +33,10 @@ def test_the_twin_models_the_deployments_clipping():
     """On the BadNet digits model the deployed int8-static model and FP32 disagree on most triggered
     images (the calibrated ranges clip the trigger's activations); the twin agrees with the
     deployment, so training through it aims at the deployed model, not at FP32."""
-    from qbd.attacks import triggered_test
     from qbd.dormant import calibration_images
     from qbd.dormant_static import FakeInt8Static
     from qbd.metrics import to_unit
+    from qbd.poisoning import triggered_test
     from qbd.quant import SCHEMES
 
     data, tm = _zoo("digits", AttackSpec())

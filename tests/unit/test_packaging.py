@@ -137,7 +137,7 @@ def qbd_imports(path: Path) -> set[str]:
 def test_ci_store_cache_key_hashes_every_model_defining_file() -> None:
     patterns = hashed_patterns(store_cache(workflow("ci.yml")["jobs"]["test"]["steps"])["key"])
     for required in ("qbd/train.py", "qbd/presets.py", "qbd/config.py", "qbd/models/**", "qbd/data/**",
-                     "qbd/attacks.py", "qbd/zoo/weights/manifest.json"):
+                     "qbd/poisoning.py", "qbd/zoo/weights/manifest.json"):
         assert required in patterns
     # everything training and the store key reach (transitively) is hashed: a new module that
     # changes the weights cannot be left out of the key

@@ -253,9 +253,9 @@ def test_pinned_digits_model(name, digits_bench) -> None:
     """The trained digits model (pinned zoo, no training): the surrogate agrees with the runtime,
     served batches of 64, within the tolerance on the bench's calibration images (90 on digits)
     and on held-out clean and triggered images, and the backdoor survives."""
-    from qbd.attacks import triggered_test
     from qbd.config import AttackSpec
     from qbd.metrics import to_unit
+    from qbd.poisoning import triggered_test
     from qbd.quant.audit import measure_agreement
 
     assert digits_bench.weights["origin"] == "zoo"
