@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from qbd.errors import ConfigError
-from qbd.registry import Available, Registry, installed, load_ref, unknown_message
+from qbd.registry import Available, Registry, installed, load_entry, unknown_message
 
 TRIGGER_PATTERNS = ("white", "checkerboard", "random")
 BLEND_PATTERNS = ("random", "checkerboard")  # full-image patterns; a white blend is only a brightening
@@ -135,11 +135,7 @@ def get_attack(name: str) -> Attack:
     if name not in entries:
         raise ConfigError(unknown_message("attack", name, sorted(entries)))
     entry = entries[name]
-    try:
-        obj = load_ref(entry.ref)
-        attack = obj() if isinstance(obj, type) else obj
-    except Exception as e:  # someone else's package: say whose, whatever it raised
-        raise ConfigError(f"attack {name!r} of the {entry.origin} ({entry.ref}): cannot load it ({type(e).__name__}: {e})") from None
+    attack = load_entry("attack", entry)
     if not isinstance(attack, Attack):
         raise ConfigError(f"attack {name!r} of the {entry.origin} ({entry.ref}) is not an attack: write it on"
                           " qbd.attacks.Attack")

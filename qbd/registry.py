@@ -95,6 +95,19 @@ def load_ref(ref: str) -> object:
     return obj
 
 
+def load_entry(kind: str, entry: Available) -> object:
+    """An entry point's object, a class instantiated with no arguments; ConfigError naming its
+    distribution when it cannot be loaded, whatever it raised (someone else's package)."""
+    from qbd.errors import ConfigError
+
+    try:
+        obj = load_ref(entry.ref)
+        return obj() if isinstance(obj, type) else obj
+    except Exception as e:
+        raise ConfigError(f"{kind} {entry.name!r} of the {entry.origin} ({entry.ref}): cannot load it"
+                          f" ({type(e).__name__}: {e})") from None
+
+
 def suggestion(name: str, valid: list[str]) -> str | None:
     """The valid name the user most likely meant: a close spelling ("papr" -> "paper"), the
     initials of a hyphenated name ("nc" -> "neural-cleanse"), or a unique prefix."""

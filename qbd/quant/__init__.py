@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qbd.registry import Available, Registry, installed, load_ref, unknown_message
+from qbd.registry import Available, Registry, installed, load_entry, unknown_message
 
 if TYPE_CHECKING:
     from qbd.quant.base import Scheme
@@ -56,12 +56,7 @@ def get_scheme(name: str) -> Scheme:
     if name not in entries:
         raise UnknownNameError(unknown_message("quantization scheme", name, sorted(entries)))
     entry = entries[name]
-    try:
-        obj = load_ref(entry.ref)
-        scheme = obj() if isinstance(obj, type) else obj
-    except Exception as e:  # someone else's package: say whose, whatever it raised
-        raise ConfigError(f"quantization scheme {name!r} of the {entry.origin} ({entry.ref}): cannot load it"
-                          f" ({type(e).__name__}: {e})") from None
+    scheme = load_entry("quantization scheme", entry)
     missing = [a for a in ("name", "differentiable", "engines", "apply") if not hasattr(scheme, a)]
     if missing:
         raise ConfigError(f"quantization scheme {name!r} of the {entry.origin} ({entry.ref}) is not a scheme: it has no"

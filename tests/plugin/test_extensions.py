@@ -211,13 +211,9 @@ def test_a_false_alarm_only_once_quantized_fails_in_both_front_ends(toy_site: di
 
 def _dist_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, entry_points: str, module: str = "", name: str = "") -> None:
     """A distribution qbd-bad on sys.path; `module` the source of the module `name`."""
-    site = tmp_path / "inproc"
-    (site / "qbd_bad-0.1.dist-info").mkdir(parents=True)
-    (site / "qbd_bad-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-bad\nVersion: 0.1\n")
-    (site / "qbd_bad-0.1.dist-info" / "entry_points.txt").write_text(entry_points)
-    if module:
-        (site / f"{name}.py").write_text(module)
-    monkeypatch.syspath_prepend(str(site))
+    from tests.toy import distribution_on_path
+
+    distribution_on_path(monkeypatch, tmp_path / "inproc", "qbd-bad", entry_points, {name: module} if module else None)
 
 
 @pytest.mark.parametrize(("value", "module", "message"), [

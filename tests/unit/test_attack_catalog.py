@@ -9,16 +9,11 @@ import torch
 from qbd.attacks import BUILTIN, Attack, attack_names, conditioned, get_attack
 from qbd.config import AttackSpec
 from qbd.errors import ConfigError
+from tests.toy import distribution_on_path
 
 
 def _dist(monkeypatch, tmp_path, entry_points: str, module: str = "", name: str = "") -> None:
-    site = tmp_path / "site"
-    (site / "qbd_att-0.1.dist-info").mkdir(parents=True)
-    (site / "qbd_att-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: qbd-att\nVersion: 0.1\n")
-    (site / "qbd_att-0.1.dist-info" / "entry_points.txt").write_text(entry_points)
-    if module:
-        (site / f"{name}.py").write_text(module)
-    monkeypatch.syspath_prepend(str(site))
+    distribution_on_path(monkeypatch, tmp_path / "site", "qbd-att", entry_points, {name: module} if module else None)
 
 
 def test_the_builtins_and_their_declarations():
