@@ -28,7 +28,7 @@ def table():
     return load_for("smoke")  # the ONNX rows, as `qbd run --expectations` reads them
 
 
-def _bench(dataset: str, attack: AttackSpec | None):
+def _bench(dataset: str, attack: AttackSpec | None, memo):
     from qbd.data import load_dataset
     from qbd.evaluate import Bench
     from qbd.store import Store
@@ -37,19 +37,19 @@ def _bench(dataset: str, attack: AttackSpec | None):
     data = load_dataset(DatasetSpec(dataset))
     job = seeded_job(dataset, "tiny-cnn", 0, attack)
     tm = get_trained(job, data, Store(), progress=False)
-    return Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance())
+    return Bench(data, tm.model, job.attack, model_name="tiny-cnn", tier="smoke", weights=tm.provenance(), memo=memo)
 
 
 @pytest.fixture(scope="module", params=["digits", "synthetic"])
-def badnet_bench(request):
+def badnet_bench(request, qbd_memo):
     pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'pytest-qbd[onnx]'")
-    return _bench(request.param, AttackSpec())
+    return _bench(request.param, AttackSpec(), qbd_memo)
 
 
 @pytest.fixture(scope="module", params=["digits", "synthetic"])
-def clean_bench(request):
+def clean_bench(request, qbd_memo):
     pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'pytest-qbd[onnx]'")
-    return _bench(request.param, None)
+    return _bench(request.param, None, qbd_memo)
 
 
 @pytest.mark.qbd_smoke
