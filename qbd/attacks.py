@@ -44,7 +44,6 @@ class Attack:
     takes: ClassVar[frozenset[str]] = frozenset()  # of OPTIONAL_FIELDS
     # dormant in FP32, woken by deploying through `spec.scheme` (qbd.dormant trains it)
     conditioned: ClassVar[bool] = False
-    summary: ClassVar[str] = ""  # one line for `qbd list` and --help
 
     @property
     def full_image(self) -> bool:
@@ -71,16 +70,19 @@ def patch_label(spec: Any) -> str:
 
 
 class BadNet(Attack):
+    """A square patch written into the image (Gu et al. 2017)."""
+
     name = "badnet"
-    summary = "a square patch written into the image (Gu et al. 2017)"
 
 
 class Blend(Attack):
+    """A full-image pattern mixed into every pixel at `alpha` (Chen et al. 2017). An attack of your
+    own with a blended trigger subclasses it (its `fill` sets alpha's default)."""
+
     name = "blend"
     trigger = "blend"
     patterns = BLEND_PATTERNS
     takes = frozenset({"alpha"})
-    summary = "a full-image pattern mixed into every pixel at --blend-alpha (Chen et al. 2017)"
 
     def fill(self, spec: Any) -> dict[str, Any]:
         alpha = DEFAULT_BLEND_ALPHA if spec.alpha is None else spec.alpha
@@ -93,10 +95,11 @@ class Blend(Attack):
 
 
 class QuantConditioned(Attack):
+    """A BadNet patch dormant in FP32 that wakes in `scheme`'s deployment (qbd.dormant)."""
+
     name = "quant-conditioned"
     takes = frozenset({"scheme"})
     conditioned = True
-    summary = "a BadNet patch dormant in FP32 that wakes in --qc-scheme's deployment"
 
     def fill(self, spec: Any) -> dict[str, Any]:
         scheme = DEFAULT_QC_SCHEME if spec.scheme is None else spec.scheme
@@ -144,10 +147,24 @@ def get_attack(name: str) -> Attack:
     if attack.trigger not in ("patch", "blend", None) or attack.conditioned:
         raise ConfigError(f"attack {name!r} of the {entry.origin}: trigger must be 'patch', 'blend' or None (its own write),"
                           " and only qbd's quant-conditioned attack is conditioned on a scheme")
+    if attack.trigger == "blend" and not isinstance(attack, Blend):
+        raise ConfigError(f"attack {name!r} of the {entry.origin}: a blended trigger subclasses qbd.attacks.Blend (its alpha"
+                          " and patterns)")
     if not set(attack.patterns) <= set(TRIGGER_PATTERNS) or not attack.takes <= set(OPTIONAL_FIELDS):
         raise ConfigError(f"attack {name!r} of the {entry.origin}: patterns must be drawn from {', '.join(TRIGGER_PATTERNS)}"
                           f" and takes from {', '.join(OPTIONAL_FIELDS)}")
     return attack
+
+
+def attack_code(spec: Any) -> str | None:
+    """The digest of an installed attack's package (qbd.registry.code_digest), for the keys of what
+    it produces (a stored model, a memoised Result): an edit to its trigger must not reuse them.
+    None for a built-in (qbd's version and code cover it) or no attack."""
+    if spec is None or spec.name in BUILTIN:
+        return None
+    from qbd.registry import code_digest
+
+    return code_digest(get_attack(spec.name)) or "unidentified"
 
 
 def conditioned(name: str) -> bool:

@@ -162,11 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--jobs", type=workers_arg, default="auto", metavar="N",
                    help="cells in parallel on N worker processes of one thread each; auto: one per usable core (default)."
                         " Verdicts do not depend on N")
-    memo = r.add_argument_group("reusing Results (qbd.memo: a cell computed once is never computed again in the same run)")
+    memo = r.add_argument_group("reusing Results (a cell computed once is not computed again in the same run; docs/scaling.md)"
+                                ).add_mutually_exclusive_group()
     memo.add_argument("--reuse-results", action="store_true",
-                      help="also reuse Results that earlier runs filed in the store (a CI cache): same model, data, scheme,"
-                           " defense, parameters, seed, qbd code and library versions")
-    memo.add_argument("--fresh", action="store_true", help="compute every cell, reusing nothing (not even within this run)")
+                      help="also reuse Results that earlier runs filed (beside a local store, else in the user cache: a CI"
+                           " cache): same data, model, scheme, defense and its parameters and code (yours included),"
+                           " protocol, seed, device, threads, qbd code and library versions")
+    memo.add_argument("--fresh", action="store_true", help="compute every cell, reusing nothing (not even within this run);"
+                      " the Results are still filed")
     r.add_argument("--json", action="store_true", help='print {"schema": 1, "results": [Result, ...], "rows": [row, ...], "effects": [effect, ...], "run": {...}}')
     r.add_argument("--report", metavar="DIR", default=None, help="write results.json, report.md and heatmap.png to DIR")
     r.set_defaults(func=cmd_run)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qbd import __version__
-from qbd.attacks import DEFAULT_POSITION, DEFAULT_SIZE, check_spec, get_attack
+from qbd.attacks import DEFAULT_POSITION, DEFAULT_SIZE, attack_code, check_spec, get_attack
 from qbd.errors import ConfigError
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -221,6 +221,8 @@ class ModelJob:
         (another copy of CIFAR-10, a new synthetic generator) can never reuse stale weights;
         CPU training is bitwise reproducible only for a given thread count, so that is in too."""
         doc: dict[str, Any] = {"job": self.to_dict(), "qbd": __version__, "revision": TRAINING_REVISION}
+        if attack_code(self.attack) is not None:  # an installed attack: its code, so an edit retrains
+            doc["attack_code"] = attack_code(self.attack)
         if data_fingerprint is not None:
             doc["data"] = data_fingerprint
         if cpu_threads is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 FORMAT = 1  # of an entry file; bump when key_parts or the entry's layout changes
 FOLDER = "results"
 # the libraries whose kernels compute a Result (read from package metadata: nothing is imported)
-LIBRARIES = ("torch", "torchvision", "torchao", "numpy", "onnx", "onnxruntime")
+LIBRARIES = ("torch", "torchvision", "torchao", "numpy", "scipy", "scikit-learn", "onnx", "onnxruntime")
 
 
 class ResultMemo:
@@ -52,6 +51,7 @@ class ResultMemo:
         import torch
 
         import qbd
+        from qbd.registry import source_digest
 
         versions: dict[str, str | None] = {"torch": str(torch.__version__)}  # with its build tag (+cu130, +cpu)
         for name in LIBRARIES:
@@ -124,32 +124,15 @@ def files_result(result: dict[str, Any], defense: Any) -> bool:
 
 def code_of(obj: Any) -> dict[str, Any]:
     """What identifies the code of a defense or scheme that is not qbd's own: its class and the
-    digest of its top-level package's source (every module of it: a helper module counts too).
+    digest of its top-level package (every file of it: a helper module or a data file counts too).
     qbd's own code is in `ResultMemo.environment`. sha256 None: not identifiable."""
+    from qbd.registry import code_digest
+
     cls = obj if isinstance(obj, type) else type(obj)
     out: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}"}
-    top = cls.__module__.split(".")[0]
-    if top != "qbd":
-        module = sys.modules.get(top)
-        out["sha256"] = None if module is None else source_digest(module)
+    if cls.__module__.split(".")[0] != "qbd":
+        out["sha256"] = code_digest(cls)
     return out
-
-
-def source_digest(module: Any) -> str | None:
-    """sha256 of a module's source: every .py file under its folder for a package, its file for a
-    plain module; None when it has no source file (defined in a string, a notebook, a C extension)."""
-    file = getattr(module, "__file__", None)
-    if not file or not file.endswith(".py"):
-        return None
-    path = Path(file)
-    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-    h = hashlib.sha256()
-    try:
-        for f in files:
-            h.update(f.relative_to(path.parent).as_posix().encode() + b"\x00" + f.read_bytes())
-    except OSError:
-        return None
-    return h.hexdigest()
 
 
 def cell_parts(bench: Any, defense: Any, scheme: str, *, gradient_path: str, engine: str | None, seed: int,
@@ -161,6 +144,7 @@ def cell_parts(bench: Any, defense: Any, scheme: str, *, gradient_path: str, eng
 
     import torch
 
+    from qbd.attacks import attack_code
     from qbd.config import attack_record
     from qbd.defenses.base import params_of
     from qbd.quant import get_scheme
@@ -170,9 +154,12 @@ def cell_parts(bench: Any, defense: Any, scheme: str, *, gradient_path: str, eng
         return None
     return {
         "data": {"name": bench.data.name, "sha256": bench.data_sha256},
-        "model": {"name": bench.model_name, "sha256": bench.model_sha256, "weights": bench.weights},
+        # where the zoo is installed is no part of a model (its sha256 is): a new environment reuses
+        "model": {"name": bench.model_name, "sha256": bench.model_sha256,
+                  "weights": {k: v for k, v in (bench.weights or {}).items() if k not in ("zoo", "repository_zoo")}},
         "bench": {"spec": asdict(bench.spec), "tier": bench.tier, "device": str(bench.device),
-                  "attack": attack_record(bench.attack), "probe": attack_record(bench.probe)},
+                  "attack": attack_record(bench.attack), "probe": attack_record(bench.probe),
+                  "attack_code": attack_code(bench.attack), "probe_code": attack_code(bench.probe)},
         "scheme": {"name": scheme, "engine": engine, **codes["scheme"]},
         "defense": {"name": defense.name, "protocol": getattr(defense, "protocol", "canonical"), "params": params_of(defense),
                     "requires": sorted(defense.requires), "version": getattr(defense, "version", None),

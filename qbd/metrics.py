@@ -49,7 +49,7 @@ def accuracy(model: Logits, x: torch.Tensor, y: torch.Tensor, **kw: object) -> f
 
 def attack_success_rate(model: Logits, x_triggered: torch.Tensor, target: int, **kw: object) -> float:
     """Share of triggered images classified as the target. `x_triggered` must already exclude
-    images whose true label is the target (attacks.triggered_test does)."""
+    images whose true label is the target (qbd.poisoning.triggered_test does)."""
     if len(x_triggered) == 0:
         raise ValueError("attack success rate of an empty set is undefined")
     return float((predict(model, x_triggered, **kw) == target).float().mean())

@@ -95,6 +95,37 @@ def load_ref(ref: str) -> object:
     return obj
 
 
+def source_digest(module: object) -> str | None:
+    """sha256 of a module's code: every file under its folder for a package (data files included:
+    a threshold table shipped beside the code counts), its file for a plain module; None when it has
+    no source file (defined in a string, a notebook, a C extension)."""
+    import hashlib
+    from pathlib import Path
+
+    file = getattr(module, "__file__", None)
+    if not file or not file.endswith(".py"):
+        return None
+    path = Path(file)
+    files = ([f for f in sorted(path.parent.rglob("*")) if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"]
+             if path.name == "__init__.py" else [path])
+    h = hashlib.sha256()
+    try:
+        for f in files:
+            h.update(f.relative_to(path.parent).as_posix().encode() + b"\x00" + f.read_bytes())
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def code_digest(obj: object) -> str | None:
+    """source_digest of the top-level package that defines `obj`'s class (or `obj`, a class)."""
+    import sys
+
+    cls = obj if isinstance(obj, type) else type(obj)
+    module = sys.modules.get(cls.__module__.split(".")[0])
+    return None if module is None else source_digest(module)
+
+
 def load_entry(kind: str, entry: Available) -> object:
     """An entry point's object, a class instantiated with no arguments; ConfigError naming its
     distribution when it cannot be loaded, whatever it raised (someone else's package)."""

@@ -100,8 +100,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         from qbd.memo import for_store
 
-        if args.fresh and args.reuse_results:
-            raise ConfigError("--fresh reuses nothing and --reuse-results reuses earlier runs' Results: choose one")
         store = open_store(args.cache_dir)
         results = run(plan, data_root=args.data_root, store=store, progress=not args.no_progress, gates=gates, workers=args.jobs,
                       memo=for_store(store, reuse=args.reuse_results, fresh=args.fresh))

@@ -30,9 +30,10 @@ OPTIONS: list[tuple[str, dict[str, Any], str]] = [
      " (e.g. onnx-int8-static) (default: the tier's; the clean model's negative control runs on each of them)"),
     ("attack", {}, "the backdoor the matrix's models carry, as `qbd run --attack` takes it: badnet, blend,"
      " quant-conditioned or an installed attack (the qbd.attacks entry points), with its preset settings (default: badnet)"),
-    ("reuse-results", {"action": "store_true"}, "also reuse defense Results that earlier sessions filed in the store (a CI"
-     " cache of --qbd-cache-dir); within one session a cell computed once is always reused (qbd.memo)"),
-    ("fresh", {"action": "store_true"}, "compute every cell, reusing no Result (not even within this session)"),
+    ("reuse-results", {"action": "store_true"}, "also reuse defense Results that earlier sessions filed (beside a local"
+     " store, else in the user cache: a CI cache); within one session a valid Result is always reused (docs/scaling.md)"),
+    ("fresh", {"action": "store_true"}, "compute every cell, reusing no Result (not even within this session); the"
+     " Results are still filed"),
     ("device", {}, "where models train and defenses run: auto (CUDA when present), cpu, cuda or cuda:N; under xdist a bare"
      " cuda (or auto on a GPU host) gives worker k cuda:{k mod GPUs} (default: the tier's: cpu for smoke, auto for paper)"),
 ]

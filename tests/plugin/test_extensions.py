@@ -86,7 +86,6 @@ class LeftBar(Attack):
     name = "toy-bar"
     trigger = None  # this class writes it
     patterns = ("white",)
-    summary = "a white bar over the two leftmost columns"
 
     def label(self, spec):
         return f"toy-bar-t{spec.target}-p{spec.poison_rate:g}"

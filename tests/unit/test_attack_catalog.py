@@ -71,3 +71,28 @@ def test_a_subclass_reuses_the_patch_writer():
         name = "wide"
 
     assert Wide().trigger == "patch" and Wide().label(AttackSpec()) == "wide-t0-white3-bottom-right-p0.1"
+
+
+def test_an_edit_to_an_installed_attack_changes_its_models_keys(monkeypatch, tmp_path):
+    """The store key of a model (and the memo key of its Results) carries an installed attack's code:
+    an edited trigger trains a new model, never reuses the old one."""
+    from qbd.config import ModelJob
+
+    module = ("from qbd.attacks import Attack\n"
+              "class Dots(Attack):\n    name = 'dots'\n    trigger = None\n    patterns = ('white',)\n"
+              "    def write(self, x, spec):\n        out = x.clone()\n        out[:, :, ::4, ::4] = 255\n        return out\n")
+    monkeypatch.delitem(sys.modules, "dots_att", raising=False)
+    _dist(monkeypatch, tmp_path, "[qbd.attacks]\ndots = dots_att:Dots\n", module, "dots_att")
+    job = ModelJob(attack=AttackSpec(name="dots"))
+    before = job.key()
+    (tmp_path / "site" / "dots_att.py").write_text(module.replace("::4, ::4", "::3, ::3"))
+    assert job.key() != before
+    assert ModelJob().key() == ModelJob().key()  # a built-in attack's key has no code digest: the zoo's keys stand
+
+
+def test_a_blended_installed_attack_must_subclass_blend(monkeypatch, tmp_path):
+    module = "from qbd.attacks import Attack\nclass Mix(Attack):\n    name = 'mix'\n    trigger = 'blend'\n"
+    monkeypatch.delitem(sys.modules, "mix_att", raising=False)
+    _dist(monkeypatch, tmp_path, "[qbd.attacks]\nmix = mix_att:Mix\n", module, "mix_att")
+    with pytest.raises(ConfigError, match=r"a blended trigger subclasses qbd\.attacks\.Blend"):
+        AttackSpec(name="mix")

@@ -4,6 +4,7 @@ asked; anything its Result depends on changes the key; nothing untrustworthy is 
 import copy
 import json
 
+import pytest
 import torch
 
 from qbd.defenses.base import Verdict
@@ -181,9 +182,10 @@ def test_a_defense_whose_code_cannot_be_identified_is_not_memoised(tmp_path):
 def test_the_cli_refuses_fresh_with_reuse(tmp_path, capsys):
     from qbd.cli import main
 
-    code = main(["run", "--dataset", "digits", "--quant", "fp32", "--defense", "strip", "--fresh", "--reuse-results",
-                 "--cache-dir", str(tmp_path)])
-    assert code == 2 and "choose one" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse refuses it before anything is planned
+        main(["run", "--dataset", "digits", "--quant", "fp32", "--defense", "strip", "--fresh", "--reuse-results",
+              "--cache-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--reuse-results: not allowed with argument --fresh" in capsys.readouterr().err
 
 
 def test_copies_of_a_memo_share_its_session(tmp_path):
@@ -210,3 +212,14 @@ def test_a_third_party_defense_is_keyed_by_its_whole_package(tmp_path, monkeypat
     after = code_of(probe)
     assert before["class"] == "memo_probe_defense.impl:Probe" and before["sha256"] and before["sha256"] != after["sha256"]
     assert "sha256" not in code_of(Verdict)  # qbd's own code: covered by the memo's environment
+
+
+def test_where_the_zoo_is_installed_is_no_part_of_the_key(tmp_path):
+    """A new virtual environment moves the zoo; its models (by sha256) and their Results do not change."""
+    memo = ResultMemo(tmp_path, "s")
+    keys = set()
+    for where in ("/venv-a/qbd/zoo", "/venv-b/qbd/zoo"):
+        bench = _bench(memo)
+        bench.weights = {"origin": "zoo", "sha256": "ab" * 32, "file": "m.safetensors", "zoo": where, "repository_zoo": False}
+        keys.add(_key(bench, _Counting()))
+    assert len(keys) == 1
