@@ -159,12 +159,17 @@ def get_attack(name: str) -> Attack:
 def attack_code(spec: Any) -> str | None:
     """The digest of an installed attack's package (qbd.registry.code_digest), for the keys of what
     it produces (a stored model, a memoised Result): an edit to its trigger must not reuse them.
-    None for a built-in (qbd's version and code cover it) or no attack."""
+    None for a built-in (qbd's version and code cover it) or no attack; ConfigError for an attack
+    whose code has no source file to read (its edits could not be told apart)."""
     if spec is None or spec.name in BUILTIN:
         return None
     from qbd.registry import code_digest
 
-    return code_digest(get_attack(spec.name)) or "unidentified"
+    digest = code_digest(get_attack(spec.name))
+    if digest is None:
+        raise ConfigError(f"attack {spec.name!r}: qbd cannot read its code (no .py source file), so it cannot key the models"
+                          " trained with it; install it from a package of .py files")
+    return digest
 
 
 def conditioned(name: str) -> bool:

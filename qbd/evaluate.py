@@ -275,20 +275,19 @@ class Bench:
         engine = engine if get_scheme(scheme).engines else None
         key = None
         if self.memo is not None:
-            from qbd.memo import cell_parts
+            from qbd.memo import answers, cell_parts
 
             parts = cell_parts(self, defense, scheme, gradient_path=gradient_path, engine=engine, seed=seed, timeout_s=timeout_s)
             key = None if parts is None else self.memo.key(parts)
             found = None if key is None else self.memo.get(key)
-            if found is not None:
+            if found is not None and answers(found, cell=self._cell_id(scheme, defense.name, protocol), seed=seed, scheme=scheme,
+                                             gradient_path=gradient_path, attack=attack_record(self.attack)):
                 return found
         result = self._compute(defense, scheme, protocol, gradient_path, engine, seed, timeout_s, progress, t0)
         if key is not None:
             from qbd.memo import files_result
 
-            filed = files_result(result, defense)
-            if filed:
-                self.memo.put(key, result)
+            filed = files_result(result, defense) and self.memo.put(key, result)
             result["memo"] = {"key": key, "reused": False, "session": self.memo.session, "filed": filed}
         return result
 
@@ -326,7 +325,7 @@ class Bench:
         audit = qm.audit.to_dict()
         params = params_of(defense)
         return {
-            "cell": cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense.name, protocol),
+            "cell": self._cell_id(scheme, defense.name, protocol),
             "dataset": self.data.name,
             "model": self.model_name,
             "weights": self.weights,
@@ -347,6 +346,9 @@ class Bench:
             "seconds": round(time.perf_counter() - t0, 3),
             "versions": _versions(),
         }
+
+    def _cell_id(self, scheme: str, defense: str, protocol: str) -> str:
+        return cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense, protocol)
 
     def _digest(self, model: Any) -> str:
         """The model's fingerprint as handed to the first cell (taken once; each cell re-takes it after)."""

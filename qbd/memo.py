@@ -27,7 +27,7 @@ from typing import Any
 FORMAT = 1  # of an entry file; bump when key_parts or the entry's layout changes
 FOLDER = "results"
 # the libraries whose kernels compute a Result (read from package metadata: nothing is imported)
-LIBRARIES = ("torch", "torchvision", "torchao", "numpy", "scipy", "scikit-learn", "onnx", "onnxruntime")
+LIBRARIES = ("torch", "torchvision", "torchao", "numpy", "scipy", "scikit-learn", "onnx", "onnxruntime", "onnxscript")
 
 
 class ResultMemo:
@@ -41,6 +41,7 @@ class ResultMemo:
         self.session = session
         self.reuse = reuse
         self.fresh = fresh
+        self._digests: dict[str, str | None] = {}  # top-level package -> its code digest, once per process
 
     @cached_property
     def environment(self) -> dict[str, Any]:
@@ -59,7 +60,22 @@ class ResultMemo:
                 versions.setdefault(name, metadata.version(name))
             except metadata.PackageNotFoundError:
                 versions[name] = None
-        return {"qbd_code": source_digest(qbd), "libraries": versions}
+        # the machine: float kernels differ between instruction sets (a Result computed on an AMD
+        # EPYC is not reused on an Intel Xeon), and between Python builds
+        import platform
+
+        return {"qbd_code": source_digest(qbd), "libraries": versions, "python": platform.python_version(),
+                "machine": platform.machine(), "cpu": _cpu_model()}
+
+    def code_digest(self, obj: Any) -> str | None:
+        """qbd.registry.code_digest of `obj`'s top-level package, taken once per process."""
+        from qbd.registry import code_digest
+
+        cls = obj if isinstance(obj, type) else type(obj)
+        top = cls.__module__.split(".")[0]
+        if top not in self._digests:
+            self._digests[top] = code_digest(cls)
+        return self._digests[top]
 
     def key(self, parts: dict[str, Any]) -> str:
         return hashlib.sha256(_canonical({"format": FORMAT, **self.environment, **parts}).encode()).hexdigest()
@@ -83,24 +99,32 @@ class ResultMemo:
         from qbd.results import problems
 
         result = entry.get("result")
-        if problems(result):
+        if problems(result) or not isinstance(entry.get("session"), str):
             return None
         result["memo"] = {"key": key, "reused": True, "session": entry["session"]}
         return result
 
-    def put(self, key: str, result: dict[str, Any]) -> None:
-        """File `result` under `key` (atomically: a reader sees the old entry or the new one)."""
+    def put(self, key: str, result: dict[str, Any]) -> bool:
+        """File `result` under `key` (atomically: a reader sees the old entry or the new one). False,
+        with a warning, when the folder cannot be written: the Result itself stands."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": FORMAT, "key": key, "session": self.session, "result": result}, allow_nan=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the entry from the other users of a shared store
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            return True
+        except OSError as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            import warnings
+
+            warnings.warn(f"qbd: could not file a Result in {self.root} ({type(e).__name__}: {e}); it is not reused", stacklevel=2)
+            return False
 
 
 def for_store(store: Any, *, reuse: bool = False, fresh: bool = False, session: str | None = None) -> ResultMemo:
@@ -117,21 +141,26 @@ def for_store(store: Any, *, reuse: bool = False, fresh: bool = False, session: 
     return ResultMemo(root, session or uuid.uuid4().hex, reuse=reuse, fresh=fresh)
 
 
+def answers(result: dict[str, Any], *, cell: str, seed: int, scheme: str, gradient_path: str, attack: Any) -> bool:
+    """Whether a filed Result is the one asked for (its cell, seed, scheme, gradient path and
+    attack): a guard against a key that missed a difference, never a substitute for the key."""
+    return (result.get("cell") == cell and result.get("seed") == seed and result["quant"].get("scheme") == scheme
+            and result["defense"].get("gradient_path") == gradient_path and result.get("attack") == attack)
+
+
 def files_result(result: dict[str, Any], defense: Any) -> bool:
     """Whether a freshly computed Result may be filed: not invalid, and not a defense that opts out."""
     return result["verdict"]["status"] != "invalid" and getattr(defense, "memoize", True) is not False
 
 
-def code_of(obj: Any) -> dict[str, Any]:
+def code_of(obj: Any, memo: ResultMemo) -> dict[str, Any]:
     """What identifies the code of a defense or scheme that is not qbd's own: its class and the
     digest of its top-level package (every file of it: a helper module or a data file counts too).
     qbd's own code is in `ResultMemo.environment`. sha256 None: not identifiable."""
-    from qbd.registry import code_digest
-
     cls = obj if isinstance(obj, type) else type(obj)
     out: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}"}
     if cls.__module__.split(".")[0] != "qbd":
-        out["sha256"] = code_digest(cls)
+        out["sha256"] = memo.code_digest(cls)
     return out
 
 
@@ -146,11 +175,13 @@ def cell_parts(bench: Any, defense: Any, scheme: str, *, gradient_path: str, eng
 
     from qbd.attacks import attack_code
     from qbd.config import attack_record
-    from qbd.defenses.base import params_of
     from qbd.quant import get_scheme
 
-    codes = {"defense": code_of(defense), "scheme": code_of(get_scheme(scheme))}
+    codes = {"defense": code_of(defense, bench.memo), "scheme": code_of(get_scheme(scheme), bench.memo)}
     if any("sha256" in c and c["sha256"] is None for c in codes.values()):
+        return None
+    params = _own_params(defense)
+    if params is None:  # parameters qbd cannot write down exactly: their state would not be in the key
         return None
     return {
         "data": {"name": bench.data.name, "sha256": bench.data_sha256},
@@ -161,7 +192,7 @@ def cell_parts(bench: Any, defense: Any, scheme: str, *, gradient_path: str, eng
                   "attack": attack_record(bench.attack), "probe": attack_record(bench.probe),
                   "attack_code": attack_code(bench.attack), "probe_code": attack_code(bench.probe)},
         "scheme": {"name": scheme, "engine": engine, **codes["scheme"]},
-        "defense": {"name": defense.name, "protocol": getattr(defense, "protocol", "canonical"), "params": params_of(defense),
+        "defense": {"name": defense.name, "protocol": getattr(defense, "protocol", "canonical"), "params": params,
                     "requires": sorted(defense.requires), "version": getattr(defense, "version", None),
                     "distribution": bench.distribution(defense), "gradient_path": gradient_path, **codes["defense"]},
         "seed": seed,
@@ -178,6 +209,40 @@ def reused_line(results: list[dict[str, Any]]) -> str:
     seconds = sum(float(r.get("seconds") or 0.0) for r in hits)
     return (f"qbd: {len(hits)} of {len(results)} cells reused a Result computed earlier ({seconds:.0f} s of defense time"
             " not spent again; qbd.memo, --fresh recomputes)")
+
+
+def _own_params(defense: Any) -> str | None:
+    """A defense's `params` written down exactly (NaN, infinities and every type kept apart); None
+    when they cannot be (a value JSON cannot hold), or when a defense that is not qbd's declares
+    none: its configuration then lives where the key cannot see it."""
+    p = getattr(defense, "params", None)
+    if callable(p):
+        p = p()
+    if p is None and type(defense).__module__.split(".")[0] != "qbd" and getattr(defense, "memoize", None) is not True:
+        return None
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, (set, frozenset)):
+            return {"set": sorted(strict(v) if not isinstance(v, (str, int, float)) else v for v in value)}
+        raise TypeError(type(value).__name__)
+
+    try:
+        return json.dumps(dict(p or {}), sort_keys=True, separators=(",", ":"), allow_nan=True, default=strict)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else the platform's processor string)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _canonical(value: Any) -> str:

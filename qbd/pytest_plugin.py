@@ -131,14 +131,23 @@ def pytest_configure(config: pytest.Config) -> None:
         expectations_path=exp_path,
         expectations=table,
         memo={"reuse": reuse, "fresh": fresh,
-              # one session id for the controller and its xdist workers: they reuse each other's Results
-              "session": config.workerinput["testrunuid"] if hasattr(config, "workerinput") else uuid.uuid4().hex},
+              # one session id for the controller and its xdist workers (pytest_configure_node hands it
+              # over): they reuse each other's Results, and no other session does
+              "session": getattr(config, "workerinput", {}).get("qbd_memo_session") or uuid.uuid4().hex},
         attack_name=attack.name,
         datasets=subset["dataset"],
         schemes=subset["scheme"],
     )
     config.stash[STATE] = state
     config.pluginmanager.register(Collector(state, config), "qbd-collector")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist, on the controller, before a worker starts: the worker joins its memo session."""
+    state = node.config.stash.get(STATE, None)
+    if state is not None:
+        node.workerinput["qbd_memo_session"] = state.memo["session"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

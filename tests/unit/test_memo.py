@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from qbd.config import AttackSpec
 from qbd.defenses.base import Verdict
-from qbd.evaluate import Bench
+from qbd.evaluate import Bench, BenchSpec
 from qbd.memo import ResultMemo, reused_line
 from qbd.models import build_model
 from tests.toy import toy_split
@@ -54,7 +55,7 @@ def test_a_cell_is_computed_once_per_session_and_the_reused_result_is_the_same(t
     assert defense.calls == 1
     assert first["memo"] == {"key": first["memo"]["key"], "reused": False, "session": "session-a", "filed": True}
     assert again["memo"] == {"key": first["memo"]["key"], "reused": True, "session": "session-a"}
-    assert _without_memo(again) == json.loads(json.dumps(_without_memo(first)))
+    assert _without_memo(again) == _without_memo(first)
     assert reused_line([first, again]).startswith("qbd: 1 of 2 cells reused")
     assert reused_line([first]) == ""
 
@@ -72,10 +73,10 @@ def test_a_later_session_recomputes_unless_asked_to_reuse_and_fresh_reads_nothin
     assert defense.calls == 4  # --fresh: not even within its own session
 
 
-def _key(bench, defense, scheme="fp32", seed=0):
+def _key(bench, defense, scheme="fp32", seed=0, gradient_path="deployed", engine=None, timeout_s=None):
     from qbd.memo import cell_parts
 
-    parts = cell_parts(bench, defense, scheme, gradient_path="deployed", engine=None, seed=seed, timeout_s=None)
+    parts = cell_parts(bench, defense, scheme, gradient_path=gradient_path, engine=engine, seed=seed, timeout_s=timeout_s)
     return bench.memo.key(parts)
 
 
@@ -109,6 +110,23 @@ def test_everything_a_result_depends_on_changes_the_key(tmp_path, monkeypatch):
     code = ResultMemo(tmp_path, "s")
     code.environment = {**memo.environment, "qbd_code": "0" * 64}  # an edit to qbd's code
     variants["qbd code"] = code.key(_parts(bench))
+    libs = ResultMemo(tmp_path, "s")
+    libs.environment = {**memo.environment, "libraries": {**memo.environment["libraries"], "scikit-learn": "0.0"}}
+    variants["library version"] = libs.key(_parts(bench))
+    variants["gradient path"] = _key(bench, _Counting(), gradient_path="surrogate")
+    variants["engine"] = _key(bench, _Counting(), scheme="int8-static", engine="fbgemm")
+    variants["timeout"] = _key(bench, _Counting(), timeout_s=60.0)
+    paper, needs = _Counting(), _Counting()
+    paper.protocol = "paper"
+    needs.requires = frozenset({"clean_holdout"})
+    variants["protocol"], variants["requires"] = _key(bench, paper), _key(bench, needs)
+    variants["nan vs none in params"] = _key(bench, _Counting(status=float("nan")))
+    data = bench.data
+    for name, kw in {"probe trigger": {"probe_attack": AttackSpec(seed=3)}, "attack": {"attack": AttackSpec()},
+                     "bench split": {"spec": BenchSpec(holdout=100)}, "tier": {"tier": "paper"}}.items():
+        kw = {"attack": None, **kw}
+        other = Bench(data, bench.model, kw.pop("attack"), memo=memo, model_name="tiny-cnn", **kw)
+        variants[name] = _key(other, _Counting())
     assert all(k != base for k in variants.values()), [n for n, k in variants.items() if k == base]
     assert _key(_bench(memo), _Counting()) == base  # and the same cell again: the same key
 
@@ -207,11 +225,13 @@ def test_a_third_party_defense_is_keyed_by_its_whole_package(tmp_path, monkeypat
     (pkg / "helpers.py").write_text("THRESHOLD = 2.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     probe = importlib.import_module("memo_probe_defense").Probe()
-    before = code_of(probe)
+    memo = ResultMemo(tmp_path, "s")
+    before = code_of(probe, memo)
     (pkg / "helpers.py").write_text("THRESHOLD = 2.5\n")
-    after = code_of(probe)
+    after = code_of(probe, ResultMemo(tmp_path, "s"))  # the next process reads the edited package
     assert before["class"] == "memo_probe_defense.impl:Probe" and before["sha256"] and before["sha256"] != after["sha256"]
-    assert "sha256" not in code_of(Verdict)  # qbd's own code: covered by the memo's environment
+    assert code_of(probe, memo) == before  # taken once per process: the code this process runs
+    assert "sha256" not in code_of(Verdict, memo)  # qbd's own code: covered by the memo's environment
 
 
 def test_where_the_zoo_is_installed_is_no_part_of_the_key(tmp_path):
@@ -223,3 +243,27 @@ def test_where_the_zoo_is_installed_is_no_part_of_the_key(tmp_path):
         bench.weights = {"origin": "zoo", "sha256": "ab" * 32, "file": "m.safetensors", "zoo": where, "repository_zoo": False}
         keys.add(_key(bench, _Counting()))
     assert len(keys) == 1
+
+
+def test_a_store_that_cannot_be_written_loses_no_result(tmp_path):
+    (tmp_path / "results").write_text("a file where the folder should be")
+    memo = ResultMemo(tmp_path, "s")
+    with pytest.warns(UserWarning, match="could not file a Result"):
+        r = _bench(memo).run(_Counting(), "fp32")
+    assert r["verdict"]["status"] == "detected" and r["memo"]["filed"] is False
+
+
+def test_a_defense_of_someone_elses_without_params_is_not_memoised(tmp_path):
+    """Its configuration would live where the key cannot see it (constructor arguments, a module:instance)."""
+    memo = ResultMemo(tmp_path, "s")
+
+    class NoParams(_Counting):
+        params = None
+
+    NoParams.__module__ = "someone_else"
+    from qbd.memo import _own_params
+
+    assert _own_params(NoParams()) is None and _own_params(_Counting()) is not None
+    assert _own_params(type("Opaque", (_Counting,), {"params": {"model": object()}})()) is None  # not writable exactly
+    r = _bench(memo).run(_Counting(), "fp32")
+    assert r["memo"]["filed"]
