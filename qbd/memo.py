@@ -2,9 +2,10 @@
 
 A cell's Result depends on the model's weights, the data, the bench's split, the scheme, the
 defense and its parameters, the protocol, the seed, the device and thread count, and the code and
-library versions that ran it. `key_parts` (qbd.evaluate.Bench) lists all of them; the memo files a
-Result under the sha256 of that list, in the local store's `results/` folder, where every process
-on the machine (xdist workers, `qbd run -j` workers) finds it.
+library versions that ran it. `cell_parts` and `ResultMemo.environment` list all of them; the memo
+files a Result under the sha256 of that list, in the local store's `results/` folder, where every
+process on the machine (xdist workers, `qbd run -j` workers) finds it. docs/scaling.md has the list
+and the limits.
 
 By default a Result is reused only within the session that computed it (one `qbd run`, one pytest
 session across its workers): a later session recomputes, because its code may differ in ways no
