@@ -221,8 +221,9 @@ class ModelJob:
         (another copy of CIFAR-10, a new synthetic generator) can never reuse stale weights;
         CPU training is bitwise reproducible only for a given thread count, so that is in too."""
         doc: dict[str, Any] = {"job": self.to_dict(), "qbd": __version__, "revision": TRAINING_REVISION}
-        if attack_code(self.attack) is not None:  # an installed attack: its code, so an edit retrains
-            doc["attack_code"] = attack_code(self.attack)
+        code = attack_code(self.attack)  # an installed attack's: an edit to its trigger retrains
+        if code is not None:
+            doc["attack_code"] = code
         if data_fingerprint is not None:
             doc["data"] = data_fingerprint
         if cpu_threads is not None:

@@ -163,8 +163,9 @@ def run(plan: RunPlan, *, data_root: str | None, store: Any, progress: bool = Tr
             bar.close()
     from qbd.memo import reused_line
 
-    if reused_line(results):
-        log(reused_line(results))
+    line = reused_line(results)
+    if line:
+        log(line)
     return results
 
 

@@ -178,8 +178,9 @@ class Collector:
             tr.write_line(line)
         from qbd.memo import reused_line
 
-        if reused_line(state.results):
-            tr.write_line(reused_line(state.results).replace("--fresh", "--qbd-fresh"))
+        line = reused_line(state.results)
+        if line:
+            tr.write_line(line.replace("--fresh", "--qbd-fresh"))
         if state.report_dir:
             tr.write_line(f"report written to {state.report_dir}")
         if state.accept:
