@@ -136,9 +136,9 @@ def for_store(store: Any, *, reuse: bool = False, fresh: bool = False, session: 
 
     root = getattr(store, "root", None)
     if not isinstance(root, Path):
-        from platformdirs import user_cache_dir
+        from qbd.store import user_cache_root
 
-        root = Path(user_cache_dir("qbd", appauthor=False))
+        root = user_cache_root()
     return ResultMemo(root, session or uuid.uuid4().hex, reuse=reuse, fresh=fresh)
 
 
@@ -216,9 +216,9 @@ def _own_params(defense: Any) -> str | None:
     """A defense's `params` written down exactly (NaN, infinities and every type kept apart); None
     when they cannot be (a value JSON cannot hold), or when a defense that is not qbd's declares
     none: its configuration then lives where the key cannot see it."""
-    p = getattr(defense, "params", None)
-    if callable(p):
-        p = p()
+    from qbd.defenses.base import declared_params
+
+    p = declared_params(defense)
     if p is None and type(defense).__module__.split(".")[0] != "qbd" and getattr(defense, "memoize", None) is not True:
         return None
 

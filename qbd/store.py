@@ -63,8 +63,11 @@ class Entry:
 
 def default_root() -> Path:
     env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
+    return Path(env).expanduser() if env else user_cache_root()
+
+
+def user_cache_root() -> Path:
+    """qbd's folder in the user's cache (platformdirs), whatever $QBD_CACHE_DIR says."""
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("qbd", appauthor=False))

@@ -146,11 +146,15 @@ class Defense(Protocol):
     def detect(self, subject: Subject, inputs: DefenseInputs, generator: torch.Generator) -> Verdict: ...
 
 
+def declared_params(defense: Any) -> Any:
+    """A defense's `params` as it declares them (a mapping, a method returning one, or None)."""
+    p = getattr(defense, "params", None)
+    return p() if callable(p) else p
+
+
 def params_of(defense: Any) -> dict[str, Any]:
     """Every hyperparameter a defense reports (its `params` mapping), JSON-ready."""
-    p = getattr(defense, "params", None)
-    if callable(p):
-        p = p()
+    p = declared_params(defense)
     return _jsonable(dict(p)) if isinstance(p, Mapping) else {}
 
 
