@@ -4,6 +4,8 @@ and the reports read it; qbd.defenses.base hands it to defense authors)."""
 
 from __future__ import annotations
 
+from qbd.shapes import Shape, When
+
 STATUSES: tuple[str, ...] = ("detected", "clean", "invalid")
 
 REASON_CODES: dict[str, str] = {
@@ -23,21 +25,25 @@ REASON_CODES: dict[str, str] = {
 NEVER_EXPECTED = frozenset({"error", "timeout", "unspecified", "surrogate-disagrees"})
 
 
+# The verdict's status, reason and reason code, stated once (qbd.shapes): the Verdict type (on
+# construction), the sandbox (on what a defense returned), the Result check (on JSON) and the JSON
+# Schema all come from these. An invalid verdict needs a reason and a code; no other status carries a code.
+STATUS = Shape(enum=STATUSES)
+REASON = Shape(("string", "null"))
+REASON_CODE = Shape(("string", "null"), doc="why an invalid verdict is invalid (qbd.reason_codes.REASON_CODES); null for any other status")
+INVALID_NEEDS_A_REASON = When(
+    "status", ("invalid",),
+    then={"reason": Shape(("string",), min_length=1, says="an invalid verdict needs a reason"),
+          "reason_code": Shape(enum=tuple(REASON_CODES),
+                               says=f"an invalid verdict needs a reason_code from {', '.join(REASON_CODES)}, got {{value}}")},
+    otherwise={"reason_code": Shape(const=None, says="only an invalid verdict carries a reason_code; a {status!r} verdict has {value}")},
+)
+
+
 def verdict_problems(status: object, reason: object, reason_code: object) -> list[str]:
-    """What is wrong with a verdict's status, reason and reason code: the one rule that the
-    Verdict type (on construction), the sandbox (on what a defense returned) and the Result check
-    (on JSON) apply; qbd/schema/result.schema.json states it too (tests/unit/test_results.py).
-    An invalid verdict needs a reason and a code; no other status carries a code."""
-    if not isinstance(status, str) or status not in STATUSES:
-        return [f"status must be one of {', '.join(STATUSES)}, got {status!r}"]
-    out = []
-    if reason is not None and not isinstance(reason, str):
-        out.append(f"reason must be a str, not {type(reason).__name__}")
-    if status == "invalid":
-        if not reason:
-            out.append("an invalid verdict needs a reason")
-        if not (isinstance(reason_code, str) and reason_code in REASON_CODES):
-            out.append(f"an invalid verdict needs a reason_code from {', '.join(REASON_CODES)}, got {reason_code!r}")
-    elif reason_code is not None:
-        out.append(f"only an invalid verdict carries a reason_code; a {status!r} verdict has {reason_code!r}")
-    return out
+    """What is wrong with a verdict's status, reason and reason code (empty when nothing is)."""
+    out = STATUS.problems(status, "status")
+    if out:
+        return out
+    out = REASON.problems(reason, "reason") + REASON_CODE.problems(reason_code, "reason_code")
+    return out + INVALID_NEEDS_A_REASON.problems({"status": status, "reason": reason, "reason_code": reason_code}, "verdict")

@@ -91,7 +91,7 @@ MALFORMED = [
     (_mutated(status="maybe"), ("status must be one of detected, clean, invalid, got 'maybe'",), "error"),
     (_mutated(status=None), ("status must be one of", "got None"), "error"),
     (_mutated(status="invalid", reason=None), ("an invalid verdict needs a reason",), "error"),
-    (_mutated(reason=42), ("reason must be a str, not int",), "error"),
+    (_mutated(reason=42), ("reason must be a string or null, not int",), "error"),
     (_mutated(score=float("nan")), ("non-finite score (nan)",), "diverged"),
     (_mutated(score=float("-inf")), ("non-finite score",), "diverged"),
     (_mutated(threshold=float("inf")), ("non-finite threshold",), "diverged"),
