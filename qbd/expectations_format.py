@@ -5,7 +5,6 @@ naming the entry, before any model is trained). Torch-free."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from qbd import measured_rows
 from qbd.config import PROTOCOLS, AttackSpec
 from qbd.errors import ConfigError
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
+from qbd.tiers import Cell
 
 FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid", "borderline")
 
@@ -46,9 +46,6 @@ TABLES = ("cells", "attack", "audit", "rows")
 _OTHER_ATTACK_KEYS = {"attack", "cells", "rows", "doc"}
 
 OTHER_ATTACKS_DOC = "docs/results.md#other-attacks"  # where an attack section's findings are explained, unless it says
-
-# dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
-_ROW_ID = re.compile(r"^([^/:\[\]\s]+)/([^/\[\]\s]+)/([^/\[\]\s]+)\[([^/\[\]\s]+)\]$")
 
 def row_of(cell: str) -> str:
     """A cell id's row id: without ":clean" (a row covers both kinds of model)."""
@@ -192,12 +189,15 @@ def _check_audit(where: str, key: str, entry: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: note must be a string")
 
 def _check_row(where: str, key: str, entry: dict[str, Any]) -> None:
-    m = _ROW_ID.match(key)
-    if not m:
+    try:  # dataset/scheme/defense[protocol]: a row id never carries ":clean" (it covers both kinds of model)
+        cell = Cell.parse(key)
+    except ValueError:
+        cell = None
+    if cell is None or cell.control != "backdoored":
         hint = " (a row covers the backdoored and the clean models: no ':clean')" if ":clean/" in key else ""
         raise ConfigError(f"{where}: not a row id: expected dataset/scheme/defense[protocol]{hint}")
-    if m.group(4) not in PROTOCOLS:
-        raise ConfigError(f"{where}: unknown protocol {m.group(4)!r}; valid: {', '.join(PROTOCOLS)}")
+    if cell.protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}: unknown protocol {cell.protocol!r}; valid: {', '.join(PROTOCOLS)}")
     for name in (*ROW_BOUNDS, "max_invalid_rate"):
         if name in entry and not is_fraction(entry[name]):
             raise ConfigError(f"{where}: {name} must be a number in [0, 1], got {entry[name]!r}")
