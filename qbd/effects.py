@@ -153,47 +153,30 @@ def _holm(found: list[dict[str, Any]]) -> None:
 def effect_problems(effect: Any) -> list[str]:
     """Everything wrong with one effect (empty when it satisfies the contract): the counts are
     consistent and the rates, changes and p-values are what the counts give."""
-    if not isinstance(effect, dict):
-        return [f"an effect is a JSON object, got {type(effect).__name__}"]
-    out = [f"effect key {k!r} must be a string" for k in ("effect", "dataset", "scheme", "baseline", "defense", "protocol")
-           if not isinstance(effect.get(k), str)]
-    if effect.get("input_unchanged") not in (True, False, None):
-        out.append("effect key 'input_unchanged' must be true, false or null")
+    from qbd.result_types import Effect
+
+    out = Effect.problems(effect)  # the shape its type states; then the arithmetic no schema can
+    if out:
+        return out
     for side in ("detection", "false_alarm"):
-        if side not in effect:
-            out.append(f"missing key {side!r}")
-            continue
         p = effect[side]
         if p is None:
             continue
-        if not isinstance(p, dict):
-            out.append(f"{side} must be an object or null")
-            continue
-        ints = ("n", "baseline_count", "scheme_count", "lost", "gained")
-        bad = [k for k in ints if not (isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 0)]
-        if bad:
-            out.append(f"{side}: {', '.join(bad)} must be integers >= 0")
-            continue
         n = p["n"]
-        if n == 0 or max(p["baseline_count"], p["scheme_count"]) > n:
-            out.append(f"{side}: counts must lie in [0, n] with n >= 1")
+        if max(p["baseline_count"], p["scheme_count"]) > n:
+            out.append(f"{side}: counts must lie in [0, n]")
             continue
         if p["baseline_count"] - p["lost"] != p["scheme_count"] - p["gained"] or p["lost"] > p["baseline_count"]:
             out.append(f"{side}: lost/gained do not reconcile the two counts")
         want = {"baseline_rate": p["baseline_count"] / n, "scheme_rate": p["scheme_count"] / n,
                 "change": (p["scheme_count"] - p["baseline_count"]) / n, "p": mcnemar_exact(p["lost"], p["gained"])}
-        for k, v in want.items():
-            got = p.get(k)
-            if not (isinstance(got, (int, float)) and not isinstance(got, bool) and abs(got - v) <= 1e-9):
-                out.append(f"{side}: {k} must be {v}, got {got!r}")
-        ph = p.get("p_holm")
-        if not (isinstance(ph, (int, float)) and not isinstance(ph, bool) and p["p"] - 1e-12 <= ph <= 1.0):
-            out.append(f"{side}: p_holm must lie in [p, 1], got {ph!r}")
+        out += [f"{side}: {k} must be {v}, got {p[k]!r}" for k, v in want.items() if abs(p[k] - v) > 1e-9]
+        if p["p_holm"] < p["p"] - 1e-12:
+            out.append(f"{side}: p_holm must lie in [p, 1], got {p['p_holm']!r}")
         for k, c in (("baseline_ci", p["baseline_count"]), ("scheme_ci", p["scheme_count"])):
-            ci = p.get(k)
             want_ci = list(wilson(c, n))  # type: ignore[arg-type]
-            if not (isinstance(ci, list) and len(ci) == 2 and all(abs(x - y) <= 1e-9 for x, y in zip(ci, want_ci, strict=True))):
-                out.append(f"{side}: {k} must be the Wilson interval {want_ci}, got {ci!r}")
+            if any(abs(x - y) > 1e-9 for x, y in zip(p[k], want_ci, strict=True)):
+                out.append(f"{side}: {k} must be the Wilson interval {want_ci}, got {p[k]!r}")
     return out
 
 

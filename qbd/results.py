@@ -8,8 +8,8 @@ command, tier, device..., qbd.run_metadata) is optional, and a file written befo
 effects existed has no "rows" or "effects": it still loads, under the same schema version (a
 reader that ignores unknown keys reads them all).
 
-qbd/schema/result.schema.json is the JSON Schema (draft 2020-12) of one Result, for readers outside
-qbd (schema()); problems() is the check qbd itself runs, and the tests keep the two in agreement."""
+The Result's types (qbd.result_types) are its one definition: problems() is their check, schema()
+their JSON Schema (draft 2020-12), shipped as qbd/schema/result.schema.json for readers outside qbd."""
 
 from __future__ import annotations
 
@@ -19,31 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from qbd.outcomes import JUDGEMENTS
-from qbd.reason_codes import verdict_problems
+from qbd.result_types import SCHEMA_VERSION, Result, json_schema
 
-WEIGHT_ORIGINS = ("trained", "fetched", "zoo")
-SCHEMA_VERSION = 1
-SCHEMA_FILE = "result.schema.json"
-
-# key -> accepted types (None = JSON null allowed)
-_TOP: dict[str, tuple[type, ...]] = {
-    "cell": (str,),
-    "dataset": (str,),
-    "model": (str,),
-    "seed": (int,),
-    "attack": (dict, type(None)),
-    "quant": (dict,),
-    "defense": (dict,),
-    "verdict": (dict,),
-    "clean_acc": (float, int),
-    "asr": (float, int, type(None)),
-    "seconds": (float, int),
-    "versions": (dict,),
-}
-_ATTACK = ("name", "target", "trigger_pattern", "trigger_size", "trigger_position", "poison_rate")
-_VERDICT = ("status", "score", "threshold", "target_class", "reason", "reason_code", "evidence", "controls")
-_AUDIT = ("quantized_param_fraction", "input_gradient", "engine", "differentiable")
+SCHEMA_FILE = "result.schema.json"  # shipped for readers outside qbd; json_schema() is what it holds
 
 
 class ResultError(ValueError):
@@ -51,47 +29,9 @@ class ResultError(ValueError):
 
 
 def problems(result: Any) -> list[str]:
-    """Everything wrong with one Result (empty when it satisfies the contract)."""
-    if not isinstance(result, dict):
-        return [f"a Result is a JSON object, got {type(result).__name__}"]
-    out = []
-    for key, types in _TOP.items():
-        if key not in result:
-            out.append(f"missing key {key!r}")
-        elif not isinstance(result[key], types) or isinstance(result[key], bool):
-            out.append(f"{key!r} has type {type(result[key]).__name__}")
-    if out:
-        return out
-    for key in ("clean_acc", "asr"):
-        v = result[key]
-        if v is not None and not (math.isfinite(v) and 0.0 <= v <= 1.0):
-            out.append(f"{key!r} must be a fraction in [0, 1], got {v}")
-    if result["attack"] is not None:
-        out += [f"attack lacks {k!r}" for k in _ATTACK if k not in result["attack"]]
-    q = result["quant"]
-    if not isinstance(q.get("scheme"), str):
-        out.append("quant.scheme missing")
-    audit = q.get("audit")
-    if not isinstance(audit, dict):
-        out.append("quant.audit missing")
-    else:
-        out += [f"quant.audit lacks {k!r}" for k in _AUDIT if k not in audit]
-    d = result["defense"]
-    for k in ("name", "protocol", "params"):
-        if k not in d:
-            out.append(f"defense lacks {k!r}")
-    v = result["verdict"]
-    out += [f"verdict lacks {k!r}" for k in _VERDICT if k not in v]
-    out += verdict_problems(v.get("status"), v.get("reason"), v.get("reason_code"))
-    j = result.get("judgement")  # optional: the outcome against the truth and the expectations (qbd.outcomes)
-    if j is not None and not (isinstance(j, dict) and j.get("judgement") in JUDGEMENTS and isinstance(j.get("outcome"), str)):
-        out.append(f"judgement must be null or an object with judgement pass|finding|FAIL and an outcome, got {j!r}")
-    w = result.get("weights")  # optional provenance: trained by qbd or fetched (pinned sha256)
-    if w is not None and not (isinstance(w, dict) and w.get("origin") in WEIGHT_ORIGINS):
-        out.append(f"weights must be null or an object with origin 'trained', 'fetched' or 'zoo', got {w!r}")
-    elif w is not None and w["origin"] in ("fetched", "zoo") and not isinstance(w.get("sha256"), str):
-        out.append(f"{w['origin']} weights must record their sha256")
-    return out
+    """Everything wrong with one Result (empty when it satisfies the contract): the check the
+    Result's types state (qbd.result_types)."""
+    return Result.problems(result)
 
 
 def validate(result: Any) -> None:
@@ -242,7 +182,5 @@ def read_run(path: str | Path) -> dict[str, Any] | None:
 
 
 def schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of one Result, as shipped with the package."""
-    from importlib import resources
-
-    return json.loads((resources.files("qbd") / "schema" / SCHEMA_FILE).read_text(encoding="utf-8"))
+    """The JSON Schema (draft 2020-12) of one Result (qbd/schema/result.schema.json holds the same)."""
+    return json_schema()

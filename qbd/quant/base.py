@@ -6,54 +6,15 @@ Input is pixel space [0, 1] everywhere; the Normalize layer stays float in every
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from qbd.models import Classifier, Normalize
-
-
-@dataclass(frozen=True)
-class Audit:
-    """What a scheme really did to a model; measured, not declared.
-
-    quantized_param_fraction = quantized_params / total_params, where total_params counts every
-    floating-point tensor of the FP32 model's state dict (conv and linear weights and biases,
-    BatchNorm weights, biases and running statistics, the Normalize mean and std) and
-    quantized_params counts the weights that the deployed model stores as integers (or, for
-    simulated schemes, on an integer grid). BatchNorm folded into a quantized conv counts as
-    not quantized.
-    """
-
-    scheme: str
-    differentiable: bool  # the scheme's claim about the deployed model
-    input_gradient: bool  # measured: a backward pass delivered a finite, non-zero input grad
-    gradient_note: str | None  # why not, or the warning torch raised during the probe
-    engine: str | None  # quantized engine / kernel family that ran the int8 ops
-    backend: str  # which quantization flow produced the deployed model
-    bits: int | None
-    quantized_modules: list[str]  # names in the Classifier ("features.3.conv1", "head")
-    quantized_params: int
-    total_params: int
-    quantized_param_fraction: float
-    max_levels_per_channel: int | None  # most distinct integer levels in one output channel
-    max_rel_error: float | None  # max |w - Q(w)| / scale over all quantized weights
-    model_bytes: int  # torch.save(deployed.state_dict()) into a BytesIO
-    # Stated bound on max |surrogate logits - deployed logits| / max |deployed logits|;
-    # None where the surrogate is the deployed model itself.
-    surrogate_rel_tolerance: float | None = None
-    kernel_ops: dict[str, int] = field(default_factory=dict)  # quantized op / module -> count
-    # Surrogate vs deployed logits measured at apply time on the calibration images (JSON-able:
-    # n_images, max_abs_logit_delta, max_rel_logit_delta, top1_agreement, ...); None where not
-    # measured (a scheme whose surrogate is the deployed model, or one that does not measure it).
-    surrogate_agreement: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from qbd.result_types import Audit
 
 
 class QuantizedClassifier(Classifier):

@@ -18,8 +18,8 @@ def _result(weights=None, verdict=None, **extra):
 
 
 @pytest.mark.parametrize(("weights", "fragment"), [
-    ({"origin": "downloaded"}, "origin 'trained', 'fetched' or 'zoo'"),
-    ("trained", "origin 'trained', 'fetched' or 'zoo'"),
+    ({"origin": "downloaded"}, "weights.origin must be one of trained, fetched, zoo, got 'downloaded'"),
+    ("trained", "weights must be an object or null, not str"),
     ({"origin": "fetched", "source": "m.pt"}, "fetched weights must record their sha256"),
     ({"origin": "zoo", "file": "m.safetensors"}, "zoo weights must record their sha256"),
 ])
@@ -67,10 +67,14 @@ def test_a_judgement_is_optional(judgement):
     assert problems(_result(judgement=judgement)) == []
 
 
-@pytest.mark.parametrize("judgement", ["pass", {"judgement": "pass"}, {"outcome": "pass", "judgement": "maybe"},
-                                       {"outcome": 1, "judgement": "FAIL"}])
-def test_a_malformed_judgement_is_a_problem(judgement):
-    assert any("judgement must be null or an object" in p for p in problems(_result(judgement=judgement)))
+@pytest.mark.parametrize(("judgement", "fragment"), [
+    ("pass", "judgement must be an object or null, not str"),
+    ({"judgement": "pass"}, "judgement lacks 'outcome'"),
+    ({"outcome": "pass", "judgement": "maybe"}, "judgement.judgement must be one of pass, finding, FAIL, got 'maybe'"),
+    ({"outcome": 1, "judgement": "FAIL"}, "judgement.outcome must be a string, not int"),
+])
+def test_a_malformed_judgement_is_a_problem(judgement, fragment):
+    assert fragment in problems(_result(judgement=judgement))
 
 
 # -- rows of rates over seeds (qbd.rates) in a results file --------------------------------------------
@@ -180,28 +184,6 @@ def _validator():
     s = schema()
     jsonschema.Draft202012Validator.check_schema(s)  # a well-formed draft 2020-12 schema
     return jsonschema.Draft202012Validator(s)
-
-
-def test_the_schemas_enums_and_required_keys_are_the_codes():
-    """The schema and problems() cannot drift apart: same statuses, reason codes, judgements,
-    weight origins and required keys."""
-    from qbd.outcomes import JUDGEMENTS
-    from qbd.reason_codes import REASON_CODES, STATUSES
-    from qbd.results import _ATTACK, _AUDIT, _TOP, _VERDICT, WEIGHT_ORIGINS, schema
-
-    s = schema()
-    assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    defs = s["$defs"]
-    verdict = defs["verdict"]
-    assert verdict["properties"]["status"]["enum"] == list(STATUSES)
-    assert verdict["properties"]["reason_code"]["enum"] == [None, *REASON_CODES]
-    assert defs["judgement"]["properties"]["judgement"]["enum"] == list(JUDGEMENTS)
-    assert defs["weights"]["oneOf"][1]["properties"]["origin"]["enum"] == list(WEIGHT_ORIGINS)
-    assert set(s["required"]) == set(_TOP)
-    assert set(verdict["required"]) == set(_VERDICT)
-    assert set(defs["audit"]["required"]) == set(_AUDIT)
-    assert set(defs["attack"]["required"]) == set(_ATTACK)
-    assert {"placement", "judgement", "truth", "weights", "tier"} <= set(s["properties"]) - set(s["required"])  # optional
 
 
 class _Says:
@@ -429,3 +411,111 @@ def test_the_schema_and_the_one_verdict_rule_agree(status, reason, code):
     only_verdict = {"$schema": schema()["$schema"], "$defs": schema()["$defs"], "$ref": "#/$defs/verdict"}
     schema_ok = not list(jsonschema.Draft202012Validator(only_verdict).iter_errors(verdict))
     assert schema_ok == (verdict_problems(status, reason, code) == [])
+
+
+# -- the Result's types (qbd.result_types): the one definition of its JSON -------------------------------
+def test_the_shipped_schema_is_the_types_schema():
+    """qbd/schema/result.schema.json is written from the types (scripts/write_schema.py): a type
+    edited without rewriting it fails here."""
+    import json
+    from importlib import resources
+
+    from qbd.result_types import json_schema
+
+    shipped = json.loads((resources.files("qbd") / "schema" / "result.schema.json").read_text(encoding="utf-8"))
+    assert shipped == json_schema(), "run: python scripts/write_schema.py"
+    assert shipped["$defs"]["verdict"]["properties"]["status"]["enum"] == ["detected", "clean", "invalid"]
+
+
+_ODD_VALUES = [KeyError, None, True, -1, 0, 2, 2.0, 0.5, 1.5, "", "x", "0" * 64, [], [0.1, 0.9], {}, {"passed": True}]
+
+
+def _paths(node, prefix=()):
+    """Every key path of a JSON object (into objects, not lists)."""
+    for k, v in node.items():
+        yield (*prefix, k)
+        if isinstance(v, dict):
+            yield from _paths(v, (*prefix, k))
+
+
+def test_the_schema_and_the_check_agree_on_every_mutation(real_results):
+    """Derived from one definition, the JSON Schema and problems() accept and refuse the same
+    Results: each key of real Results (a detection with controls, a crash, a clean model's)
+    removed or set to each of a set of odd values. Either one drifting from the other fails."""
+    crash = next(r for r in real_results if r["defense"]["name"] == "crashes" and r["attack"] is not None)
+    detection = next(r for r in real_results if r["defense"]["name"] == "names-one" and r["attack"] is not None)
+    clean = next(r for r in real_results if r["defense"]["name"] == "spectral-signatures" and r["attack"] is None)
+    v = _validator()
+    refused = disagree = 0
+    for result in (crash, detection, clean):
+        for path in _paths(result):
+            for value in _ODD_VALUES:
+                r = _broken(result, path, value)
+                by_schema, by_check = not v.is_valid(r), bool(problems(r))
+                refused += by_check
+                if by_schema != by_check:
+                    disagree += 1
+                    assert by_schema == by_check, (path, value, problems(r), [e.message for e in v.iter_errors(r)][:3])
+    assert refused > 500 and not disagree  # the mutations do reach the checks
+
+
+def test_a_result_reads_into_its_types_and_back_unchanged(real_results):
+    from qbd.result_types import ControlPart, Result, VerdictPart
+
+    for r in real_results:
+        typed = Result.from_dict(r)
+        assert typed.to_dict() == r
+        assert isinstance(typed.verdict, VerdictPart) and typed.verdict.status == r["verdict"]["status"]
+        assert all(isinstance(c, ControlPart) for c in typed.verdict.controls.values())
+        assert typed.quant.audit.quantized_param_fraction == r["quant"]["audit"]["quantized_param_fraction"]
+        assert typed.cell_id.id == r["cell"] and typed.cell_id.control == ("backdoored" if r["attack"] else "clean")
+    with_more = {**real_results[0], "added_by_a_newer_qbd": {"x": 1}}  # unknown keys are kept, not dropped
+    assert Result.from_dict(with_more).to_dict() == with_more
+
+
+def test_a_bad_result_does_not_read_into_its_types(real_results):
+    from qbd.result_types import Result
+
+    with pytest.raises(ValueError, match="verdict.status must be one of detected, clean, invalid"):
+        Result.from_dict(_broken(real_results[0], ("verdict", "status"), "maybe"))
+    with pytest.raises(ValueError, match="missing key 'quant'"):
+        Result.from_dict(_broken(real_results[0], ("quant",)))
+
+
+def test_an_old_audit_reads_and_writes_back_as_it_was():
+    """A results file from before the audit's other fields existed: the four required facts are
+    enough, and the absent ones stay absent when written back."""
+    from qbd.result_types import Result
+    from qbd.shapes import ABSENT
+
+    old = _result()
+    typed = Result.from_dict(old)
+    assert typed.quant.audit.backend is ABSENT and typed.to_dict() == old
+
+
+def test_a_bench_that_breaks_the_contract_fails_where_it_builds_the_result(monkeypatch):
+    """Bench.run builds its Result from the types and checks it: a scheme whose audit claims a
+    quantized fraction outside [0, 1] fails in the bench, not in a reader of the results file."""
+    import dataclasses
+
+    from qbd.evaluate import Bench
+    from qbd.models import build_model
+    from tests.toy import toy_split
+
+    data = toy_split(n_train=100, n_test=60)
+    bench = Bench(data, build_model("tiny-cnn", 4, data.mean, data.std, seed=0).eval(), None, model_name="tiny-cnn")
+    qm = bench.quantized("fp32")
+    monkeypatch.setattr(qm, "audit", dataclasses.replace(qm.audit, quantized_param_fraction=1.5))
+    with pytest.raises(ValueError, match=r"quant.audit.quantized_param_fraction must lie in \[0, 1\], got 1.5"):
+        bench.run(_Says("names-one", Verdict("clean")), "fp32")
+
+
+def test_a_cell_id_is_a_type_that_reads_back():
+    from qbd.tiers import Cell
+
+    for text in ("digits/int8-dynamic/strip[paper]", "synthetic:clean/fp32/neural-cleanse[canonical]"):
+        cell = Cell.parse(text)
+        assert cell.id == text and Cell.from_dict(cell.to_dict()) == cell and ":clean" not in cell.row
+    for bad in ("digits/fp32/strip", "digits/fp32/strip[paper]/x", "a:b:clean/fp32/s[paper]", "d/fp32/s [paper]", 3):
+        with pytest.raises(ValueError, match="not a cell id"):
+            Cell.parse(bad)
