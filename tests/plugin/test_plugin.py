@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 from pathlib import Path
 
 import pytest
@@ -738,6 +739,37 @@ def test_probe(qbd_memo):
         assert set(seen) == {"gw0", "gw1"} and len(set(seen.values())) == 1, seen
         sessions.append(seen["gw0"])
     assert sessions[0] != sessions[1]
+
+
+def test_a_result_one_xdist_worker_files_the_other_finds(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only one session id: each worker files a Result through its qbd_memo, and reads back the
+    Result the other worker filed (each waits for it, up to a minute)."""
+    suite.makepyfile(test_memo_share="""
+import copy, hashlib, json, os, time
+from pathlib import Path
+
+def test_share(qbd_memo):
+    me = os.environ["PYTEST_XDIST_WORKER"]
+    other = {"gw0": "gw1", "gw1": "gw0"}[me]
+    result = copy.deepcopy(json.loads(os.environ["MEMO_RESULT"]))
+    result["cell"] = f"{me}/fp32/probe[canonical]"
+    assert qbd_memo.put(hashlib.sha256(me.encode()).hexdigest(), result)
+    key = hashlib.sha256(other.encode()).hexdigest()
+    deadline = time.monotonic() + 60
+    while (found := qbd_memo.get(key)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (Path(os.environ["MEMO_PROBE_OUT"]) / me).write_text(json.dumps(found and [found["cell"], found["memo"]["reused"]]))
+""")
+    from tests.unit.test_results import _result
+
+    out = suite.path / "found"
+    out.mkdir()
+    monkeypatch.setenv("MEMO_PROBE_OUT", str(out))
+    monkeypatch.setenv("MEMO_RESULT", json.dumps(_result()))
+    result = suite.runpytest_subprocess("-p", "xdist", "-n", "2", "--dist", "each", "test_memo_share.py")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
+    found = {p.name: json.loads(p.read_text()) for p in out.iterdir()}
+    assert found == {"gw0": ["gw1/fp32/probe[canonical]", True], "gw1": ["gw0/fp32/probe[canonical]", True]}, found
 
 
 def test_fresh_and_reuse_together_are_a_usage_error(suite: pytest.Pytester) -> None:
