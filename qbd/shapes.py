@@ -10,6 +10,7 @@ JSON's types are checked as JSON Schema has them: a bool is neither an integer n
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -21,6 +22,14 @@ _PY: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number
 _NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
           "object": "an object", "array": "a list", "null": "null"}
 _UNSET: Any = object()
+
+
+def _same(v: Any, e: Any) -> bool:
+    """JSON Schema's equality: numbers by value (2 == 2.0), never a bool for a number."""
+    numbers = (int, float)
+    if isinstance(v, numbers) and isinstance(e, numbers) and not isinstance(v, bool) and not isinstance(e, bool):
+        return bool(v == e)
+    return type(v) is type(e) and bool(v == e)
 
 
 def _is(kind: str, v: Any) -> bool:
@@ -53,6 +62,7 @@ class Shape:
     max_items: int | None = None
     values: Shape | None = None
     record: type[Record] | None = None
+    as_dict: bool = False  # a record's shape, read as a plain dict (a free-form measurement)
     name: str | None = None
     doc: str | None = None
     says: str | None = None
@@ -68,22 +78,25 @@ class Shape:
         kinds = self.types or (("object",) if self.record is not None else ())
         if kinds and not any(_is(k, v) for k in kinds):
             return [f"{where} must be {' or '.join(_NAMES[k] for k in kinds)}, not {_type_name(v)}"]
-        if self.enum is not None and not any(v == e and type(v) is type(e) for e in self.enum):
-            return [f"{where} must be one of {', '.join(str(e) for e in self.enum)}, got {v!r}"]
-        if self.const is not _UNSET and not (v == self.const and type(v) is type(self.const)):
-            return [f"{where} must be {self.const!r}, got {v!r}"]
+        if self.enum is not None and not any(_same(v, e) for e in self.enum):
+            return [f"{where} must be one of {', '.join(e if isinstance(e, str) else json.dumps(e) for e in self.enum)}, got {v!r}"]
+        if self.const is not _UNSET and not _same(v, self.const):
+            return [f"{where} must be {json.dumps(self.const)}, got {v!r}"]
         if v is None:
             return []
         out = []
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if (self.minimum is not None and v < self.minimum) or (self.maximum is not None and v > self.maximum):
-                out.append(f"{where} must lie in [{self.minimum}, {self.maximum}], got {v}")
+            low, high = self.minimum, self.maximum
+            if (low is not None and v < low) or (high is not None and v > high):
+                bound = f"lie in [{low}, {high}]" if low is not None and high is not None else f"be >= {low}" if high is None else f"be <= {high}"
+                out.append(f"{where} must {bound}, got {v}")
             if self.exclusive_minimum is not None and v <= self.exclusive_minimum:
                 out.append(f"{where} must be > {self.exclusive_minimum}, got {v}")
         if isinstance(v, str):
             if self.min_length is not None and len(v) < self.min_length:
-                out.append(f"{where} must not be empty" if self.min_length == 1 else f"{where} is too short")
-            if self.pattern is not None and not re.search(self.pattern, v):
+                out.append(f"{where} must not be empty" if self.min_length == 1 else f"{where} must hold {self.min_length} characters or more")
+            m = None if self.pattern is None else re.search(self.pattern, v)
+            if self.pattern is not None and (m is None or (self.pattern.endswith("$") and m.end() != len(v))):  # ECMA's $: no "\n" after
                 out.append(f"{where} must match {self.pattern}, got {v!r}")
         if isinstance(v, (list, tuple)):
             if (self.min_items is not None and len(v) < self.min_items) or (self.max_items is not None and len(v) > self.max_items):
@@ -108,14 +121,15 @@ class Shape:
                 defs[self.record.record_name()] = self.record.json_schema(defs)
             return _described({"oneOf": [{"type": "null"}, ref]} if "null" in self.types else ref, self.doc)
         if self.name is not None:
-            if self.name not in defs:
-                defs[self.name] = dataclasses.replace(self, name=None, doc=None).json_schema(defs)
+            body = dataclasses.replace(self, name=None, doc=None).json_schema(defs)
+            if defs.setdefault(self.name, body) != body:  # one name, one shape: a second, different one is a bug
+                raise ValueError(f"two different shapes are named {self.name!r}: {defs[self.name]} and {body}")
             return _described({"$ref": f"#/$defs/{self.name}"}, self.doc)
         s: dict[str, Any] = {}
         if self.types:
             s["type"] = self.types[0] if len(self.types) == 1 else list(self.types)
         if self.enum is not None:
-            s = {"enum": list(self.enum)}  # the values say the type
+            s = {**s, "enum": list(self.enum)}
         if self.const is not _UNSET:
             s = {"const": self.const}
         for key, value in (("minimum", self.minimum), ("maximum", self.maximum), ("exclusiveMinimum", self.exclusive_minimum),
@@ -160,7 +174,7 @@ class When:
     lacks: str = "{where} lacks {missing!r} when {key} is {value}"  # the text for a missing one
 
     def problems(self, obj: Mapping[str, Any], where: str) -> list[str]:
-        hit = any(obj.get(self.key) == v and type(obj.get(self.key)) is type(v) for v in self.values)
+        hit = self.key in obj and any(_same(obj[self.key], v) for v in self.values)  # as the schema's "required": [key]
         shapes = self.then if hit else self.otherwise
         out = [p for k, s in shapes.items() if k in obj for p in s.problems(obj[k], _at(where, k), obj)]
         if hit:
@@ -198,8 +212,9 @@ def extra_keys() -> Any:
     return field(default_factory=dict)
 
 
-class _Absent:
-    """An optional key the JSON left out (written out as left out, so a file reads back the same)."""
+class Absent:
+    """The type of ABSENT: an optional key the JSON left out (left out again when written, so a
+    file reads back the same). One instance; a copy or an unpickled one is that instance."""
 
     def __repr__(self) -> str:
         return "ABSENT"
@@ -207,18 +222,27 @@ class _Absent:
     def __bool__(self) -> bool:
         return False
 
+    def __reduce__(self) -> str:
+        return "ABSENT"  # pickle and copy: the module's ABSENT itself
 
-ABSENT: Any = _Absent()
+
+ABSENT: Any = Absent()
 
 
 class Record:
-    """A JSON object as a frozen dataclass: subclasses are `@dataclass(frozen=True)` with `key(...)`
+    """A JSON object as a frozen dataclass: subclasses are `@dataclass(frozen=True)` with `entry(...)`
     fields, and keys no field names are kept in `extra` (a newer qbd or a third party may add
     some), unless the class is `closed`. `rules`: conditions between its keys."""
 
     closed: ClassVar[bool] = False
     rules: ClassVar[tuple[When, ...]] = ()
     schema_name: ClassVar[str] = ""
+    error: ClassVar[type[ValueError]] = ValueError  # what from_dict and check raise
+
+    @classmethod
+    def label(cls, obj: Any) -> str:
+        """How a problem names the object (a Result names its cell)."""
+        return cls.record_name()
 
     @classmethod
     def record_name(cls) -> str:
@@ -232,14 +256,14 @@ class Record:
     def problems(cls, obj: Any, where: str = "") -> list[str]:
         """Everything wrong with `obj` as this record (empty when it fits)."""
         if not isinstance(obj, dict):
-            return [f"{where or 'the ' + cls.record_name()} must be an object, not {_type_name(obj)}"]
+            return [f"{where or 'a ' + cls.record_name()} must be an object, not {_type_name(obj)}"]
         out = [f"{where} lacks {f.name!r}" if where else f"missing key {f.name!r}"
                for f in cls._keys() if not f.metadata["optional"] and f.name not in obj]
         for f in cls._keys():
             if f.name in obj:
                 out += f.metadata["shape"].problems(obj[f.name], _at(where, f.name), obj)
         if cls.closed:
-            out += [f"{where or 'the ' + cls.record_name()} has no key {k!r}" for k in obj if k not in {f.name for f in cls._keys()}]
+            out += [f"{where or 'a ' + cls.record_name()} has no key {k!r}" for k in obj if k not in {f.name for f in cls._keys()}]
         for rule in cls.rules:
             out += rule.problems(obj, where)
         return out
@@ -249,7 +273,7 @@ class Record:
         """The typed record of checked JSON (ValueError naming every problem otherwise)."""
         found = cls.problems(obj, where)
         if found:
-            raise ValueError(f"{where or cls.record_name()}: " + "; ".join(found))
+            raise cls.error(("" if where else f"{cls.label(obj)}: ") + "; ".join(found))  # a nested one's problems name it
         return cls._build(obj)
 
     @classmethod
@@ -258,25 +282,34 @@ class Record:
         kw = {name: _typed(f.metadata["shape"], obj[name]) if name in obj else ABSENT
               for name, f in known.items() if name in obj or f.metadata["optional"]}
         if not cls.closed and any(f.name == "extra" for f in dataclasses.fields(cls)):  # type: ignore[arg-type]
-            kw["extra"] = {k: v for k, v in obj.items() if k not in known}
-        return cls(**kw)
+            kw["extra"] = {k: _plain(v) for k, v in obj.items() if k not in known}
+        record = cls(**kw)
+        object.__setattr__(record, "_key_order", tuple(obj))  # written back in the order it was read
+        return record
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object, keys in field order; absent optional keys left out, `extra` after."""
+        """The JSON object (a copy): keys in the order they were read, else in field order with
+        `extra` after; absent optional keys left out."""
         out = {f.name: _plain(getattr(self, f.name)) for f in self._keys() if getattr(self, f.name) is not ABSENT}
-        out.update(getattr(self, "extra", None) or {})
-        return out
+        extra = getattr(self, "extra", None) or {}
+        clash = sorted(set(extra) & {f.name for f in self._keys()})
+        if clash:
+            raise self.error(f"{self.record_name()}: extra keys {clash} are fields of their own")
+        out.update(_plain(extra))
+        order = getattr(self, "_key_order", ())
+        return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))} if order else out
 
     def check(self) -> None:
         """Raise ValueError unless this record, as JSON, satisfies its own shape."""
-        found = self.problems(self.to_dict())
+        d = self.to_dict()
+        found = self.problems(d)
         if found:
-            raise ValueError(f"{self.record_name()}: " + "; ".join(found))
+            raise self.error(f"{self.label(d)}: " + "; ".join(found))
 
     @classmethod
     def json_schema(cls, defs: dict[str, Any]) -> dict[str, Any]:
         s: dict[str, Any] = {"type": "object"}
-        doc = " ".join((cls.__doc__ or "").split())
+        doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())  # the first paragraph; the rest is for Python readers
         if doc:
             s["description"] = doc
         required = [f.name for f in cls._keys() if not f.metadata["optional"]]
@@ -297,15 +330,17 @@ def _at(where: str, k: str) -> str:
 
 
 def _typed(shape: Shape, v: Any) -> Any:
+    """A checked JSON value as its field holds it: a nested object as its record, the rest as read
+    (lists stay lists, so a record built in code and the same record read back compare equal)."""
     if v is None:
         return None
-    if shape.record is not None:
+    if shape.record is not None and not shape.as_dict:
         return shape.record._build(v)
     if shape.values is not None and shape.values.record is not None:
         return {k: _typed(shape.values, x) for k, x in v.items()}
-    if shape.items is not None and isinstance(v, (list, tuple)):
-        return tuple(_typed(shape.items, x) for x in v)
-    return v
+    if shape.items is not None and isinstance(v, list):
+        return [_typed(shape.items, x) for x in v]
+    return _plain(v)  # a copy: the record shares nothing with the JSON it was read from
 
 
 def _plain(v: Any) -> Any:
