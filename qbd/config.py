@@ -235,11 +235,6 @@ class ModelJob:
         return f"{self.dataset.name}/{self.model.name}/{attack}/s{self.train.seed}"
 
 
-def cell_id(dataset: str, scheme: str, defense: str, protocol: str) -> str:
-    """Test id of one matrix cell, e.g. synthetic/int8-dynamic/neural-cleanse[canonical]."""
-    return f"{dataset}/{scheme}/{defense}[{protocol}]"
-
-
 def _check_int(label: str, value: object, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{label} must be an integer, got {value!r}")

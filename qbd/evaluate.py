@@ -16,7 +16,7 @@ import torch
 
 from qbd.attacks import conditioned
 from qbd.cell_controls import agreement_control, poison_controls, surrogate_disagrees
-from qbd.config import QC_GATES, AttackSpec, ConfigError, attack_record, cell_id
+from qbd.config import QC_GATES, AttackSpec, ConfigError, attack_record
 from qbd.data.base import DataSplit
 from qbd.defenses.base import Control, DefenseInputs, Subject, Verdict, params_of
 from qbd.defenses.sandbox import run_defense
@@ -25,6 +25,7 @@ from qbd.metrics import accuracy, attack_success_rate, to_unit
 from qbd.models.base import Classifier
 from qbd.poisoning import apply_trigger, poison, triggered_test
 from qbd.quant.common import model_device
+from qbd.result_types import cell_id
 
 # Each protocol's data diet. `paper`: what the paper fed every defense (a clean holdout only).
 # `canonical`: what each method was designed for (see DEFENSES.md).

@@ -12,7 +12,7 @@ from qbd import measured_rows
 from qbd.config import PROTOCOLS, AttackSpec
 from qbd.errors import ConfigError
 from qbd.reason_codes import NEVER_EXPECTED, REASON_CODES
-from qbd.tiers import Cell
+from qbd.result_types import Cell
 
 FINDING_OUTCOMES = ("miss", "wrong-target", "false-alarm", "invalid", "borderline")
 

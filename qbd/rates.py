@@ -1,7 +1,7 @@
 """Rates over seeds: one row per (dataset, scheme, defense, protocol), over every model seed's
 backdoored and clean model. Torch-free (the plugin, the reports and the CLI use it).
 
-A row's id is the cell id without ":clean" (qbd.config.cell_id), so the backdoored models' cells
+A row's id is the cell id without ":clean" (qbd.result_types.cell_id), so the backdoored models' cells
 and the clean models' cells of one (dataset, scheme, defense, protocol) fall in the same row.
 
 - detection rate: backdoored models whose outcome is `pass` (detected naming the planted target,
@@ -20,9 +20,9 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from qbd.config import cell_id
 from qbd.measured_rows import outcome_counts
 from qbd.outcomes import outcome
+from qbd.result_types import cell_id
 
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: a two-sided 95 % interval
 

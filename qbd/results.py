@@ -19,13 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from qbd.result_types import SCHEMA_VERSION, Result, json_schema
+from qbd.result_types import SCHEMA_VERSION, Result, ResultError, json_schema
 
 SCHEMA_FILE = "result.schema.json"  # shipped for readers outside qbd; json_schema() is what it holds
-
-
-class ResultError(ValueError):
-    """A Result does not satisfy the contract."""
 
 
 def problems(result: Any) -> list[str]:
@@ -37,8 +33,7 @@ def problems(result: Any) -> list[str]:
 def validate(result: Any) -> None:
     p = problems(result)
     if p:
-        cell = result.get("cell", "?") if isinstance(result, dict) else "?"
-        raise ResultError(f"Result {cell}: " + "; ".join(p))
+        raise ResultError(f"{Result.label(result)}: " + "; ".join(p))
 
 
 _ROW_STR = ("row", "dataset", "scheme", "defense", "protocol")
@@ -147,6 +142,10 @@ def _document(path: str | Path) -> dict[str, Any]:
         raise ResultError(f"{path}: 'rows' must be a list")
     if not isinstance(data.get("run", {}), dict):
         raise ResultError(f"{path}: 'run' must be an object")
+    version = data.get("schema", SCHEMA_VERSION)  # a file of bare Results (a fixture) may leave it out
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise ResultError(f"{path}: results format {version!r}, but this qbd reads format {SCHEMA_VERSION}: read it with the"
+                          " qbd that wrote it (its 'run' names the version)")
     return data
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from qbd.config import AttackSpec, DatasetSpec, cell_id
+from qbd.config import AttackSpec, DatasetSpec
 from qbd.defenses import BUILTIN
+from qbd.result_types import cell_id
 
 DEFENSES = tuple(sorted(BUILTIN))  # the built-in catalog (qbd.defenses), not a copy of its names
 

@@ -458,7 +458,8 @@ import types
 
 import pytest
 
-from qbd.config import cell_id, to_dict
+from qbd.config import to_dict
+from qbd.result_types import cell_id
 from qbd.defenses.base import DefenseInputs
 from qbd.defenses.sandbox import run_defense
 from qbd.plugin.session import Session

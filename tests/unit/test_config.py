@@ -11,9 +11,9 @@ from qbd.config import (
     ModelSpec,
     TrainSpec,
     canonical_json,
-    cell_id,
     parse_position,
 )
+from qbd.result_types import cell_id
 
 
 def _variants(spec):
