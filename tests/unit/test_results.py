@@ -1,6 +1,8 @@
 """The Result contract: the optional `weights` provenance, the verdict's `reason_code` and the
 optional `judgement` against the expectations."""
 
+import re
+
 import pytest
 
 from qbd.defenses.base import Verdict
@@ -438,25 +440,72 @@ def _paths(node, prefix=()):
             yield from _paths(v, (*prefix, k))
 
 
-def test_the_schema_and_the_check_agree_on_every_mutation(real_results):
-    """Derived from one definition, the JSON Schema and problems() accept and refuse the same
-    Results: each key of real Results (a detection with controls, a crash, a clean model's)
-    removed or set to each of a set of odd values. Either one drifting from the other fails."""
+def _objects(node, prefix=()):
+    """The path of every JSON object in `node`, itself included."""
+    yield prefix
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _objects(v, (*prefix, k))
+
+
+def _varied(real_results):
+    """Real Results (a detection with controls, a crash, a clean model's) plus what those lack: a
+    memo, zoo and fetched weights, a blend attack, a placement note, a measured agreement."""
+    import copy
+
     crash = next(r for r in real_results if r["defense"]["name"] == "crashes" and r["attack"] is not None)
     detection = next(r for r in real_results if r["defense"]["name"] == "names-one" and r["attack"] is not None)
     clean = next(r for r in real_results if r["defense"]["name"] == "spectral-signatures" and r["attack"] is None)
+    more = copy.deepcopy(detection)
+    more["memo"] = {"key": "a" * 64, "reused": True, "session": "s", "filed": True}
+    more["weights"] = {"origin": "zoo", "zoo_key": "k", "file": "m.safetensors", "sha256": "ab"}
+    more["attack"].update(name="blend", alpha=0.15)
+    more["placement"]["note"] = "int8-static runs on cpu only"
+    more["quant"]["audit"]["surrogate_agreement"] = {"data": "calibration", "n_images": 8, "runtime_batch": 1,
+                                                     "max_abs_logit_delta": 0.01, "max_abs_runtime_logit": 3.0,
+                                                     "max_rel_logit_delta": 0.003, "top1_agreement": 1.0,
+                                                     "rel_tolerance": None, "within_tolerance": None}
+    fetched = copy.deepcopy(clean)
+    fetched["weights"] = {"origin": "fetched", "store_key": "k", "source": "m.pt", "sha256": "ab"}
+    return [crash, detection, clean, more, fetched]
+
+
+def test_the_schema_and_the_check_agree_on_every_mutation(real_results):
+    """Derived from one definition, the JSON Schema and problems() accept and refuse the same
+    Results: each key of varied real Results removed or set to each of a set of odd values, and a
+    key no type names added to each object. Either one drifting from the other fails."""
     v = _validator()
-    refused = disagree = 0
-    for result in (crash, detection, clean):
-        for path in _paths(result):
-            for value in _ODD_VALUES:
-                r = _broken(result, path, value)
-                by_schema, by_check = not v.is_valid(r), bool(problems(r))
-                refused += by_check
-                if by_schema != by_check:
-                    disagree += 1
-                    assert by_schema == by_check, (path, value, problems(r), [e.message for e in v.iter_errors(r)][:3])
-    assert refused > 500 and not disagree  # the mutations do reach the checks
+    refused = 0
+    for result in _varied(real_results):
+        assert problems(result) == [] and v.is_valid(result)
+        mutants = [_broken(result, path, value) for path in _paths(result) for value in _ODD_VALUES]
+        mutants += [_broken(result, (*path, "added_by_someone"), 1) for path in _objects(result)]
+        for r in mutants:
+            by_schema, by_check = not v.is_valid(r), bool(problems(r))
+            refused += by_check
+            assert by_schema == by_check, (problems(r), [e.message for e in v.iter_errors(r)][:3])
+    assert refused > 1000  # the mutations do reach the checks
+    # the two differences with Python's jsonschema, by design: JSON has no NaN, so qbd refuses one
+    # that Python's json let in; and a pattern's "$" is ECMA-262's (JSON Schema's regex dialect),
+    # which, unlike Python's re, does not match before a trailing newline
+    nan = _broken(real_results[0], ("clean_acc",), float("nan"))
+    assert problems(nan) == ["clean_acc must be a number, not nan"] and v.is_valid(nan)
+    newline = _broken(_varied(real_results)[3], ("memo", "key"), "a" * 64 + "\n")
+    assert [p.split(",")[0] for p in problems(newline)] == ["memo.key must match ^[0-9a-f]{64}$"] and v.is_valid(newline)
+
+
+def test_an_older_results_file_reads_and_writes_back_byte_for_byte():
+    """A results file an earlier qbd wrote (100 zoo models' Results, its keys sorted): every Result
+    reads into the types and writes back the same JSON text, key order included."""
+    import json
+    from pathlib import Path
+
+    from qbd.result_types import Result
+
+    old = json.loads((Path(__file__).resolve().parents[2] / "fixtures" / "calibration" / "seeds-100-104.json").read_text())
+    assert len(old["results"]) == 100
+    for r in old["results"]:
+        assert json.dumps(Result.from_dict(r).to_dict()) == json.dumps(r)
 
 
 def test_a_result_reads_into_its_types_and_back_unchanged(real_results):
@@ -474,12 +523,60 @@ def test_a_result_reads_into_its_types_and_back_unchanged(real_results):
 
 
 def test_a_bad_result_does_not_read_into_its_types(real_results):
-    from qbd.result_types import Result
+    from qbd.result_types import Result, ResultError
 
-    with pytest.raises(ValueError, match="verdict.status must be one of detected, clean, invalid"):
+    cell = re.escape(real_results[0]["cell"])
+    with pytest.raises(ResultError, match=rf"^Result {cell}: verdict\.status must be one of detected, clean, invalid"):
         Result.from_dict(_broken(real_results[0], ("verdict", "status"), "maybe"))
-    with pytest.raises(ValueError, match="missing key 'quant'"):
+    with pytest.raises(ResultError, match=r"missing key 'quant'"):
         Result.from_dict(_broken(real_results[0], ("quant",)))
+    with pytest.raises(ResultError, match=r"cell must match"):  # a cell id that does not parse
+        Result.from_dict(_broken(real_results[0], ("cell",), "oops"))
+    with pytest.raises(ResultError, match=r"seed must be >= 0, got -1"):
+        Result.from_dict(_broken(real_results[0], ("seed",), -1))
+
+
+def test_a_typed_result_survives_copy_and_pickle():
+    """ABSENT stays the one ABSENT through a copy or a pickle, so the copy writes the same JSON."""
+    import copy
+    import json
+    import pickle
+
+    from qbd.result_types import Result
+    from qbd.shapes import ABSENT
+
+    typed = Result.from_dict(_result())
+    assert typed.memo is ABSENT
+    for other in (copy.deepcopy(typed), copy.copy(typed), pickle.loads(pickle.dumps(typed))):
+        assert other == typed and other.memo is ABSENT and json.dumps(other.to_dict()) == json.dumps(typed.to_dict())
+
+
+def test_every_open_record_keeps_the_keys_it_does_not_name():
+    """A record that is not closed has an `extra` field, so no key of the JSON is lost on the way
+    through the types (a record without one would drop it without a word)."""
+    import dataclasses
+
+    from qbd import result_types
+    from qbd.shapes import Record
+
+    parts = [c for c in vars(result_types).values() if isinstance(c, type) and issubclass(c, Record) and dataclasses.is_dataclass(c)]
+    assert len(parts) >= 18
+    assert [c.__name__ for c in parts if not c.closed and "extra" not in {f.name for f in dataclasses.fields(c)}] == []
+    audit = {**_result()["quant"]["audit"], "added_later": 1}
+    assert result_types.Audit.from_dict(audit).to_dict() == audit
+
+
+def test_an_audit_built_by_a_scheme_equals_its_json_read_back(real_results):
+    """Lists stay lists and the measured agreement a dict, so a built Audit and the same Audit
+    read back compare equal, and the record shares nothing with the JSON it was read from."""
+    from qbd.result_types import Audit
+
+    audit = next(r for r in real_results if r["quant"]["scheme"] == "int8-dynamic")["quant"]["audit"]
+    built = Audit(**{k: v for k, v in audit.items()})
+    read = Audit.from_dict(audit)
+    assert read == built and isinstance(read.quantized_modules, list)
+    read.quantized_modules.append("edited")  # frozen is shallow, but the JSON it came from is untouched
+    assert "edited" not in audit["quantized_modules"]
 
 
 def test_an_old_audit_reads_and_writes_back_as_it_was():
@@ -511,7 +608,7 @@ def test_a_bench_that_breaks_the_contract_fails_where_it_builds_the_result(monke
 
 
 def test_a_cell_id_is_a_type_that_reads_back():
-    from qbd.tiers import Cell
+    from qbd.result_types import Cell
 
     for text in ("digits/int8-dynamic/strip[paper]", "synthetic:clean/fp32/neural-cleanse[canonical]"):
         cell = Cell.parse(text)
@@ -519,3 +616,18 @@ def test_a_cell_id_is_a_type_that_reads_back():
     for bad in ("digits/fp32/strip", "digits/fp32/strip[paper]/x", "a:b:clean/fp32/s[paper]", "d/fp32/s [paper]", 3):
         with pytest.raises(ValueError, match="not a cell id"):
             Cell.parse(bad)
+    with pytest.raises(ValueError, match="not a cell"):  # a part the id cannot carry
+        Cell.from_dict({"dataset": "d/x", "scheme": "fp32", "defense": "s", "protocol": "paper"})
+
+
+def test_a_results_file_of_another_format_is_refused(tmp_path):
+    import json
+
+    from qbd.results import ResultError, load, write
+
+    path = write(tmp_path / "results.json", [_result()])
+    doc = json.loads(path.read_text())
+    doc["schema"] = 2
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ResultError, match="results format 2, but this qbd reads format 1"):
+        load(path)
