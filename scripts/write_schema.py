@@ -1,5 +1,5 @@
 """Write qbd/schema/result.schema.json from the Result's types (qbd.result_types), the one
-definition it comes from; tests/unit/test_result_types.py fails while the shipped file differs.
+definition it comes from; tests/unit/test_results.py fails while the shipped file differs.
 
     python scripts/write_schema.py
 """
