@@ -324,7 +324,6 @@ class Bench:
             if not control.passed:
                 verdict = surrogate_disagrees(verdict, control)
         from qbd import result_types as rt
-
         params = params_of(defense)
         result = rt.Result(
             cell=self._cell_id(scheme, defense.name, protocol),
@@ -334,7 +333,8 @@ class Bench:
             seed=seed,
             tier=self.tier,
             attack=None if self.attack is None else rt.AttackPart.from_dict(attack_record(self.attack), "attack"),
-            quant=rt.Quant(scheme=scheme, audit=qm.audit),
+            quant=rt.Quant(scheme=scheme, audit=qm.audit if isinstance(qm.audit, rt.Audit)  # else a third party's own type
+                           else rt.Audit.from_dict(qm.audit.to_dict(), "quant.audit")),
             placement=rt.Placement.from_dict(self.placement(scheme, engine), "placement"),
             defense=rt.DefensePart(
                 name=defense.name, protocol=protocol, gradient_path=gradient_path, params=params,

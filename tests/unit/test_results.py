@@ -606,6 +606,17 @@ def test_a_bench_that_breaks_the_contract_fails_where_it_builds_the_result(monke
     with pytest.raises(ValueError, match=r"quant.audit.quantized_param_fraction must lie in \[0, 1\], got 1.5"):
         bench.run(_Says("names-one", Verdict("clean")), "fp32")
 
+    class OwnAudit:  # a third-party scheme's audit of its own type, with a to_dict() as before the types
+        def __init__(self, d):
+            self.d = d
+
+        def to_dict(self):
+            return dict(self.d)
+
+    real = dataclasses.replace(qm.audit, quantized_param_fraction=0.0).to_dict()
+    monkeypatch.setattr(qm, "audit", OwnAudit(real))
+    assert bench.run(_Says("says-clean", Verdict("clean")), "fp32")["quant"]["audit"] == real
+
 
 def test_a_cell_id_is_a_type_that_reads_back():
     from qbd.result_types import Cell
