@@ -26,6 +26,7 @@ from qbd.models.base import Classifier
 from qbd.poisoning import apply_trigger, poison, triggered_test
 from qbd.quant.common import model_device
 from qbd.result_types import cell_id
+from qbd.results import validate
 
 # Each protocol's data diet. `paper`: what the paper fed every defense (a clean holdout only).
 # `canonical`: what each method was designed for (see DEFENSES.md).
@@ -323,34 +324,33 @@ class Bench:
             verdict.controls["surrogate_agrees_with_runtime"] = control
             if not control.passed:
                 verdict = surrogate_disagrees(verdict, control)
-        from qbd import result_types as rt
         params = params_of(defense)
-        result = rt.Result(
-            cell=self._cell_id(scheme, defense.name, protocol),
-            dataset=self.data.name,
-            model=self.model_name,
-            weights=None if self.weights is None else rt.Weights.from_dict(self.weights, "weights"),
-            seed=seed,
-            tier=self.tier,
-            attack=None if self.attack is None else rt.AttackPart.from_dict(attack_record(self.attack), "attack"),
-            quant=rt.Quant(scheme=scheme, audit=qm.audit if isinstance(qm.audit, rt.Audit)  # else a third party's own type
-                           else rt.Audit.from_dict(qm.audit.to_dict(), "quant.audit")),
-            placement=rt.Placement.from_dict(self.placement(scheme, engine), "placement"),
-            defense=rt.DefensePart(
-                name=defense.name, protocol=protocol, gradient_path=gradient_path, params=params,
-                distribution=None if (d := self.distribution(defense)) is None else rt.Distribution.from_dict(d, "defense.distribution"),
-                input_unchanged=self.input_unchanged(scheme, params.get("layer"), gradient_path, engine),
-                # a detection must name the planted target unless the defense declares it names none
-                names_target=getattr(defense, "names_target", True) is not False),
-            verdict=rt.VerdictPart.from_dict(verdict.to_dict(), "verdict"),
-            clean_acc=metrics["clean_acc"],
-            asr=metrics["asr"],
-            truth=self._truth(verdict, metrics["asr"]),
-            seconds=round(time.perf_counter() - t0, 3),
-            versions=rt.Versions.from_dict(_versions(), "versions"),
-        )
-        result.check()  # a part built here (a scheme's audit, the params) that breaks the contract fails here, not in a reader
-        return result.to_dict()
+        result = {
+            "cell": self._cell_id(scheme, defense.name, protocol),
+            "dataset": self.data.name,
+            "model": self.model_name,
+            "weights": self.weights,
+            "seed": seed,
+            "tier": self.tier,
+            "attack": attack_record(self.attack),
+            "quant": {"scheme": scheme, "audit": qm.audit.to_dict()},
+            "placement": self.placement(scheme, engine),
+            "defense": {"name": defense.name, "protocol": protocol, "gradient_path": gradient_path, "params": params,
+                        "distribution": self.distribution(defense),
+                        "input_unchanged": self.input_unchanged(scheme, params.get("layer"), gradient_path, engine),
+                        # a detection must name the planted target unless the defense declares it names none
+                        "names_target": getattr(defense, "names_target", True) is not False},
+            "verdict": verdict.to_dict(),
+            "clean_acc": metrics["clean_acc"],
+            "asr": metrics["asr"],
+            "truth": self._truth(verdict, metrics["asr"]),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "versions": _versions(),
+        }
+        # checked against the Result's types where it is made: a part built here that breaks the
+        # contract (a scheme's audit, the params) fails with the cell named, not later in a reader
+        validate(result)
+        return result
 
     def _cell_id(self, scheme: str, defense: str, protocol: str) -> str:
         return cell_id(self.data.name if self.attack is not None else f"{self.data.name}:clean", scheme, defense, protocol)
@@ -403,7 +403,7 @@ class Bench:
         if self.attack is not None and verdict.suspects is not None and verdict.suspects.get("data") == "poisoned_train":
             verdict.controls.update(poison_controls(verdict, self.poisoned_train[2], self.poisoned_train[1], self.attack.target))
 
-    def _truth(self, verdict: Verdict, asr: float) -> Any:
+    def _truth(self, verdict: Verdict, asr: float) -> dict[str, Any]:
         """Ground truth the defense never saw, for reports: did it name the real target, and does
         this model obey the trigger? A quant-conditioned model is backdoored in FP32 too (what ships
         is its quantized self), its backdoor there dormant."""
@@ -415,9 +415,7 @@ class Bench:
         if self.attack is not None:
             dormant = conditioned(self.attack.name) and asr <= QC_GATES["max_fp32_asr"]
             backdoor = "dormant" if dormant else "active" if asr >= 0.5 else None
-        from qbd.result_types import TruthPart
-
-        return TruthPart(backdoored=self.attack is not None, target=target, target_named=named, backdoor=backdoor)
+        return {"backdoored": self.attack is not None, "target": target, "target_named": named, "backdoor": backdoor}
 
 
 def tier_bench(data: DataSplit, tm: Any, attack: AttackSpec | None, *, model_name: str, tier: str, seed: int,

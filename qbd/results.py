@@ -31,9 +31,8 @@ def problems(result: Any) -> list[str]:
 
 
 def validate(result: Any) -> None:
-    p = problems(result)
-    if p:
-        raise ResultError(f"{Result.label(result)}: " + "; ".join(p))
+    """Raise ResultError, naming the cell and every problem, unless the Result satisfies the contract."""
+    Result.validate(result)
 
 
 _ROW_STR = ("row", "dataset", "scheme", "defense", "protocol")

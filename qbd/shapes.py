@@ -269,11 +269,16 @@ class Record:
         return out
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str = "") -> Any:
-        """The typed record of checked JSON (ValueError naming every problem otherwise)."""
+    def validate(cls, obj: Any, where: str = "") -> None:
+        """Raise `error` naming every problem of `obj` as this record, if it has any."""
         found = cls.problems(obj, where)
         if found:
             raise cls.error(("" if where else f"{cls.label(obj)}: ") + "; ".join(found))  # a nested one's problems name it
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str = "") -> Any:
+        """The typed record of checked JSON (`error` naming every problem otherwise)."""
+        cls.validate(obj, where)
         return cls._build(obj)
 
     @classmethod
@@ -298,13 +303,6 @@ class Record:
         out.update(_plain(extra))
         order = getattr(self, "_key_order", ())
         return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))} if order else out
-
-    def check(self) -> None:
-        """Raise ValueError unless this record, as JSON, satisfies its own shape."""
-        d = self.to_dict()
-        found = self.problems(d)
-        if found:
-            raise self.error(f"{self.label(d)}: " + "; ".join(found))
 
     @classmethod
     def json_schema(cls, defs: dict[str, Any]) -> dict[str, Any]:

@@ -591,7 +591,7 @@ def test_an_old_audit_reads_and_writes_back_as_it_was():
 
 
 def test_a_bench_that_breaks_the_contract_fails_where_it_builds_the_result(monkeypatch):
-    """Bench.run builds its Result from the types and checks it: a scheme whose audit claims a
+    """Bench.run checks its Result against the types where it makes it: a scheme whose audit claims a
     quantized fraction outside [0, 1] fails in the bench, not in a reader of the results file."""
     import dataclasses
 
